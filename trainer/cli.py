@@ -1,0 +1,51 @@
+"""`r1-grpo <command> [flags]`: one entry point for the stages, the local pipeline and the controller.
+
+Each command lives in its own module and is imported only when used, so `r1-grpo status` on a laptop
+does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    # name: (module, function, help)
+    "sft": ("trainer.sft", "main", "supervised fine-tuning stage (HF-style flags; run under torchrun)"),
+    "grpo": ("trainer.grpo", "main", "GRPO stage (HF-style flags; run under torchrun)"),
+    "eval": ("trainer.evaluate", "main", "evaluation stage: pass@1 / pass@k / maj@k"),
+    "pipeline": ("trainer.pipeline", "main", "run sft -> grpo -> eval locally (`r1-grpo pipeline run`)"),
+    "controller": ("trainer.controller", "main", "in-cluster controller that runs the stage PyTorchJobs in order"),
+    "status": ("trainer.controller", "status_main", "print a release's run status from a kubeconfig"),
+    "build-tiny": ("trainer.builtin", "main", "build the tiny built-in model into a folder"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: r1-grpo <command> [flags]   (r1-grpo <command> --help for its flags)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += [f"  {'version'.ljust(width)}  print the version"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in ("version", "--version"):
+        from trainer import __version__
+
+        print(__version__)
+        return 0
+    if command not in COMMANDS:
+        print(f"r1-grpo: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[command]
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,253 @@
+"""Kubernetes client plumbing for the stage controller and `r1-grpo status`.
+
+`Cluster` is the controller's only door to the API server: one method per (verb, resource) pair of the
+controller's Role in docs/contract.md, nothing more, so the RBAC surface is visible in one place:
+
+    kubeflow.org pytorchjobs: get, list, watch, create
+    "" configmaps: get, create, patch
+    "" events: create
+    "" pods: get, list; pods/log: get
+    "" persistentvolumeclaims: get
+
+Objects come back as plain dicts in API (camelCase) form, whether the typed CoreV1Api or the untyped
+CustomObjectsApi produced them, so the controller handles one shape.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubeflow.training.constants import constants as kf
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+PYTORCHJOB_GROUP = kf.GROUP
+PYTORCHJOB_VERSION = kf.VERSION
+PYTORCHJOB_PLURAL = kf.PYTORCHJOB_PLURAL
+PYTORCHJOB_KIND = kf.PYTORCHJOB_KIND
+JOB_NAME_LABEL = kf.JOB_NAME_LABEL  # set by the training operator on every pod of a job
+USER_AGENT = "r1-grpo-controller/1"
+IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+class WatchExpired(Exception):
+    """The watch's resourceVersion is too old (410 Gone): relist and watch again from the new version."""
+
+
+def load_api_client(kubeconfig: str | None = None, context: str | None = None,
+                    user_agent: str = USER_AGENT) -> client.ApiClient:
+    """An ApiClient from an explicit kubeconfig, the in-cluster service account, or the default kubeconfig.
+
+    Each call builds its own Configuration (never the process-global default), so tests can run several
+    clients against different servers in one process.
+    """
+    cfg = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+    elif os.environ.get("KUBERNETES_SERVICE_HOST") and not context:
+        config.load_incluster_config(client_configuration=cfg)
+    else:
+        config.load_kube_config(context=context, client_configuration=cfg)
+    api = client.ApiClient(cfg)
+    api.user_agent = user_agent
+    return api
+
+
+def default_namespace(kubeconfig: str | None = None, context: str | None = None) -> str:
+    """The namespace a user means when they give none: the pod's own, else the kubeconfig context's."""
+    if not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(IN_CLUSTER_NAMESPACE_FILE):
+        with open(IN_CLUSTER_NAMESPACE_FILE, encoding="utf-8") as f:
+            return f.read().strip() or "default"
+    try:
+        _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+    except (config.ConfigException, OSError):
+        return "default"
+    if context:
+        contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
+        active = next((c for c in contexts if c.get("name") == context), active)
+    return ((active or {}).get("context") or {}).get("namespace") or "default"
+
+
+def api_error_summary(err: ApiException) -> str:
+    """`409 AlreadyExists: pytorchjobs.kubeflow.org "x" already exists` from an ApiException."""
+    import json
+
+    message = err.reason or ""
+    try:
+        body = json.loads(err.body) if err.body else {}
+        if isinstance(body, dict) and body.get("message"):
+            message = f"{body.get('reason') or err.reason}: {body['message']}"
+    except (ValueError, TypeError):
+        pass
+    return f"{err.status} {message}".strip()
+
+
+@dataclass(frozen=True)
+class JobList:
+    items: list[dict]
+    resource_version: str
+
+
+class Cluster:
+    """Namespaced API calls used by the controller; every method maps to exactly one Role rule."""
+
+    def __init__(self, api_client: client.ApiClient, namespace: str, request_timeout: float = 30.0):
+        self.api_client = api_client
+        self.namespace = namespace
+        self.request_timeout = request_timeout
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    def _plain(self, obj: Any) -> Any:
+        # typed models -> the API's JSON shape (camelCase keys), the same shape custom objects come in
+        return self.api_client.sanitize_for_serialization(obj)
+
+    # -- pytorchjobs: get, list, watch, create
+    def list_jobs(self, label_selector: str) -> JobList:
+        out = self.custom.list_namespaced_custom_object(
+            PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, self.namespace, PYTORCHJOB_PLURAL,
+            label_selector=label_selector, _request_timeout=self.request_timeout,
+        )
+        return JobList(items=list(out.get("items") or []),
+                       resource_version=str((out.get("metadata") or {}).get("resourceVersion") or ""))
+
+    def get_job(self, name: str) -> dict | None:
+        try:
+            return self.custom.get_namespaced_custom_object(
+                PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, self.namespace, PYTORCHJOB_PLURAL, name,
+                _request_timeout=self.request_timeout,
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def create_job(self, body: dict) -> tuple[bool, dict | None]:
+        """Create-if-absent: (True, created) or (False, existing) when the name is taken (409).
+
+        The existing object is read back so the caller can check it really is the job it meant to create.
+        """
+        try:
+            created = self.custom.create_namespaced_custom_object(
+                PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, self.namespace, PYTORCHJOB_PLURAL, body,
+                _request_timeout=self.request_timeout,
+            )
+            return True, created
+        except ApiException as err:
+            if err.status != 409:
+                raise
+        return False, self.get_job(body["metadata"]["name"])
+
+    def watch_jobs(self, label_selector: str, resource_version: str, timeout_seconds: int) -> Iterator[dict]:
+        """Yield watch events (dicts with `type` and `object`) from `resource_version` on.
+
+        Ends when the server closes the stream (after `timeout_seconds`); raises WatchExpired on 410 Gone.
+        """
+        w = watch.Watch()
+        stream = w.stream(
+            self.custom.list_namespaced_custom_object,
+            PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, self.namespace, PYTORCHJOB_PLURAL,
+            label_selector=label_selector,
+            resource_version=resource_version,
+            timeout_seconds=max(1, int(timeout_seconds)),
+            # a little longer than the server-side timeout, so a silent dead connection cannot hang us
+            _request_timeout=timeout_seconds + 15,
+        )
+        try:
+            for event in stream:
+                yield {"type": event["type"], "object": event["raw_object"]}
+        except ApiException as err:
+            if err.status == 410:
+                raise WatchExpired(api_error_summary(err)) from err
+            raise
+        finally:
+            w.stop()
+            stream.close()
+
+    # -- configmaps: get, create, patch
+    def get_configmap(self, name: str) -> dict | None:
+        try:
+            return self._plain(self.core.read_namespaced_config_map(
+                name, self.namespace, _request_timeout=self.request_timeout))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def create_configmap(self, body: dict) -> dict | None:
+        """Create; None when it already exists (409)."""
+        try:
+            return self._plain(self.core.create_namespaced_config_map(
+                self.namespace, body, _request_timeout=self.request_timeout))
+        except ApiException as err:
+            if err.status == 409:
+                return None
+            raise
+
+    def patch_configmap_data(self, name: str, data: dict[str, str]) -> dict:
+        # a dict body goes out as a strategic merge patch; for `data` that equals a JSON merge patch
+        return self._plain(self.core.patch_namespaced_config_map(
+            name, self.namespace, {"data": data}, _request_timeout=self.request_timeout))
+
+    # -- events: create
+    def create_event(self, involved: dict, event_type: str, reason: str, message: str,
+                     component: str, instance: str) -> None:
+        now = datetime.now(UTC)
+        meta = involved["metadata"]
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(name=f"{meta['name']}.{uuid.uuid4().hex[:16]}", namespace=self.namespace),
+            involved_object=client.V1ObjectReference(
+                api_version=involved.get("apiVersion", "v1"), kind=involved.get("kind", "ConfigMap"),
+                name=meta["name"], namespace=self.namespace, uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
+            type=event_type,
+            reason=reason,
+            message=message[:1024],  # the API server caps event messages
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            source=client.V1EventSource(component=component),
+            reporting_component=component,
+            reporting_instance=instance,
+        )
+        self.core.create_namespaced_event(self.namespace, body, _request_timeout=self.request_timeout)
+
+    # -- pods: get, list; pods/log: get
+    def list_pods(self, label_selector: str) -> list[dict]:
+        out = self.core.list_namespaced_pod(self.namespace, label_selector=label_selector,
+                                            _request_timeout=self.request_timeout)
+        return list(self._plain(out).get("items") or [])
+
+    def get_pod(self, name: str) -> dict | None:
+        try:
+            return self._plain(self.core.read_namespaced_pod(name, self.namespace,
+                                                             _request_timeout=self.request_timeout))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def read_pod_log(self, name: str, container: str | None, tail_lines: int, limit_bytes: int) -> str:
+        # limit_bytes only guards against a huge transfer (e.g. one endless progress-bar line); callers keep
+        # the end of what comes back
+        kwargs: dict[str, Any] = {"tail_lines": tail_lines, "limit_bytes": limit_bytes,
+                                  "_request_timeout": self.request_timeout}
+        if container:
+            kwargs["container"] = container
+        return self.core.read_namespaced_pod_log(name, self.namespace, **kwargs)
+
+    # -- persistentvolumeclaims: get
+    def get_pvc(self, name: str) -> dict | None:
+        try:
+            return self._plain(self.core.read_namespaced_persistent_volume_claim(
+                name, self.namespace, _request_timeout=self.request_timeout))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise

@@ -1,0 +1,362 @@
+"""What every training stage shares: HF-style flags, the process group, the Colossal-AI Booster,
+model loading, the optimizer and schedule, metrics logging and preemption (SIGTERM) handling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from trainer.checkpoint import Dist
+
+logger = logging.getLogger("r1_grpo")
+
+PLUGINS = ("ddp", "zero2", "zero2_cpu", "gemini", "3d")
+REPORT_TO = ("none", "jsonl", "wandb")
+
+
+class ArgsError(ValueError):
+    """A flag value that cannot work; the message names the flag."""
+
+
+@dataclass
+class TrainingArgs:
+    """Flags shared by `sft` and `grpo` (the names the DeepSeek-R1 guide and HF Trainer use)."""
+
+    model_name_or_path: str = field(metadata={"help": "Hub id, local folder, or builtin:tiny"})
+    output_dir: str = field(metadata={"help": "Checkpoints, final model and r1_stage.json go here"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training prompts"})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0"})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Rows (SFT) or prompts (GRPO) per process per micro-step"})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Rows per process for eval loss"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine | linear | constant (all with warmup)"})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)"})
+    logging_steps: int = field(default=10, metadata={"help": "Log metrics every N optimizer steps"})
+    save_steps: int = field(default=500, metadata={"help": "Write checkpoint-<step>/ every N optimizer steps (0: only at preemption)"})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N checkpoints"})
+    evaluation_strategy: str = field(
+        default="no", metadata={"help": "no | steps | epoch", "aliases": ["--eval_strategy"]}
+    )
+    eval_steps: int = field(default=100, metadata={"help": "Evaluate every N optimizer steps (strategy steps)"})
+    report_to: str = field(default="jsonl", metadata={"help": "jsonl | wandb | none (jsonl metrics are always written)"})
+    run_name: str | None = field(default=None, metadata={"help": "wandb run name"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision"})
+    tf32: bool = field(default=False, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs"})
+    seed: int = field(default=42, metadata={"help": "Seed for init, data order and sampling"})
+    plugin: str = field(default="ddp", metadata={"help": "Colossal-AI Booster plugin: ddp | zero2 | zero2_cpu | gemini | 3d"})
+    tp_size: int = field(default=1, metadata={"help": "Tensor-parallel size (plugin 3d)"})
+    pp_size: int = field(default=1, metadata={"help": "Pipeline-parallel size (plugin 3d)"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager | sdpa | flash_attention_2 (default: best available)"})
+
+    def validate(self) -> None:
+        positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ArgsError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            raise ArgsError("--num_train_epochs must be > 0 (or set --max_steps)")
+        if self.learning_rate < 0:
+            raise ArgsError(f"--learning_rate must be >= 0, got {self.learning_rate}")
+        if self.warmup_steps < 0 or self.save_steps < 0:
+            raise ArgsError("--warmup_steps and --save_steps must be >= 0")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ArgsError("--save_total_limit must be >= 1")
+        choices = {
+            "plugin": PLUGINS,
+            "report_to": REPORT_TO,
+            "evaluation_strategy": ("no", "steps", "epoch"),
+            "lr_scheduler_type": ("cosine", "linear", "constant"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ArgsError(f"--{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.plugin != "3d" and (self.tp_size != 1 or self.pp_size != 1):
+            raise ArgsError("--tp_size/--pp_size need --plugin 3d")
+
+
+def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: str) -> tuple[Any, ...]:
+    """HfArgumentParser with a clear message and exit code 2 on unknown or bad flags."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, prog=prog)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except SystemExit as e:  # argparse already printed "prog: error: ..."
+        raise SystemExit(2 if e.code else 0) from None
+    *objs, remaining = parsed
+    if remaining:
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    return tuple(objs)
+
+
+def args_dict(*objs: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for o in objs:
+        out.update(asdict(o))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group and Booster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(seed: int) -> tuple[Dist, Any]:
+    """Start the process group (works under torchrun and as a plain single process)."""
+    import colossalai
+    import torch
+
+    if "RANK" not in os.environ:  # plain `python -m trainer.sft`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    cuda = torch.cuda.is_available()
+    if not torch.distributed.is_initialized():
+        colossalai.launch_from_torch(backend="nccl" if cuda else "gloo", seed=seed, verbose=False)
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    set_seed(seed)
+    return Dist.from_torch(), device
+
+
+def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_booster(args: TrainingArgs):
+    """The Colossal-AI Booster for `--plugin`; everything but ddp needs CUDA."""
+    import torch
+    from colossalai.booster import Booster
+    from colossalai.booster.plugin import (
+        GeminiPlugin,
+        HybridParallelPlugin,
+        LowLevelZeroPlugin,
+        TorchDDPPlugin,
+    )
+
+    if args.plugin != "ddp" and not torch.cuda.is_available():
+        raise ArgsError(f"--plugin {args.plugin} needs CUDA GPUs; on CPU use --plugin ddp")
+    precision = "bf16" if args.bf16 else "fp32"
+    clip = args.max_grad_norm
+    if args.plugin == "ddp":
+        plugin = TorchDDPPlugin(find_unused_parameters=False, broadcast_buffers=False)
+    elif args.plugin in ("zero2", "zero2_cpu"):
+        plugin = LowLevelZeroPlugin(stage=2, precision=precision, max_norm=clip, cpu_offload=args.plugin == "zero2_cpu")
+    elif args.plugin == "gemini":
+        plugin = GeminiPlugin(precision=precision, placement_policy="static", max_norm=clip)
+    else:
+        plugin = HybridParallelPlugin(tp_size=args.tp_size, pp_size=args.pp_size, precision=precision,
+                                      zero_stage=1 if args.pp_size > 1 else 0, max_norm=clip,
+                                      microbatch_size=1 if args.pp_size > 1 else None)
+    return Booster(plugin=plugin), plugin
+
+
+def clip_gradients(args: TrainingArgs, optimizer: Any) -> None:
+    # Only DDP leaves clipping to us; the ZeRO/Gemini/3D plugins clip inside optimizer.step (max_norm).
+    if args.plugin == "ddp" and args.max_grad_norm > 0:
+        optimizer.clip_grad_by_norm(args.max_grad_norm)
+
+
+def autocast(args: TrainingArgs, device: Any):
+    """bf16 autocast for DDP (the other plugins cast the model themselves)."""
+    import contextlib
+
+    import torch
+
+    if args.bf16 and args.plugin == "ddp":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_model_and_tokenizer(name_or_path: str, args: TrainingArgs, device: Any, dtype: Any = None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.builtin import resolve_model
+
+    if args.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    path = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        attn = args.attn_implementation or best_attention()
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype or torch.float32, attn_implementation=attn)
+    except OSError as e:
+        raise ArgsError(f"--model_name_or_path {name_or_path!r}: cannot load model/tokenizer: {e}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model.to(device), tokenizer
+
+
+def best_attention() -> str:
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def make_optimizer(model: Any, args: TrainingArgs):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.plugin in ("gemini", "zero2_cpu"):
+        from colossalai.nn.optimizer import HybridAdam  # CPU-offloaded states need the hybrid kernel
+
+        return HybridAdam(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
+
+
+def make_scheduler(optimizer: Any, args: TrainingArgs, total_steps: int):
+    from torch.optim.lr_scheduler import LambdaLR
+
+    warmup = min(args.warmup_steps, total_steps)
+    kind = args.lr_scheduler_type
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return LambdaLR(optimizer, factor)
+
+
+def total_optimizer_steps(args: TrainingArgs, micro_batches_per_epoch: int) -> int:
+    steps_per_epoch = micro_batches_per_epoch // args.gradient_accumulation_steps
+    if args.max_steps > 0:
+        return args.max_steps
+    if steps_per_epoch < 1:
+        raise ArgsError(
+            "the dataset is smaller than one optimizer step "
+            "(per_device_train_batch_size x processes x gradient_accumulation_steps); lower them or add data"
+        )
+    return max(1, int(steps_per_epoch * args.num_train_epochs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and preemption
+
+
+class MetricsLogger:
+    """Rank 0 appends one JSON object per line to `<output_dir>/metrics.jsonl`, mirrors to wandb."""
+
+    def __init__(self, output_dir: str, stage: str, args: TrainingArgs, dist: Dist, config: dict[str, Any], resume_step: int):
+        self.enabled = dist.rank == 0
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.wandb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # drop lines past the checkpoint we resume from: they will be re-logged
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            from trainer.checkpoint import atomic_write_text
+
+            atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        if args.report_to == "wandb":
+            import wandb
+
+            if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+                os.environ["WANDB_MODE"] = "offline"  # no key, no network: keep the run on disk
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "r1-grpo"), name=args.run_name,
+                                    dir=output_dir, config=config, job_type=stage, resume="allow")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Preemption:
+    """SIGTERM (pod eviction, `kubectl delete`) sets a flag; the loop saves and exits at a step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (tests): no handler, no preemption
+            pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        logger.warning("SIGTERM received: saving a checkpoint at the end of this step")
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was asked to stop (so all ranks save together)."""
+        import torch
+        import torch.distributed as td
+
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if td.is_initialized() and td.get_backend() == "gloo":
+            td.all_reduce(flag, op=td.ReduceOp.MAX)
+        elif td.is_initialized():
+            flag = flag.cuda()
+            td.all_reduce(flag, op=td.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the pod failed (to be retried), not completed
+
+
+def setup_logging(dist: Dist) -> None:
+    level = logging.INFO if dist.rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank{dist.rank}] %(levelname)s %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("colossalai", "transformers", "datasets", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def progress(total: int, initial: int, desc: str, dist: Dist):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=dist.rank != 0, dynamic_ncols=True, file=sys.stderr)
+
+
+def public_fields(obj: Any) -> list[str]:
+    return [f.name for f in fields(obj)]
