@@ -13,12 +13,14 @@
 # Fixed, not a build arg: torch 2.5.1 / CUDA 12.4 / CPython 3.11 are the pins everything else is built for.
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
 
-# flash-attn: `prebuilt` installs FLASH_ATTN_WHEEL, a release wheel built for exactly this base image's
-# CUDA 12 / torch 2.5 / CPython 3.11 / pre-C++11 ABI (the ABI of the torch 2.5 wheels); `source` compiles
-# the same version with this image's nvcc (about an hour, MAX_JOBS parallel jobs); `none` skips it.
+# flash-attn: `prebuilt` installs a release wheel built for exactly the installed torch (version, CUDA major,
+# C++ ABI) and CPython, found from torch itself (FLASH_ATTN_WHEEL overrides it, e.g. a mirror's URL);
+# `source` compiles the same version with this image's nvcc (about an hour, MAX_JOBS parallel jobs);
+# `none` skips it (the trainer then uses PyTorch's sdpa attention).
 ARG FLASH_ATTN_INSTALL=prebuilt
 ARG FLASH_ATTN_VERSION=2.7.4.post1
-ARG FLASH_ATTN_WHEEL=https://github.com/Dao-AILab/flash-attention/releases/download/v${FLASH_ATTN_VERSION}/flash_attn-${FLASH_ATTN_VERSION}+cu12torch2.5cxx11abiFALSE-cp311-cp311-linux_x86_64.whl
+ARG FLASH_ATTN_RELEASES=https://github.com/Dao-AILab/flash-attention/releases/download
+ARG FLASH_ATTN_WHEEL=
 ARG MAX_JOBS=4
 ARG VERSION=0.1.0
 ARG VCS_REF=unknown
@@ -56,12 +58,15 @@ RUN pip install --no-cache-dir -c requirements/constraints.txt -r /tmp/requireme
 # DL3013: the prebuilt wheel is pinned by FLASH_ATTN_VERSION inside its file name, the source build by ==.
 # hadolint ignore=DL3013
 RUN case "${FLASH_ATTN_INSTALL}" in \
-      prebuilt) pip install --no-cache-dir --no-deps "${FLASH_ATTN_WHEEL}" ;; \
+      prebuilt) wheel="${FLASH_ATTN_WHEEL:-$(python -c 'import os, sys, torch; v = os.environ["FLASH_ATTN_VERSION"]; r = os.environ["FLASH_ATTN_RELEASES"]; abi = str(torch._C._GLIBCXX_USE_CXX11_ABI).upper(); t = ".".join(torch.__version__.split("+")[0].split(".")[:2]); cu = torch.version.cuda.split(".")[0]; py = "cp%d%d" % sys.version_info[:2]; print(f"{r}/v{v}/flash_attn-{v}+cu{cu}torch{t}cxx11abi{abi}-{py}-{py}-linux_x86_64.whl")')}" \
+                && echo "flash-attn wheel: ${wheel}" \
+                && pip install --no-cache-dir --no-deps "${wheel}" ;; \
       source) MAX_JOBS="${MAX_JOBS}" FLASH_ATTENTION_FORCE_BUILD=TRUE \
               pip install --no-cache-dir --no-deps --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}" ;; \
       none) echo "flash-attn not installed (FLASH_ATTN_INSTALL=none)" ;; \
       *) echo "FLASH_ATTN_INSTALL must be prebuilt, source or none, not '${FLASH_ATTN_INSTALL}'" >&2; exit 1 ;; \
-    esac
+    esac \
+    && if [ "${FLASH_ATTN_INSTALL}" != none ]; then python -c "import flash_attn; print('flash-attn', flash_attn.__version__)"; fi
 
 # The trainer itself.
 COPY trainer/ trainer/

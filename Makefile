@@ -30,7 +30,7 @@ bench: setup
 	$(BIN)/python bench/controller.py
 
 manifests: setup
-	$(BIN)/python -m tests.helmtool --write-manifests
+	$(BIN)/python tests/helmtool.py manifests
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import socket
 import threading
 import time
 import uuid
@@ -87,12 +88,16 @@ class ApiError(Exception):
 
     REASONS = {
         400: "BadRequest",
+        403: "Forbidden",
         404: "NotFound",
         405: "MethodNotAllowed",
         409: "AlreadyExists",
         410: "Expired",
         415: "UnsupportedMediaType",
         422: "Invalid",
+        429: "TooManyRequests",
+        500: "InternalError",
+        503: "ServiceUnavailable",
     }
 
     def __init__(self, code: int, message: str, reason: str | None = None, details: dict | None = None):
@@ -232,6 +237,7 @@ class FakeApiServer:
         self._open_watches = 0
         self._logs: dict[tuple[str, str], str] = {}
         self._hooks: list[Callable[[RecordedRequest], None]] = []
+        self._failures: list[list] = []
         self.requests: list[RecordedRequest] = []
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -283,6 +289,14 @@ class FakeApiServer:
         }
 
     # -- test-side API (the other actors); these produce watch events but are not recorded as requests
+    def fail_next(self, verb: str, resource: str, code: int, count: int = 1, after_applying: bool = False) -> None:
+        """Answer the next `count` requests with this RBAC verb on this resource with an error Status.
+
+        With `after_applying`, the request takes effect first and only its response is an error: a write whose
+        answer got lost (a timeout or a 5xx from a proxy after etcd committed it)."""
+        with self._lock:
+            self._failures.append([verb, resource, code, count, after_applying])
+
     def add_hook(self, hook: Callable[[RecordedRequest], None]) -> None:
         """Call `hook(request)` before each HTTP request is handled (code is 0 at that point)."""
         self._hooks.append(hook)
@@ -507,6 +521,11 @@ class _Handler(BaseHTTPRequestHandler):
     api: FakeApiServer
     protocol_version = "HTTP/1.1"  # keep-alive, and chunked encoding for watches
 
+    def setup(self) -> None:
+        super().setup()
+        # headers and body go out in separate writes; without this, Nagle + delayed ACK add ~40 ms a request
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, fmt: str, *args: object) -> None:  # keep test output quiet
         pass
 
@@ -573,7 +592,10 @@ class _Handler(BaseHTTPRequestHandler):
                               self.headers.get("User-Agent", ""), content_type)
         for hook in list(api._hooks):
             hook(rec)
+        injected = self._injected_failure(verb, rec.resource)
         try:
+            if injected is not None and not injected[1]:
+                raise ApiError(injected[0], "injected failure")
             if isinstance(body, ApiError):
                 raise body
             if is_watch and method == "GET" and not name:
@@ -582,6 +604,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             code, payload = self._dispatch(method, group, version, namespace, resource, name, sub, query,
                                            body, content_type)
+            if injected is not None:
+                raise ApiError(injected[0], "injected failure after the request took effect")
         except ApiError as err:
             self._record(rec, err.code)
             self._send_json(err.code, err.status())
@@ -591,6 +615,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(code, payload.encode(), "text/plain")
         else:
             self._send_json(code, payload)
+
+    def _injected_failure(self, verb: str, resource: str) -> tuple[int, bool] | None:
+        api = self.api
+        with api._lock:
+            for failure in api._failures:
+                if failure[0] == verb and failure[1] == resource and failure[3] > 0:
+                    failure[3] -= 1
+                    return failure[2], failure[4]
+        return None
 
     def _dispatch(self, method: str, group: str, version: str, namespace: str, resource: str,
                   name: str | None, sub: str | None, query: dict[str, str], body: object,
@@ -706,11 +739,10 @@ class _Handler(BaseHTTPRequestHandler):
             with api._lock:
                 api._open_watches -= 1
             try:
-                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.write(b"0\r\n\r\n")  # a complete chunked body: the connection stays reusable
                 self.wfile.flush()
             except OSError:
-                pass
-            self.close_connection = True
+                self.close_connection = True
 
     @staticmethod
     def _gone_event(rv: str) -> dict:
@@ -834,7 +866,7 @@ class FakeTrainingOperator:
 
     def __init__(self, server: FakeApiServer, namespace: str, volume: str, mount: str = "/checkpoints",
                  scripts: dict[tuple[str, int], str] | None = None, checkpoints_per_attempt: int = 4,
-                 step_delay: float = 0.002):
+                 step_delay: float = 0.002, weight_bytes: int = 1024):
         self.server = server
         self.namespace = namespace
         self.volume = volume
@@ -843,6 +875,7 @@ class FakeTrainingOperator:
         self.gates: dict[tuple[str, int], threading.Event] = {}
         self.checkpoints_per_attempt = checkpoints_per_attempt
         self.step_delay = step_delay
+        self.weight_bytes = weight_bytes  # size of a training stage's final model.safetensors
         self.succeeded_at: dict[str, float] = {}  # job name -> time.monotonic() when Succeeded was set
         self.errors: list[BaseException] = []
         self._seen: set[str] = set()
@@ -858,7 +891,8 @@ class FakeTrainingOperator:
         self._stop.set()
         for gate in self.gates.values():
             gate.set()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=5)
         for t in self._threads:
             t.join(timeout=5)
 
@@ -909,6 +943,12 @@ class FakeTrainingOperator:
                 status["completionTime"] = now_rfc3339()
 
         self._set(name, uid, mutate)
+
+    def _alive(self, name: str, uid: str) -> None:
+        """A deleted job's pods are killed: its script stops at the next step."""
+        current = self.server.get("pytorchjobs", name, self.namespace, *PYTORCHJOBS[:2])
+        if current is None or current["metadata"]["uid"] != uid:
+            raise _JobGone()
 
     def _pod(self, job: dict, phase: str) -> str:
         name = f"{job['metadata']['name']}-master-0"
@@ -969,8 +1009,9 @@ class FakeTrainingOperator:
         step = max(done, default=0)
         if stage in TRAINING_STAGES:
             for _ in range(self.checkpoints_per_attempt):
+                self._alive(name, uid)
                 step += 10
-                tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+                tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{uid[:8]}")
                 os.makedirs(os.path.join(tmp, "model"), exist_ok=True)
                 with open(os.path.join(tmp, "model", "model.safetensors"), "wb") as f:
                     f.write(os.urandom(256))
@@ -984,6 +1025,7 @@ class FakeTrainingOperator:
                 time.sleep(0.01)
             if behaviour == "hang" or self._stop.is_set():
                 return
+        self._alive(name, uid)
         if behaviour == "fail":
             lines = [f"[rank0] step {s}: loss 0.{s:03d}" for s in range(1, 80)]
             lines.append("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -993,7 +1035,10 @@ class FakeTrainingOperator:
             return
         if stage in TRAINING_STAGES:
             with open(os.path.join(output_dir, "model.safetensors"), "wb") as f:
-                f.write(os.urandom(1024))
+                remaining = self.weight_bytes
+                while remaining > 0:
+                    f.write(os.urandom(min(remaining, 1 << 24)))
+                    remaining -= 1 << 24
             with open(os.path.join(output_dir, "config.json"), "w") as f:
                 json.dump({"model_type": "llama"}, f)
         else:

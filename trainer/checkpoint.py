@@ -5,7 +5,7 @@ Layout (docs/contract.md):
     <output_dir>/
         checkpoint-<step>/        complete or absent (written as .tmp-checkpoint-<step>, then renamed)
             model/                Booster-sharded safetensors
-            optimizer/            Booster-sharded optimizer state
+            optimizer/            Booster-sharded optimizer state (on CPU: one optimizer.bin)
             scheduler.pt
             rng_state_<rank>.pt   torch/python/numpy RNG + named generators, one per rank
             trainer_state.json    step, data position, ... (written last inside the temp folder)
@@ -38,6 +38,7 @@ MANIFEST_SCHEMA_VERSION = 1
 TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 TEMP_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
+UNSHARDED_OPTIMIZER_NAME = "optimizer.bin"
 TRAINING_STAGES = ("sft", "grpo")
 KNOWN_STAGES = ("sft", "grpo", "eval")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -58,6 +59,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; the manifest and metrics must stay readable by the other pods/users
+        # that share the volume, like every other file the stage writes.
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -343,10 +347,16 @@ def save_training_checkpoint(
     if dist.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        (tmp / "optimizer").mkdir()
     dist.barrier()
     # Torch shards, not safetensors: safetensors refuses tied weights (embeddings = lm_head).
     booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=False)
-    booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
+    if torch.cuda.is_available():
+        booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
+    else:
+        # colossalai 0.5.0 loads sharded optimizer states through accelerator.synchronize(), which its CPU
+        # accelerator refuses; on CPU (ddp only: the state is a full replica) one file in optimizer/.
+        booster.save_optimizer(optimizer, str(tmp / "optimizer" / UNSHARDED_OPTIMIZER_NAME), shard=False)
     if dist.rank == 0 and scheduler is not None:
         booster.save_lr_scheduler(scheduler, str(tmp / "scheduler.pt"))
     torch.save(capture_rng_state(generators), tmp / f"rng_state_{dist.rank}.pt")
@@ -382,7 +392,8 @@ def load_training_checkpoint(
             "bit-exact resume needs the same number of processes"
         )
     booster.load_model(model, str(checkpoint_dir / "model"))
-    booster.load_optimizer(optimizer, str(checkpoint_dir / "optimizer"))
+    unsharded = checkpoint_dir / "optimizer" / UNSHARDED_OPTIMIZER_NAME
+    booster.load_optimizer(optimizer, str(unsharded if unsharded.is_file() else checkpoint_dir / "optimizer"))
     if scheduler is not None:
         booster.load_lr_scheduler(scheduler, str(checkpoint_dir / "scheduler.pt"))
     rng = torch.load(checkpoint_dir / f"rng_state_{dist.rank}.pt", weights_only=False)

@@ -25,9 +25,10 @@ volume mounted) and is built to be boring and restart-safe:
   succeeded and the output still verifies. To stop a run, uninstall the release.
 
 Status: ConfigMap `<release>-status` (key `status.json`), Events on it, JSON-lines logs on stderr. Exit codes:
-0 run succeeded, 1 run failed, 2 configuration error (flags, stages ConfigMap, a foreign job holding one of
-our names), 3 the API refused our credentials (401/403), 143 stopped by SIGTERM before the run finished
-(non-zero so the Job controller starts the controller again).
+0 run succeeded, 1 run failed, 2 configuration error (flags, stages ConfigMap, volume not mounted, a foreign
+job holding one of our names), 3 the API refused our credentials (401/403), 4 the controller crashed (a bug;
+the traceback is logged), 143 stopped by SIGTERM before the run finished (non-zero so the Job controller
+starts the controller again).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ COMPONENT = "r1-grpo-controller"
 STATUS_KEY = "status.json"
 PIPELINE_KEY = "pipeline.yaml"
 
-EXIT_SUCCEEDED, EXIT_FAILED, EXIT_CONFIG, EXIT_FORBIDDEN, EXIT_SIGTERM = 0, 1, 2, 3, 143
+EXIT_SUCCEEDED, EXIT_FAILED, EXIT_CONFIG, EXIT_FORBIDDEN, EXIT_CRASH, EXIT_SIGTERM = 0, 1, 2, 3, 4, 143
 LOG_TAIL_MAX_CHARS = 8000  # per attempt; the status ConfigMap must stay far below the 1 MiB object limit
 MAX_NAME_LEN = 63  # the operator names services `<job>-master-0`; services need DNS-1035 labels
 
@@ -165,7 +166,7 @@ def parse_pipeline(cm: dict, release: str) -> Pipeline:
     if PIPELINE_KEY not in data:
         raise ConfigError(f"{where}: key {PIPELINE_KEY!r} is missing (keys: {sorted(data)})")
     try:
-        raw = yaml.safe_load(data[PIPELINE_KEY])
+        raw = _load_yaml(data[PIPELINE_KEY])
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: {PIPELINE_KEY}: invalid YAML: {e}") from e
     if not isinstance(raw, dict):
@@ -214,9 +215,14 @@ def parse_pipeline(cm: dict, release: str) -> Pipeline:
     return Pipeline(release, mount, tuple(specs), str(meta.get("uid") or ""))
 
 
+def _load_yaml(text: str) -> Any:
+    # libyaml's safe loader when present: the stage jobs are parsed on every pass that sees a new ConfigMap
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def _parse_job_manifest(text: str, where: str, release: str, stage: str) -> dict:
     try:
-        job = yaml.safe_load(text)
+        job = _load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: invalid YAML: {e}") from e
     if not isinstance(job, dict):
@@ -277,6 +283,7 @@ class JobState:
     end_time: datetime | None
     deleting: bool = False
     uid: str = ""
+    phase_since: datetime | None = None  # lastTransitionTime of the condition that gives the phase
 
 
 @dataclass(frozen=True)
@@ -348,7 +355,8 @@ def parse_job(obj: dict, pipeline: Pipeline) -> JobState | None:
     phase, message, since = job_phase(status.get("conditions") or [])
     end = _ts(status.get("completionTime")) or (since if phase in (SUCCEEDED, FAILED) else None)
     return JobState(name, stage, attempt, phase, message, _ts(meta.get("creationTimestamp")),
-                    _ts(status.get("startTime")), end, bool(meta.get("deletionTimestamp")), meta.get("uid", ""))
+                    _ts(status.get("startTime")), end, bool(meta.get("deletionTimestamp")), meta.get("uid", ""),
+                    since)
 
 
 def describe_pending_pod(pod: dict) -> str:
@@ -401,7 +409,8 @@ class AttemptRecord:
     phase: str = SUBMITTED
     start_time: str | None = None
     end_time: str | None = None
-    message: str = ""
+    message: str = ""  # the job's latest condition message (or why the attempt counts as failed)
+    cause: str = ""  # why this attempt was created: first attempt, retry after ..., recreated after ...
     log_tail: str | None = None  # None: not fetched yet
     resume_from: str | None = None  # newest complete checkpoint when the attempt was created
 
@@ -614,7 +623,7 @@ def render_status(world: World, action: Action, config: ControllerConfig) -> Run
                           metrics=dict(old.metrics), message=old.message, reported=list(old.reported))
         rec.attempts = _merge_attempts(old, world, spec.name)
         if i < fi and rec.phase != SUCCEEDED:
-            rec.phase, rec.message = SUCCEEDED, "done (a later stage has started)"
+            _render_settled(rec, world)
         elif i == fi:
             _render_current_stage(rec, world, action, config)
         elif i > fi and not (isinstance(action, CreateJob) and action.stage == spec.name):
@@ -646,8 +655,14 @@ def render_status(world: World, action: Action, config: ControllerConfig) -> Run
 
 def _merge_attempts(old: StageRecord, world: World, stage: str) -> list[AttemptRecord]:
     by_attempt = {a.attempt: replace(a) for a in old.attempts}
-    for attempt, job in world.jobs.get(stage, {}).items():
-        rec = by_attempt.get(attempt) or AttemptRecord(attempt, job.name)
+    for attempt, job in sorted(world.jobs.get(stage, {}).items()):
+        rec = by_attempt.get(attempt)
+        if rec is None:  # created by a controller that stopped before recording it
+            before = by_attempt.get(attempt - 1)
+            cause = "first attempt" if attempt == 1 else f"retry after attempt {attempt - 1} failed"
+            if before is not None and before.message:
+                cause += f": {before.message}"
+            rec = AttemptRecord(attempt, job.name, cause=cause)
         if not (rec.phase == FAILED and job.phase == SUCCEEDED):  # keep "succeeded, but output invalid"
             rec.phase, rec.message = job.phase, job.message
         rec.start_time = _fmt(job.start_time or job.created) or rec.start_time
@@ -656,6 +671,22 @@ def _merge_attempts(old: StageRecord, world: World, stage: str) -> list[AttemptR
             rec.log_tail = world.log_tails[job.name]
         by_attempt[attempt] = rec
     return [by_attempt[a] for a in sorted(by_attempt)]
+
+
+def _render_settled(rec: StageRecord, world: World) -> None:
+    """A stage before the current one whose success the status has not recorded yet (the controller was
+    stopped between starting the next stage and writing the status): fill it in from its job and output."""
+    attempt = current_attempt(world, rec.name)
+    out = world.outputs.get(rec.name) or OutputState()
+    rec.phase, rec.attempt = SUCCEEDED, attempt
+    rec.job = job_name(world.pipeline.release, rec.name, attempt) if attempt else None
+    arec = rec.attempt_record(attempt)
+    rec.end_time = arec.end_time if arec else rec.end_time
+    rec.latest_checkpoint = out.latest_checkpoint or rec.latest_checkpoint
+    if out.manifest is not None:
+        rec.steps, rec.metrics, rec.message = out.manifest.steps, dict(out.manifest.metrics), ""
+    else:
+        rec.message = f"a later stage has started, but this stage's output does not verify: {out.error}"
 
 
 def _render_current_stage(rec: StageRecord, world: World, action: Action, config: ControllerConfig) -> None:
@@ -691,8 +722,16 @@ def _render_current_stage(rec: StageRecord, world: World, action: Action, config
         if isinstance(action, ReportPending):
             rec.reported = sorted(set(rec.reported) | {p.key for p in action.items})
         if overdue:
-            minutes = int(config.pending_timeout_seconds // 60)
-            rec.message = f"pending for more than {minutes} min: " + "; ".join(p.message for p in overdue)
+            rec.message = (f"pending for more than {_duration(config.pending_timeout_seconds)}: "
+                           + "; ".join(p.message for p in overdue))
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)} min"
+    return f"{seconds:g} s"
 
 
 def _apply_create(rec: StageRecord, world: World, action: CreateJob) -> None:
@@ -705,10 +744,12 @@ def _apply_create(rec: StageRecord, world: World, action: CreateJob) -> None:
         rec.attempts.sort(key=lambda a: a.attempt)
     arec.phase, arec.start_time, arec.end_time, arec.log_tail = SUBMITTED, _fmt(world.now), None, None
     arec.resume_from = out.latest_checkpoint
-    arec.message = {"start": "", "retry": f"retry after attempt {action.attempt - 1} failed: {action.message}",
-                    "recreate": f"recreated: {action.message}"}[action.reason]
+    arec.message = ""
+    arec.cause = {"start": "first attempt",
+                  "retry": f"retry after attempt {action.attempt - 1} failed: {action.message}",
+                  "recreate": f"recreated: {action.message}"}[action.reason]
     rec.phase, rec.attempt, rec.job, rec.end_time = SUBMITTED, action.attempt, name, None
-    rec.message, rec.reported = arec.message, []
+    rec.message, rec.reported = ("" if action.reason == "start" else arec.cause), []
     rec.start_time = rec.start_time or _fmt(world.now)
 
 
@@ -794,11 +835,13 @@ class Controller:
         self.clock = clock
         self.max_writes = max_writes  # tests: stop (as if killed) just before write number max_writes + 1
         self.writes = 0
+        self.write_log: list[str] = []  # what each write was ("create job r1-sft-1", "patch status", ...)
         self.status: RunStatus | None = None
         self._status_cm: dict | None = None
         self._stop = threading.Event()
         self.in_wait = False  # the SIGTERM handler may interrupt only waits
         self._verifier = _OutputVerifier()
+        self._pipeline: tuple[tuple, Pipeline] | None = None
         self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
 
     # -- control
@@ -813,6 +856,7 @@ class Controller:
         if self.max_writes is not None and self.writes >= self.max_writes:
             raise _BudgetSpent(what)
         self.writes += 1
+        self.write_log.append(what)
 
     # -- the loop
     def run(self) -> RunResult:
@@ -909,7 +953,16 @@ class Controller:
         cm = self.cluster.get_configmap(cfg.stages_configmap)
         if cm is None:
             raise ConfigError(f"ConfigMap {cfg.namespace}/{cfg.stages_configmap} (--stages-configmap) not found")
-        pipeline = parse_pipeline(cm, cfg.release)
+        meta = cm.get("metadata") or {}
+        key = (meta.get("uid"), meta.get("resourceVersion"))
+        if self._pipeline is None or self._pipeline[0] != key or not all(key):
+            self._pipeline = (key, parse_pipeline(cm, cfg.release))  # re-parse only when the ConfigMap changed
+        pipeline = self._pipeline[1]
+        volume = Path(cfg.mount_path or pipeline.mount_path)
+        if not volume.is_dir():
+            # without the volume every finished stage would look unverifiable and be retried: refuse instead
+            raise ConfigError(f"the checkpoint volume is not mounted at {volume} (--mount-path, or pipeline.yaml "
+                              f"mountPath {pipeline.mount_path!r}); the controller pod must mount the same PVC")
         previous = self.status or RunStatus(cfg.release, cfg.namespace)
         if previous.stages_uid and pipeline.configmap_uid and previous.stages_uid != pipeline.configmap_uid:
             log("warning", "the status belongs to an earlier install of this release; starting afresh",
@@ -929,15 +982,21 @@ class Controller:
                 jobs.setdefault(job.stage, {})[job.attempt] = job
         world = World(now, pipeline, jobs, {}, (), {}, previous)
 
-        # Only the current stage needs the volume and pods; earlier stages are settled.
-        spec = pipeline.stages[frontier(world)]
+        # Only the current stage needs the volume and pods; earlier stages are settled (read once more only
+        # when the status has not recorded their success yet).
+        fi = frontier(world)
+        spec = pipeline.stages[fi]
         attempt = current_attempt(world, spec.name)
         job = jobs.get(spec.name, {}).get(attempt)
         outputs = {spec.name: self._output_state(pipeline, spec, recorded_phase(world, spec.name, attempt))}
+        for settled in pipeline.stages[:fi]:
+            rec = previous.stage_record(settled.name)
+            if rec is None or rec.phase != SUCCEEDED:
+                outputs[settled.name] = self._output_state(pipeline, settled, SUCCEEDED)
         pending: list[PendingItem] = []
         log_tails: dict[str, str] = {}
         if job is not None and job.phase not in (SUCCEEDED, FAILED) and not job.deleting:
-            pending = self._pending_items(job, previous.stage_record(spec.name), now)
+            pending = self._pending_items(job, now)
         if job is not None and job.phase == FAILED:
             rec = previous.stage_record(spec.name)
             arec = rec.attempt_record(attempt) if rec else None
@@ -962,14 +1021,17 @@ class Controller:
                 error = error.replace(str(local), spec.output_dir)  # name the path as the user knows it
         return OutputState(steps, latest, manifest, error)
 
-    def _pending_items(self, job: JobState, rec: StageRecord | None, now: datetime) -> list[PendingItem]:
+    def _pending_items(self, job: JobState, now: datetime) -> list[PendingItem]:
         timeout = timedelta(seconds=self.config.pending_timeout_seconds)
-        reported = set(rec.reported) if rec else set()
         items: list[PendingItem] = []
         if job.phase == SUBMITTED and job.created is not None:
             items.append(PendingItem(f"job/{job.name}", job.created,
                                      f"job {job.name} has no status yet: is the Kubeflow training operator "
                                      f"running and watching this namespace?"))
+        if job.phase == "Suspended" and job.phase_since is not None:
+            items.append(PendingItem(f"job/{job.name}/suspended/{_fmt(job.phase_since)}", job.phase_since,
+                                     f"job {job.name} is suspended (waiting in a queue such as Kueue?)"
+                                     + (f": {job.message}" if job.message else "")))
         for pod in self.cluster.list_pods(f"{JOB_NAME_LABEL}={job.name}"):
             meta, status = pod.get("metadata") or {}, pod.get("status") or {}
             if status.get("phase") != "Pending" or _ts(meta.get("creationTimestamp")) is None:
@@ -977,8 +1039,8 @@ class Controller:
             key = f"pod/{meta.get('name')}/{str(meta.get('uid', ''))[:8]}"
             since = _ts(meta["creationTimestamp"])
             message = f"pod {meta.get('name')}: {describe_pending_pod(pod)}"
-            if key not in reported and now - since >= timeout:
-                message += self._claims_report(pod)  # only worth the API calls when it will be reported
+            if now - since >= timeout:
+                message += self._claims_report(pod)  # only worth the API calls once the pod is overdue
             items.append(PendingItem(key, since, message))
         return items
 
@@ -1135,7 +1197,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def log(level: str, msg: str, **fields_: Any) -> None:
-    logger.log(logging.getLevelNamesMapping()[level.upper()], msg, extra={"fields": fields_})
+    logger.log(logging.getLevelNamesMapping()[level.upper()], msg, extra={"fields": fields_}, stacklevel=2)
 
 
 def setup_json_logging(level: str = "INFO") -> None:
@@ -1144,6 +1206,8 @@ def setup_json_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for noisy in ("kubernetes", "urllib3"):  # their DEBUG output is whole response bodies
+        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -1163,7 +1227,7 @@ def _positive(kind: type, minimum: float) -> Callable[[str], Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="r1-grpo controller",
+    p = argparse.ArgumentParser(prog="r1-grpo controller", allow_abbrev=False,
                                 description="Run a release's stage PyTorchJobs in order, in the cluster.")
     p.add_argument("--release", required=True, help="Helm release name (jobs are <release>-<stage>-<attempt>)")
     p.add_argument("--namespace", help="namespace (default: the pod's own, else the kubeconfig context's)")
@@ -1230,7 +1294,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     log("info", "controller starting", release=cfg.release, namespace=cfg.namespace, retries=cfg.retries,
         keep_checkpoints=cfg.keep_checkpoints, pending_timeout_seconds=cfg.pending_timeout_seconds)
-    result = controller.run()
+    try:
+        result = controller.run()
+    except Exception:  # a bug: say so in the log and exit with a code that is not "the run failed"
+        logger.exception("controller crashed", extra={"fields": {"release": cfg.release}})
+        return EXIT_CRASH
     return result.exit_code
 
 
@@ -1278,7 +1346,7 @@ def _num(v: Any) -> str:
 
 
 def status_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="r1-grpo status", description="Print a release's run status; exit 1 "
+    p = argparse.ArgumentParser(prog="r1-grpo status", allow_abbrev=False, description="Print a release's run status; exit 1 "
                                                                    "if the run failed, 2 if it cannot be read.")
     p.add_argument("--release", required=True)
     p.add_argument("--namespace", help="default: the kubeconfig context's namespace")

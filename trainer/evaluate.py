@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(data_args: DataArgs, args: EvalArgs) -> int:
-    dist, device = init_distributed(args.seed)
+    dist, device = init_distributed(args.seed, colossal=False)
     setup_logging(dist)
     output_dir = Path(args.output_dir)
     if dist.rank == 0:

@@ -211,6 +211,8 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
         logger.info("resumed from %s (step %d, temperature %.4f)", resume, step, state["temperature"])
     stream = PromptStream(train_examples, args.seed, dist.rank, dist.world_size, position)
     metrics = MetricsLogger(str(output_dir), "grpo", args, dist, args_dict(data_args, args), step)
+    if dist.rank == 0:
+        _drop_samples_after(output_dir / "samples.jsonl", step)
     preemption = Preemption()
     bar = progress(total_steps, step, "grpo", dist)
     prompt_cache: dict[str, list[int]] = {}
@@ -513,6 +515,13 @@ def evaluate_sharded(model, tokenizer, examples: list[Example], args: GRPOArgs, 
         td.all_reduce(vec)
     total = max(vec[2].item(), 1.0)
     return {"eval_accuracy": vec[0].item() / total, "eval_format_rate": vec[1].item() / total}
+
+
+def _drop_samples_after(path: Path, step: int) -> None:
+    """Samples logged past the checkpoint a run resumes from are logged again; keep one copy (as metrics.jsonl)."""
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        ckpt.atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
 def _last_logged(output_dir: Path) -> dict[str, float]:

@@ -3,6 +3,7 @@ model loading, the optimizer and schedule, metrics logging and preemption (SIGTE
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -94,7 +95,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: 
     """HfArgumentParser with a clear message and exit code 2 on unknown or bad flags."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_types, prog=prog)
+    parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False)
     argv = sys.argv[1:] if argv is None else argv
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -123,9 +124,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(seed: int) -> tuple[Dist, Any]:
-    """Start the process group (works under torchrun and as a plain single process)."""
-    import colossalai
+def init_distributed(seed: int, colossal: bool = True) -> tuple[Dist, Any]:
+    """Start the process group (works under torchrun and as a plain single process).
+
+    `colossal=False` (evaluation) uses plain torch.distributed: no Booster, and no 10 s colossalai import.
+    """
     import torch
 
     if "RANK" not in os.environ:  # plain `python -m trainer.sft`: a world of one
@@ -133,7 +136,12 @@ def init_distributed(seed: int) -> tuple[Dist, Any]:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
-        colossalai.launch_from_torch(backend="nccl" if cuda else "gloo", seed=seed, verbose=False)
+        if colossal:
+            import colossalai
+
+            colossalai.launch_from_torch(backend="nccl" if cuda else "gloo", seed=seed, verbose=False)
+        else:
+            torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device = torch.device("cuda", torch.cuda.current_device())
@@ -188,8 +196,6 @@ def clip_gradients(args: TrainingArgs, optimizer: Any) -> None:
 
 def autocast(args: TrainingArgs, device: Any):
     """bf16 autocast for DDP (the other plugins cast the model themselves)."""
-    import contextlib
-
     import torch
 
     if args.bf16 and args.plugin == "ddp":
@@ -263,13 +269,14 @@ def make_scheduler(optimizer: Any, args: TrainingArgs, total_steps: int):
 
 def total_optimizer_steps(args: TrainingArgs, micro_batches_per_epoch: int) -> int:
     steps_per_epoch = micro_batches_per_epoch // args.gradient_accumulation_steps
-    if args.max_steps > 0:
-        return args.max_steps
+    # Checked even with --max_steps: a step needs a full set of micro-batches (an empty one crashes).
     if steps_per_epoch < 1:
         raise ArgsError(
             "the dataset is smaller than one optimizer step "
             "(per_device_train_batch_size x processes x gradient_accumulation_steps); lower them or add data"
         )
+    if args.max_steps > 0:
+        return args.max_steps
     return max(1, int(steps_per_epoch * args.num_train_epochs))
 
 
@@ -319,10 +326,8 @@ class Preemption:
 
     def __init__(self) -> None:
         self.requested = False
-        try:
+        with contextlib.suppress(ValueError):  # not the main thread (tests): no handler, no preemption
             signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (tests): no handler, no preemption
-            pass
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True

@@ -5,13 +5,17 @@
 Two decoders sit behind it:
 
 * ``lean`` (``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` and subclasses): a hand-written decode step that
-  reads the HF module's parameters directly. The B prompts are prefilled once ([B, P], left-padded,
-  positions starting at 0 on each prompt's first real token) into a *shared prefix cache*; the G samples
-  of a group attend to it together with one batched matmul per (group, kv-head) - the G*n_rep query rows
-  of a group form one small GEMM instead of G GEMVs, and the prefix K/V is read once per group instead of
-  G times. Each sample's own tokens live in a preallocated static cache [rows, kv_heads, T, head_dim]
-  (no per-step ``torch.cat`` of K/V). The prefix scores and the per-sample scores are concatenated (they
-  are tiny next to K/V) and go through one softmax, so the attention is exactly the standard one.
+  reads the HF module's parameters (fused q/k/v and gate/up copies are made once per call), with
+  preallocated static KV caches (no per-step ``torch.cat``). The B prompts are prefilled once ([B, P],
+  left-padded, positions starting at 0 on each prompt's first real token). Two cache layouts, picked by
+  the K/V traffic they save (``share_prefix``):
+  - shared: the prompt's K/V stays one copy per group; the G samples attend to it together, one batched
+    matmul per (group, kv head) whose G*n_rep query rows form one small GEMM, so the prompt's K/V is
+    read once per group instead of G times. Each sample's own tokens live in a per-row cache. The
+    prompt scores and the per-sample scores are concatenated (they are tiny next to K/V) and go through
+    one softmax, so the attention is exactly the standard one.
+  - expanded: the prompt's K/V is copied into each of its G rows once after prefill; each row then has
+    one cache and the attention is three ops (fewer small ops; wins for short prompts).
 * ``hf`` (any other causal LM): the model's own forward with ``past_key_values``; the prompt cache is
   prefilled once and repeated G times.
 
@@ -51,6 +55,10 @@ _LEAN_MODEL_TYPES = frozenset({"llama", "qwen2"})
 # Compact the decode batch once at least this fraction of its rows has finished: each compaction copies
 # the filled part of the per-sample cache once, about what one decode step reads anyway.
 _COMPACT_FRACTION = 0.125
+# K/V bytes per layer and decode step that sharing the prompt cache must save to be used
+# (see _prefer_shared_prefix).
+_SHARED_PREFIX_MIN_SAVED_BYTES_CPU = 1 << 20
+_SHARED_PREFIX_MIN_SAVED_BYTES = 128 << 20
 
 
 @dataclass
@@ -63,7 +71,8 @@ class SampleBatch:
 
     completion_ids: torch.LongTensor  # [B*G, T] right-padded with pad_token_id
     completion_mask: torch.Tensor  # [B*G, T] int64; 1 for generated tokens incl. the stop token(s), 0 after
-    logprobs: torch.Tensor  # [B*G, T] float32 log p(token) under softmax(logits / temperature); 0 where masked
+    # [B*G, T] float32 log p(token) under softmax(logits / temperature) (temperature 1 when greedy); 0 masked
+    logprobs: torch.Tensor
     truncated: torch.BoolTensor  # [B*G] hit max_new_tokens without EOS / stop sequence
     num_generated_tokens: int  # == completion_mask.sum()
     completion_lengths: torch.LongTensor  # [B*G] == completion_mask.sum(1)
@@ -92,7 +101,7 @@ def sample_groups(
     generator: torch.Generator | None = None,
     backend: str = "auto",
     keep_logits: bool = False,
-    share_prefix: bool = True,
+    share_prefix: bool | None = None,
 ) -> SampleBatch:
     """Sample ``num_generations`` completions for each prompt in ``prompt_ids``.
 
@@ -102,8 +111,8 @@ def sample_groups(
 
     ``backend``: ``"auto"`` (lean decoder when the model supports it, else HF forward), ``"lean"`` (error
     when unsupported) or ``"hf"``. ``keep_logits`` additionally returns every step's raw logits (tests,
-    debugging; costs B*G*T*V floats). ``share_prefix=False`` copies the prompt cache G times instead of
-    sharing it (lean backend only; kept for benchmarking the two layouts).
+    debugging; costs B*G*T*V floats). ``share_prefix`` (lean backend only): True shares one prompt cache per
+    group, False copies it into each row, None picks by the memory traffic saved (see module docstring).
 
     The model is run in eval mode (dropout off) and its training flag is restored afterwards.
     """
@@ -328,57 +337,95 @@ def _run(
 ) -> SampleBatch:
     device = decoder.device
     n_rows, steps = num_prompts * num_generations, max_new_tokens
-    out_ids = torch.full((n_rows, steps), pad_token_id, dtype=torch.long, device=device)
-    out_lp = torch.zeros((n_rows, steps), dtype=torch.float32, device=device)
-    lengths = torch.full((n_rows,), steps, dtype=torch.long, device=device)
-    stopped = torch.zeros(n_rows, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device) if eos_token_ids else None
     stops = [torch.tensor(s, dtype=torch.long, device=device) for s in stop_sequences]
-    pad = torch.tensor(pad_token_id, dtype=torch.long, device=device)
+    check_stops = eos is not None or bool(stops)
 
     logits = decoder.prefill().repeat_interleave(num_generations, dim=0)  # the G samples share step 0
-    out_logits = None
-    if keep_logits:
-        out_logits = torch.zeros((n_rows, steps, logits.shape[-1]), dtype=torch.float32, device=device)
-    rows = torch.arange(n_rows, device=device)  # original row id of each current decode row
+    # Per-row state in *current decode-row order*: each step writes plain columns. `rows` maps current
+    # rows to original rows; results are scattered into `final` when rows are dropped and at the end.
+    cur = _RowState(
+        ids=torch.full((n_rows, steps), pad_token_id, dtype=torch.long, device=device),
+        logprobs=torch.zeros((n_rows, steps), dtype=torch.float32, device=device),
+        lengths=torch.full((n_rows,), steps, dtype=torch.long, device=device),
+        stopped=torch.zeros(n_rows, dtype=torch.bool, device=device),
+        logits=torch.zeros((n_rows, steps, logits.shape[-1]), dtype=torch.float32, device=device)
+        if keep_logits
+        else None,
+    )
+    final = cur.select(torch.arange(n_rows, device=device))  # same shapes, separate storage
+    rows = torch.arange(n_rows, device=device)
     alive = torch.ones(n_rows, dtype=torch.bool, device=device)
+    n_dead = 0  # finished rows still in the decode batch (they emit padding until compacted away)
     for t in range(steps):
         tok, lp = _sample(logits, temperature, top_p, generator)
-        tok = torch.where(alive, tok, pad)
-        out_ids[rows, t] = tok
-        out_lp[rows, t] = torch.where(alive, lp, 0.0)
-        if out_logits is not None:
-            out_logits[rows, t] = logits * alive[:, None]
-        hit = torch.zeros_like(alive) if eos is None else torch.isin(tok, eos)
-        for seq in stops:
-            n = seq.numel()
-            if n <= t + 1:
-                hit |= (out_ids[rows, t + 1 - n : t + 1] == seq).all(dim=1)
-        hit &= alive
-        lengths[rows] = torch.where(hit, t + 1, lengths[rows])
-        stopped[rows] |= hit
-        alive &= ~hit
-        n_alive = int(alive.sum())  # the loop's one host sync per step
-        if n_alive == 0 or t == steps - 1:
+        if n_dead:
+            tok = torch.where(alive, tok, pad_token_id)
+            lp = torch.where(alive, lp, 0.0)
+        cur.ids[:, t] = tok
+        cur.logprobs[:, t] = lp
+        if cur.logits is not None:
+            cur.logits[:, t] = logits * alive[:, None] if n_dead else logits
+        if check_stops:
+            hit = torch.isin(tok, eos) if eos is not None else torch.zeros_like(alive)
+            for seq in stops:
+                if seq.numel() <= t + 1:
+                    hit |= (cur.ids[:, t + 1 - seq.numel() : t + 1] == seq).all(dim=1)
+            hit &= alive
+            cur.lengths = torch.where(hit, t + 1, cur.lengths)
+            cur.stopped |= hit
+            alive &= ~hit
+            n_dead = alive.numel() - int(alive.sum())  # the loop's one host sync per step
+            if n_dead == alive.numel():
+                break
+        if t == steps - 1:
             break
-        n_dead = alive.numel() - n_alive
-        if n_dead > 0 and n_dead >= _COMPACT_FRACTION * alive.numel():
+        if n_dead and n_dead >= _COMPACT_FRACTION * alive.numel():
             keep = alive.nonzero().squeeze(1)
             if decoder.compact(keep):
-                rows, alive, tok = rows[keep], alive[keep], tok[keep]
+                final.scatter_from(cur, rows)
+                cur, rows, alive, tok = cur.select(keep), rows[keep], alive[keep], tok[keep]
+                n_dead = 0
         logits = decoder.step(tok, t)
+    final.scatter_from(cur, rows)
 
-    width = int(lengths.max())
-    mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
+    width = int(final.lengths.max())
+    mask = (torch.arange(width, device=device)[None, :] < final.lengths[:, None]).long()
     return SampleBatch(
-        completion_ids=out_ids[:, :width].contiguous(),
+        completion_ids=final.ids[:, :width].contiguous(),
         completion_mask=mask,
-        logprobs=out_lp[:, :width].contiguous(),
-        truncated=~stopped,
-        num_generated_tokens=int(lengths.sum()),
-        completion_lengths=lengths,
-        logits=None if out_logits is None else out_logits[:, :width].contiguous(),
+        logprobs=final.logprobs[:, :width].contiguous(),
+        truncated=~final.stopped,
+        num_generated_tokens=int(final.lengths.sum()),
+        completion_lengths=final.lengths,
+        logits=None if final.logits is None else final.logits[:, :width].contiguous(),
     )
+
+
+@dataclass
+class _RowState:
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    lengths: torch.Tensor
+    stopped: torch.Tensor
+    logits: torch.Tensor | None
+
+    def select(self, index: torch.Tensor) -> _RowState:
+        return _RowState(
+            ids=self.ids[index],
+            logprobs=self.logprobs[index],
+            lengths=self.lengths[index],
+            stopped=self.stopped[index],
+            logits=None if self.logits is None else self.logits[index],
+        )
+
+    def scatter_from(self, other: _RowState, index: torch.Tensor) -> None:
+        self.ids[index] = other.ids
+        self.logprobs[index] = other.logprobs
+        self.lengths[index] = other.lengths
+        self.stopped[index] = other.stopped
+        if self.logits is not None and other.logits is not None:
+            self.logits[index] = other.logits
 
 
 def _sample(
@@ -389,9 +436,7 @@ def _sample(
         tok = logits.argmax(dim=-1)
         lp = logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
         return tok, lp
-    scaled = logits if temperature == 1.0 else logits / temperature
-    logp = torch.log_softmax(scaled, dim=-1)
-    probs = logp.exp()
+    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
@@ -399,22 +444,24 @@ def _sample(
         tok = order.gather(1, _inverse_cdf(sorted_p, generator)[:, None]).squeeze(1)
     else:
         tok = _inverse_cdf(probs, generator)
-    return tok, logp.gather(1, tok[:, None]).squeeze(1)
+    # log of the softmax entry == log_softmax to float32 rounding (a sampled token's p is never 0).
+    return tok, probs.gather(1, tok[:, None]).squeeze(1).log()
 
 
 def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row drawn proportionally to the non-negative ``weights`` [R, V].
 
-    One uniform per row from ``generator`` (much cheaper than ``torch.multinomial``, which draws V
-    exponentials per row). Zero-weight indices are never returned: with ``right=True`` the search lands
-    on the first index whose cumulative weight exceeds u * total, and u * total is kept below the total.
+    One uniform per row from ``generator`` (``torch.multinomial`` draws V exponentials per row, several
+    times slower on CPU). Zero-weight indices are never returned: with ``right=True`` the search lands on
+    the first index whose cumulative weight exceeds u * total, and u * total is kept below the total.
+    A float32 cumsum perturbs each token's probability by at most one rounding of its bucket (~6e-8).
     """
-    cdf = weights.to(torch.float64).cumsum(dim=-1)  # float64 keeps tiny probabilities' buckets exact
+    cdf = weights.cumsum(dim=-1)
     total = cdf[:, -1:]
     gen_device = generator.device if generator is not None else weights.device
-    u = torch.rand((weights.shape[0], 1), generator=generator, dtype=torch.float64, device=gen_device)
-    x = torch.minimum(u.to(weights.device) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, x, right=True).squeeze(1)
+    u = torch.rand((weights.shape[0], 1), generator=generator, dtype=weights.dtype, device=gen_device)
+    target = torch.minimum(u.to(weights.device) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -424,13 +471,13 @@ def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> to
 
 @dataclass
 class _Layer:
-    ln_in: torch.Tensor
-    ln_post: torch.Tensor
-    w_qkv: torch.Tensor  # [(H + 2*KV) * hd, D]; q rows pre-multiplied by 1/sqrt(hd)
+    ln_in: torch.Tensor | None  # None where folded into w_qkv
+    ln_post: torch.Tensor | None  # None where folded into w_gate_up
+    w_qkv: torch.Tensor  # fused q/k/v; q rows scaled by 1/sqrt(hd), input columns maybe by ln_in
     b_qkv: torch.Tensor | None
     w_o: torch.Tensor
     b_o: torch.Tensor | None
-    w_gate_up: torch.Tensor  # [2 * I, D]
+    w_gate_up: torch.Tensor  # fused gate/up; input columns maybe scaled by ln_post
     b_gate_up: torch.Tensor | None
     w_down: torch.Tensor
     b_down: torch.Tensor | None
@@ -446,15 +493,43 @@ def _cat_bias(*linears: nn.Linear, scales: Sequence[float]) -> torch.Tensor | No
     return torch.cat(parts)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as LlamaRMSNorm / Qwen2RMSNorm: normalise in float32, scale in the model dtype.
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    # LlamaRMSNorm / Qwen2RMSNorm arithmetic: normalise in float32, scale in the model dtype. ``weight`` is
+    # None where it was folded into the next matmul's weights (diag(w) @ W: equal up to rounding).
+    if x.dtype == torch.float32 and hasattr(F, "rms_norm"):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one call; same arithmetic in float32
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    xf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return xf if weight is None else weight * xf
+
+
+def _prefer_shared_prefix(
+    device: torch.device, num_prompts: int, num_generations: int, prompt_width: int, kv_bytes_per_token: int
+) -> bool:
+    """Cache layout choice: share the prompt's K/V across a group or copy it into each of the G rows.
+
+    Sharing saves reading (G - 1) copies of the prompt's K/V per layer and step but costs about ten more
+    small ops per layer and step. On CPU (bench/rollout.py --compare-layouts, 2 cores) sharing already won
+    at 64-token prompts with G = 8 (1-2 MB saved per layer-step) and clearly at 128-256; on GPUs the extra
+    kernel launches cost more relative to memory traffic, so the threshold there is set higher (an
+    estimate: ~10 launches of ~5 us against HBM at ~2-3 TB/s).
+    """
+    if num_generations < 2:
+        return False
+    saved = num_prompts * (num_generations - 1) * prompt_width * kv_bytes_per_token
+    return saved >= (
+        _SHARED_PREFIX_MIN_SAVED_BYTES_CPU if device.type == "cpu" else _SHARED_PREFIX_MIN_SAVED_BYTES
+    )
 
 
 class _LeanDecoder(_Decoder):
-    """Prefix-shared, static-cache decode for Llama/Qwen2 (see the module docstring)."""
+    """Static-cache decode for Llama/Qwen2 reading the HF module's parameters (see the module docstring).
+
+    Two cache layouts:
+    * expanded: one cache per row, [rows, KV, P + T - 1, hd]; the prompt's K/V is copied to the G rows of
+      its group once after prefill. Attention is baddbmm + softmax + bmm.
+    * shared: the prompt's K/V stays [groups, KV, P, hd]; each row has its own [rows, KV, T - 1, hd].
+    """
 
     def __init__(
         self,
@@ -463,7 +538,8 @@ class _LeanDecoder(_Decoder):
         num_generations: int,
         max_new_tokens: int,
         *,
-        share_prefix: bool,
+        share_prefix: bool | None,
+        transpose_weights: bool | None = None,
     ) -> None:
         cfg = model.config
         base = model.model
@@ -475,44 +551,66 @@ class _LeanDecoder(_Decoder):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.n_rep = self.num_heads // self.num_kv
         self.eps = float(cfg.rms_norm_eps)
-        self.final_norm = base.norm.weight
-        self.lm_w = model.lm_head.weight  # the embedding itself when tied
-        self.lm_b = getattr(model.lm_head, "bias", None)
         self.G = num_generations
         self.T = max_new_tokens
-        self.share_prefix = share_prefix
+        self.P = max(len(p) for p in prompts)
+        if share_prefix is None:
+            kv_bytes = 2 * self.num_kv * self.head_dim * self.embed.element_size()
+            share_prefix = _prefer_shared_prefix(self.device, len(prompts), num_generations, self.P, kv_bytes)
+        self.shared = bool(share_prefix) and num_generations > 1
 
-        # Fusing q/k/v and gate/up costs one copy of those weights per call and saves two GEMM launches
-        # per layer per step; folding the softmax scale into q is free while copying.
+        # On CPU, torch.mm with a [in, out] weight is 5-25% faster than F.linear with [out, in] for these
+        # skinny shapes, so the weights are copied transposed (a few MB per call for the models trained
+        # on CPU). Elsewhere the HF weights are used as they are, except the fused q/k/v and gate/up.
+        self.transposed = self.device.type == "cpu" if transpose_weights is None else transpose_weights
+
+        def prep(weight: torch.Tensor) -> torch.Tensor:
+            return weight.t().contiguous() if self.transposed else weight
+
+        # Folded into the fused copies: 1/sqrt(head_dim) into q (RoPE is linear, so it commutes) and, in
+        # float32, the RMSNorm weights into the input columns of the matmul after each norm. In 16-bit
+        # dtypes w * W would add a rounding HF does not have, so the norms keep their own multiply there.
         scale = self.head_dim**-0.5
+        fold = self.dtype == torch.float32
+
+        def norm_cols(weight: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+            return weight * norm.weight[None, :] if fold else weight
+
         self.layers: list[_Layer] = []
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            w_qkv = torch.cat([attn.q_proj.weight * scale, attn.k_proj.weight, attn.v_proj.weight])
+            w_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             self.layers.append(
                 _Layer(
-                    ln_in=layer.input_layernorm.weight,
-                    ln_post=layer.post_attention_layernorm.weight,
-                    w_qkv=torch.cat([attn.q_proj.weight * scale, attn.k_proj.weight, attn.v_proj.weight]),
+                    ln_in=None if fold else layer.input_layernorm.weight,
+                    ln_post=None if fold else layer.post_attention_layernorm.weight,
+                    w_qkv=prep(norm_cols(w_qkv, layer.input_layernorm)),
                     b_qkv=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj, scales=(scale, 1.0, 1.0)),
-                    w_o=attn.o_proj.weight,
+                    w_o=prep(attn.o_proj.weight),
                     b_o=attn.o_proj.bias,
-                    w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    w_gate_up=prep(norm_cols(w_gate_up, layer.post_attention_layernorm)),
                     b_gate_up=_cat_bias(mlp.gate_proj, mlp.up_proj, scales=(1.0, 1.0)),
-                    w_down=mlp.down_proj.weight,
+                    w_down=prep(mlp.down_proj.weight),
                     b_down=mlp.down_proj.bias,
                 )
             )
-        self.intermediate = self.layers[0].w_gate_up.shape[0] // 2 if self.layers else 0
+        self.intermediate = mlp.gate_proj.weight.shape[0] if self.layers else 0
+        # lm_head is the embedding matrix itself when tied; fold the final norm only where it is copied.
+        if self.transposed and fold:
+            self.final_norm, self.lm_w = None, prep(norm_cols(model.lm_head.weight, base.norm))
+        else:
+            self.final_norm, self.lm_w = base.norm.weight, prep(model.lm_head.weight)
+        self.lm_b = getattr(model.lm_head, "bias", None)
 
         # RoPE tables for every position this call can reach, from the model's own rotary module.
-        max_pos = max(len(p) for p in prompts) + max_new_tokens
-        cos, sin = self._rope_tables(model, max_pos)
+        cos, sin = self._rope_tables(model, self.P + max_new_tokens)
         half = self.head_dim // 2
         self.cos = cos
         # rotate_half(x) * sin == roll(x, half) * sin_signed, with the first half of sin negated.
         self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
-    # ----- rope --------------------------------------------------------------------------------------
+    # ----- building blocks -----------------------------------------------------------------------------
     def _rope_tables(self, model: nn.Module, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         rotary = getattr(model.model, "rotary_emb", None)
         positions = torch.arange(max_pos, device=self.device)[None, :]
@@ -529,148 +627,186 @@ class _LeanDecoder(_Decoder):
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-        return x * cos + torch.roll(x, self.head_dim // 2, dims=-1) * sin_signed
+        return torch.addcmul(x * cos, torch.roll(x, self.head_dim // 2, dims=-1), sin_signed)
+
+    def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if not self.transposed:
+            return F.linear(x, w, b)
+        if x.dim() == 2:
+            return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+        y = torch.matmul(x, w)
+        return y if b is None else y + b
+
+    def _lin_residual(self, res: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+        """res + linear(x): one addmm on CPU."""
+        if self.transposed and x.dim() == 2:
+            y = torch.addmm(res, x, w)
+            return y if b is None else y.add_(b)
+        return res + self._lin(x, w, b)
+
+    def _mlp_residual(self, x: torch.Tensor, L: _Layer) -> torch.Tensor:
+        gate_up = self._lin(_rms_norm(x, L.ln_post, self.eps), L.w_gate_up, L.b_gate_up)
+        act = F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :]
+        return self._lin_residual(x, act, L.w_down, L.b_down)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self._lin(_rms_norm(x, self.final_norm, self.eps), self.lm_w, self.lm_b).float()
 
     # ----- prefill -----------------------------------------------------------------------------------
     def prefill(self) -> torch.Tensor:
         ids, plen = _left_pad(self.prompts, 0, self.device)  # pad id is irrelevant: masked everywhere
         B, P = ids.shape
-        H, KV, hd = self.num_heads, self.num_kv, self.head_dim
+        H, KV, hd, G = self.num_heads, self.num_kv, self.head_dim, self.G
         n_pad = P - plen
         col = torch.arange(P, device=self.device)
         pos = (col[None, :] - n_pad[:, None]).clamp(min=0)  # 0 at each prompt's first real token
         valid = col[None, :] >= n_pad[:, None]  # [B, P] real (non-pad) key positions
         causal = col[None, :] <= col[:, None]
         # Pad query rows may attend to themselves only (keeps them finite; nothing reads them).
-        allowed = (causal[None] & valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)[None]
+        diagonal = torch.eye(P, dtype=torch.bool, device=self.device)
+        allowed = (causal[None] & valid[:, None, :]) | diagonal[None]
         allowed = allowed[:, None]  # [B, 1, P, P]
         cos, sin = self.cos[pos][:, :, None, :], self.sin_signed[pos][:, :, None, :]  # [B, P, 1, hd]
 
-        self.prefix_k: list[torch.Tensor] = []
-        self.prefix_v: list[torch.Tensor] = []
+        prompt_k: list[torch.Tensor] = []
+        prompt_v: list[torch.Tensor] = []
         x = F.embedding(ids, self.embed)
         for L in self.layers:
-            h = _rms_norm(x, L.ln_in, self.eps)
-            qkv = F.linear(h, L.w_qkv, L.b_qkv)
+            qkv = self._lin(_rms_norm(x, L.ln_in, self.eps), L.w_qkv, L.b_qkv)
             qk = self._rope(qkv[..., : (H + KV) * hd].view(B, P, H + KV, hd), cos, sin)
             q = qk[:, :, :H].transpose(1, 2)  # [B, H, P, hd], already scaled by 1/sqrt(hd)
             k = qk[:, :, H:].transpose(1, 2).contiguous()  # [B, KV, P, hd]
             v = qkv[..., (H + KV) * hd :].view(B, P, KV, hd).transpose(1, 2).contiguous()
-            self.prefix_k.append(k)
-            self.prefix_v.append(v)
+            prompt_k.append(k)
+            prompt_v.append(v)
             k_rep = k.repeat_interleave(self.n_rep, dim=1) if self.n_rep > 1 else k
             v_rep = v.repeat_interleave(self.n_rep, dim=1) if self.n_rep > 1 else v
             o = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=allowed, scale=1.0)
-            x = x + F.linear(o.transpose(1, 2).reshape(B, P, H * hd), L.w_o, L.b_o)
-            x = x + self._mlp(_rms_norm(x, L.ln_post, self.eps), L)
+            x = self._lin_residual(x, o.transpose(1, 2).reshape(B, P, H * hd), L.w_o, L.b_o)
+            x = self._mlp_residual(x, L)
         logits = self._head(x[:, -1])
 
-        # Decode-time state. Rows are (group, member) in group-major order; a group owns G slots of the
-        # prefix-attention batch (or 1 slot when the prefix is copied per row).
-        G = self.G
+        # Decode state. Rows are (prompt, sample) in prompt-major order.
         n_rows = B * G
-        self.prefix_bias = torch.zeros(B, 1, 1, P, dtype=self.dtype, device=self.device)
-        self.prefix_bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
-        self.group_size = G if self.share_prefix else 1
-        if not self.share_prefix:
-            self.prefix_k = [k.repeat_interleave(G, dim=0) for k in self.prefix_k]
-            self.prefix_v = [v.repeat_interleave(G, dim=0) for v in self.prefix_v]
-            self.prefix_bias = self.prefix_bias.repeat_interleave(G, dim=0)
-        self.num_groups = self.prefix_bias.shape[0]
-        self.slots = torch.arange(n_rows, device=self.device)  # prefix slot of each decode row
-        self.slots_are_rows = True  # every slot holds a live row, in order: no scatter/gather needed
         self.row_pos = plen.repeat_interleave(G)  # position of completion token 0 of each row
-        # Static per-sample caches; token t of the completion is written at [:, :, t].
-        shape = (n_rows, KV, max(self.T - 1, 1), hd)
+        key_bias = torch.zeros(B, 1, 1, P, dtype=self.dtype, device=self.device)
+        key_bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        if self.shared:
+            # A group owns G consecutive "slots" of the prefix-attention batch; `slots` maps decode rows
+            # to slots (identity until rows are dropped).
+            self.prefix_k, self.prefix_v = prompt_k, prompt_v
+            self.prefix_bias = key_bias.expand(B, KV, 1, P).reshape(B * KV, 1, P)
+            self.num_groups = B
+            self.slots = torch.arange(n_rows, device=self.device)
+            self.slots_are_rows = True
+            self.base_col, width = 0, max(self.T - 1, 1)
+        else:
+            self.base_col, width = P, P + max(self.T - 1, 0)
+            bias = torch.zeros(n_rows, 1, 1, width, dtype=self.dtype, device=self.device)
+            bias[:, :, :, :P] = key_bias.repeat_interleave(G, dim=0)
+            self.bias = bias.expand(n_rows, KV, 1, width).reshape(n_rows * KV, 1, width)
+        self.width = width
+        shape = (n_rows, KV, width, hd)
         self.cache_k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.cache_v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.filled = 0
+        if not self.shared:  # the prompt's K/V, copied once into each of its G rows
+            for cache, src in ((self.cache_k, prompt_k), (self.cache_v, prompt_v)):
+                for buf, part in zip(cache, src, strict=True):
+                    buf.view(B, G, KV, width, hd)[:, :, :, :P] = part[:, None]
+        self.filled = self.base_col
         return logits
-
-    def _mlp(self, h: torch.Tensor, L: _Layer) -> torch.Tensor:
-        gate_up = F.linear(h, L.w_gate_up, L.b_gate_up)
-        act = F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :]
-        return F.linear(act, L.w_down, L.b_down)
-
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_rms_norm(x, self.final_norm, self.eps), self.lm_w, self.lm_b).float()
 
     # ----- decode ------------------------------------------------------------------------------------
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
         R = tokens.shape[0]
-        H, KV, hd, n_rep = self.num_heads, self.num_kv, self.head_dim, self.n_rep
+        H, KV, hd = self.num_heads, self.num_kv, self.head_dim
         pos = self.row_pos + t
         cos, sin = self.cos[pos][:, None, :], self.sin_signed[pos][:, None, :]  # [R, 1, hd]
+        col = self.base_col + t
         x = F.embedding(tokens, self.embed)
         for li, L in enumerate(self.layers):
-            h = _rms_norm(x, L.ln_in, self.eps)
-            qkv = F.linear(h, L.w_qkv, L.b_qkv)
+            qkv = self._lin(_rms_norm(x, L.ln_in, self.eps), L.w_qkv, L.b_qkv)
             qk = self._rope(qkv[:, : (H + KV) * hd].view(R, H + KV, hd), cos, sin)
-            q = qk[:, :H].view(R, KV, n_rep, hd)
             kc, vc = self.cache_k[li], self.cache_v[li]
-            kc[:, :, t] = qk[:, H:]
-            vc[:, :, t] = qkv[:, (H + KV) * hd :].view(R, KV, hd)
-            k_self, v_self = kc[:, :, : t + 1], vc[:, :, : t + 1]  # [R, KV, t+1, hd]
-            s_self = torch.matmul(q, k_self.transpose(-1, -2))  # [R, KV, n_rep, t+1]
-            s_prefix = self._prefix_scores(q, li)  # [R, KV, n_rep, P]
-            P = s_prefix.shape[-1]
-            p = torch.softmax(torch.cat([s_prefix, s_self], dim=-1), dim=-1, dtype=torch.float32)
-            p = p.to(self.dtype)
-            o = torch.matmul(p[..., P:], v_self) + self._prefix_values(p[..., :P], li)
-            x = x + F.linear(o.reshape(R, H * hd), L.w_o, L.b_o)
-            x = x + self._mlp(_rms_norm(x, L.ln_post, self.eps), L)
-        self.filled = t + 1
+            kc[:, :, col] = qk[:, H:]
+            vc[:, :, col] = qkv[:, (H + KV) * hd :].view(R, KV, hd)
+            q = qk[:, :H].reshape(R * KV, self.n_rep, hd)
+            k = kc.view(R * KV, self.width, hd)[:, : col + 1]
+            v = vc.view(R * KV, self.width, hd)[:, : col + 1]
+            o = self._attend_shared(q, k, v, li) if self.shared else self._attend_expanded(q, k, v, col)
+            x = self._lin_residual(x, o.view(R, H * hd), L.w_o, L.b_o)
+            x = self._mlp_residual(x, L)
+        self.filled = col + 1
         return self._head(x)
 
-    def _to_slots(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.slots_are_rows:
-            return rows
-        out = rows.new_zeros((self.num_groups * self.group_size, *rows.shape[1:]))
-        return out.index_copy_(0, self.slots, rows)
+    def _attend_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, col: int) -> torch.Tensor:
+        # q [R*KV, n_rep, hd] (GQA: the n_rep query heads of a kv head share one matmul), k/v [R*KV, n, hd]
+        s = torch.baddbmm(self.bias[:, :, : col + 1], q, k.transpose(1, 2))
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(self.dtype)
+        return torch.bmm(p, v)
 
-    def _from_slots(self, slots: torch.Tensor) -> torch.Tensor:
-        return slots if self.slots_are_rows else slots.index_select(0, self.slots)
+    def _attend_shared(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, li: int) -> torch.Tensor:
+        P = self.P
+        s = torch.cat([self._prefix_scores(q, li), torch.bmm(q, k.transpose(1, 2))], dim=-1)
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(self.dtype)
+        return torch.baddbmm(self._prefix_values(p[..., :P], li), p[..., P:], v)
+
+    def _to_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """[R*KV, ...] per decode row -> [slots, KV, ...] (zeros in the slots of dropped rows)."""
+        x = x.reshape(-1, self.num_kv, *x.shape[1:])
+        if self.slots_are_rows:
+            return x
+        out = x.new_zeros((self.num_groups * self.G, *x.shape[1:]))
+        return out.index_copy_(0, self.slots, x)
+
+    def _from_slots(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if self.slots_are_rows else x.index_select(0, self.slots)
+        return x.reshape(-1, *x.shape[2:])
+
+    def _group_major(self, x: torch.Tensor) -> torch.Tensor:
+        """[slots, KV, n_rep, m] -> [groups*KV, G*n_rep, m]: one matmul per (group, kv head)."""
+        ng, G, KV, n_rep, m = self.num_groups, self.G, self.num_kv, self.n_rep, x.shape[-1]
+        return x.reshape(ng, G, KV, n_rep, m).transpose(1, 2).reshape(ng * KV, G * n_rep, m)
+
+    def _slot_major(self, x: torch.Tensor) -> torch.Tensor:
+        ng, G, KV, n_rep, m = self.num_groups, self.G, self.num_kv, self.n_rep, x.shape[-1]
+        return x.view(ng, KV, G, n_rep, m).transpose(1, 2).reshape(ng * G, KV, n_rep, m)
 
     def _prefix_scores(self, q: torch.Tensor, li: int) -> torch.Tensor:
-        # One matmul per (group, kv head) covering the group's G * n_rep query rows.
-        ng, g = self.num_groups, self.group_size
-        KV, n_rep, hd = self.num_kv, self.n_rep, self.head_dim
-        qs = self._to_slots(q).reshape(ng, g, KV, n_rep, hd).transpose(1, 2).reshape(ng, KV, g * n_rep, hd)
-        s = torch.matmul(qs, self.prefix_k[li].transpose(-1, -2)) + self.prefix_bias  # [ng, KV, g*n_rep, P]
-        P = s.shape[-1]
-        s = s.view(ng, KV, g, n_rep, P).transpose(1, 2).reshape(ng * g, KV, n_rep, P)
-        return self._from_slots(s)
+        k = self.prefix_k[li].view(-1, self.P, self.head_dim)  # [groups*KV, P, hd]
+        s = torch.baddbmm(self.prefix_bias, self._group_major(self._to_slots(q)), k.transpose(1, 2))
+        return self._from_slots(self._slot_major(s))  # [R*KV, n_rep, P]
 
     def _prefix_values(self, p: torch.Tensor, li: int) -> torch.Tensor:
-        ng, g = self.num_groups, self.group_size
-        KV, n_rep, hd = self.num_kv, self.n_rep, self.head_dim
-        P = p.shape[-1]
-        ps = self._to_slots(p).reshape(ng, g, KV, n_rep, P).transpose(1, 2).reshape(ng, KV, g * n_rep, P)
-        o = torch.matmul(ps, self.prefix_v[li])  # [ng, KV, g*n_rep, hd]
-        o = o.view(ng, KV, g, n_rep, hd).transpose(1, 2).reshape(ng * g, KV, n_rep, hd)
-        return self._from_slots(o)
+        v = self.prefix_v[li].view(-1, self.P, self.head_dim)
+        o = torch.bmm(self._group_major(self._to_slots(p)), v)
+        return self._from_slots(self._slot_major(o))  # [R*KV, n_rep, hd]
 
     def compact(self, keep: torch.Tensor) -> bool:
-        n, t = keep.numel(), self.filled
-        for li in range(len(self.layers)):
-            for cache in (self.cache_k, self.cache_v):
-                buf = cache[li]
-                # Gather first (a temporary), then write into the front rows of the same buffer.
-                buf[:n, :, :t] = buf[keep, :, :t]
+        n, filled, KV = keep.numel(), self.filled, self.num_kv
+        for cache in (self.cache_k, self.cache_v):
+            for li, buf in enumerate(cache):
+                # Gather the filled columns (a temporary), then write them into the front rows in place.
+                buf[:n, :, :filled] = buf[keep, :, :filled]
                 cache[li] = buf[:n]
         self.row_pos = self.row_pos[keep]
+        if not self.shared:
+            self.bias = (
+                self.bias.view(-1, KV, 1, self.width).index_select(0, keep).view(n * KV, 1, self.width)
+            )
+            return True
         slots = self.slots[keep]
-        g = self.group_size
-        groups = torch.div(slots, g, rounding_mode="floor")
+        groups = torch.div(slots, self.G, rounding_mode="floor")
         live = torch.unique(groups)  # sorted
-        if live.numel() < self.num_groups:  # whole groups finished: drop their prefix cache too
+        if live.numel() < self.num_groups:  # whole groups finished: drop their prompt cache too
             self.prefix_k = [k.index_select(0, live) for k in self.prefix_k]
             self.prefix_v = [v.index_select(0, live) for v in self.prefix_v]
-            self.prefix_bias = self.prefix_bias.index_select(0, live)
-            slots = torch.searchsorted(live, groups) * g + slots % g
+            bias = self.prefix_bias.view(self.num_groups, KV, 1, self.P).index_select(0, live)
+            self.prefix_bias = bias.view(-1, 1, self.P)
+            slots = torch.searchsorted(live, groups) * self.G + slots % self.G
             self.num_groups = live.numel()
         self.slots = slots
-        self.slots_are_rows = n == self.num_groups * g
+        self.slots_are_rows = n == self.num_groups * self.G
         return True
 
 

@@ -164,7 +164,10 @@ def parse_config(raw: Any, source: str, overrides: Mapping[str, Any] | None = No
         for managed in MANAGED_ARGS:
             if managed in args:
                 raise ConfigError(f"{source}: stages.{name}.args.{managed} is set by the pipeline (<root>/<release>/<stage>)")
-        args_to_cli(args)  # fail now, naming the key, rather than in the subprocess
+        try:
+            args_to_cli(args)  # fail now, naming the file and key, rather than in the subprocess
+        except ConfigError as e:
+            raise ConfigError(f"{source}: stages.{name}.args: {e}") from None
         cfg.stages[name] = StageConfig(enabled=enabled, nproc_per_node=nproc, args=args)
     if not any(s.enabled for s in cfg.stages.values()):
         raise ConfigError(f"{source}: no stage is enabled")

@@ -1,0 +1,153 @@
+"""Shared test fixtures: an isolated cache, the tiny model, a small local dataset and stage runners.
+
+Every cache the code under test can write to (`R1_GRPO_CACHE` for the built-in model, `HF_HOME` for the
+`datasets` Arrow cache) points into one temporary folder for the whole session, so tests never touch
+`~/.cache`. The variables are set in `pytest_configure`, before any test module is imported, because
+`datasets` reads its cache location at import time.
+
+The stage runners start the real CLIs in subprocesses (`torchrun --standalone --nproc_per_node=N -m
+trainer.<stage>` or a plain `python -m trainer.<stage>`), one thread per process: the machine running the
+suite has few cores and the processes of one run share them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+_ISOLATED_ENV = ("R1_GRPO_CACHE", "HF_HOME")
+_saved_env: dict[str, str | None] = {}
+_session_root: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _session_root
+    _session_root = Path(tempfile.mkdtemp(prefix="r1-grpo-tests-"))
+    for name in _ISOLATED_ENV:
+        _saved_env[name] = os.environ.get(name)
+    os.environ["R1_GRPO_CACHE"] = str(_session_root / "r1-grpo-cache")
+    os.environ["HF_HOME"] = str(_session_root / "hf-home")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for name, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if _session_root is not None:
+        shutil.rmtree(_session_root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the stage CLIs
+
+
+@dataclass
+class StageResult:
+    returncode: int
+    output: str  # stdout and stderr together, in order
+    command: list[str]
+
+    def describe(self) -> str:
+        tail = self.output[-6000:]
+        return f"$ {' '.join(self.command)}\nexit code {self.returncode}\n--- output (tail) ---\n{tail}"
+
+
+class StageRunner:
+    """Builds and runs stage commands the way a user (or a PyTorchJob pod) would."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.bin = Path(sys.executable).parent
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # One thread per process: runs are small and several processes share few cores.
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)  # a leftover from the calling process would make a plain run join a group
+        return env
+
+    def command(self, module: str, argv: list[str], nproc: int | None = None) -> list[str]:
+        if nproc is None:
+            return [sys.executable, "-m", module, *argv]
+        torchrun = self.bin / "torchrun"
+        launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+        # --standalone: a private rendezvous on a free port, so concurrent runs cannot collide.
+        return [*launcher, "--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv]
+
+    def run(self, module: str, argv: list[str], nproc: int | None = None, timeout: float = 600) -> StageResult:
+        cmd = self.command(module, argv, nproc)
+        proc = subprocess.run(cmd, cwd=self.workdir, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        return StageResult(proc.returncode, proc.stdout, cmd)
+
+    def run_script(self, script: str, argv: list[str], timeout: float = 600) -> StageResult:
+        """A console script installed with the package (e.g. `r1-grpo`)."""
+        cmd = [str(self.bin / script), *argv]
+        proc = subprocess.run(cmd, cwd=self.workdir, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        return StageResult(proc.returncode, proc.stdout, cmd)
+
+
+@pytest.fixture(scope="session")
+def stage_runner(tmp_path_factory: pytest.TempPathFactory) -> StageRunner:
+    # Runs start in an empty folder, so a relative path in a command cannot write into the repository.
+    return StageRunner(tmp_path_factory.mktemp("stage-cwd"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and data
+
+
+def addition_rows() -> list[dict[str, str]]:
+    """Single-digit additions in the built-in schema: short enough to fit 24 completion tokens."""
+    return [
+        {"question": f"Compute {a} + {b}.", "reasoning": f"{a} + {b} = {a + b}", "answer": str(a + b)}
+        for a in range(1, 10)
+        for b in range(1, 10)
+    ]
+
+
+@pytest.fixture(scope="session")
+def arith_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local .jsonl file (built-in schema, 81 rows); one file serves both splits."""
+    path = tmp_path_factory.mktemp("data") / "additions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in addition_rows()), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """`builtin:tiny`, built once by `trainer.builtin.build_tiny_model` into the session's cache."""
+    from trainer.builtin import cache_root, resolve_model
+
+    path = Path(resolve_model("builtin:tiny"))
+    assert path.is_relative_to(cache_root()), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def warm_model_dir(tiny_model_dir: Path, arith_jsonl: Path, stage_runner: StageRunner,
+                   tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after a short single-process SFT on the additions: it writes the R1 format often
+    but not always, so GRPO groups get rewards that differ (a random model scores 0 everywhere, which
+    makes every advantage zero and leaves the weights untouched)."""
+    out = tmp_path_factory.mktemp("warm") / "sft"
+    result = stage_runner.run("trainer.sft", [
+        "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(arith_jsonl), "--output_dir", str(out),
+        "--max_steps", "60", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3",
+        "--lr_scheduler_type", "constant", "--save_steps", "0", "--logging_steps", "20", "--report_to", "none",
+        "--seed", "0",
+    ])
+    assert result.returncode == 0, result.describe()
+    return out

@@ -1,0 +1,212 @@
+"""The GRPO stage: a 2-process torchrun run on the Colossal-AI Booster (ddp), bit-exact resume, flag errors,
+and the dynamic-sampling refill of `make_rollout`, in process with the real sampler and rewards."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer import grpo
+from trainer.data import load_examples
+
+# Fields of a metrics.jsonl record that measure wall-clock time (everything else must repeat exactly).
+TIMING_KEYS = {"time", "generate_s", "score_s", "train_s", "rollout_tokens_per_s", "runtime_s"}
+# 25 digits: more tokens than --max_completion_length 24 allows (digits are single tokens), so no
+# completion can ever be this answer and a group asked for it has accuracy reward 0 in every sample.
+UNREACHABLE = "1234567890123456789012345"
+
+
+def grpo_argv(model: Path, data: Path, out: Path) -> list[str]:
+    return [
+        "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out),
+        "--per_device_train_batch_size", "2", "--num_generations", "4", "--max_completion_length", "24",
+        "--inference_batch_size", "2", "--max_steps", "2", "--save_steps", "1", "--logging_steps", "1",
+        "--learning_rate", "1e-4", "--beta", "0.04", "--dynamic_sampling", "--report_to", "none",
+        "--evaluation_strategy", "steps", "--eval_steps", "2", "--max_eval_samples", "4", "--plugin", "ddp",
+        "--seed", "5",
+    ]
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def _records(folder: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (folder / name).read_text().splitlines()]
+
+
+def _untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("grpo") / "grpo"
+    result = stage_runner.run("trainer.grpo", grpo_argv(warm_model_dir, arith_jsonl, out), nproc=2)
+    assert result.returncode == 0, result.describe()
+    return out, result
+
+
+def test_two_process_grpo_run(grpo_run, warm_model_dir: Path) -> None:
+    out, _ = grpo_run
+    from transformers import AutoModelForCausalLM
+
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [1]
+    state = json.loads((out / "checkpoint-1" / ckpt.TRAINER_STATE_NAME).read_text())
+    assert (state["step"], state["world_size"], state["stage"], state["total_steps"]) == (1, 2, "grpo", 2)
+    # Each rank's own prompt position (dynamic sampling may have drawn more prompts on one rank).
+    assert len(state["prompt_positions"]) == 2 and all(p >= 2 for p in state["prompt_positions"])
+    assert {"rng_state_0.pt", "rng_state_1.pt"} <= {p.name for p in (out / "checkpoint-1").iterdir()}
+
+    manifest = ckpt.verify_stage_output(out, "grpo")
+    assert manifest.steps == 2 and list(manifest.weights) == ["model.safetensors"]
+    assert manifest.inputs["args"]["num_generations"] == 4 and manifest.inputs["args"]["dynamic_sampling"] is True
+    assert {"reward_mean", "accuracy", "format_rate", "eval_accuracy", "eval_format_rate"} <= set(manifest.metrics)
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+
+    steps = [r for r in _records(out) if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        for key in ("loss", "reward_mean", "reward_std", "kl", "entropy", "format_rate", "completion_length_mean"):
+            assert math.isfinite(r[key]), (key, r)
+        assert r["completion_length_max"] <= 24 and r["temperature"] == 1.0
+    # With --dynamic_sampling every trained group had rewards that differ.
+    assert steps[0]["reward_std"] > 0
+    assert [r["step"] for r in _records(out) if "eval_accuracy" in r] == [2]
+    trained, start = _tensors(out), _tensors(warm_model_dir)
+    assert any(not torch.equal(trained[k], start[k]) for k in start), "GRPO did not change the weights"
+
+
+def test_resume_is_bit_exact(grpo_run, warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path) -> None:
+    reference, _ = grpo_run
+    out = tmp_path / "grpo"
+    shutil.copytree(reference, out)
+    # What a kill after checkpoint-1 leaves: no final export, no manifest.
+    (out / "model.safetensors").unlink()
+    (out / ckpt.MANIFEST_NAME).unlink()
+    result = stage_runner.run("trainer.grpo", grpo_argv(warm_model_dir, arith_jsonl, out), nproc=2)
+    assert result.returncode == 0, result.describe()
+    assert f"resumed from {out / 'checkpoint-1'} (step 1," in result.output
+    ckpt.verify_stage_output(out, "grpo")
+    got, want = _tensors(out), _tensors(reference)
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    # Same prompts, same samples (the sampling generator and prompt positions were restored), same losses.
+    assert _untimed(_records(out)) == _untimed(_records(reference))
+    assert _records(out, "samples.jsonl") == _records(reference, "samples.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--num_generations", "1"], "--num_generations must be >= 2: advantages are relative to the group"),
+        (["--reward_funcs", "r1", "length"], "--reward_funcs ['length']: known reward functions are"),
+        (["--reward_weights", "1.0", "2.0"], "--reward_weights has 2 values for 1 --reward_funcs"),
+        (["--initial_temperature", "0"], "--initial_temperature must be > 0"),
+        (["--loss_type", "ppo"], "--loss_type 'ppo': expected one of grpo, dapo, dr_grpo"),
+        (["--epsilon", "0.2", "--epsilon_high", "0.1"], "--beta and --epsilon must be >= 0 and --epsilon_high >= --epsilon"),
+        (["--top_p", "0"], "--top_p must be in (0, 1]"),
+        (["--plugin", "zero9"], "--plugin 'zero9': expected one of ddp, zero2, zero2_cpu, gemini, 3d"),
+        (["--max_completion_length", "0"], "--max_completion_length must be >= 1, got 0"),
+    ],
+)
+def test_bad_flag_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
+    argv = grpo_argv(Path("unused"), Path("unused.jsonl"), tmp_path / "out") + extra
+    assert grpo.main(argv) == 2
+    assert f"r1-grpo grpo: error: {message}" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        grpo.main(grpo_argv(Path("m"), Path("d.jsonl"), tmp_path / "out") + ["--temprature", "0.7"])
+    assert e.value.code == 2
+    assert "r1-grpo grpo: error: unrecognized arguments: --temprature 0.7" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt stream and dynamic sampling, in process
+
+
+def test_prompt_stream_shards_and_resumes() -> None:
+    from trainer.data import Example
+
+    examples = [Example(f"q{i}", "r", str(i), f"t:{i}") for i in range(10)]
+    ranks = [grpo.PromptStream(examples, seed=1, rank=r, world_size=2) for r in range(2)]
+    first_epoch = [ex.problem for step in range(5) for s in ranks for ex in s.take(1)]
+    assert sorted(first_epoch) == sorted(e.problem for e in examples)  # the ranks interleave one global order
+    later = [ranks[0].take(3) for _ in range(2)]
+    resumed = grpo.PromptStream(examples, seed=1, rank=0, world_size=2, position=5)
+    assert [resumed.take(3) for _ in range(2)] == later
+    assert ranks[0].position == 11
+
+
+@pytest.fixture(scope="module")
+def policy(warm_model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(warm_model_dir), AutoTokenizer.from_pretrained(warm_model_dir)
+
+
+def _rollout(policy, examples, *, dynamic: bool, rounds: int = 8, seed: int = 0):
+    model, tokenizer = policy
+    args = grpo.GRPOArgs(model_name_or_path="m", output_dir="o", num_generations=8, inference_batch_size=4,
+                         max_completion_length=24, reward_funcs=["accuracy"], beta=0.0, dynamic_sampling=dynamic,
+                         max_resample_rounds=rounds)
+    args.validate()
+    stream = grpo.PromptStream(examples, seed=3, rank=0, world_size=1)
+    timings = {"generate_s": 0.0, "score_s": 0.0}
+    rollout = grpo.make_rollout(model, None, tokenizer, stream, 2, 1.0, args, torch.device("cpu"),
+                                torch.Generator().manual_seed(seed), {}, timings)
+    return rollout, stream
+
+
+def _with_unreachable_first_prompts(examples: list, n: int) -> list:
+    # The stream's order depends only on the number of examples and the seed: find its first n and make
+    # their answers unreachable, so those groups are uninformative (all rewards 0) by construction.
+    first = {id(ex) for ex in grpo.PromptStream(examples, seed=3, rank=0, world_size=1).take(n)}
+    return [dataclasses.replace(ex, answer=UNREACHABLE) if id(ex) in first else ex for ex in examples]
+
+
+def test_dynamic_sampling_refills_uninformative_groups(policy, arith_jsonl: Path) -> None:
+    examples, _ = load_examples(str(arith_jsonl), "train")
+    examples = _with_unreachable_first_prompts(examples, 2)
+
+    plain, stream = _rollout(policy, examples, dynamic=False)
+    assert stream.position == 2
+    assert plain.answers == [UNREACHABLE] * 16
+    assert plain.rewards.eq(0).all() and plain.advantages.eq(0).all()  # nothing to learn from
+
+    rollout, stream = _rollout(policy, examples, dynamic=True)
+    refill_rounds, rest = divmod(stream.position - 2, 4)
+    assert rest == 0 and 1 <= refill_rounds <= 8, stream.position
+    assert rollout.input_ids.shape[0] == 16 and rollout.stats["groups"] == 2
+    assert UNREACHABLE not in rollout.answers
+    assert rollout.stats["zero_std_sum"] == 1.0  # reported for the groups first drawn: both uninformative
+    for g in range(2):
+        group = slice(8 * g, 8 * g + 8)
+        assert len(set(rollout.answers[group])) == 1
+        assert rollout.rewards[group].unique().numel() > 1, "a kept group has equal rewards"
+        assert rollout.advantages[group].abs().sum() > 0
+        # The rewards are the accuracy of each completion against its own problem's answer.
+        for text, answer, reward in zip(rollout.texts[group], rollout.answers[group], rollout.rewards[group].tolist(), strict=True):
+            from trainer.rewards import accuracy_reward
+
+            assert reward == accuracy_reward(text, answer)
+
+
+def test_dynamic_sampling_falls_back_when_nothing_is_informative(policy, arith_jsonl: Path) -> None:
+    examples, _ = load_examples(str(arith_jsonl), "train")
+    examples = [dataclasses.replace(ex, answer=UNREACHABLE) for ex in examples]
+    rollout, stream = _rollout(policy, examples, dynamic=True, rounds=2)
+    assert stream.position == 2 + 2 * 4  # tried the allowed rounds, then gave up
+    assert rollout.input_ids.shape[0] == 16  # trains on the original groups (zero advantages)
+    assert rollout.advantages.eq(0).all()

@@ -1,0 +1,183 @@
+"""`r1-grpo pipeline run`: the local twin of the Kubernetes controller.
+
+Reads a pipeline YAML (default: trainer/pipeline.yaml), plans the enabled stages (`sft` → `grpo` →
+`eval`, output folders `<root>/<release>/<stage>`), and runs each as `torchrun -m trainer.<stage>` with
+the flags rendered from its `args` map — the same stage list, argument rendering and hand-off
+verification the chart and controller use; only the executor differs. A stage whose folder already
+holds a valid `r1_stage.json` is skipped; an interrupted one is re-run and resumes from its last complete
+checkpoint. At the end it prints accuracy and format rate after each stage and plots the GRPO curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.checkpoint import StageOutputError, atomic_write_json, verify_stage_output
+from trainer.stages import STAGE_MODULES, TRAINING_STAGES, ConfigError, StagePlan, load_config, plan
+
+
+def torchrun_command(run: StagePlan) -> list[str]:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    return [*launcher, "--standalone", f"--nproc_per_node={run.nproc_per_node}", "-m", STAGE_MODULES[run.name], *run.cli_args()]
+
+
+def run_stage(run: StagePlan, log: Any) -> None:
+    cmd = torchrun_command(run)
+    log(f"[{run.name}] {' '.join(cmd)}")
+    env = dict(os.environ)
+    # torchrun sets OMP_NUM_THREADS=1 per process; spread the machine's cores over the processes instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // run.nproc_per_node)))
+    started = time.time()
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise StageFailed(f"stage {run.name} exited with code {proc.returncode} after {time.time() - started:.0f}s; "
+                          f"re-run the same command to resume from {run.output_dir}'s last checkpoint")
+    verify_stage_output(run.output_dir, run.name)  # the hand-off: nothing downstream trusts less
+    log(f"[{run.name}] done in {time.time() - started:.0f}s → {run.output_dir}")
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def stage_accuracy(model_dir: str, dataset: str, eval_args: dict[str, Any]) -> dict[str, float]:
+    """Greedy accuracy/format rate of a model folder on the eval split (in-process, for the table)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.builtin import resolve_model
+    from trainer.data import load_examples
+    from trainer.evaluate import evaluate_model
+
+    path = resolve_model(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    examples, _ = load_examples(eval_args.get("dataset_name", dataset), eval_args.get("dataset_test_split", "test"),
+                                config=eval_args.get("dataset_config"), max_samples=eval_args.get("max_eval_samples"))
+    result = evaluate_model(model, tokenizer, examples, max_new_tokens=int(eval_args.get("max_completion_length", 256)),
+                            batch_size=int(eval_args.get("inference_batch_size", 64)))
+    return result.metrics
+
+
+def plot_grpo(grpo_dir: Path, out_png: Path) -> Path | None:
+    path = grpo_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [r for r in records if "reward_mean" in r]
+    evals = [r for r in records if "eval_accuracy" in r]
+    if not train:
+        return None
+    fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_r.plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="reward (mean)")
+    ax_r.set_xlabel("GRPO step")
+    ax_r.set_ylabel("reward (0 / 1 / 10)")
+    ax_r.set_title("Rollout reward")
+    ax_r.grid(alpha=0.3)
+    ax_a.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="rollout accuracy (sampled)")
+    ax_a.plot([r["step"] for r in train], [r["format_rate"] for r in train], label="rollout format rate", alpha=0.6)
+    if evals:
+        ax_a.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
+    ax_a.set_xlabel("GRPO step")
+    ax_a.set_ylim(0, 1.02)
+    ax_a.set_title("Accuracy")
+    ax_a.grid(alpha=0.3)
+    ax_a.legend(loc="lower right")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
+
+
+def print_table(rows: list[tuple[str, str, dict[str, float]]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="r1-grpo pipeline: held-out accuracy after each stage (greedy)")
+    for col in ("stage", "model", "accuracy", "format rate", "mean reward"):
+        table.add_column(col, justify="left" if col in ("stage", "model") else "right")
+    for stage, model, m in rows:
+        table.add_row(stage, model, f"{m['accuracy']:.1%}", f"{m['format_rate']:.1%}", f"{m['mean_reward']:.2f}")
+    Console(stderr=False).print(table)
+
+
+def cmd_run(opts: argparse.Namespace) -> int:
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    try:
+        cfg = load_config(opts.config, {"root": opts.root, "release": opts.release})
+        runs = plan(cfg)
+    except ConfigError as e:
+        print(f"r1-grpo pipeline: error: {e}", file=sys.stderr)
+        return 2
+    started = time.time()
+    for run in runs:
+        try:
+            verify_stage_output(run.output_dir, run.name)
+            log(f"[{run.name}] complete ({run.output_dir}/r1_stage.json verified): skipped")
+            continue
+        except StageOutputError:
+            pass
+        if run.model_from_stage is not None:
+            verify_stage_output(run.model_name_or_path, run.model_from_stage)
+        try:
+            run_stage(run, log)
+        except (StageFailed, StageOutputError) as e:
+            print(f"r1-grpo pipeline: {e}", file=sys.stderr)
+            return 1
+
+    # Summary: every trained model (and the base) on the eval split, greedy.
+    eval_run = next((r for r in runs if r.name == "eval"), None)
+    eval_args = dict(eval_run.args) if eval_run else {}
+    rows = []
+    if not opts.skip_summary:
+        base = runs[0].model_name_or_path if runs[0].model_from_stage is None else None
+        models = ([("base", base)] if base else []) + [(r.name, str(r.output_dir)) for r in runs if r.name in TRAINING_STAGES]
+        for stage, model in models:
+            rows.append((stage, model, stage_accuracy(model, cfg.dataset, eval_args)))
+        print_table(rows)
+    root = Path(cfg.root) / cfg.release
+    png = plot_grpo(root / "grpo", root / "grpo_curves.png")
+    summary = {"stages": {stage: m for stage, _, m in rows}, "wall_s": round(time.time() - started, 1),
+               "eval": json.loads((root / "eval" / "metrics.json").read_text()) if (root / "eval" / "metrics.json").exists() else None}
+    atomic_write_json(root / "summary.json", summary)
+    if png:
+        log(f"GRPO curves: {png}")
+    log(f"summary: {root / 'summary.json'} ({summary['wall_s']:.0f}s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="r1-grpo pipeline", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the enabled stages in order (skipping complete ones)")
+    run.add_argument("--config", help="pipeline YAML (default: the built-in trainer/pipeline.yaml)")
+    run.add_argument("--root", help="override the config's root folder")
+    run.add_argument("--release", help="override the config's release name")
+    run.add_argument("--skip_summary", action="store_true", help="do not evaluate each stage for the summary table")
+    sub.add_parser("show", help="print the planned stage commands without running them")
+    args = parser.parse_args(argv)
+    if args.command == "show":
+        for r in plan(load_config(None)):
+            print(" ".join(torchrun_command(r)))
+        return 0
+    return cmd_run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
