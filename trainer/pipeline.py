@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import StageOutputError, atomic_write_json, verify_stage_output
+from trainer.checkpoint import StageOutputError, atomic_write_json, read_manifest, verify_stage_output
 from trainer.stages import STAGE_MODULES, TRAINING_STAGES, ConfigError, StagePlan, load_config, plan
 
 
@@ -67,7 +68,8 @@ def stage_accuracy(model_dir: str, dataset: str, eval_args: dict[str, Any]) -> d
     return result.metrics
 
 
-def plot_grpo(grpo_dir: Path, out_png: Path) -> Path | None:
+def plot_grpo(grpo_dir: Path, out_png: Path, start_accuracy: float | None = None) -> Path | None:
+    """Reward and accuracy over GRPO steps; `start_accuracy` (the input model's) is drawn at step 0."""
     path = grpo_dir / "metrics.jsonl"
     if not path.exists():
         return None
@@ -79,6 +81,8 @@ def plot_grpo(grpo_dir: Path, out_png: Path) -> Path | None:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     train = [r for r in records if "reward_mean" in r]
     evals = [r for r in records if "eval_accuracy" in r]
+    if start_accuracy is not None:
+        evals.insert(0, {"step": 0, "eval_accuracy": start_accuracy})
     if not train:
         return None
     fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
@@ -126,20 +130,31 @@ def cmd_run(opts: argparse.Namespace) -> int:
         print(f"r1-grpo pipeline: error: {e}", file=sys.stderr)
         return 2
     started = time.time()
+    upstream_finished = ""  # created_at of the previous stage's manifest
     for run in runs:
         try:
-            verify_stage_output(run.output_dir, run.name)
-            log(f"[{run.name}] complete ({run.output_dir}/r1_stage.json verified): skipped")
-            continue
+            manifest = verify_stage_output(run.output_dir, run.name)
         except StageOutputError:
-            pass
-        if run.model_from_stage is not None:
-            verify_stage_output(run.model_name_or_path, run.model_from_stage)
+            manifest = None
+        if manifest is not None and manifest.created_at < upstream_finished:
+            # Finished before the stage it was trained from was re-run: its output (and checkpoints)
+            # belong to the old input, so it must start over, not resume.
+            stale = run.output_dir.with_name(f"{run.output_dir.name}.stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(run.output_dir, stale)
+            log(f"[{run.name}] older than its input stage's output: moved to {stale}, re-running")
+        elif manifest is not None:
+            log(f"[{run.name}] complete ({run.output_dir}/r1_stage.json verified): skipped")
+            upstream_finished = manifest.created_at
+            continue
         try:
+            if run.model_from_stage is not None:
+                verify_stage_output(run.model_name_or_path, run.model_from_stage)
             run_stage(run, log)
         except (StageFailed, StageOutputError) as e:
             print(f"r1-grpo pipeline: {e}", file=sys.stderr)
             return 1
+        upstream_finished = read_manifest(run.output_dir).created_at
 
     # Summary: every trained model (and the base) on the eval split, greedy.
     eval_run = next((r for r in runs if r.name == "eval"), None)
@@ -152,7 +167,10 @@ def cmd_run(opts: argparse.Namespace) -> int:
             rows.append((stage, model, stage_accuracy(model, cfg.dataset, eval_args)))
         print_table(rows)
     root = Path(cfg.root) / cfg.release
-    png = plot_grpo(root / "grpo", root / "grpo_curves.png")
+    # GRPO's input model is the row before it (sft, or base when the config has no sft stage).
+    grpo_row = next((i for i, (stage, _, _) in enumerate(rows) if stage == "grpo"), 0)
+    before_grpo = rows[grpo_row - 1][2]["accuracy"] if grpo_row > 0 else None
+    png = plot_grpo(root / "grpo", root / "grpo_curves.png", start_accuracy=before_grpo)
     summary = {"stages": {stage: m for stage, _, m in rows}, "wall_s": round(time.time() - started, 1),
                "eval": json.loads((root / "eval" / "metrics.json").read_text()) if (root / "eval" / "metrics.json").exists() else None}
     atomic_write_json(root / "summary.json", summary)
