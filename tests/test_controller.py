@@ -597,7 +597,7 @@ def test_status_command(tmp_path, capsys):
         assert status_main(["--release", RELEASE, "--namespace", NS, "--kubeconfig", kubeconfig, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["phase"] == "Succeeded"
         # a release that is not there
-        assert status_main(["--release", "nope", "--namespace", NS, "--kubeconfig", kubeconfig]) == 2
+        assert status_main(["--release", "nope", "-n", NS, "--kubeconfig", kubeconfig]) == 2
         assert "ConfigMap team/nope-status not found" in capsys.readouterr().err
     finally:
         c.close()

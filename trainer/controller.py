@@ -1230,7 +1230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r1-grpo controller", allow_abbrev=False,
                                 description="Run a release's stage PyTorchJobs in order, in the cluster.")
     p.add_argument("--release", required=True, help="Helm release name (jobs are <release>-<stage>-<attempt>)")
-    p.add_argument("--namespace", help="namespace (default: the pod's own, else the kubeconfig context's)")
+    p.add_argument("-n", "--namespace", help="namespace (default: the pod's own, else the kubeconfig context's)")
     p.add_argument("--stages-configmap", help="ConfigMap with pipeline.yaml and the stage jobs "
                                               "(default <release>-stages)")
     p.add_argument("--status-configmap", help="ConfigMap the status is written to (default <release>-status)")
@@ -1349,7 +1349,7 @@ def status_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="r1-grpo status", allow_abbrev=False, description="Print a release's run status; exit 1 "
                                                                    "if the run failed, 2 if it cannot be read.")
     p.add_argument("--release", required=True)
-    p.add_argument("--namespace", help="default: the kubeconfig context's namespace")
+    p.add_argument("-n", "--namespace", help="default: the kubeconfig context's namespace")
     p.add_argument("--status-configmap", help="default <release>-status")
     p.add_argument("--kubeconfig", help="default: $KUBECONFIG or ~/.kube/config")
     p.add_argument("--context", help="kubeconfig context")
