@@ -15,7 +15,10 @@ Two decoders sit behind it:
     prompt scores and the per-sample scores are concatenated (they are tiny next to K/V) and go through
     one softmax, so the attention is exactly the standard one.
   - expanded: the prompt's K/V is copied into each of its G rows once after prefill; each row then has
-    one cache and the attention is three ops (fewer small ops; wins for short prompts).
+    one cache and the attention is three ops per cache chunk (fewer small ops; wins for short prompts).
+  On CPU the per-row caches are stored in chunks of ``_KV_CHUNK_CPU`` positions, each complete chunk one
+  contiguous block over all rows (the attention streams it), and the chunk being filled is staged
+  position-major so that each step's new K/V is one contiguous write (see ``_KV_CHUNK_CPU``).
 * ``hf`` (any other causal LM): the model's own forward with ``past_key_values``; the prompt cache is
   prefilled once and repeated G times.
 
@@ -59,6 +62,14 @@ _COMPACT_FRACTION = 0.125
 # (see _prefer_shared_prefix).
 _SHARED_PREFIX_MIN_SAVED_BYTES_CPU = 1 << 20
 _SHARED_PREFIX_MIN_SAVED_BYTES = 128 << 20
+# Per-row K/V caches on CPU are stored in chunks of this many positions ([chunks, rows, KV, chunk, hd]), so
+# that each complete chunk is one contiguous block across all rows: the attention then streams it instead
+# of reading a short run per (row, kv head) out of a wide buffer, which ran at under half the memory
+# bandwidth (bench/rollout.py). The chunk being filled lives in a position-major staging buffer
+# ([chunk, rows, KV, hd]) so that each step's new K/V is one contiguous write (scattered 256-byte writes
+# into the cache cost as much as reading it), and is copied into the cache once complete. Elsewhere the
+# cache is one chunk written in place (fewer kernel launches).
+_KV_CHUNK_CPU = 32
 
 
 @dataclass
@@ -627,7 +638,7 @@ class _LeanDecoder(_Decoder):
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(x * cos, torch.roll(x, self.head_dim // 2, dims=-1), sin_signed)
+        return (x * cos).addcmul_(torch.roll(x, self.head_dim // 2, dims=-1), sin_signed)
 
     def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if not self.transposed:
@@ -646,13 +657,14 @@ class _LeanDecoder(_Decoder):
 
     def _mlp_residual(self, x: torch.Tensor, L: _Layer) -> torch.Tensor:
         gate_up = self._lin(_rms_norm(x, L.ln_post, self.eps), L.w_gate_up, L.b_gate_up)
-        act = F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :]
+        act = F.silu(gate_up[..., : self.intermediate]).mul_(gate_up[..., self.intermediate :])
         return self._lin_residual(x, act, L.w_down, L.b_down)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self._lin(_rms_norm(x, self.final_norm, self.eps), self.lm_w, self.lm_b).float()
 
     # ----- prefill -----------------------------------------------------------------------------------
+    @torch.no_grad()
     def prefill(self) -> torch.Tensor:
         ids, plen = _left_pad(self.prompts, 0, self.device)  # pad id is irrelevant: masked everywhere
         B, P = ids.shape
@@ -706,50 +718,104 @@ class _LeanDecoder(_Decoder):
             bias[:, :, :, :P] = key_bias.repeat_interleave(G, dim=0)
             self.bias = bias.expand(n_rows, KV, 1, width).reshape(n_rows * KV, 1, width)
         self.width = width
-        shape = (n_rows, KV, width, hd)
+        self.staged = self.device.type == "cpu"
+        C = self.chunk = _KV_CHUNK_CPU if self.staged else width
+        shape = (-(-width // C), n_rows, KV, C, hd)
         self.cache_k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.cache_v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        stage_shape = (C if self.staged else 0, n_rows, KV, hd)  # only used on CPU
+        self.stage_k = [torch.empty(stage_shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.stage_v = [torch.empty(stage_shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         if not self.shared:  # the prompt's K/V, copied once into each of its G rows
-            for cache, src in ((self.cache_k, prompt_k), (self.cache_v, prompt_v)):
-                for buf, part in zip(cache, src, strict=True):
-                    buf.view(B, G, KV, width, hd)[:, :, :, :P] = part[:, None]
+            c0, j0 = divmod(P, C)  # the chunk the first completion token goes to, and its position there
+            for cache, stage, src in ((self.cache_k, self.stage_k, prompt_k), (self.cache_v, self.stage_v, prompt_v)):
+                for buf, st, part in zip(cache, stage, src, strict=True):
+                    for c in range(-(-P // C)):
+                        lo, hi = c * C, min(P, (c + 1) * C)
+                        buf[c].view(B, G, KV, C, hd)[:, :, :, : hi - lo] = part[:, None, :, lo:hi]
+                    if self.staged and j0:
+                        st[:j0] = buf[c0, :, :, :j0].permute(2, 0, 1, 3)
         self.filled = self.base_col
+        self._chunk_views()
         return logits
 
+    def _chunk_views(self) -> None:
+        """Per layer and chunk: the 4-D chunk (for writes), K^T and V as batched matrices (for reads)."""
+        hd, C = self.head_dim, self.chunk
+        self.k4 = [[buf[i] for i in range(buf.shape[0])] for buf in self.cache_k]
+        self.v4 = [[buf[i] for i in range(buf.shape[0])] for buf in self.cache_v]
+        self.kT = [[c.view(-1, C, hd).transpose(1, 2) for c in chunks] for chunks in self.k4]
+        self.v3 = [[c.view(-1, C, hd) for c in chunks] for chunks in self.v4]
+
     # ----- decode ------------------------------------------------------------------------------------
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
         R = tokens.shape[0]
         H, KV, hd = self.num_heads, self.num_kv, self.head_dim
         pos = self.row_pos + t
         cos, sin = self.cos[pos][:, None, :], self.sin_signed[pos][:, None, :]  # [R, 1, hd]
         col = self.base_col + t
+        # Column col goes to position j of chunk c; the attention reads chunks 0..c, the last one up to j.
+        c, j = divmod(col, self.chunk)
+        full = j + 1 == self.chunk
         x = F.embedding(tokens, self.embed)
         for li, L in enumerate(self.layers):
             qkv = self._lin(_rms_norm(x, L.ln_in, self.eps), L.w_qkv, L.b_qkv)
             qk = self._rope(qkv[:, : (H + KV) * hd].view(R, H + KV, hd), cos, sin)
-            kc, vc = self.cache_k[li], self.cache_v[li]
-            kc[:, :, col] = qk[:, H:]
-            vc[:, :, col] = qkv[:, (H + KV) * hd :].view(R, KV, hd)
+            k_new, v_new = qk[:, H:], qkv[:, (H + KV) * hd :].view(R, KV, hd)
+            if self.staged:  # chunk c is in the staging buffer, position-major
+                sk, sv = self.stage_k[li], self.stage_v[li]
+                sk[j].copy_(k_new)
+                sv[j].copy_(v_new)
+                kT = [*self.kT[li][:c], sk[: j + 1].view(j + 1, R * KV, hd).permute(1, 2, 0)]
+                v = [*self.v3[li][:c], sv[: j + 1].view(j + 1, R * KV, hd).transpose(0, 1)]
+            else:
+                self.k4[li][c].select(2, j).copy_(k_new)
+                self.v4[li][c].select(2, j).copy_(v_new)
+                kT, v = self.kT[li][: c + 1], self.v3[li][: c + 1]
+                if not full:
+                    kT[c], v[c] = kT[c][:, :, : j + 1], v[c][:, : j + 1]
             q = qk[:, :H].reshape(R * KV, self.n_rep, hd)
-            k = kc.view(R * KV, self.width, hd)[:, : col + 1]
-            v = vc.view(R * KV, self.width, hd)[:, : col + 1]
-            o = self._attend_shared(q, k, v, li) if self.shared else self._attend_expanded(q, k, v, col)
+            o = self._attend_shared(q, kT, v, li) if self.shared else self._attend_expanded(q, kT, v, col)
+            if self.staged and full:  # chunk c is complete: into the cache
+                self.k4[li][c].copy_(sk.permute(1, 2, 0, 3))
+                self.v4[li][c].copy_(sv.permute(1, 2, 0, 3))
             x = self._lin_residual(x, o.view(R, H * hd), L.w_o, L.b_o)
             x = self._mlp_residual(x, L)
         self.filled = col + 1
         return self._head(x)
 
-    def _attend_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, col: int) -> torch.Tensor:
-        # q [R*KV, n_rep, hd] (GQA: the n_rep query heads of a kv head share one matmul), k/v [R*KV, n, hd]
-        s = torch.baddbmm(self.bias[:, :, : col + 1], q, k.transpose(1, 2))
+    # q [R*KV, n_rep, hd] (GQA: the n_rep query heads of a kv head share one matmul); kT/v: the cache's
+    # chunks in order, K^T [R*KV, hd, w] and V [R*KV, w, hd] (w <= chunk).
+    def _attend_expanded(
+        self, q: torch.Tensor, kT: list[torch.Tensor], v: list[torch.Tensor], col: int
+    ) -> torch.Tensor:
+        C, P = self.chunk, self.P
+        parts = [
+            torch.baddbmm(self.bias[:, :, c * C : c * C + k.shape[2]], q, k) if c * C < P else torch.bmm(q, k)
+            for c, k in enumerate(kT)
+        ]
+        s = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(self.dtype)
-        return torch.bmm(p, v)
+        return self._own_values(None, p, v)
 
-    def _attend_shared(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, li: int) -> torch.Tensor:
+    def _attend_shared(
+        self, q: torch.Tensor, kT: list[torch.Tensor], v: list[torch.Tensor], li: int
+    ) -> torch.Tensor:
         P = self.P
-        s = torch.cat([self._prefix_scores(q, li), torch.bmm(q, k.transpose(1, 2))], dim=-1)
+        s = torch.cat([self._prefix_scores(q, li), *(torch.bmm(q, k) for k in kT)], dim=-1)
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(self.dtype)
-        return torch.baddbmm(self._prefix_values(p[..., :P], li), p[..., P:], v)
+        return self._own_values(self._prefix_values(p[..., :P], li), p[..., P:], v)
+
+    def _own_values(self, o: torch.Tensor | None, p: torch.Tensor, v: list[torch.Tensor]) -> torch.Tensor:
+        """o + p @ cat(v) one chunk at a time (p [R*KV, n_rep, sum of widths])."""
+        start = 0
+        for vv in v:
+            w = vv.shape[1]
+            pc = p[..., start : start + w]
+            o = torch.bmm(pc, vv) if o is None else o.baddbmm_(pc, vv)
+            start += w
+        return o
 
     def _to_slots(self, x: torch.Tensor) -> torch.Tensor:
         """[R*KV, ...] per decode row -> [slots, KV, ...] (zeros in the slots of dropped rows)."""
@@ -782,13 +848,20 @@ class _LeanDecoder(_Decoder):
         o = torch.bmm(self._group_major(self._to_slots(p)), v)
         return self._from_slots(self._slot_major(o))  # [R*KV, n_rep, hd]
 
+    @torch.no_grad()
     def compact(self, keep: torch.Tensor) -> bool:
-        n, filled, KV = keep.numel(), self.filled, self.num_kv
-        for cache in (self.cache_k, self.cache_v):
-            for li, buf in enumerate(cache):
-                # Gather the filled columns (a temporary), then write them into the front rows in place.
-                buf[:n, :, :filled] = buf[keep, :, :filled]
-                cache[li] = buf[:n]
+        n, KV = keep.numel(), self.num_kv
+        chunks, staged = divmod(self.filled, self.chunk)  # complete chunks, positions in the staging buffer
+        if not self.staged:
+            chunks, staged = -(-self.filled // self.chunk), 0
+        for cache, stage in ((self.cache_k, self.stage_k), (self.cache_v, self.stage_v)):
+            for li, (buf, st) in enumerate(zip(cache, stage, strict=True)):
+                # Gather the filled chunks (a temporary), then write them into the front rows in place.
+                buf[:chunks, :n] = buf[:chunks, keep]
+                cache[li] = buf[:, :n]
+                st[:staged, :n] = st[:staged, keep]
+                stage[li] = st[:, :n]
+        self._chunk_views()
         self.row_pos = self.row_pos[keep]
         if not self.shared:
             self.bias = (
