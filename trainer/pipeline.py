@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import StageOutputError, atomic_write_json, read_manifest, verify_stage_output
+from trainer.checkpoint import StageManifest, StageOutputError, atomic_write_json, verify_stage_output
 from trainer.stages import STAGE_MODULES, TRAINING_STAGES, ConfigError, StagePlan, load_config, plan
 
 
@@ -30,7 +30,7 @@ def torchrun_command(run: StagePlan) -> list[str]:
     return [*launcher, "--standalone", f"--nproc_per_node={run.nproc_per_node}", "-m", STAGE_MODULES[run.name], *run.cli_args()]
 
 
-def run_stage(run: StagePlan, log: Any) -> None:
+def run_stage(run: StagePlan, log: Any) -> StageManifest:
     cmd = torchrun_command(run)
     log(f"[{run.name}] {' '.join(cmd)}")
     env = dict(os.environ)
@@ -41,8 +41,9 @@ def run_stage(run: StagePlan, log: Any) -> None:
     if proc.returncode != 0:
         raise StageFailed(f"stage {run.name} exited with code {proc.returncode} after {time.time() - started:.0f}s; "
                           f"re-run the same command to resume from {run.output_dir}'s last checkpoint")
-    verify_stage_output(run.output_dir, run.name)  # the hand-off: nothing downstream trusts less
+    manifest = verify_stage_output(run.output_dir, run.name)  # the hand-off: nothing downstream trusts less
     log(f"[{run.name}] done in {time.time() - started:.0f}s → {run.output_dir}")
+    return manifest
 
 
 class StageFailed(RuntimeError):
@@ -130,15 +131,15 @@ def cmd_run(opts: argparse.Namespace) -> int:
         print(f"r1-grpo pipeline: error: {e}", file=sys.stderr)
         return 2
     started = time.time()
-    upstream_finished = ""  # created_at of the previous stage's manifest
+    upstream_finished, upstream_ran = "", False  # the previous stage: its manifest's created_at, run now?
     for run in runs:
         try:
             manifest = verify_stage_output(run.output_dir, run.name)
         except StageOutputError:
             manifest = None
-        if manifest is not None and manifest.created_at < upstream_finished:
-            # Finished before the stage it was trained from was re-run: its output (and checkpoints)
-            # belong to the old input, so it must start over, not resume.
+        if run.output_dir.exists() and (upstream_ran or manifest is not None and manifest.created_at < upstream_finished):
+            # Made from an older version of its input stage's output: that output and any checkpoints
+            # belong to the old input, so the stage must start over, not be trusted or resumed.
             stale = run.output_dir.with_name(f"{run.output_dir.name}.stale")
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(run.output_dir, stale)
@@ -150,11 +151,11 @@ def cmd_run(opts: argparse.Namespace) -> int:
         try:
             if run.model_from_stage is not None:
                 verify_stage_output(run.model_name_or_path, run.model_from_stage)
-            run_stage(run, log)
+            upstream_finished = run_stage(run, log).created_at
         except (StageFailed, StageOutputError) as e:
             print(f"r1-grpo pipeline: {e}", file=sys.stderr)
             return 1
-        upstream_finished = read_manifest(run.output_dir).created_at
+        upstream_ran = True
 
     # Summary: every trained model (and the base) on the eval split, greedy.
     eval_run = next((r for r in runs if r.name == "eval"), None)
@@ -167,9 +168,8 @@ def cmd_run(opts: argparse.Namespace) -> int:
             rows.append((stage, model, stage_accuracy(model, cfg.dataset, eval_args)))
         print_table(rows)
     root = Path(cfg.root) / cfg.release
-    # GRPO's input model is the row before it (sft, or base when the config has no sft stage).
-    grpo_row = next((i for i, (stage, _, _) in enumerate(rows) if stage == "grpo"), 0)
-    before_grpo = rows[grpo_row - 1][2]["accuracy"] if grpo_row > 0 else None
+    grpo_input = next((r.model_name_or_path for r in runs if r.name == "grpo"), None)
+    before_grpo = next((m["accuracy"] for _, model, m in rows if model == grpo_input), None)
     png = plot_grpo(root / "grpo", root / "grpo_curves.png", start_accuracy=before_grpo)
     summary = {"stages": {stage: m for stage, _, m in rows}, "wall_s": round(time.time() - started, 1),
                "eval": json.loads((root / "eval" / "metrics.json").read_text()) if (root / "eval" / "metrics.json").exists() else None}
