@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "r1-grpo needs Python 3.11 (set PYTHON=...)")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ".[test,bench]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 # The main job: tiny built-in model, SFT -> GRPO -> eval on the built-in task, on CPU.

@@ -12,7 +12,8 @@ One optimizer step, read top to bottom in `train()`:
    advantages `(r - mean_group) / (std + eps)` (`--scale_rewards`); with `--dynamic_sampling`, groups
    whose rewards are all equal are dropped and replaced by fresh prompts.
 3. train    — the clipped surrogate (+ `--beta` x k3 KL to the frozen initial model) on chunks of
-   `--logits_forward_batch_size` rows, log-probs at the sampling temperature, aggregated per
+   `--logits_forward_batch_size` rows (each group's prompt run once, its G completions packed behind it,
+   where that is cheaper), log-probs at the sampling temperature, aggregated per
    `--loss_type`; a rollout is reused for `--num_iterations` optimizer steps (old log-probs are the
    sampler's, so no extra forward pass is spent on them).
 Checkpoints (`checkpoint-<step>/`, with prompt positions and the sampling generator), resume,
@@ -92,12 +93,16 @@ class GRPOArgs(TrainingArgs):
     reward_funcs: list[str] = field(default_factory=lambda: list(DEFAULT_REWARD_FUNCS), metadata={"help": f"Reward functions: {', '.join(REWARD_FUNCS)}"})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward function (default 1.0 each)"})
     num_completions_to_print: int = field(default=2, metadata={"help": "Completions logged per logging step"})
+    max_train_seconds: float = field(default=0.0, metadata={"help": "Stop after this many seconds of this run's step loop (0: no limit); "
+                                     "the final model and r1_stage.json are written as after --max_steps"})
 
     def validate(self) -> None:
         super().validate()
         for name in ("num_generations", "inference_batch_size", "logits_forward_batch_size", "num_iterations", "max_prompt_length", "max_completion_length"):
             if getattr(self, name) < 1:
                 raise ArgsError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_train_seconds >= 0:
+            raise ArgsError(f"--max_train_seconds must be >= 0 (0: no limit), got {self.max_train_seconds}")
         if self.num_generations < 2:
             raise ArgsError("--num_generations must be >= 2: advantages are relative to the group")
         for name in ("initial_temperature", "final_temperature"):
@@ -220,6 +225,7 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
     last_eval: dict[str, float] = {}
 
     model.train()
+    loop_started = time.time()
     while step < total_steps:
         temperature = temperature_at(step - step % args.num_iterations, total_steps, args.initial_temperature,
                                      args.final_temperature, args.temperature_schedule)
@@ -268,6 +274,9 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
                 logger.warning("preempted at step %d; checkpoint saved, exiting", step)
                 metrics.close()
                 return PREEMPTED_EXIT_CODE
+        if at_cycle_end and args.max_train_seconds > 0 and out_of_time(loop_started, args.max_train_seconds):
+            logger.info("--max_train_seconds %g reached after %d steps; finishing", args.max_train_seconds, step)
+            break
     bar.close()
 
     if eval_examples and args.evaluation_strategy != "no":
@@ -398,7 +407,8 @@ def make_rollout(model, ref_model, tokenizer, stream: PromptStream, n_prompts: i
     if ref_model is not None:
         with torch.no_grad():
             rollout.ref_logprobs = completion_logprobs(ref_model, rollout.input_ids, rollout.attention_mask,
-                                                       rollout.completion_ids, temperature, args.logits_forward_batch_size)
+                                                       rollout.completion_ids, temperature, args.logits_forward_batch_size,
+                                                       group_size=args.num_generations)
     return rollout
 
 
@@ -425,7 +435,8 @@ def policy_update(booster, model, optimizer, rollout: Rollout, args: GRPOArgs, d
         with sync:
             with autocast(args, device):
                 logprobs = completion_logprobs(model, rollout.input_ids[rows], rollout.attention_mask[rows],
-                                               rollout.completion_ids[rows], rollout.temperature, chunk)
+                                               rollout.completion_ids[rows], rollout.temperature, chunk,
+                                               group_size=args.num_generations)
             # First pass over a rollout is on-policy (ratio 1 exactly); later passes use the sampler's log-probs.
             old = rollout.sample_logprobs[rows] if reuse else None
             n_rows = rows.stop - rows.start
@@ -450,6 +461,14 @@ def policy_update(booster, model, optimizer, rollout: Rollout, args: GRPOArgs, d
     out["loss"] = sums.get("loss", 0.0)
     out["tokens"] = token_sum
     return out
+
+
+def out_of_time(started: float, limit_s: float) -> bool:
+    """Rank 0's clock decides, so every rank stops after the same step."""
+    flag = torch.tensor([1.0 if time.time() - started >= limit_s else 0.0])
+    if td.is_initialized():
+        td.broadcast(flag, src=0)
+    return bool(flag.item() > 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ __all__ = [
     "LossType",
     "TemperatureSchedule",
     "completion_logprobs",
+    "grouped_completion_logprobs",
+    "shared_prompt_plan",
     "entropy_from_logits",
     "group_advantages",
     "grpo_loss",
@@ -375,6 +377,7 @@ def completion_logprobs(
     *,
     trim_padding: bool = True,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    group_size: int | None = None,
 ) -> Tensor:
     """Log-probs [N, T] of ``completion_ids`` under ``model`` at ``temperature``.
 
@@ -385,6 +388,10 @@ def completion_logprobs(
     logits are sliced. ``position_ids`` default to ``position_ids_from_mask(attention_mask)``.
     With ``trim_padding`` the columns that are padding in every row of a chunk are dropped before
     the forward (they are never attended to, so the result is unchanged, only cheaper).
+
+    With ``group_size`` G (rows ``r`` with the same ``r // G`` share one prompt, as in a GRPO rollout)
+    the shared-prompt forward (`grouped_completion_logprobs`) is used where it is valid and cheaper:
+    each prompt runs once per group instead of G times. Same values up to float rounding.
 
     Differentiable when grad is enabled (policy), cheap under ``torch.no_grad()`` (reference/old).
     Returns float32 (float64 for a float64 model); values at completion padding are meaningless and
@@ -413,6 +420,11 @@ def completion_logprobs(
         )
     if not torch.equal(input_ids[:, length - t :], completion_ids.to(input_ids.device)):
         raise ValueError("completion_ids must equal the last T columns of input_ids (prompt + completion)")
+    if group_size is not None and position_ids is None:
+        plan = shared_prompt_plan(model, input_ids, attention_mask, t, group_size, batch_size)
+        if plan is not None:
+            return grouped_completion_logprobs(model, input_ids, attention_mask, t, group_size, plan.groups_per_forward,
+                                               temperature, chunk_rows=chunk_rows)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     elif tuple(position_ids.shape) != tuple(input_ids.shape):
@@ -454,6 +466,145 @@ def completion_logprobs(
         )
         del logits
     return torch.cat(results, dim=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared-prompt forward: one prompt, G completions, one packed sequence
+# --------------------------------------------------------------------------------------------------
+# A GRPO rollout holds G completions of each prompt. Scoring them as G separate rows runs the prompt
+# G times; packing a group as ``[prompt | c_1 | ... | c_G]`` with a block mask (each completion sees
+# the prompt and itself, never another completion) and positions that restart after the prompt runs it
+# once. The linear layers - most of the compute - then see P + G*T tokens instead of G*(P + T); the
+# masked attention sees (P + G*T)^2 pairs instead of G*(P + T)^2, so long completions can make it a
+# loss: `shared_prompt_plan` compares both costs and the mask's memory, and returns None when the plain
+# forward is the better (or the only valid) choice.
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")  # kernels that take an arbitrary additive 4-D mask
+SHARED_PROMPT_MASK_BYTES = 256 * 2**20  # per forward
+
+
+class SharedPromptPlan:
+    def __init__(self, groups_per_forward: int, cost_ratio: float):
+        self.groups_per_forward = groups_per_forward
+        self.cost_ratio = cost_ratio  # packed / plain, estimated
+
+
+def _inner_model(model: nn.Module) -> nn.Module:
+    current: Any = model
+    for _ in range(8):
+        if getattr(current, "config", None) is not None:
+            return current
+        inner = getattr(current, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        current = inner
+    return current
+
+
+def _real_lengths(attention_mask: Tensor, t: int) -> tuple[int, int]:
+    """Width of the prompt region that any row attends to, and of the completion region likewise."""
+    length = attention_mask.shape[1]
+    prompt = attention_mask[:, : length - t].bool().any(dim=0)
+    first = int(prompt.long().argmax()) if bool(prompt.any()) else length - t - 1
+    completion = attention_mask[:, length - t :].bool().any(dim=0)
+    last = int(completion.nonzero().max()) + 1 if bool(completion.any()) else 1
+    return length - t - min(first, length - t - 1), last
+
+
+def shared_prompt_plan(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t: int, group_size: int,
+                       batch_size: int) -> SharedPromptPlan | None:
+    """Whether (and how) to score ``input_ids`` with the shared-prompt forward; None: use the plain one."""
+    n, length = input_ids.shape
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or n % group_size:
+        return None
+    inner = _inner_model(model)
+    config = getattr(inner, "config", None)
+    attn = getattr(config, "_attn_implementation", None)
+    if attn not in SHARED_PROMPT_ATTENTION or "logits_to_keep" not in _forward_parameters(model):
+        return None  # flash-attention takes no arbitrary mask; old forwards cannot keep chosen positions
+    prompt_ids = input_ids[:, : length - t].view(n // group_size, group_size, -1)
+    prompt_mask = attention_mask[:, : length - t].view(n // group_size, group_size, -1)
+    if not (torch.equal(prompt_ids, prompt_ids[:, :1].expand_as(prompt_ids))
+            and torch.equal(prompt_mask, prompt_mask[:, :1].expand_as(prompt_mask))):
+        return None  # rows of a group do not share one prompt
+    p, c = _real_lengths(attention_mask, t)
+    packed_len = p + group_size * c
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    if hidden <= 0 or layers <= 0:
+        return None
+    embeddings = {id(m.weight) for m in inner.modules() if isinstance(m, nn.Embedding)}
+    out = getattr(inner, "get_output_embeddings", lambda: None)()
+    if out is not None:
+        embeddings.add(id(out.weight))
+    linear = 2.0 * sum(w.numel() for w in inner.parameters() if id(w) not in embeddings)  # FLOPs per token
+    pair = 4.0 * hidden * layers  # QK^T and AV per (query, key) pair
+    plain = group_size * (linear * (p + c) + pair * (p + c) ** 2)
+    packed = linear * packed_len + pair * packed_len**2
+    groups = max(1, batch_size // group_size)
+    element = torch.finfo(next(inner.parameters()).dtype).bits // 8
+    groups = min(groups, max(1, SHARED_PROMPT_MASK_BYTES // (packed_len * packed_len * element)))
+    if packed >= plain or packed_len * packed_len * element > SHARED_PROMPT_MASK_BYTES:
+        return None
+    return SharedPromptPlan(groups, packed / plain)
+
+
+def grouped_completion_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t: int, group_size: int,
+                                groups_per_forward: int, temperature: float, *,
+                                chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
+    """`completion_logprobs` with each group's prompt run once (see `shared_prompt_plan` for when).
+
+    Row layout of one group: ``[prompt (p) | c_1 (c) | ... | c_G (c)]`` with ``p``/``c`` the prompt and
+    completion widths any row attends to. Completion ``i`` token ``j`` has position
+    ``prompt_tokens + j`` (as in its own row) and sees the real prompt tokens and its own tokens
+    ``<= j``; padding sees only itself. Logits are kept at the last prompt position (it predicts every
+    completion's first token) and at each completion's positions but its last.
+    """
+    n, length = input_ids.shape
+    G = group_size
+    p, c = _real_lengths(attention_mask, t)
+    device = input_ids.device
+    dtype = next(_inner_model(model).parameters()).dtype
+    prompt_ids = input_ids[::G, length - t - p : length - t]  # [n/G, p]
+    prompt_mask = attention_mask[::G, length - t - p : length - t].bool()
+    comp_ids = input_ids[:, length - t : length - t + c].reshape(n // G, G * c)  # [n/G, G*c]
+    comp_mask = attention_mask[:, length - t : length - t + c].bool().reshape(n // G, G * c)
+    ids = torch.cat([prompt_ids, comp_ids], dim=1)
+    real = torch.cat([prompt_mask, comp_mask], dim=1)  # [n/G, L]
+    total = p + G * c
+    prompt_pos = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
+    prompt_len = prompt_mask.long().sum(1, keepdim=True)
+    slot_pos = prompt_len + torch.arange(c, device=device).repeat(G)  # [n/G, G*c]
+    positions = torch.cat([prompt_pos, slot_pos], dim=1)
+    # Block structure shared by all groups: slot index of every column (-1 = prompt) and causality.
+    slot = torch.cat([torch.full((p,), -1, device=device), torch.arange(G, device=device).repeat_interleave(c)])
+    col = torch.arange(total, device=device)
+    causal = col[None, :] <= col[:, None]
+    visible = causal & ((slot[None, :] == -1) | (slot[None, :] == slot[:, None]))  # [q, k]
+    keep = torch.cat([torch.tensor([p - 1], device=device),
+                      (p + torch.arange(G, device=device)[:, None] * c + torch.arange(c - 1, device=device)[None, :]).flatten()])
+    # Gather map from kept logits to [G, c]: column 0 is the last prompt position for every slot.
+    gather = torch.zeros(G, c, dtype=torch.long, device=device)
+    if c > 1:
+        gather[:, 1:] = 1 + torch.arange(G, device=device)[:, None] * (c - 1) + torch.arange(c - 1, device=device)[None, :]
+    completions = input_ids[:, length - t : length - t + c].reshape(n // G, G, c)
+    min_value = torch.finfo(dtype).min
+    results = []
+    for g0 in range(0, n // G, groups_per_forward):
+        g1 = min(n // G, g0 + groups_per_forward)
+        allowed = visible[None] & real[g0:g1, None, :]
+        allowed |= torch.eye(total, dtype=torch.bool, device=device)[None]  # padding attends to itself
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, min_value)[:, None]
+        out = model(input_ids=ids[g0:g1], attention_mask=mask, position_ids=positions[g0:g1], logits_to_keep=keep,
+                    use_cache=False)
+        logits = _logits_of(out)[:, gather]  # [groups, G, c, V]
+        lp = token_logprobs(logits.reshape(-1, c, logits.shape[-1]), completions[g0:g1].reshape(-1, c), temperature,
+                            chunk_rows=chunk_rows)
+        results.append(lp)
+        del logits
+    lp = torch.cat(results, dim=0)
+    if c < t:  # columns past every completion's end: padding, masked by the caller
+        lp = torch.cat([lp, lp.new_zeros(n, t - c)], dim=1)
+    return lp
 
 
 # --------------------------------------------------------------------------------------------------
