@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup demo test lint bench manifests clean
+.PHONY: setup demo test lint bench bench-trl bench-learning manifests clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,13 @@ test: setup lint
 bench: setup
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/controller.py
+
+# Against TRL's GRPOTrainer (docs/benchmarks.md); both build the SFT model into runs/bench/sft if missing.
+bench-trl: setup
+	$(BIN)/python bench/grpo_vs_trl.py
+
+bench-learning: setup
+	$(BIN)/python bench/learning.py
 
 manifests: setup
 	$(BIN)/python tests/helmtool.py manifests

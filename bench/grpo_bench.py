@@ -107,7 +107,8 @@ def ours_flags(s: Settings, output_dir: Path) -> list[str]:
     return out
 
 
-def trl_config(s: Settings, output_dir: Path):
+def trl_config(s: Settings, output_dir: Path, **overrides: Any):
+    """`overrides` replace fields (tests use them to make the two sides differ on purpose)."""
     from trl import GRPOConfig
 
     rows = s.prompts_per_step * s.num_generations
@@ -126,7 +127,7 @@ def trl_config(s: Settings, output_dir: Path):
         optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none", shuffle_dataset=False,
         log_completions=False, disable_dropout=False, dataloader_num_workers=0, remove_unused_columns=False,
         disable_tqdm=True,
-    )
+    ) if not overrides else GRPOConfig(**{**trl_config(s, output_dir).to_dict(), **overrides})
 
 
 EFFECTIVE_KEYS = ("prompts_per_step", "num_generations", "completions_per_step", "rows_per_forward",

@@ -21,8 +21,8 @@ import json
 import statistics
 import sys
 import time
-from importlib.metadata import version
 from dataclasses import asdict, fields
+from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--sft_dir", default="runs/bench/sft", help="SFT stage folder to start from (built here if missing)")
     p.add_argument("--model", default=None, help="start from this model instead (a stage folder or builtin:tiny)")
     p.add_argument("--out", default="runs/bench/grpo_vs_trl", help="results folder")
-    p.add_argument("--rounds", type=int, default=1, help="repeat both sides, alternating which goes first")
+    p.add_argument("--rounds", type=int, default=3, help="repeat both sides, alternating which goes first; medians over rounds")
     defaults = Settings(model="")
     for f in fields(Settings):
         if f.name in ("model", "reward_funcs", "max_train_seconds"):

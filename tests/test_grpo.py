@@ -116,6 +116,7 @@ def test_resume_is_bit_exact(grpo_run, warm_model_dir: Path, arith_jsonl: Path, 
         (["--top_p", "0"], "--top_p must be in (0, 1]"),
         (["--plugin", "zero9"], "--plugin 'zero9': expected one of ddp, zero2, zero2_cpu, gemini, 3d"),
         (["--max_completion_length", "0"], "--max_completion_length must be >= 1, got 0"),
+        (["--max_train_seconds", "-1"], "--max_train_seconds must be >= 0 (0: no limit), got -1.0"),
     ],
 )
 def test_bad_flag_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
@@ -123,6 +124,22 @@ def test_bad_flag_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], ext
     assert grpo.main(argv) == 2
     assert f"r1-grpo grpo: error: {message}" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def test_max_train_seconds_ends_the_run_like_max_steps(warm_model_dir: Path, arith_jsonl: Path, stage_runner,
+                                                       tmp_path: Path) -> None:
+    """A time limit shorter than one step: one step is done, then the final model and manifest are written."""
+    out = tmp_path / "grpo"
+    argv = grpo_argv(warm_model_dir, arith_jsonl, out)
+    argv[argv.index("--max_steps") + 1] = "50"
+    argv[argv.index("--save_steps") + 1] = "0"
+    result = stage_runner.run("trainer.grpo", argv + ["--max_train_seconds", "0.001"])
+    assert result.returncode == 0, result.describe()
+    assert "--max_train_seconds 0.001 reached after 1 steps" in result.output
+    manifest = ckpt.verify_stage_output(out, "grpo")
+    assert manifest.steps == 1 and manifest.inputs["args"]["max_train_seconds"] == 0.001
+    assert [r["step"] for r in _records(out) if "reward_mean" in r] == [1]
+    assert not list(out.glob("checkpoint-*"))
 
 
 def test_unknown_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,9 +18,11 @@ from trainer.objective import (
     completion_logprobs,
     entropy_from_logits,
     group_advantages,
+    grouped_completion_logprobs,
     grpo_loss,
     informative_groups,
     position_ids_from_mask,
+    shared_prompt_plan,
     temperature_at,
     token_logprobs,
     zero_std_fraction,
@@ -684,3 +686,84 @@ def test_completion_logprobs_input_errors() -> None:
         completion_logprobs(model, input_ids, attention_mask[:, 1:], completions, 1.0, 2)
     with pytest.raises(ValueError, match="completion length"):
         completion_logprobs(model, input_ids[:, -4:], attention_mask[:, -4:], completions, 1.0, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared-prompt forward (each group's prompt once, its completions packed behind it)
+# --------------------------------------------------------------------------------------------------
+def grouped_batch(group_size: int = 3) -> tuple[torch.Tensor, torch.Tensor, list[list[int]], list[list[int]]]:
+    """Two groups (prompts of 6 and 3 tokens, left-padded) of ``group_size`` completions of 1-5 tokens,
+    right-padded to 6 columns (the last column is padding in every row, as after a rollout trim)."""
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (6, 3)]
+    width, t = 6, 6
+    rows, masks, completions = [], [], []
+    for g, prompt in enumerate(prompts):
+        for i in range(group_size):
+            n = 1 + (3 * g + 2 * i) % 5
+            comp = torch.randint(1, VOCAB, (n,), generator=gen).tolist()
+            completions.append(comp)
+            pad = width - len(prompt)
+            rows.append([PAD] * pad + prompt + comp + [PAD] * (t - n))
+            masks.append([0] * pad + [1] * (len(prompt) + n) + [0] * (t - n))
+    return torch.tensor(rows), torch.tensor(masks), [p for p in prompts for _ in range(group_size)], completions
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_forward_equals_one_unpadded_forward_per_row(attn: str) -> None:
+    model = tiny_llama(attn)
+    input_ids, attention_mask, prompts, completions = grouped_batch()
+    t = 6
+    wrapped = KwargsWrapper(model)
+    got = completion_logprobs(wrapped, input_ids, attention_mask, input_ids[:, -t:], 0.9, batch_size=6, group_size=3)
+    # It took the packed path: one sequence per group, its prompt once and its completions without padding
+    # (group 0: 6 + 1 + 3 + 5 tokens; group 1: 3 + 4 + 1 + 3, padded to 15), positions restarting per
+    # completion, logits from the earliest last-prompt position (2) on.
+    assert len(wrapped.seen_kwargs) == 1
+    seen = wrapped.seen_kwargs[0]
+    assert tuple(seen["input_ids"].shape) == (2, 15) and tuple(seen["attention_mask"].shape) == (2, 1, 15, 15)
+    assert seen["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 6, 7, 8, 6, 7, 8, 9, 10],
+                                             [0, 1, 2, 3, 4, 5, 6, 3, 3, 4, 5, 0, 0, 0, 0]]
+    assert seen["logits_to_keep"] == 13
+    params = [model.model.embed_tokens.weight, model.model.layers[1].self_attn.k_proj.weight, model.lm_head.weight]
+    valid = torch.zeros_like(got)
+    for r, comp in enumerate(completions):
+        valid[r, : len(comp)] = 1
+    grads = torch.autograd.grad((got * valid).sum(), params)
+    expected = [unpadded_logprobs(model, prompts[r], comp, 0.9) for r, comp in enumerate(completions)]
+    for r, exp in enumerate(expected):
+        torch.testing.assert_close(got[r, : len(exp)], exp, rtol=1e-5, atol=1e-5)
+    assert got[:, 5].abs().sum() == 0  # the all-padding column is zero, not computed
+    expected_grads = torch.autograd.grad(sum(e.sum() for e in expected), params)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    # One group per forward gives the same values.
+    one = grouped_completion_logprobs(model, input_ids, attention_mask, t, 3, 1, 0.9)
+    torch.testing.assert_close(one * valid, got.detach() * valid)
+
+
+def test_shared_prompt_plan_falls_back_when_packing_is_invalid_or_dearer() -> None:
+    model = tiny_llama("sdpa")
+    input_ids, attention_mask, _, _ = grouped_batch()
+    t = 6
+    plan = shared_prompt_plan(model, input_ids, attention_mask, t, 3, 32)
+    assert plan is not None and plan.groups_per_forward == 2 and 0 < plan.cost_ratio < 1
+    assert shared_prompt_plan(model, input_ids, attention_mask, t, 4, 32) is None  # 6 rows are not groups of 4
+    assert shared_prompt_plan(model, input_ids, attention_mask, t, 1, 32) is None
+    other = input_ids.clone()
+    other[1, -t - 1] = (other[1, -t - 1] + 1) % VOCAB  # row 1's prompt differs from row 0's
+    assert shared_prompt_plan(model, other, attention_mask, t, 3, 32) is None
+    model.config._attn_implementation = "flash_attention_2"  # takes no arbitrary mask
+    assert shared_prompt_plan(model, input_ids, attention_mask, t, 3, 32) is None
+    model.config._attn_implementation = "sdpa"
+    assert shared_prompt_plan(FullLogitsOnly(model), input_ids, attention_mask, t, 3, 32) is None
+    # A one-token prompt with 8 long completions: (1 + 8 x 40)^2 attention pairs cost more than the
+    # 7 prompt passes saved, so the plain forward is chosen, and it is what completion_logprobs runs.
+    gen = torch.Generator().manual_seed(3)
+    long_ids = torch.cat([torch.full((8, 1), 7), torch.randint(1, VOCAB, (8, 40), generator=gen)], dim=1)
+    long_mask = torch.ones_like(long_ids)
+    assert shared_prompt_plan(model, long_ids, long_mask, 40, 8, 64) is None
+    wrapped = KwargsWrapper(model)
+    with torch.no_grad():
+        completion_logprobs(wrapped, long_ids, long_mask, long_ids[:, 1:], 1.0, 64, group_size=8)
+    assert wrapped.seen_kwargs[0]["attention_mask"].dim() == 2

@@ -359,6 +359,8 @@ def make_rollout(model, ref_model, tokenizer, stream: PromptStream, n_prompts: i
         # Nothing informative at all: train on the original groups (zero advantages, only KL acts).
         groups = kept[:n_prompts] or groups
 
+    # Groups of similar length share a forward chunk (less padding); the loss does not depend on order.
+    groups.sort(key=lambda g: len(g["prompt"]) + sum(len(c) for c in g["completions"]))
     rewards = torch.tensor([r for g in groups for r in g["rewards"]], dtype=torch.float32)
     advantages = group_advantages(rewards, G, args.scale_rewards)
     if args.scale_rewards == "batch" and td.is_initialized() and td.get_world_size() > 1:
@@ -431,7 +433,9 @@ def policy_update(booster, model, optimizer, rollout: Rollout, args: GRPOArgs, d
     for start in range(0, N, chunk):
         rows = slice(start, min(N, start + chunk))
         last = start + chunk >= N
-        sync = booster.no_sync(model, optimizer) if (not last and args.plugin == "ddp") else nullcontext()
+        # DDP all-reduces on the last chunk only; a world of one has nothing to reduce at all.
+        skip_sync = args.plugin == "ddp" and (not last or W == 1)
+        sync = booster.no_sync(model, optimizer) if skip_sync else nullcontext()
         with sync:
             with autocast(args, device):
                 logprobs = completion_logprobs(model, rollout.input_ids[rows], rollout.attention_mask[rows],

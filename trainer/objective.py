@@ -472,11 +472,12 @@ def completion_logprobs(
 # Shared-prompt forward: one prompt, G completions, one packed sequence
 # --------------------------------------------------------------------------------------------------
 # A GRPO rollout holds G completions of each prompt. Scoring them as G separate rows runs the prompt
-# G times; packing a group as ``[prompt | c_1 | ... | c_G]`` with a block mask (each completion sees
-# the prompt and itself, never another completion) and positions that restart after the prompt runs it
-# once. The linear layers - most of the compute - then see P + G*T tokens instead of G*(P + T); the
-# masked attention sees (P + G*T)^2 pairs instead of G*(P + T)^2, so long completions can make it a
-# loss: `shared_prompt_plan` compares both costs and the mask's memory, and returns None when the plain
+# G times and pads every completion to the longest; packing a group as ``[prompt | c_1 | ... | c_G]``
+# (real tokens only) with a block mask (each completion sees the prompt and itself, never another
+# completion) and positions that restart after the prompt runs the prompt once and no padding. The
+# linear layers - most of the compute - then see n + sum(len_i) tokens instead of G*(P + T); the masked
+# attention sees the square of that instead of G*(P + T)^2, so long completions can make it a loss:
+# `shared_prompt_plan` compares both costs and the mask's memory, and returns None when the plain
 # forward is the better (or the only valid) choice.
 SHARED_PROMPT_ATTENTION = ("sdpa", "eager")  # kernels that take an arbitrary additive 4-D mask
 SHARED_PROMPT_MASK_BYTES = 256 * 2**20  # per forward
@@ -510,6 +511,14 @@ def _real_lengths(attention_mask: Tensor, t: int) -> tuple[int, int]:
     return length - t - min(first, length - t - 1), last
 
 
+def _packed_lengths(attention_mask: Tensor, t: int, group_size: int) -> Tensor:
+    """Tokens of each group's packed sequence: its prompt once plus every completion's real tokens."""
+    length = attention_mask.shape[1]
+    prompt = attention_mask[::group_size, : length - t].long().sum(1)
+    completions = attention_mask[:, length - t :].long().sum(1).view(-1, group_size).sum(1)
+    return prompt + completions
+
+
 def shared_prompt_plan(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t: int, group_size: int,
                        batch_size: int) -> SharedPromptPlan | None:
     """Whether (and how) to score ``input_ids`` with the shared-prompt forward; None: use the plain one."""
@@ -526,8 +535,11 @@ def shared_prompt_plan(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     if not (torch.equal(prompt_ids, prompt_ids[:, :1].expand_as(prompt_ids))
             and torch.equal(prompt_mask, prompt_mask[:, :1].expand_as(prompt_mask))):
         return None  # rows of a group do not share one prompt
-    p, c = _real_lengths(attention_mask, t)
-    packed_len = p + group_size * c
+    if int(prompt_mask[:, 0].sum(-1).min()) < 1:
+        return None  # an empty prompt: no position to predict the first completion token from
+    comp_mask = attention_mask[:, length - t :].long()
+    if bool((comp_mask[:, 1:] > comp_mask[:, :-1]).any()):
+        return None  # a completion with a hole: not one contiguous run of tokens
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     if hidden <= 0 or layers <= 0:
@@ -538,13 +550,14 @@ def shared_prompt_plan(model: nn.Module, input_ids: Tensor, attention_mask: Tens
         embeddings.add(id(out.weight))
     linear = 2.0 * sum(w.numel() for w in inner.parameters() if id(w) not in embeddings)  # FLOPs per token
     pair = 4.0 * hidden * layers  # QK^T and AV per (query, key) pair
-    plain = group_size * (linear * (p + c) + pair * (p + c) ** 2)
-    packed = linear * packed_len + pair * packed_len**2
-    groups = max(1, batch_size // group_size)
+    p, c = _real_lengths(attention_mask, t)
+    plain = (n // group_size) * group_size * (linear * (p + c) + pair * (p + c) ** 2)
+    width = int(_packed_lengths(attention_mask, t, group_size).max())  # rows of a forward pad to the longest
+    packed = (n // group_size) * (linear * width + pair * width**2)
     element = torch.finfo(next(inner.parameters()).dtype).bits // 8
-    groups = min(groups, max(1, SHARED_PROMPT_MASK_BYTES // (packed_len * packed_len * element)))
-    if packed >= plain or packed_len * packed_len * element > SHARED_PROMPT_MASK_BYTES:
+    if packed >= plain or width * width * element > SHARED_PROMPT_MASK_BYTES:
         return None
+    groups = max(1, min(n // group_size, batch_size // group_size, SHARED_PROMPT_MASK_BYTES // (width * width * element)))
     return SharedPromptPlan(groups, packed / plain)
 
 
@@ -553,57 +566,68 @@ def grouped_completion_logprobs(model: nn.Module, input_ids: Tensor, attention_m
                                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
     """`completion_logprobs` with each group's prompt run once (see `shared_prompt_plan` for when).
 
-    Row layout of one group: ``[prompt (p) | c_1 (c) | ... | c_G (c)]`` with ``p``/``c`` the prompt and
-    completion widths any row attends to. Completion ``i`` token ``j`` has position
-    ``prompt_tokens + j`` (as in its own row) and sees the real prompt tokens and its own tokens
-    ``<= j``; padding sees only itself. Logits are kept at the last prompt position (it predicts every
-    completion's first token) and at each completion's positions but its last.
+    Group row: ``[prompt (n real tokens) | c_1 | ... | c_G | padding]``, completions at their real
+    lengths. Completion ``i`` token ``j`` has position ``n + j`` (as in its own row) and sees the prompt
+    and its own tokens ``<= j``; padding sees only itself. The last prompt position predicts every
+    completion's first token; token ``j > 0`` is predicted at the completion's position ``j - 1``.
     """
-    n, length = input_ids.shape
+    n_rows, length = input_ids.shape
     G = group_size
-    p, c = _real_lengths(attention_mask, t)
     device = input_ids.device
     dtype = next(_inner_model(model).parameters()).dtype
-    prompt_ids = input_ids[::G, length - t - p : length - t]  # [n/G, p]
-    prompt_mask = attention_mask[::G, length - t - p : length - t].bool()
-    comp_ids = input_ids[:, length - t : length - t + c].reshape(n // G, G * c)  # [n/G, G*c]
-    comp_mask = attention_mask[:, length - t : length - t + c].bool().reshape(n // G, G * c)
-    ids = torch.cat([prompt_ids, comp_ids], dim=1)
-    real = torch.cat([prompt_mask, comp_mask], dim=1)  # [n/G, L]
-    total = p + G * c
-    prompt_pos = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
-    prompt_len = prompt_mask.long().sum(1, keepdim=True)
-    slot_pos = prompt_len + torch.arange(c, device=device).repeat(G)  # [n/G, G*c]
-    positions = torch.cat([prompt_pos, slot_pos], dim=1)
-    # Block structure shared by all groups: slot index of every column (-1 = prompt) and causality.
-    slot = torch.cat([torch.full((p,), -1, device=device), torch.arange(G, device=device).repeat_interleave(c)])
-    col = torch.arange(total, device=device)
-    causal = col[None, :] <= col[:, None]
-    visible = causal & ((slot[None, :] == -1) | (slot[None, :] == slot[:, None]))  # [q, k]
-    keep = torch.cat([torch.tensor([p - 1], device=device),
-                      (p + torch.arange(G, device=device)[:, None] * c + torch.arange(c - 1, device=device)[None, :]).flatten()])
-    # Gather map from kept logits to [G, c]: column 0 is the last prompt position for every slot.
-    gather = torch.zeros(G, c, dtype=torch.long, device=device)
-    if c > 1:
-        gather[:, 1:] = 1 + torch.arange(G, device=device)[:, None] * (c - 1) + torch.arange(c - 1, device=device)[None, :]
-    completions = input_ids[:, length - t : length - t + c].reshape(n // G, G, c)
+    prompt_region = length - t
+    comp_lens = attention_mask[:, prompt_region:].long().sum(1).tolist()
+    prompt_cols = [attention_mask[r, :prompt_region].nonzero().flatten().tolist() for r in range(0, n_rows, G)]
+    c_max = max(1, max(comp_lens))
     min_value = torch.finfo(dtype).min
+    flat_ids = input_ids.reshape(-1)
     results = []
-    for g0 in range(0, n // G, groups_per_forward):
-        g1 = min(n // G, g0 + groups_per_forward)
-        allowed = visible[None] & real[g0:g1, None, :]
-        allowed |= torch.eye(total, dtype=torch.bool, device=device)[None]  # padding attends to itself
+    for g0 in range(0, n_rows // G, groups_per_forward):
+        g1 = min(n_rows // G, g0 + groups_per_forward)
+        # Index lists in plain Python (a few hundred ints), then one tensor op each.
+        sources, slots, positions, gather = [], [], [], []
+        for g in range(g0, g1):
+            r0 = g * G
+            cols = prompt_cols[g]
+            n_prompt = len(cols)
+            src = [r0 * length + col for col in cols]
+            slot, pos, offset = [-1] * n_prompt, list(range(n_prompt)), n_prompt
+            for i in range(G):
+                n_i = comp_lens[r0 + i]
+                src += range((r0 + i) * length + prompt_region, (r0 + i) * length + prompt_region + n_i)
+                slot += [i] * n_i
+                pos += range(n_prompt, n_prompt + n_i)
+                # Sequence index whose logits predict token j: the last prompt position for j = 0,
+                # else the completion's own position j - 1 (clamped on padding, masked by the caller).
+                gather.append([n_prompt - 1] + [offset + min(j, max(n_i - 1, 0)) for j in range(c_max - 1)])
+                offset += n_i
+            sources.append(src)
+            slots.append(slot)
+            positions.append(pos)
+        b, width = g1 - g0, max(len(x) for x in sources)
+        pad = [width - len(x) for x in sources]
+        index = torch.tensor([x + [x[-1]] * k for x, k in zip(sources, pad, strict=True)], device=device)
+        ids = flat_ids[index]
+        slot = torch.tensor([x + [-2] * k for x, k in zip(slots, pad, strict=True)], device=device)  # -2 padding
+        pos = torch.tensor([x + [0] * k for x, k in zip(positions, pad, strict=True)], device=device)
+        col = torch.arange(width, device=device)
+        causal = col[None, :] <= col[:, None]  # [q, k]
+        key_slot, query_slot = slot[:, None, :], slot[:, :, None]
+        allowed = causal[None] & ((key_slot == -1) | (key_slot == query_slot)) & (key_slot != -2)
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]  # padding attends to itself
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, min_value)[:, None]
-        out = model(input_ids=ids[g0:g1], attention_mask=mask, position_ids=positions[g0:g1], logits_to_keep=keep,
+        first_kept = min(len(prompt_cols[g]) for g in range(g0, g1)) - 1  # earliest last-prompt position
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width - first_kept,
                     use_cache=False)
-        logits = _logits_of(out)[:, gather]  # [groups, G, c, V]
-        lp = token_logprobs(logits.reshape(-1, c, logits.shape[-1]), completions[g0:g1].reshape(-1, c), temperature,
-                            chunk_rows=chunk_rows)
-        results.append(lp)
-        del logits
+        logits = _logits_of(out)  # [b, width - first_kept, V]
+        where = (torch.tensor(gather, device=device) - first_kept).view(b, G * c_max)
+        picked = logits.gather(1, where[..., None].expand(-1, -1, logits.shape[-1])).view(b * G, c_max, -1)
+        targets = input_ids[g0 * G : g1 * G, prompt_region : prompt_region + c_max]
+        results.append(token_logprobs(picked, targets, temperature, chunk_rows=chunk_rows))
+        del logits, picked
     lp = torch.cat(results, dim=0)
-    if c < t:  # columns past every completion's end: padding, masked by the caller
-        lp = torch.cat([lp, lp.new_zeros(n, t - c)], dim=1)
+    if c_max < t:  # columns past every completion's end: padding, masked by the caller
+        lp = torch.cat([lp, lp.new_zeros(n_rows, t - c_max)], dim=1)
     return lp
 
 
