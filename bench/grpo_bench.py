@@ -113,7 +113,7 @@ def trl_config(s: Settings, output_dir: Path, **overrides: Any):
 
     rows = s.prompts_per_step * s.num_generations
     micro_batches = rows // s.logits_forward_batch_size
-    return GRPOConfig(
+    kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir), use_cpu=True, bf16=False, seed=s.seed, data_seed=s.seed,
         max_steps=s.steps, per_device_train_batch_size=s.logits_forward_batch_size,
         # one generation per optimizer step, split into micro-batches like our logits_forward_batch_size
@@ -127,7 +127,8 @@ def trl_config(s: Settings, output_dir: Path, **overrides: Any):
         optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none", shuffle_dataset=False,
         log_completions=False, disable_dropout=False, dataloader_num_workers=0, remove_unused_columns=False,
         disable_tqdm=True,
-    ) if not overrides else GRPOConfig(**{**trl_config(s, output_dir).to_dict(), **overrides})
+    )
+    return GRPOConfig(**{**kwargs, **overrides})
 
 
 EFFECTIVE_KEYS = ("prompts_per_step", "num_generations", "completions_per_step", "rows_per_forward",
@@ -368,7 +369,8 @@ def run_worker(trainer: str, s: Settings, out_dir: Path, log) -> dict[str, Any]:
     env.pop("RANK", None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "worker", trainer, "--settings", str(settings_file),
            "--out_dir", str(out_dir), "--result", str(result_file)]
-    log(f"[{trainer}] {s.steps} GRPO steps, {s.num_threads} threads ...")
+    what = f"GRPO for {s.max_train_seconds:g} s of training loop" if s.max_train_seconds else f"{s.steps} GRPO steps"
+    log(f"[{trainer}] {what}, {s.num_threads} threads, seed {s.seed} ...")
     t0 = time.time()
     with open(out_dir / f"{trainer}.log", "w") as logf:
         proc = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)

@@ -1,7 +1,7 @@
 """Learning in the same wall-clock budget: this project's GRPO stage vs TRL's GRPOTrainer.
 
-    .venv/bin/python bench/learning.py                     # 90 s of GRPO each from the SFT model (built if missing)
-    .venv/bin/python bench/learning.py --budget_s 60 --seeds 1 2
+    .venv/bin/python bench/learning.py                     # 60 s of GRPO each, seeds 42 and 43, from the SFT model
+    .venv/bin/python bench/learning.py --budget_s 120 --seeds 1 2 3
 
 From the same SFT checkpoint on the built-in task (`--sft_dir`, the default pipeline's SFT stage, run here if
 the folder holds no verified one), each trainer runs GRPO with equal settings (see `grpo_bench.Settings`;
@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--sft_dir", default="runs/bench/sft", help="SFT stage folder to start from (built here if missing)")
     p.add_argument("--out", default="runs/bench/learning", help="results folder")
-    p.add_argument("--budget_s", type=float, default=90.0, help="seconds of GRPO training loop per trainer and seed")
-    p.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run of each trainer per seed")
+    p.add_argument("--budget_s", type=float, default=60.0, help="seconds of GRPO training loop per trainer and seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="one run of each trainer per seed")
     p.add_argument("--max_eval_samples", type=int, default=None, help="held-out problems (default: the whole test split)")
     defaults = Settings(model="")
     for name in ("prompts_per_step", "num_generations", "logits_forward_batch_size", "max_completion_length",
