@@ -6,11 +6,12 @@ peak RSS, threads and allocator state are its own; the worker writes one JSON re
 timings, rewards, the effective settings read back from the trainer that ran, and its peak RSS. The
 parent refuses to report a comparison whose effective settings differ (`compare_effective`).
 
-Step phases, the same for both:
+Step phases, measured directly and the same way for both:
 - generation: the rollout minus reward scoring (sampling, decoding, padding; reference log-probs when
   beta > 0);
 - scoring: the reward functions;
-- training: log-prob forward, loss, backward, clipping, optimizer and scheduler step.
+- training: log-prob forward, loss, backward, clipping, optimizer and scheduler step;
+- other: the rest of the step's wall time (metrics, logging, the trainers' own bookkeeping).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class Settings:
         if rows % self.logits_forward_batch_size:
             raise BenchError(f"--logits_forward_batch_size {self.logits_forward_batch_size} must divide the "
                              f"{rows} completions per step (TRL splits a step into equal micro-batches)")
+        if self.weight_decay != 0:
+            raise BenchError("--weight_decay must be 0: TRL exempts biases and norms from decay, our stage does not")
         if self.num_generations < 2 or self.prompts_per_step < 1 or self.steps < 1:
             raise BenchError("--num_generations must be >= 2, --prompts_per_step and --steps >= 1")
 
@@ -101,6 +104,7 @@ def ours_flags(s: Settings, output_dir: Path) -> list[str]:
         "weight_decay": s.weight_decay, "max_grad_norm": s.max_grad_norm, "seed": s.seed, "logging_steps": 1,
         "save_steps": 0, "evaluation_strategy": "no", "report_to": "jsonl", "plugin": "ddp",
         "num_completions_to_print": 0, "max_train_seconds": s.max_train_seconds,
+        "stop_at_answer_tag": False,  # TRL stops at EOS only
     }
     out = [f"--{k}={v}" for k, v in flags.items()]
     out += ["--reward_funcs", *s.reward_funcs]
@@ -135,7 +139,8 @@ EFFECTIVE_KEYS = ("prompts_per_step", "num_generations", "completions_per_step",
                   "max_prompt_length", "max_completion_length", "temperature", "top_p", "top_k", "beta",
                   "epsilon_low", "epsilon_high", "loss_aggregation", "advantage_std", "num_iterations",
                   "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_betas",
-                  "max_grad_norm", "reward_funcs", "reward_weights", "mask_truncated_completions", "dtype")
+                  "max_grad_norm", "reward_funcs", "reward_weights", "mask_truncated_completions", "dtype",
+                  "stop_at", "dynamic_sampling", "repetition_penalty", "min_p")
 
 AGGREGATION = {  # how each name normalises the per-token loss, in words both sides agree on
     "grpo": "mean over tokens of each sequence, then over sequences",
@@ -143,7 +148,7 @@ AGGREGATION = {  # how each name normalises the per-token loss, in words both si
 }
 
 
-def effective_ours(args: dict[str, Any], dtype: str) -> dict[str, Any]:
+def effective_ours(args: dict[str, Any]) -> dict[str, Any]:
     """From the args our stage recorded in r1_stage.json (parsed flags, after defaults)."""
     if args["initial_temperature"] != args["final_temperature"]:
         raise BenchError("our run used a temperature schedule; TRL has one temperature")
@@ -161,22 +166,43 @@ def effective_ours(args: dict[str, Any], dtype: str) -> dict[str, Any]:
         "weight_decay": args["weight_decay"], "adam_betas": [args["adam_beta1"], args["adam_beta2"]],
         "max_grad_norm": args["max_grad_norm"], "reward_funcs": list(args["reward_funcs"]),
         "reward_weights": list(args["reward_weights"] or [1.0] * len(args["reward_funcs"])),
-        "mask_truncated_completions": args["mask_truncated_completions"], "dtype": dtype,
+        "mask_truncated_completions": args["mask_truncated_completions"], "dtype": "bfloat16" if args["bf16"] else "float32",
+        "stop_at": "eos or </answer>" if args["stop_at_answer_tag"] else "eos",
+        "dynamic_sampling": args["dynamic_sampling"], "repetition_penalty": 1.0, "min_p": None,  # not in our sampler
     }
+
+
+def _generation_value(trainer, name: str) -> Any:
+    """What `generate` will use for `name`: transformers fills a field the passed config leaves at its
+    default from the model's own generation_config, so a non-default value there wins."""
+    from transformers import GenerationConfig
+
+    default = getattr(GenerationConfig(), name)
+    value = getattr(trainer.generation_config, name)
+    model_value = getattr(getattr(trainer.model, "generation_config", None), name, default)
+    return model_value if value == default and model_value != default else value
 
 
 def effective_trl(trainer, reward_names: list[str]) -> dict[str, Any]:
     """From the live GRPOTrainer: its resolved attributes and generation config, not our inputs."""
-    a, gen = trainer.args, trainer.generation_config
+    a = trainer.args
     per_gen = a.generation_batch_size  # completions generated at once = one optimizer step here
     trl_to_ours = {v: k for k, v in LOSS_TYPES.items()}
+    do_sample = _generation_value(trainer, "do_sample")
+    eos = _generation_value(trainer, "eos_token_id")
+    stop_strings = _generation_value(trainer, "stop_strings")
+    stop_at = " or ".join((["eos"] if eos is not None else []) + list(stop_strings or []))
+    if eos is not None and eos not in (trainer.processing_class.eos_token_id, [trainer.processing_class.eos_token_id]):
+        stop_at = f"token ids {eos}"
     return {
         "prompts_per_step": per_gen // trainer.num_generations if a.steps_per_generation == a.gradient_accumulation_steps else None,
         "num_generations": trainer.num_generations,
         "completions_per_step": a.per_device_train_batch_size * a.gradient_accumulation_steps,
         "rows_per_forward": a.per_device_train_batch_size, "max_prompt_length": trainer.max_prompt_length,
-        "max_completion_length": gen.max_new_tokens, "temperature": gen.temperature if gen.do_sample else 0.0,
-        "top_p": gen.top_p, "top_k": gen.top_k or None, "beta": trainer.beta, "epsilon_low": trainer.epsilon_low,
+        "max_completion_length": _generation_value(trainer, "max_new_tokens"),
+        "temperature": _generation_value(trainer, "temperature") if do_sample else 0.0,
+        "top_p": _generation_value(trainer, "top_p"), "top_k": _generation_value(trainer, "top_k") or None,
+        "beta": trainer.beta, "epsilon_low": trainer.epsilon_low,
         "epsilon_high": trainer.epsilon_high,
         "loss_aggregation": AGGREGATION.get(trl_to_ours.get(trainer.loss_type, ""), trainer.loss_type),
         "advantage_std": "group (unbiased) + 1e-4" if trainer.scale_rewards else "none",
@@ -186,6 +212,8 @@ def effective_trl(trainer, reward_names: list[str]) -> dict[str, Any]:
         "reward_funcs": reward_names, "reward_weights": [float(w) for w in trainer.reward_weights.tolist()],
         "mask_truncated_completions": trainer.mask_truncated_completions,
         "dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
+        "stop_at": stop_at, "dynamic_sampling": False,  # TRL 0.19 has no dynamic sampling
+        "repetition_penalty": _generation_value(trainer, "repetition_penalty"), "min_p": _generation_value(trainer, "min_p"),
     }
 
 
@@ -226,18 +254,19 @@ def run_ours(s: Settings, out_dir: Path) -> dict[str, Any]:
     records = [r for r in records if "reward_mean" in r]
     rows = s.prompts_per_step * s.num_generations
     # metrics.jsonl is written once per step (logging_steps 1), after the optimizer step: consecutive
-    # timestamps are step wall times. The first step has no predecessor; its time is its phase sum.
+    # timestamps are step wall times. The first step has no predecessor; its time is its phases' sum.
     steps, previous = [], None
     for r in records:
-        wall = r["time"] - previous if previous is not None else r["generate_s"] + r["score_s"] + r["train_s"]
+        phases = r["rollout_s"] + r["train_s"]
+        wall = r["time"] - previous if previous is not None else phases
         previous = r["time"]
         steps.append({"step": r["step"], "wall_s": wall, "score_s": r["score_s"], "train_s": r["train_s"],
-                      "generate_s": max(wall - r["score_s"] - r["train_s"], 0.0),
+                      "generate_s": r["rollout_s"] - r["score_s"], "other_s": max(wall - phases, 0.0),
                       "completion_tokens": r["completion_length_mean"] * rows, "reward_mean": r["reward_mean"],
                       "accuracy": r["accuracy"], "format_rate": r["format_rate"]})
     import torch
 
-    return {"trainer": "ours", "steps": steps, "effective": effective_ours(manifest.inputs["args"], "float32"),
+    return {"trainer": "ours", "steps": steps, "effective": effective_ours(manifest.inputs["args"]),
             "model_dir": str(run_dir), "process_s": time.time() - started, "torch_threads": torch.get_num_threads()}
 
 
@@ -267,7 +296,7 @@ def run_trl(s: Settings, out_dir: Path) -> dict[str, Any]:
 
     names = list(s.reward_funcs)
 
-    phase: dict[str, float] = {"rollout_s": 0.0, "score_s": 0.0, "stats_s": 0.0}
+    phase: dict[str, float] = {"rollout_s": 0.0, "score_s": 0.0, "stats_s": 0.0, "micro_s": 0.0, "micro_end": 0.0}
     rollout_stats: dict[str, float] = {}
 
     def r1_reward(completions: list[str], answer: list[str], **_: Any) -> list[float]:
@@ -285,6 +314,13 @@ def run_trl(s: Settings, out_dir: Path) -> dict[str, Any]:
             t0 = time.time()
             out = super()._generate_and_score_completions(inputs)
             phase["rollout_s"] += time.time() - t0
+            return out
+
+        def training_step(self, *args, **kwargs):  # one micro-batch: (rollout) + forward + backward
+            t0 = time.time()
+            out = super().training_step(*args, **kwargs)
+            phase["micro_end"] = time.time()
+            phase["micro_s"] += phase["micro_end"] - t0
             return out
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -308,10 +344,13 @@ def run_trl(s: Settings, out_dir: Path) -> dict[str, Any]:
             wall = now - self.last
             self.last = now
             score_s = phase["score_s"] - phase["stats_s"]
+            # Training = the micro-steps without their rollout + clipping, optimizer, scheduler, zero_grad
+            # (from the last micro-step's end to here).
+            train_s = phase["micro_s"] - phase["rollout_s"] + (now - phase["micro_end"])
             steps.append({"step": state.global_step, "wall_s": wall, "score_s": score_s,
-                          "generate_s": phase["rollout_s"] - score_s, "train_s": max(wall - phase["rollout_s"], 0.0),
-                          **rollout_stats})
-            phase.update(rollout_s=0.0, score_s=0.0, stats_s=0.0)
+                          "generate_s": phase["rollout_s"] - score_s, "train_s": train_s,
+                          "other_s": max(wall - phase["rollout_s"] - train_s, 0.0), **rollout_stats})
+            phase.update(rollout_s=0.0, score_s=0.0, stats_s=0.0, micro_s=0.0)
             if s.max_train_seconds and now - budget_start[0] >= s.max_train_seconds:
                 control.should_training_stop = True
 
@@ -425,11 +464,11 @@ def summarize(result: dict[str, Any], skip_first: int = 2) -> dict[str, float]:
     """
     steps = result["steps"]
     timed = steps[skip_first:] if len(steps) > skip_first else steps
-    med = {k: statistics.median(st[k] for st in timed) for k in ("wall_s", "generate_s", "score_s", "train_s")}
+    med = {k: statistics.median(st[k] for st in timed) for k in ("wall_s", "generate_s", "score_s", "train_s", "other_s")}
     tokens = statistics.median(st.get("completion_tokens") or 0.0 for st in timed)
     return {
         "steps": len(steps), "step_s": med["wall_s"], "generate_s": med["generate_s"], "score_s": med["score_s"],
-        "train_s": med["train_s"], "steps_per_min": 60.0 / med["wall_s"] if med["wall_s"] else 0.0,
+        "train_s": med["train_s"], "other_s": med["other_s"], "steps_per_min": 60.0 / med["wall_s"] if med["wall_s"] else 0.0,
         "tokens_per_s": tokens / med["wall_s"] if med["wall_s"] else 0.0,
         "gen_tokens_per_s": tokens / med["generate_s"] if med["generate_s"] else 0.0,
         "completion_len": tokens / max(result["effective"]["completions_per_step"], 1),

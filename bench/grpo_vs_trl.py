@@ -41,6 +41,7 @@ ROWS = [  # (label, key, format, higher is better)
     ("  generation (s)", "generate_s", "{:.3f}", False),
     ("  scoring (s)", "score_s", "{:.3f}", False),
     ("  training (s)", "train_s", "{:.3f}", False),
+    ("  other (s)", "other_s", "{:.3f}", False),
     ("GRPO steps / min", "steps_per_min", "{:.1f}", True),
     ("completion tokens / s (step)", "tokens_per_s", "{:.0f}", True),
     ("completion tokens / s (generation)", "gen_tokens_per_s", "{:.0f}", True),

@@ -17,7 +17,7 @@ from trainer import grpo
 from trainer.data import load_examples
 
 # Fields of a metrics.jsonl record that measure wall-clock time (everything else must repeat exactly).
-TIMING_KEYS = {"time", "generate_s", "score_s", "train_s", "rollout_tokens_per_s", "runtime_s"}
+TIMING_KEYS = {"time", "generate_s", "score_s", "train_s", "rollout_s", "rollout_tokens_per_s", "runtime_s"}
 # 25 digits: more tokens than --max_completion_length 24 allows (digits are single tokens), so no
 # completion can ever be this answer and a group asked for it has accuracy reward 0 in every sample.
 UNREACHABLE = "1234567890123456789012345"

@@ -756,7 +756,14 @@ def test_shared_prompt_plan_falls_back_when_packing_is_invalid_or_dearer() -> No
     model.config._attn_implementation = "flash_attention_2"  # takes no arbitrary mask
     assert shared_prompt_plan(model, input_ids, attention_mask, t, 3, 32) is None
     model.config._attn_implementation = "sdpa"
-    assert shared_prompt_plan(FullLogitsOnly(model), input_ids, attention_mask, t, 3, 32) is None
+    no_keep = FullLogitsOnly(model)
+    no_keep.config = model.config  # a forward without logits_to_keep: its config alone must not enable packing
+    assert shared_prompt_plan(no_keep, input_ids, attention_mask, t, 3, 32) is None
+    empty = attention_mask.clone()
+    empty[2, -t:] = 0  # row 2 completed with no token at all
+    assert shared_prompt_plan(model, input_ids, empty, t, 3, 32) is None
+    with pytest.raises(ValueError, match="at least one token"):
+        grouped_completion_logprobs(model, input_ids, empty, t, 3, 2, 1.0)
     # A one-token prompt with 8 long completions: (1 + 8 x 40)^2 attention pairs cost more than the
     # 7 prompt passes saved, so the plain forward is chosen, and it is what completion_logprobs runs.
     gen = torch.Generator().manual_seed(3)
@@ -767,3 +774,22 @@ def test_shared_prompt_plan_falls_back_when_packing_is_invalid_or_dearer() -> No
     with torch.no_grad():
         completion_logprobs(wrapped, long_ids, long_mask, long_ids[:, 1:], 1.0, 64, group_size=8)
     assert wrapped.seen_kwargs[0]["attention_mask"].dim() == 2
+
+
+class IgnoresLogitsToKeep(nn.Module):
+    """Accepts logits_to_keep but returns every position (e.g. a replaced forward): must be an error."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.module = inner
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, use_cache=None):
+        return self.module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def test_shared_prompt_forward_checks_the_model_kept_the_asked_logits() -> None:
+    model = tiny_llama("sdpa")
+    input_ids, attention_mask, _, _ = grouped_batch()
+    with torch.no_grad(), pytest.raises(ValueError, match="asked for logits_to_keep=13"):
+        completion_logprobs(IgnoresLogitsToKeep(model), input_ids, attention_mask, input_ids[:, -6:], 1.0, 6,
+                            group_size=3)

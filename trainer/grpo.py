@@ -52,8 +52,10 @@ from trainer.runtime import (
     MetricsLogger,
     Preemption,
     TrainingArgs,
+    all_reduce_,
     args_dict,
     autocast,
+    broadcast_,
     clip_gradients,
     init_distributed,
     load_model_and_tokenizer,
@@ -93,6 +95,7 @@ class GRPOArgs(TrainingArgs):
     reward_funcs: list[str] = field(default_factory=lambda: list(DEFAULT_REWARD_FUNCS), metadata={"help": f"Reward functions: {', '.join(REWARD_FUNCS)}"})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward function (default 1.0 each)"})
     num_completions_to_print: int = field(default=2, metadata={"help": "Completions logged per logging step"})
+    stop_at_answer_tag: bool = field(default=True, metadata={"help": "End a completion at </answer> as well as at EOS (false: EOS only)"})
     max_train_seconds: float = field(default=0.0, metadata={"help": "Stop after this many seconds of this run's step loop (0: no limit); "
                                      "the final model and r1_stage.json are written as after --max_steps"})
 
@@ -229,10 +232,12 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
     while step < total_steps:
         temperature = temperature_at(step - step % args.num_iterations, total_steps, args.initial_temperature,
                                      args.final_temperature, args.temperature_schedule)
-        timings = {"generate_s": 0.0, "score_s": 0.0}
+        timings = {"generate_s": 0.0, "score_s": 0.0, "rollout_s": 0.0}
         if step % args.num_iterations == 0:  # a fresh rollout; reused for num_iterations steps
+            t_rollout = time.time()
             rollout = make_rollout(model, ref_model, tokenizer, stream, prompts_per_step, temperature, args, device,
                                    generator, prompt_cache, timings)
+            timings["rollout_s"] = time.time() - t_rollout  # sampling + scoring + batching (+ reference log-probs)
         assert rollout is not None
         t_train = time.time()
         train_stats = policy_update(booster, model, optimizer, rollout, args, dist, reuse=step % args.num_iterations != 0)
@@ -244,10 +249,13 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
         bar.update(1)
         timings["train_s"] = time.time() - t_train
 
+        # The time limit ends a run only between rollouts (never inside a rollout's iterations).
+        out_of_budget = (step % args.num_iterations == 0 and args.max_train_seconds > 0
+                         and out_of_time(loop_started, args.max_train_seconds))
         if args.evaluation_strategy == "steps" and step % args.eval_steps == 0 and eval_examples:
             last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist)
             metrics.log(step, last_eval)
-        if step % args.logging_steps == 0 or step == total_steps:
+        if step % args.logging_steps == 0 or step == total_steps or out_of_budget:
             record = reduce_step_metrics(rollout, train_stats, timings, dist)
             record.update(temperature=temperature, learning_rate=scheduler.get_last_lr()[0])
             metrics.log(step, record)
@@ -274,7 +282,7 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
                 logger.warning("preempted at step %d; checkpoint saved, exiting", step)
                 metrics.close()
                 return PREEMPTED_EXIT_CODE
-        if at_cycle_end and args.max_train_seconds > 0 and out_of_time(loop_started, args.max_train_seconds):
+        if out_of_budget:
             logger.info("--max_train_seconds %g reached after %d steps; finishing", args.max_train_seconds, step)
             break
     bar.close()
@@ -320,7 +328,8 @@ def sample_and_score(model, tokenizer, examples: list[Example], temperature: flo
         t0 = time.time()
         out = sample_groups(model, prompts, num_generations=G, max_new_tokens=args.max_completion_length,
                             temperature=temperature, top_p=args.top_p, eos_token_ids=[tokenizer.eos_token_id],
-                            stop_sequences=stop_sequences(tokenizer), pad_token_id=tokenizer.pad_token_id, generator=generator)
+                            stop_sequences=stop_sequences(tokenizer) if args.stop_at_answer_tag else [],
+                            pad_token_id=tokenizer.pad_token_id, generator=generator)
         t1 = time.time()
         lengths = out.completion_mask.sum(1).tolist()
         texts = [tokenizer.decode(out.completion_ids[r, : lengths[r]], skip_special_tokens=True) for r in range(len(lengths))]
@@ -366,8 +375,8 @@ def make_rollout(model, ref_model, tokenizer, stream: PromptStream, n_prompts: i
     if args.scale_rewards == "batch" and td.is_initialized() and td.get_world_size() > 1:
         # The batch std spans every rank's groups: recompute it from all-reduced moments.
         centered = rewards.view(-1, G) - rewards.view(-1, G).mean(1, keepdim=True)
-        moments = torch.tensor([float(rewards.numel()), float(rewards.sum()), float((rewards**2).sum())], dtype=torch.float64)
-        td.all_reduce(moments)
+        moments = all_reduce_(torch.tensor([float(rewards.numel()), float(rewards.sum()), float((rewards**2).sum())],
+                                           dtype=torch.float64))
         n, s, ss = moments.tolist()
         std = math.sqrt(max(ss - s * s / n, 0.0) / max(n - 1, 1))
         advantages = (centered / (std + 1e-4)).flatten()
@@ -422,12 +431,12 @@ def policy_update(booster, model, optimizer, rollout: Rollout, args: GRPOArgs, d
     """Backward of the GRPO loss over the rollout in chunks; gradients are synchronised once, at the end."""
     N = rollout.input_ids.size(0)
     device = rollout.input_ids.device
-    totals = torch.tensor([float(N), float(rollout.completion_mask.sum())], dtype=torch.float64)
-    if td.is_initialized():
-        td.all_reduce(totals)
+    totals = all_reduce_(torch.tensor([float(N), float(rollout.completion_mask.sum())], dtype=torch.float64))
     n_global, tokens_global = totals.tolist()
     W = dist.world_size
     chunk = args.logits_forward_batch_size
+    if chunk >= args.num_generations:  # whole groups per chunk, so each can run its prompt once
+        chunk -= chunk % args.num_generations
     sums: dict[str, float] = {}
     token_sum = 0.0
     for start in range(0, N, chunk):
@@ -469,9 +478,7 @@ def policy_update(booster, model, optimizer, rollout: Rollout, args: GRPOArgs, d
 
 def out_of_time(started: float, limit_s: float) -> bool:
     """Rank 0's clock decides, so every rank stops after the same step."""
-    flag = torch.tensor([1.0 if time.time() - started >= limit_s else 0.0])
-    if td.is_initialized():
-        td.broadcast(flag, src=0)
+    flag = broadcast_(torch.tensor([1.0 if time.time() - started >= limit_s else 0.0]))
     return bool(flag.item() > 0)
 
 
@@ -486,10 +493,10 @@ def reduce_step_metrics(rollout: Rollout, train_stats: dict[str, float], timings
     weighted = ["kl", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "ratio_mean"]
     vec = torch.tensor([s[k] for k in keys] + [train_stats.get(k, 0.0) * train_stats["tokens"] for k in weighted]
                        + [train_stats["tokens"], train_stats["loss"]], dtype=torch.float64)
-    maxes = torch.tensor([s["length_max"], s["generate_s"], s["score_s"], timings.get("train_s", 0.0)], dtype=torch.float64)
-    if td.is_initialized():
-        td.all_reduce(vec)
-        td.all_reduce(maxes, op=td.ReduceOp.MAX)
+    maxes = torch.tensor([s["length_max"], s["generate_s"], s["score_s"], timings.get("train_s", 0.0),
+                          timings.get("rollout_s", 0.0)], dtype=torch.float64)
+    all_reduce_(vec)
+    all_reduce_(maxes, op=td.ReduceOp.MAX)
     v = dict(zip(keys + weighted + ["tokens", "loss"], vec.tolist(), strict=True))
     n = max(v["rows"], 1.0)
     mean = v["reward_sum"] / n
@@ -507,6 +514,7 @@ def reduce_step_metrics(rollout: Rollout, train_stats: dict[str, float], timings
         "generate_s": maxes[1].item(),
         "score_s": maxes[2].item(),
         "train_s": maxes[3].item(),
+        "rollout_s": maxes[4].item(),
     }
     out["rollout_tokens_per_s"] = v["generated_tokens"] / max(out["generate_s"], 1e-9) if out["generate_s"] > 0 else 0.0
     for k in weighted:
@@ -518,8 +526,11 @@ def reduce_step_metrics(rollout: Rollout, train_stats: dict[str, float], timings
 def log_samples(output_dir: Path, step: int, rollout: Rollout, n: int, dist) -> None:
     if dist.rank != 0 or n <= 0:
         return
+    # Rows are sorted by group length: spread the picks from the shortest group to the longest.
+    total = len(rollout.texts)
+    picks = sorted({round(k * (total - 1) / max(n - 1, 1)) for k in range(min(n, total))})
     samples = [{"step": step, "answer": rollout.answers[i], "reward": float(rollout.rewards[i]),
-                "advantage": float(rollout.advantages[i]), "completion": rollout.texts[i]} for i in range(min(n, len(rollout.texts)))]
+                "advantage": float(rollout.advantages[i]), "completion": rollout.texts[i]} for i in picks]
     with (output_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
         for s in samples:
             f.write(json.dumps(s) + "\n")
@@ -533,9 +544,8 @@ def evaluate_sharded(model, tokenizer, examples: list[Example], args: GRPOArgs, 
     result = evaluate_model(unwrapped, tokenizer, mine, k=1, temperature=0.0, max_new_tokens=args.max_completion_length,
                             batch_size=args.inference_batch_size * 4, seed=args.seed)
     n = len(result.records)
-    vec = torch.tensor([result.metrics["accuracy"] * n, result.metrics["format_rate"] * n, float(n)], dtype=torch.float64)
-    if td.is_initialized():
-        td.all_reduce(vec)
+    vec = all_reduce_(torch.tensor([result.metrics["accuracy"] * n, result.metrics["format_rate"] * n, float(n)],
+                                   dtype=torch.float64))
     total = max(vec[2].item(), 1.0)
     return {"eval_accuracy": vec[0].item() / total, "eval_format_rate": vec[1].item() / total}
 

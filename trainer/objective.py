@@ -538,8 +538,8 @@ def shared_prompt_plan(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     if int(prompt_mask[:, 0].sum(-1).min()) < 1:
         return None  # an empty prompt: no position to predict the first completion token from
     comp_mask = attention_mask[:, length - t :].long()
-    if bool((comp_mask[:, 1:] > comp_mask[:, :-1]).any()):
-        return None  # a completion with a hole: not one contiguous run of tokens
+    if bool((comp_mask[:, 1:] > comp_mask[:, :-1]).any()) or not bool(comp_mask[:, 0].all()):
+        return None  # a completion with a hole, or an empty one: not one run of >= 1 tokens
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     if hidden <= 0 or layers <= 0:
@@ -568,8 +568,9 @@ def grouped_completion_logprobs(model: nn.Module, input_ids: Tensor, attention_m
 
     Group row: ``[prompt (n real tokens) | c_1 | ... | c_G | padding]``, completions at their real
     lengths. Completion ``i`` token ``j`` has position ``n + j`` (as in its own row) and sees the prompt
-    and its own tokens ``<= j``; padding sees only itself. The last prompt position predicts every
-    completion's first token; token ``j > 0`` is predicted at the completion's position ``j - 1``.
+    and its own tokens ``<= j`` (padding at the row's end sees the prompt and itself; nothing reads it).
+    The last prompt position predicts every completion's first token; token ``j > 0`` is predicted at
+    the completion's position ``j - 1``. Only the real completion tokens' logits are gathered.
     """
     n_rows, length = input_ids.shape
     G = group_size
@@ -577,16 +578,21 @@ def grouped_completion_logprobs(model: nn.Module, input_ids: Tensor, attention_m
     dtype = next(_inner_model(model).parameters()).dtype
     prompt_region = length - t
     comp_lens = attention_mask[:, prompt_region:].long().sum(1).tolist()
+    if min(comp_lens) < 1:
+        raise ValueError("every completion needs at least one token for the shared-prompt forward")
     prompt_cols = [attention_mask[r, :prompt_region].nonzero().flatten().tolist() for r in range(0, n_rows, G)]
-    c_max = max(1, max(comp_lens))
     min_value = torch.finfo(dtype).min
+    inner = _inner_model(model)
+    config = inner.config
+    sdpa = config._attn_implementation == "sdpa"
     flat_ids = input_ids.reshape(-1)
-    results = []
+    out: Tensor | None = None
     for g0 in range(0, n_rows // G, groups_per_forward):
         g1 = min(n_rows // G, g0 + groups_per_forward)
-        # Index lists in plain Python (a few hundred ints), then one tensor op each.
-        sources, slots, positions, gather = [], [], [], []
-        for g in range(g0, g1):
+        # Index lists in plain Python (a few thousand ints), then one tensor op each.
+        sources, slots, positions = [], [], []
+        pred_row, pred_pos, out_row, out_col = [], [], [], []  # one entry per completion token
+        for k, g in enumerate(range(g0, g1)):
             r0 = g * G
             cols = prompt_cols[g]
             n_prompt = len(cols)
@@ -594,41 +600,51 @@ def grouped_completion_logprobs(model: nn.Module, input_ids: Tensor, attention_m
             slot, pos, offset = [-1] * n_prompt, list(range(n_prompt)), n_prompt
             for i in range(G):
                 n_i = comp_lens[r0 + i]
-                src += range((r0 + i) * length + prompt_region, (r0 + i) * length + prompt_region + n_i)
+                start = (r0 + i) * length + prompt_region
+                src += range(start, start + n_i)
                 slot += [i] * n_i
                 pos += range(n_prompt, n_prompt + n_i)
-                # Sequence index whose logits predict token j: the last prompt position for j = 0,
-                # else the completion's own position j - 1 (clamped on padding, masked by the caller).
-                gather.append([n_prompt - 1] + [offset + min(j, max(n_i - 1, 0)) for j in range(c_max - 1)])
+                # Token j is predicted at the last prompt position (j = 0) or at its own position j - 1.
+                pred_pos += [n_prompt - 1, *range(offset, offset + n_i - 1)]
+                pred_row += [k] * n_i
+                out_row += [r0 + i] * n_i
+                out_col += range(n_i)
                 offset += n_i
             sources.append(src)
             slots.append(slot)
             positions.append(pos)
-        b, width = g1 - g0, max(len(x) for x in sources)
+        width = max(len(x) for x in sources)
         pad = [width - len(x) for x in sources]
-        index = torch.tensor([x + [x[-1]] * k for x, k in zip(sources, pad, strict=True)], device=device)
-        ids = flat_ids[index]
+        ids = flat_ids[torch.tensor([x + [x[-1]] * k for x, k in zip(sources, pad, strict=True)], device=device)]
         slot = torch.tensor([x + [-2] * k for x, k in zip(slots, pad, strict=True)], device=device)  # -2 padding
         pos = torch.tensor([x + [0] * k for x, k in zip(positions, pad, strict=True)], device=device)
+        first_kept = min(len(prompt_cols[g]) for g in range(g0, g1)) - 1  # earliest last-prompt position
+        keep = width - first_kept
         col = torch.arange(width, device=device)
         causal = col[None, :] <= col[:, None]  # [q, k]
         key_slot, query_slot = slot[:, None, :], slot[:, :, None]
         allowed = causal[None] & ((key_slot == -1) | (key_slot == query_slot)) & (key_slot != -2)
-        allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]  # padding attends to itself
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, min_value)[:, None]
-        first_kept = min(len(prompt_cols[g]) for g in range(g0, g1)) - 1  # earliest last-prompt position
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width - first_kept,
-                    use_cache=False)
-        logits = _logits_of(out)  # [b, width - first_kept, V]
-        where = (torch.tensor(gather, device=device) - first_kept).view(b, G * c_max)
-        picked = logits.gather(1, where[..., None].expand(-1, -1, logits.shape[-1])).view(b * G, c_max, -1)
-        targets = input_ids[g0 * G : g1 * G, prompt_region : prompt_region + c_max]
-        results.append(token_logprobs(picked, targets, temperature, chunk_rows=chunk_rows))
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]  # no query row may be empty
+        if sdpa:  # a boolean mask goes to the kernel as is
+            mask = allowed[:, None]
+        else:
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, min_value)[:, None]
+        output = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
+        logits = _logits_of(output)
+        if logits.shape[1] != keep:
+            raise ValueError(f"model returned logits for {logits.shape[1]} positions, asked for logits_to_keep={keep}")
+        rows_t = torch.tensor(out_row, device=device)
+        cols_t = torch.tensor(out_col, device=device)
+        flat = torch.tensor([r * keep + q - first_kept for r, q in zip(pred_row, pred_pos, strict=True)], device=device)
+        picked = logits.reshape(-1, logits.shape[-1]).index_select(0, flat)  # backward: one index_add
+        targets = input_ids[rows_t, prompt_region + cols_t]
+        values = token_logprobs(picked, targets, temperature, chunk_rows=chunk_rows)  # [tokens]
         del logits, picked
-    lp = torch.cat(results, dim=0)
-    if c_max < t:  # columns past every completion's end: padding, masked by the caller
-        lp = torch.cat([lp, lp.new_zeros(n_rows, t - c_max)], dim=1)
-    return lp
+        if out is None:
+            out = values.new_zeros(n_rows, t)
+        out = out.index_put((rows_t, cols_t), values)  # out of place: autograd keeps every chunk's values
+    assert out is not None
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

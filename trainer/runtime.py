@@ -351,6 +351,38 @@ class Preemption:
         return bool(flag.item() > 0)
 
 
+def all_reduce_(tensor: Any, op: Any = None) -> Any:
+    """In-place all-reduce of a small host tensor (metrics, counts) on the device the backend needs:
+    NCCL reduces CUDA tensors only, gloo CPU ones. A no-op without a process group."""
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        return tensor
+    op = td.ReduceOp.SUM if op is None else op
+    if td.get_backend() == "nccl":
+        moved = tensor.cuda()
+        td.all_reduce(moved, op=op)
+        tensor.copy_(moved.cpu())
+    else:
+        td.all_reduce(tensor, op=op)
+    return tensor
+
+
+def broadcast_(tensor: Any, src: int = 0) -> Any:
+    """In-place broadcast of a small host tensor from `src`, as `all_reduce_`."""
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        return tensor
+    if td.get_backend() == "nccl":
+        moved = tensor.cuda()
+        td.broadcast(moved, src=src)
+        tensor.copy_(moved.cpu())
+    else:
+        td.broadcast(tensor, src=src)
+    return tensor
+
+
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the pod failed (to be retried), not completed
 
 

@@ -31,6 +31,7 @@ from trainer.runtime import (
     MetricsLogger,
     Preemption,
     TrainingArgs,
+    all_reduce_,
     args_dict,
     autocast,
     clip_gradients,
@@ -218,9 +219,7 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
             last_eval = eval_loss(model, eval_rows, args, dist, pad_id, device)
             metrics.log(step, {"eval_loss": last_eval})
         if step % args.logging_steps == 0 or step == total_steps:
-            stats = torch.tensor([window_loss, float(window_tokens)], dtype=torch.float64)
-            if td.is_initialized():
-                td.all_reduce(stats)
+            stats = all_reduce_(torch.tensor([window_loss, float(window_tokens)], dtype=torch.float64))
             train_loss = float(stats[0] / stats[1].clamp(min=1))
             elapsed = time.time() - window_start
             metrics.log(step, {"loss": train_loss, "learning_rate": scheduler.get_last_lr()[0], "epoch": step / steps_per_epoch,
