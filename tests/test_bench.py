@@ -26,6 +26,7 @@ def _run(script: str, argv: list[str], cwd: Path, stage_runner) -> subprocess.Co
 
 @pytest.fixture(scope="module")
 def toy_comparison(warm_model_dir: Path, stage_runner, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    pytest.importorskip("trl")  # the bench extra (make setup installs it)
     out = tmp_path_factory.mktemp("gvt")
     proc = _run("grpo_vs_trl.py", ["--model", str(warm_model_dir), "--out", str(out), *TOY], out, stage_runner)
     assert proc.returncode == 0, proc.stdout[-5000:]
@@ -93,15 +94,20 @@ def test_compare_effective_names_every_difference() -> None:
 
 @pytest.mark.slow
 def test_learning_bench_same_budget_and_held_out_accuracy(warm_model_dir: Path, stage_runner, tmp_path: Path) -> None:
+    pytest.importorskip("trl")
     proc = _run("learning.py", ["--sft_dir", str(warm_model_dir), "--out", str(tmp_path), "--budget_s", "4",
-                                "--max_eval_samples", "8", "--prompts_per_step", "2", "--num_generations", "4",
-                                "--logits_forward_batch_size", "4", "--max_completion_length", "12", "--threads", "1"],
+                                "--seeds", "1", "--max_eval_samples", "8", "--prompts_per_step", "2",
+                                "--num_generations", "4", "--logits_forward_batch_size", "4",
+                                "--max_completion_length", "12", "--threads", "1"],
                 tmp_path, stage_runner)
     assert proc.returncode == 0, proc.stdout[-5000:]
     data = json.loads((tmp_path / "learning.json").read_text())
-    assert data["budget_s"] == 4 and data["effective"]["completions_per_step"] == 8
-    for row in data["rows"]:
-        assert row["steps"] >= 1 and 3 <= row["loop_s"] < 4 + 30  # stops at the first step past the budget
-        assert 0 <= row["after"] <= 1 and row["before"] == data["before"]["accuracy"]
+    assert data["budgets_s"] == [4.0] and data["effective"]["completions_per_step"] == 8
+    assert [(r["budget_s"], r["trainer"]) for r in data["summary"]] == [(4.0, "ours"), (4.0, "trl")]
+    for name in ("ours", "trl"):
+        (run,) = data["results"]["4.0"][name]
+        assert run["seed"] == 1 and run["steps_done"] == len(run["steps"]) >= 1
+        assert 3 <= run["loop_s"] < 4 + 30  # stops at the first step past the budget
+        assert 0 <= run["accuracy"] <= 1
     assert (tmp_path / "learning.png").stat().st_size > 10_000
-    assert "accuracy gain: r1-grpo" in proc.stdout
+    assert "gain r1-grpo - TRL:" in proc.stdout
