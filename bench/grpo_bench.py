@@ -420,6 +420,17 @@ def run_worker(trainer: str, s: Settings, out_dir: Path, log) -> dict[str, Any]:
     return json.loads(result_file.read_text())
 
 
+def warm_up(s: Settings, out_dir: Path, log) -> None:
+    """A short untimed run of each side first: the first processes after a pause load torch and the
+    model from a cold page cache and run on a cold CPU (measured: both trainers' first round ~20 %
+    slower than later ones)."""
+    from dataclasses import replace
+
+    log("[warm-up] 3 steps of each, not measured")
+    for name in ("ours", "trl"):
+        run_worker(name, replace(s, steps=3, max_train_seconds=0.0), out_dir / "warm-up", lambda _msg: None)
+
+
 # ---------------------------------------------------------------------------------------------
 # The SFT checkpoint both start from, and held-out accuracy
 

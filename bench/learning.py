@@ -1,6 +1,6 @@
 """Learning in the same wall-clock budget: this project's GRPO stage vs TRL's GRPOTrainer.
 
-    .venv/bin/python bench/learning.py                     # budgets 5, 10, 20 s; seeds 42, 43; from the SFT model
+    .venv/bin/python bench/learning.py                     # budgets 2.5, 5, 10 s; seeds 42, 43; from the SFT model
     .venv/bin/python bench/learning.py --budget_s 30 60 --seeds 1 2 3 --learning_rate 3e-4
 
 From the same SFT checkpoint on the built-in task (`--sft_dir`, the default pipeline's SFT stage, run here if
@@ -32,6 +32,7 @@ from grpo_bench import (  # noqa: E402
     held_out_accuracy,
     machine_line,
     run_worker,
+    warm_up,
 )
 
 NAMES = ("ours", "trl")
@@ -41,9 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--sft_dir", default="runs/bench/sft", help="SFT stage folder to start from (built here if missing)")
     p.add_argument("--out", default="runs/bench/learning", help="results folder")
-    p.add_argument("--budget_s", type=float, nargs="+", default=[5.0, 10.0, 20.0],
+    p.add_argument("--budget_s", type=float, nargs="+", default=[2.5, 5.0, 10.0],
                    help="seconds of GRPO training loop per run (one run per budget, trainer and seed)")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="one run of each trainer per seed and budget")
+    p.add_argument("--warm_up", action=argparse.BooleanOptionalAction, default=True,
+                   help="run 3 untimed steps of each trainer first (--no-warm_up skips it)")
     p.add_argument("--max_eval_samples", type=int, default=None, help="held-out problems (default: the whole test split)")
     defaults = Settings(model="", learning_rate=1e-4)
     for name in ("prompts_per_step", "num_generations", "logits_forward_batch_size", "max_completion_length",
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         before = held_out_accuracy(str(sft_dir), "builtin:arith", opts.max_eval_samples, eval_len)
         effective = None
         run_index = 0
+        if opts.warm_up:
+            warm_up(Settings(model=str(sft_dir), **common), out, log)
         for budget in opts.budget_s:
             results[budget] = {n: [] for n in NAMES}
             for seed in opts.seeds:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(BENCH))
 import grpo_bench  # noqa: E402
 
 TOY = ["--steps", "3", "--prompts_per_step", "2", "--num_generations", "4", "--logits_forward_batch_size", "4",
-       "--max_completion_length", "12", "--threads", "1"]
+       "--max_completion_length", "12", "--threads", "1", "--no-warm_up"]
 
 
 def _run(script: str, argv: list[str], cwd: Path, stage_runner) -> subprocess.CompletedProcess:
@@ -98,7 +98,7 @@ def test_learning_bench_same_budget_and_held_out_accuracy(warm_model_dir: Path, 
     proc = _run("learning.py", ["--sft_dir", str(warm_model_dir), "--out", str(tmp_path), "--budget_s", "4",
                                 "--seeds", "1", "--max_eval_samples", "8", "--prompts_per_step", "2",
                                 "--num_generations", "4", "--logits_forward_batch_size", "4",
-                                "--max_completion_length", "12", "--threads", "1"],
+                                "--max_completion_length", "12", "--threads", "1", "--no-warm_up"],
                 tmp_path, stage_runner)
     assert proc.returncode == 0, proc.stdout[-5000:]
     data = json.loads((tmp_path / "learning.json").read_text())
