@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--out", default="runs/bench/grpo_vs_trl", help="results folder")
     p.add_argument("--warm_up", action=argparse.BooleanOptionalAction, default=True,
                    help="run 3 untimed steps of each trainer first (--no-warm_up skips it)")
-    p.add_argument("--rounds", type=int, default=3, help="repeat both sides, alternating which goes first; medians over rounds")
+    p.add_argument("--rounds", type=int, default=5, help="repeat both sides, alternating which goes first; medians over rounds")
     defaults = Settings(model="")
     for f in fields(Settings):
         if f.name in ("model", "reward_funcs", "max_train_seconds"):

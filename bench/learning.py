@@ -1,6 +1,6 @@
 """Learning in the same wall-clock budget: this project's GRPO stage vs TRL's GRPOTrainer.
 
-    .venv/bin/python bench/learning.py                     # budgets 2.5, 5, 10 s; seeds 42, 43; from the SFT model
+    .venv/bin/python bench/learning.py                     # budgets 5, 10, 20 s; seeds 42, 43; from the SFT model
     .venv/bin/python bench/learning.py --budget_s 30 60 --seeds 1 2 3 --learning_rate 3e-4
 
 From the same SFT checkpoint on the built-in task (`--sft_dir`, the default pipeline's SFT stage, run here if
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--sft_dir", default="runs/bench/sft", help="SFT stage folder to start from (built here if missing)")
     p.add_argument("--out", default="runs/bench/learning", help="results folder")
-    p.add_argument("--budget_s", type=float, nargs="+", default=[2.5, 5.0, 10.0],
+    p.add_argument("--budget_s", type=float, nargs="+", default=[5.0, 10.0, 20.0],
                    help="seconds of GRPO training loop per run (one run per budget, trainer and seed)")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="one run of each trainer per seed and budget")
     p.add_argument("--warm_up", action=argparse.BooleanOptionalAction, default=True,
