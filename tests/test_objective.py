@@ -709,9 +709,19 @@ def grouped_batch(group_size: int = 3) -> tuple[torch.Tensor, torch.Tensor, list
     return torch.tensor(rows), torch.tensor(masks), [p for p in prompts for _ in range(group_size)], completions
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_shared_prompt_forward_equals_one_unpadded_forward_per_row(attn: str) -> None:
-    model = tiny_llama(attn)
+def tiny_qwen2(attn: str) -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=PAD, attn_implementation=attn)
+    return Qwen2ForCausalLM(config).eval()  # q/k/v projections with biases, unlike Llama
+
+
+@pytest.mark.parametrize(("arch", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+def test_shared_prompt_forward_equals_one_unpadded_forward_per_row(arch: str, attn: str) -> None:
+    model = tiny_llama(attn) if arch == "llama" else tiny_qwen2(attn)
     input_ids, attention_mask, prompts, completions = grouped_batch()
     t = 6
     wrapped = KwargsWrapper(model)
