@@ -38,6 +38,8 @@ from grpo_bench import (  # noqa: E402
     warm_up,
 )
 
+from trainer.pipeline import save_figure  # noqa: E402  (grpo_bench put the repository on sys.path)
+
 ROWS = [  # (label, key, format, higher is better)
     ("step wall time (median, s)", "step_s", "{:.3f}", False),
     ("  generation (s)", "generate_s", "{:.3f}", False),
@@ -114,12 +116,7 @@ def plot(results: dict[str, list[dict]], out_png: Path) -> None:
     for ax in (ax_r, ax_t):
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_png)
+    save_figure(fig, out_png)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,8 @@ from grpo_bench import (  # noqa: E402
     warm_up,
 )
 
+from trainer.pipeline import save_figure  # noqa: E402  (grpo_bench put the repository on sys.path)
+
 NAMES = ("ours", "trl")
 
 
@@ -95,12 +97,7 @@ def plot(results: dict[float, dict[str, list[dict]]], before: float, labels: dic
     ax_r.set_title(f"Rollout accuracy, {longest:g} s runs")
     ax_r.grid(alpha=0.3)
     ax_r.legend(loc="lower right")
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_png)
+    save_figure(fig, out_png)
 
 
 def main(argv: list[str] | None = None) -> int:

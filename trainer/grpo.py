@@ -249,9 +249,8 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
         bar.update(1)
         timings["train_s"] = time.time() - t_train
 
-        # The time limit ends a run only between rollouts (never inside a rollout's iterations).
-        out_of_budget = (step % args.num_iterations == 0 and args.max_train_seconds > 0
-                         and out_of_time(loop_started, args.max_train_seconds))
+        at_cycle_end = step % args.num_iterations == 0  # checkpoints and the time limit never split a rollout
+        out_of_budget = at_cycle_end and args.max_train_seconds > 0 and out_of_time(loop_started, args.max_train_seconds)
         if args.evaluation_strategy == "steps" and step % args.eval_steps == 0 and eval_examples:
             last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist)
             metrics.log(step, last_eval)
@@ -263,7 +262,6 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
             bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}")
 
         preempted = preemption.agreed()
-        at_cycle_end = step % args.num_iterations == 0  # a checkpoint never splits a rollout's iterations
         if at_cycle_end and ((args.save_steps and step % args.save_steps == 0 and step < total_steps) or preempted):
             positions: list[Any] = [None] * dist.world_size
             if td.is_initialized():

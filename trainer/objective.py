@@ -575,16 +575,15 @@ def grouped_completion_logprobs(model: nn.Module, input_ids: Tensor, attention_m
     n_rows, length = input_ids.shape
     G = group_size
     device = input_ids.device
-    dtype = next(_inner_model(model).parameters()).dtype
     prompt_region = length - t
     comp_lens = attention_mask[:, prompt_region:].long().sum(1).tolist()
     if min(comp_lens) < 1:
         raise ValueError("every completion needs at least one token for the shared-prompt forward")
     prompt_cols = [attention_mask[r, :prompt_region].nonzero().flatten().tolist() for r in range(0, n_rows, G)]
-    min_value = torch.finfo(dtype).min
     inner = _inner_model(model)
-    config = inner.config
-    sdpa = config._attn_implementation == "sdpa"
+    dtype = next(inner.parameters()).dtype
+    min_value = torch.finfo(dtype).min
+    sdpa = inner.config._attn_implementation == "sdpa"
     flat_ids = input_ids.reshape(-1)
     out: Tensor | None = None
     for g0 in range(0, n_rows // G, groups_per_forward):

@@ -101,10 +101,17 @@ def plot_grpo(grpo_dir: Path, out_png: Path, start_accuracy: float | None = None
     ax_a.set_title("Accuracy")
     ax_a.grid(alpha=0.3)
     ax_a.legend(loc="lower right")
+    return save_figure(fig, out_png, dpi=110)
+
+
+def save_figure(fig: Any, out_png: Path, dpi: int = 100) -> Path:
+    """Lay out, write to a temporary name and rename (never a half-written PNG), and close `fig`."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, out_png)
     return out_png

@@ -338,45 +338,39 @@ class Preemption:
         import torch
         import torch.distributed as td
 
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if td.is_initialized() and td.get_backend() == "gloo":
-            td.all_reduce(flag, op=td.ReduceOp.MAX)
-        elif td.is_initialized():
-            flag = flag.cuda()
-            td.all_reduce(flag, op=td.ReduceOp.MAX)
+        flag = all_reduce_(torch.tensor([1.0 if self.requested else 0.0]), op=td.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
 
-def all_reduce_(tensor: Any, op: Any = None) -> Any:
-    """In-place all-reduce of a small host tensor (metrics, counts) on the device the backend needs:
-    NCCL reduces CUDA tensors only, gloo CPU ones. A no-op without a process group."""
+def _host_collective(tensor: Any, collective: Any) -> Any:
+    """Run `collective(t)` in place on a small host tensor, on the device the backend needs: NCCL takes
+    CUDA tensors only, gloo CPU ones. A no-op without a process group."""
     import torch.distributed as td
 
     if not td.is_initialized():
         return tensor
-    op = td.ReduceOp.SUM if op is None else op
     if td.get_backend() == "nccl":
         moved = tensor.cuda()
-        td.all_reduce(moved, op=op)
+        collective(moved)
         tensor.copy_(moved.cpu())
     else:
-        td.all_reduce(tensor, op=op)
+        collective(tensor)
     return tensor
+
+
+def all_reduce_(tensor: Any, op: Any = None) -> Any:
+    """In-place all-reduce (default: sum) of a small host tensor: metrics, counts, flags."""
+    import torch.distributed as td
+
+    op = td.ReduceOp.SUM if op is None else op
+    return _host_collective(tensor, lambda t: td.all_reduce(t, op=op))
 
 
 def broadcast_(tensor: Any, src: int = 0) -> Any:
-    """In-place broadcast of a small host tensor from `src`, as `all_reduce_`."""
+    """In-place broadcast of a small host tensor from rank `src`."""
     import torch.distributed as td
 
-    if not td.is_initialized():
-        return tensor
-    if td.get_backend() == "nccl":
-        moved = tensor.cuda()
-        td.broadcast(moved, src=src)
-        tensor.copy_(moved.cpu())
-    else:
-        td.broadcast(tensor, src=src)
-    return tensor
+    return _host_collective(tensor, lambda t: td.broadcast(t, src=src))
 
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the pod failed (to be retried), not completed
