@@ -6,6 +6,7 @@ test. Gradients of the reference are analytic and are themselves checked by fini
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import random
@@ -23,6 +24,7 @@ from trainer.objective import (
     informative_groups,
     position_ids_from_mask,
     shared_prompt_plan,
+    split_attention_supported,
     temperature_at,
     token_logprobs,
     zero_std_fraction,
@@ -728,10 +730,14 @@ def test_shared_prompt_forward_equals_one_unpadded_forward_per_row(arch: str, at
     got = completion_logprobs(wrapped, input_ids, attention_mask, input_ids[:, -t:], 0.9, batch_size=6, group_size=3)
     # It took the packed path: one sequence per group, its prompt once and its completions without padding
     # (group 0: 6 + 1 + 3 + 5 tokens; group 1: 3 + 4 + 1 + 3, padded to 15), positions restarting per
-    # completion, logits from the earliest last-prompt position (2) on.
+    # completion, logits from the earliest last-prompt position (2) on. With split attention the model
+    # gets a placeholder mask (its attention layers compute only the needed blocks) and its own
+    # attention setting back afterwards.
     assert len(wrapped.seen_kwargs) == 1
     seen = wrapped.seen_kwargs[0]
-    assert tuple(seen["input_ids"].shape) == (2, 15) and tuple(seen["attention_mask"].shape) == (2, 1, 15, 15)
+    assert split_attention_supported(model)
+    assert tuple(seen["input_ids"].shape) == (2, 15) and tuple(seen["attention_mask"].shape) == (1, 1, 1, 1)
+    assert model.config._attn_implementation == attn
     assert seen["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 6, 7, 8, 6, 7, 8, 9, 10],
                                              [0, 1, 2, 3, 4, 5, 6, 3, 3, 4, 5, 0, 0, 0, 0]]
     assert seen["logits_to_keep"] == 13
@@ -747,9 +753,52 @@ def test_shared_prompt_forward_equals_one_unpadded_forward_per_row(arch: str, at
     expected_grads = torch.autograd.grad(sum(e.sum() for e in expected), params)
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
-    # One group per forward gives the same values.
-    one = grouped_completion_logprobs(model, input_ids, attention_mask, t, 3, 1, 0.9)
+    # One group per forward gives the same values, and so does the masked full block (no split attention),
+    # gradients included.
+    one = grouped_completion_logprobs(model, input_ids, attention_mask, t, 3, 1, 0.9, split_attention=True)
     torch.testing.assert_close(one * valid, got.detach() * valid)
+    block = grouped_completion_logprobs(wrapped, input_ids, attention_mask, t, 3, 2, 0.9, split_attention=False)
+    assert tuple(wrapped.seen_kwargs[-1]["attention_mask"].shape) == (2, 1, 15, 15)
+    torch.testing.assert_close(block * valid, got.detach() * valid, rtol=1e-5, atol=1e-5)
+    block_grads = torch.autograd.grad((block * valid).sum(), params)
+    for g, e in zip(block_grads, grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+class OwnKernelAttention(nn.Module):
+    """An attention layer whose forward is replaced (as a shardformer policy does) and always runs sdpa."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        inner.config = copy.copy(inner.config)
+        inner.config._attn_implementation = "sdpa"
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_split_attention_only_where_the_layers_take_it_from_the_registry() -> None:
+    model = tiny_llama("sdpa")
+    input_ids, attention_mask, prompts, completions = grouped_batch()
+    assert shared_prompt_plan(model, input_ids, attention_mask, 6, 3, 32).split_attention
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Recomputation in backward would run outside the forward that selects the split kernel.
+    assert not split_attention_supported(model)
+    plan = shared_prompt_plan(model, input_ids, attention_mask, 6, 3, 32)
+    assert plan is not None and not plan.split_attention
+    model.gradient_checkpointing_disable()
+    model.model.layers[1].self_attn = OwnKernelAttention(model.model.layers[1].self_attn)
+    assert not split_attention_supported(model)
+    wrapped = KwargsWrapper(model)
+    got = completion_logprobs(wrapped, input_ids, attention_mask, input_ids[:, -6:], 1.0, batch_size=6, group_size=3)
+    assert tuple(wrapped.seen_kwargs[0]["attention_mask"].shape) == (2, 1, 15, 15)  # the block mask instead
+    for r, comp in enumerate(completions):
+        torch.testing.assert_close(got[r, : len(comp)], unpadded_logprobs(model, prompts[r], comp, 1.0), rtol=1e-5, atol=1e-5)
+    # Forced onto such a model, the split forward refuses to return what the replaced layer computed.
+    with pytest.raises(RuntimeError, match="split attention ran in 1 of 2 layers"):
+        grouped_completion_logprobs(model, input_ids, attention_mask, 6, 3, 2, 1.0, split_attention=True)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_shared_prompt_plan_falls_back_when_packing_is_invalid_or_dearer() -> None:
@@ -774,11 +823,14 @@ def test_shared_prompt_plan_falls_back_when_packing_is_invalid_or_dearer() -> No
     assert shared_prompt_plan(model, input_ids, empty, t, 3, 32) is None
     with pytest.raises(ValueError, match="at least one token"):
         grouped_completion_logprobs(model, input_ids, empty, t, 3, 2, 1.0)
-    # A one-token prompt with 8 long completions: (1 + 8 x 40)^2 attention pairs cost more than the
-    # 7 prompt passes saved, so the plain forward is chosen, and it is what completion_logprobs runs.
+    # A one-token prompt with 8 long completions: with the block mask, (1 + 8 x 40)^2 attention pairs cost
+    # more than the 7 prompt passes saved, so the plain forward is chosen, and it is what
+    # completion_logprobs runs. Split attention computes the same pairs as the plain forward: packed.
     gen = torch.Generator().manual_seed(3)
     long_ids = torch.cat([torch.full((8, 1), 7), torch.randint(1, VOCAB, (8, 40), generator=gen)], dim=1)
     long_mask = torch.ones_like(long_ids)
+    assert shared_prompt_plan(model, long_ids, long_mask, 40, 8, 64).split_attention
+    model.model.layers[1].self_attn = OwnKernelAttention(model.model.layers[1].self_attn)  # no split attention
     assert shared_prompt_plan(model, long_ids, long_mask, 40, 8, 64) is None
     wrapped = KwargsWrapper(model)
     with torch.no_grad():

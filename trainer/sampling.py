@@ -15,10 +15,13 @@ Two decoders sit behind it:
     prompt scores and the per-sample scores are concatenated (they are tiny next to K/V) and go through
     one softmax, so the attention is exactly the standard one.
   - expanded: the prompt's K/V is copied into each of its G rows once after prefill; each row then has
-    one cache and the attention is three ops per cache chunk (fewer small ops; wins for short prompts).
-  On CPU the per-row caches are stored in chunks of ``_KV_CHUNK_CPU`` positions, each complete chunk one
-  contiguous block over all rows (the attention streams it), and the chunk being filled is staged
-  position-major so that each step's new K/V is one contiguous write (see ``_KV_CHUNK_CPU``).
+    one cache. On CPU that cache is contiguous per row and the attention is one SDPA call per layer and
+    step, the n_rep query heads of a KV head folded into its query positions (fewest ops: wins for
+    short prompts and small batches); elsewhere it is three ops per cache chunk.
+  The shared layout's per-row caches on CPU are stored in chunks of ``_KV_CHUNK_CPU`` positions, each
+  complete chunk one contiguous block over all rows (the attention streams it), and the chunk being
+  filled is staged position-major so that each step's new K/V is one contiguous write (see
+  ``_KV_CHUNK_CPU``).
 * ``hf`` (any other causal LM): the model's own forward with ``past_key_values``; the prompt cache is
   prefilled once and repeated G times.
 
@@ -60,7 +63,7 @@ _LEAN_MODEL_TYPES = frozenset({"llama", "qwen2"})
 _COMPACT_FRACTION = 0.125
 # K/V bytes per layer and decode step that sharing the prompt cache must save to be used
 # (see _prefer_shared_prefix).
-_SHARED_PREFIX_MIN_SAVED_BYTES_CPU = 1 << 20
+_SHARED_PREFIX_MIN_SAVED_BYTES_CPU = 5 << 20
 _SHARED_PREFIX_MIN_SAVED_BYTES = 128 << 20
 # Per-row K/V caches on CPU are stored in chunks of this many positions ([chunks, rows, KV, chunk, hd]), so
 # that each complete chunk is one contiguous block across all rows: the attention then streams it instead
@@ -520,8 +523,10 @@ def _prefer_shared_prefix(
     """Cache layout choice: share the prompt's K/V across a group or copy it into each of the G rows.
 
     Sharing saves reading (G - 1) copies of the prompt's K/V per layer and step but costs about ten more
-    small ops per layer and step. On CPU (bench/rollout.py --compare-layouts, 2 cores) sharing already won
-    at 64-token prompts with G = 8 (1-2 MB saved per layer-step) and clearly at 128-256; on GPUs the extra
+    small ops per layer and step. On CPU (bench/rollout.py --compare-layouts, 2 threads, against the
+    one-SDPA-call expanded layout) the expanded layout won by 4-9% at 1.8-3.7 MB saved per layer-step
+    (4 and 8 prompts of 64 tokens, G = 8, hidden 256) and by 17% for the benchmarks' tiny model (1.2 MB),
+    sharing by 7% at 7.3 MB (16 prompts) and more for longer prompts; on GPUs the extra
     kernel launches cost more relative to memory traffic, so the threshold there is set higher (an
     estimate: ~10 launches of ~5 us against HBM at ~2-3 TB/s).
     """
@@ -538,7 +543,7 @@ class _LeanDecoder(_Decoder):
 
     Two cache layouts:
     * expanded: one cache per row, [rows, KV, P + T - 1, hd]; the prompt's K/V is copied to the G rows of
-      its group once after prefill. Attention is baddbmm + softmax + bmm.
+      its group once after prefill. Attention is one SDPA call on CPU, else baddbmm + softmax + bmm.
     * shared: the prompt's K/V stays [groups, KV, P, hd]; each row has its own [rows, KV, T - 1, hd].
     """
 
@@ -718,7 +723,12 @@ class _LeanDecoder(_Decoder):
             bias[:, :, :, :P] = key_bias.repeat_interleave(G, dim=0)
             self.bias = bias.expand(n_rows, KV, 1, width).reshape(n_rows * KV, 1, width)
         self.width = width
-        self.staged = self.device.type == "cpu"
+        # Expanded on CPU: one SDPA call per layer and step over a contiguous per-row cache (see
+        # `_LeanDecoder`); the key bias stays [rows, 1, 1, width] for it.
+        self.fused = not self.shared and self.device.type == "cpu"
+        if self.fused:
+            self.bias4 = bias
+        self.staged = self.device.type == "cpu" and not self.fused
         C = self.chunk = _KV_CHUNK_CPU if self.staged else width
         shape = (-(-width // C), n_rows, KV, C, hd)
         self.cache_k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -763,6 +773,16 @@ class _LeanDecoder(_Decoder):
             qkv = self._lin(_rms_norm(x, L.ln_in, self.eps), L.w_qkv, L.b_qkv)
             qk = self._rope(qkv[:, : (H + KV) * hd].view(R, H + KV, hd), cos, sin)
             k_new, v_new = qk[:, H:], qkv[:, (H + KV) * hd :].view(R, KV, hd)
+            if self.fused:  # the n_rep query heads of a KV head are its "query positions": no K/V repeat
+                cache_k, cache_v = self.k4[li][0], self.v4[li][0]
+                cache_k.select(2, col).copy_(k_new)
+                cache_v.select(2, col).copy_(v_new)
+                o = F.scaled_dot_product_attention(qk[:, :H].view(R, KV, self.n_rep, hd), cache_k[:, :, : col + 1],
+                                                   cache_v[:, :, : col + 1], attn_mask=self.bias4[..., : col + 1],
+                                                   scale=1.0)  # q is pre-scaled
+                x = self._lin_residual(x, o.reshape(R, H * hd), L.w_o, L.b_o)
+                x = self._mlp_residual(x, L)
+                continue
             if self.staged:  # chunk c is in the staging buffer, position-major
                 sk, sv = self.stage_k[li], self.stage_v[li]
                 sk[j].copy_(k_new)
@@ -867,6 +887,8 @@ class _LeanDecoder(_Decoder):
             self.bias = (
                 self.bias.view(-1, KV, 1, self.width).index_select(0, keep).view(n * KV, 1, self.width)
             )
+            if self.fused:
+                self.bias4 = self.bias4.index_select(0, keep)
             return True
         slots = self.slots[keep]
         groups = torch.div(slots, self.G, rounding_mode="floor")
