@@ -69,6 +69,9 @@ class Settings:
     seed: int = 42
     threads: int = 0  # torch threads per worker; 0 = all cores
     max_train_seconds: float = 0.0  # wall-clock budget of the step loop (learning.py); 0 = run all steps
+    # Ours only: no forward/backward for groups whose advantages are all zero (the update is the same; TRL
+    # computes them). False measures both trainers doing the same work.
+    skip_zero_advantage_groups: bool = True
 
     def validate(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -105,6 +108,7 @@ def ours_flags(s: Settings, output_dir: Path) -> list[str]:
         "save_steps": 0, "evaluation_strategy": "no", "report_to": "jsonl", "plugin": "ddp",
         "num_completions_to_print": 0, "max_train_seconds": s.max_train_seconds,
         "stop_at_answer_tag": False,  # TRL stops at EOS only
+        "skip_zero_advantage_groups": s.skip_zero_advantage_groups,
     }
     out = [f"--{k}={v}" for k, v in flags.items()]
     out += ["--reward_funcs", *s.reward_funcs]
@@ -263,7 +267,8 @@ def run_ours(s: Settings, out_dir: Path) -> dict[str, Any]:
         steps.append({"step": r["step"], "wall_s": wall, "score_s": r["score_s"], "train_s": r["train_s"],
                       "generate_s": r["rollout_s"] - r["score_s"], "other_s": max(wall - phases, 0.0),
                       "completion_tokens": r["completion_length_mean"] * rows, "reward_mean": r["reward_mean"],
-                      "accuracy": r["accuracy"], "format_rate": r["format_rate"]})
+                      "accuracy": r["accuracy"], "format_rate": r["format_rate"],
+                      "trained_fraction": r.get("trained_fraction", 1.0), "zero_std_fraction": r["zero_std_fraction"]})
     import torch
 
     return {"trainer": "ours", "steps": steps, "effective": effective_ours(manifest.inputs["args"]),

@@ -164,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(f'{x:.2f}' for x in paired)}); medians of all rounds: step {trl['step_s'] / ours['step_s']:.2f}x, "
           f"generation {trl['generate_s'] / max(ours['generate_s'], 1e-9):.2f}x, "
           f"training {trl['train_s'] / max(ours['train_s'], 1e-9):.2f}x")
+    ours_steps = [st for run in results["ours"] for st in run["steps"]]
+    trained = statistics.mean(st["trained_fraction"] for st in ours_steps)
+    zero_std = statistics.mean(st["zero_std_fraction"] for st in ours_steps)
+    print(f"r1-grpo's policy update ran forward/backward on {trained:.0%} of the completions: {zero_std:.0%} of the "
+          f"groups had equal rewards (zero advantage, exactly zero gradient) and were "
+          f"{'skipped' if settings.skip_zero_advantage_groups else 'computed anyway (--skip_zero_advantage_groups false)'}")
     final = {n: statistics.mean(s.get("reward_mean", 0.0) for s in results[n][0]["steps"][-5:]) for n in results}
     print(f"mean reward over the last 5 steps: r1-grpo {final['ours']:.2f}, TRL {final['trl']:.2f}")
 
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "grpo_vs_trl.md").write_text("\n".join(md) + "\n")
     (out / "grpo_vs_trl.json").write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "machine": machine_line(), "settings": asdict(settings), "rounds": opts.rounds,
-         "summary": {"ours": ours, "trl": trl}, "speedup_per_round": paired, "speedup": speedup, "effective": results["ours"][0]["effective"],
+         "summary": {"ours": ours, "trl": trl}, "speedup_per_round": paired, "speedup": speedup,
+         "ours_trained_fraction": trained, "zero_std_fraction": zero_std, "effective": results["ours"][0]["effective"],
          "bench_wall_s": time.time() - started, "results": results}, indent=1))
     print(f"\nmachine: {machine_line()}\nwrote {out / 'grpo_vs_trl.png'}, {out / 'grpo_vs_trl.md'}, {out / 'grpo_vs_trl.json'}")
     return 0

@@ -227,3 +227,58 @@ def test_dynamic_sampling_falls_back_when_nothing_is_informative(policy, arith_j
     assert stream.position == 2 + 2 * 4  # tried the allowed rounds, then gave up
     assert rollout.input_ids.shape[0] == 16  # trains on the original groups (zero advantages)
     assert rollout.advantages.eq(0).all()
+
+
+def _rollout_with_advantages(advantages: list[float], group_size: int) -> grpo.Rollout:
+    n = len(advantages)
+    ids = torch.arange(n)[:, None].repeat(1, 3)
+    return grpo.Rollout(input_ids=ids, attention_mask=torch.ones_like(ids), completion_ids=ids[:, 1:],
+                        completion_mask=torch.ones(n, 2), sample_logprobs=torch.zeros(n, 2),
+                        advantages=torch.tensor(advantages), rewards=torch.zeros(n), temperature=1.0,
+                        texts=[""] * n, answers=[""] * n, stats={})
+
+
+def test_rows_to_train_skips_only_groups_without_advantage() -> None:
+    args = grpo.GRPOArgs(model_name_or_path="m", output_dir="o", num_generations=2, beta=0.0)
+    # Groups of 2: group 1 and 3 have all-zero advantages; group 2 has one zero row (it is informative).
+    rollout = _rollout_with_advantages([1, -1, 0, 0, 0.5, 0, 0, 0], 2)
+    assert grpo.rows_to_train(rollout, args, chunk=2, world_size=1).tolist() == [0, 1, 4, 5]
+    # Chunks of 4 rows: the 2 informative groups fill one chunk.
+    assert grpo.rows_to_train(rollout, args, chunk=4, world_size=1).tolist() == [0, 1, 4, 5]
+    # Nothing informative: one group still runs, so the gradients are defined (zeros).
+    silent = _rollout_with_advantages([0] * 8, 2)
+    assert grpo.rows_to_train(silent, args, chunk=4, world_size=1).tolist() == [0, 1]
+    # Everything informative, a KL term, the flag off, or chunks that split groups: every row.
+    assert grpo.rows_to_train(_rollout_with_advantages([1, -1] * 4, 2), args, chunk=4, world_size=1) is None
+    assert grpo.rows_to_train(rollout, args, chunk=3, world_size=1) is None
+    for changed in ({"beta": 0.04}, {"skip_zero_advantage_groups": False}):
+        assert grpo.rows_to_train(rollout, dataclasses.replace(args, **changed), chunk=2, world_size=1) is None
+    selected = grpo._select_rows(rollout, torch.tensor([4, 5]))
+    assert selected.advantages.tolist() == [0.5, 0.0] and selected.input_ids[:, 0].tolist() == [4, 5]
+
+
+def test_skipping_zero_advantage_groups_gives_the_same_update(warm_model_dir: Path, arith_jsonl: Path, stage_runner,
+                                                               tmp_path: Path) -> None:
+    # The format reward: the warm model writes the R1 format often but not always, so some groups of 4
+    # samples are all formatted or all not (zero advantage), others mixed.
+    runs = {}
+    for skip in ("true", "false"):
+        out = tmp_path / f"skip-{skip}"
+        argv = ["--model_name_or_path", str(warm_model_dir), "--dataset_name", str(arith_jsonl), "--output_dir", str(out),
+                "--per_device_train_batch_size", "8", "--num_generations", "4", "--inference_batch_size", "8",
+                "--logits_forward_batch_size", "4", "--max_completion_length", "24", "--max_steps", "1",
+                "--save_steps", "0", "--logging_steps", "1", "--learning_rate", "1e-3", "--beta", "0",
+                "--reward_funcs", "format", "--evaluation_strategy", "no", "--report_to", "none",
+                "--plugin", "ddp", "--seed", "5", "--skip_zero_advantage_groups", skip]
+        result = stage_runner.run("trainer.grpo", argv, nproc=2)
+        assert result.returncode == 0, result.describe()
+        runs[skip] = (_tensors(out), [r for r in _records(out) if "reward_mean" in r][0])
+    (skipped, with_skip), (full, without_skip) = runs["true"], runs["false"]
+    assert without_skip["trained_fraction"] == 1.0
+    assert 0 < with_skip["trained_fraction"] < 1, with_skip
+    assert with_skip["reward_mean"] == without_skip["reward_mean"]  # same samples
+    assert with_skip["loss"] == pytest.approx(without_skip["loss"], rel=1e-5, abs=1e-8)
+    start = _tensors(warm_model_dir)
+    assert any(not torch.equal(full[k], start[k]) for k in start), ("no informative group: the test shows nothing", without_skip)
+    for k in start:
+        torch.testing.assert_close(skipped[k], full[k], rtol=1e-5, atol=1e-7)

@@ -23,6 +23,7 @@ SIGTERM and the final export + `r1_stage.json` work as in the SFT stage.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -96,6 +97,8 @@ class GRPOArgs(TrainingArgs):
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward function (default 1.0 each)"})
     num_completions_to_print: int = field(default=2, metadata={"help": "Completions logged per logging step"})
     stop_at_answer_tag: bool = field(default=True, metadata={"help": "End a completion at </answer> as well as at EOS (false: EOS only)"})
+    skip_zero_advantage_groups: bool = field(default=True, metadata={"help": "With --beta 0, run no forward/backward for groups whose "
+                                             "advantages are all zero: their loss and gradient are exactly zero, so the update is the same"})
     max_train_seconds: float = field(default=0.0, metadata={"help": "Stop after this many seconds of this run's step loop (0: no limit); "
                                      "the final model and r1_stage.json are written as after --max_steps"})
 
@@ -377,7 +380,8 @@ def make_rollout(model, ref_model, tokenizer, stream: PromptStream, n_prompts: i
                                            dtype=torch.float64))
         n, s, ss = moments.tolist()
         std = math.sqrt(max(ss - s * s / n, 0.0) / max(n - 1, 1))
-        advantages = (centered / (std + 1e-4)).flatten()
+        constant = ~informative_groups(rewards, G)[:, None]  # exactly 0 there, as group_advantages does
+        advantages = (centered / (std + 1e-4)).masked_fill(constant, 0.0).flatten()
 
     rows = [(g["prompt"], c, lp, tr) for g in groups for c, lp, tr in zip(g["completions"], g["logprobs"], g["truncated"], strict=True)]
     P = max(len(p) for p, _, _, _ in rows)
@@ -425,6 +429,35 @@ def make_rollout(model, ref_model, tokenizer, stream: PromptStream, n_prompts: i
 # 3. Policy update
 
 
+def rows_to_train(rollout: Rollout, args: GRPOArgs, chunk: int, world_size: int) -> torch.Tensor | None:
+    """Row indices the policy update runs forward/backward on (None: every row, in order).
+
+    A group whose advantages are all zero (equal rewards) contributes exactly zero to the loss and the
+    gradient when there is no KL term (beta 0): -min(rho * 0, clip(rho) * 0) = 0 for any ratio rho. Its
+    rows are skipped; the loss keeps its normalisation over all rows, so the update is the same. Every
+    rank runs the same number of chunks (the most any rank needs, at least one), a rank that needs fewer
+    taking skipped groups along (one group per extra chunk), so collective backward passes (DDP's last
+    chunk, ZeRO's reductions) stay matched and the gradients are always defined (zeros when nothing is
+    informative).
+    """
+    G = args.num_generations
+    N = rollout.advantages.numel()
+    if (not args.skip_zero_advantage_groups or args.beta > 0 or rollout.ref_logprobs is not None or N % G
+            or chunk % G):
+        return None
+    informative = rollout.advantages.view(-1, G).ne(0).any(dim=1).cpu()
+    order = torch.cat([informative.nonzero().flatten(), (~informative).nonzero().flatten()])  # stable: length order kept
+    informative_rows = int(informative.sum()) * G
+    n_chunks = max(1, -(-informative_rows // chunk))
+    if world_size > 1:
+        n_chunks = int(all_reduce_(torch.tensor([float(n_chunks)], dtype=torch.float64), op=td.ReduceOp.MAX).item())
+    target = max(informative_rows, (n_chunks - 1) * chunk + G)  # ceil(target / chunk) == n_chunks
+    if target >= N:
+        return None
+    groups = order[: target // G]
+    return (groups[:, None] * G + torch.arange(G)).flatten().to(rollout.advantages.device)
+
+
 def policy_update(booster, model, optimizer, rollout: Rollout, args: GRPOArgs, dist, reuse: bool) -> dict[str, float]:
     """Backward of the GRPO loss over the rollout in chunks; gradients are synchronised once, at the end."""
     N = rollout.input_ids.size(0)
@@ -435,6 +468,10 @@ def policy_update(booster, model, optimizer, rollout: Rollout, args: GRPOArgs, d
     chunk = args.logits_forward_batch_size
     if chunk >= args.num_generations:  # whole groups per chunk, so each can run its prompt once
         chunk -= chunk % args.num_generations
+    trained = rows_to_train(rollout, args, chunk, W)
+    if trained is not None:
+        rollout = _select_rows(rollout, trained)
+        N = trained.numel()
     sums: dict[str, float] = {}
     token_sum = 0.0
     for start in range(0, N, chunk):
@@ -471,7 +508,16 @@ def policy_update(booster, model, optimizer, rollout: Rollout, args: GRPOArgs, d
     out = {k: v / max(token_sum, 1.0) for k, v in sums.items() if k != "loss"}
     out["loss"] = sums.get("loss", 0.0)
     out["tokens"] = token_sum
+    out["trained_rows"] = float(N)
     return out
+
+
+def _select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The rollout's training tensors for ``rows`` (whole groups, in the given order)."""
+    return dataclasses.replace(
+        rollout, input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows],
+        completion_ids=rollout.completion_ids[rows], completion_mask=rollout.completion_mask[rows],
+        sample_logprobs=rollout.sample_logprobs[rows], advantages=rollout.advantages[rows])
 
 
 def out_of_time(started: float, limit_s: float) -> bool:
@@ -490,12 +536,12 @@ def reduce_step_metrics(rollout: Rollout, train_stats: dict[str, float], timings
             "zero_std_sum", "groups", "entropy_sum", "generated_tokens"]
     weighted = ["kl", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "ratio_mean"]
     vec = torch.tensor([s[k] for k in keys] + [train_stats.get(k, 0.0) * train_stats["tokens"] for k in weighted]
-                       + [train_stats["tokens"], train_stats["loss"]], dtype=torch.float64)
+                       + [train_stats["tokens"], train_stats["loss"], train_stats["trained_rows"]], dtype=torch.float64)
     maxes = torch.tensor([s["length_max"], s["generate_s"], s["score_s"], timings.get("train_s", 0.0),
                           timings.get("rollout_s", 0.0)], dtype=torch.float64)
     all_reduce_(vec)
     all_reduce_(maxes, op=td.ReduceOp.MAX)
-    v = dict(zip(keys + weighted + ["tokens", "loss"], vec.tolist(), strict=True))
+    v = dict(zip(keys + weighted + ["tokens", "loss", "trained_rows"], vec.tolist(), strict=True))
     n = max(v["rows"], 1.0)
     mean = v["reward_sum"] / n
     out = {
@@ -513,6 +559,7 @@ def reduce_step_metrics(rollout: Rollout, train_stats: dict[str, float], timings
         "score_s": maxes[2].item(),
         "train_s": maxes[3].item(),
         "rollout_s": maxes[4].item(),
+        "trained_fraction": v["trained_rows"] / n,  # rows the update ran forward/backward on (rows_to_train)
     }
     out["rollout_tokens_per_s"] = v["generated_tokens"] / max(out["generate_s"], 1e-9) if out["generate_s"] > 0 else 0.0
     for k in weighted:

@@ -872,23 +872,25 @@ class _LeanDecoder(_Decoder):
     def compact(self, keep: torch.Tensor) -> bool:
         n, KV = keep.numel(), self.num_kv
         chunks, staged = divmod(self.filled, self.chunk)  # complete chunks, positions in the staging buffer
-        if not self.staged:
-            chunks, staged = -(-self.filled // self.chunk), 0
         for cache, stage in ((self.cache_k, self.stage_k), (self.cache_v, self.stage_v)):
             for li, (buf, st) in enumerate(zip(cache, stage, strict=True)):
-                # Gather the filled chunks (a temporary), then write them into the front rows in place.
-                buf[:chunks, :n] = buf[:chunks, keep]
+                # Gather the filled part (a temporary), then write it into the front rows in place.
+                if self.staged:
+                    buf[:chunks, :n] = buf[:chunks, keep]
+                    st[:staged, :n] = st[:staged, keep]
+                    stage[li] = st[:, :n]
+                else:  # one chunk of `width` positions, filled up to `filled`
+                    buf[0, :n, :, : self.filled] = buf[0, keep, :, : self.filled]
                 cache[li] = buf[:, :n]
-                st[:staged, :n] = st[:staged, keep]
-                stage[li] = st[:, :n]
         self._chunk_views()
         self.row_pos = self.row_pos[keep]
+        if self.fused:
+            self.bias4 = self.bias4.index_select(0, keep)
+            return True
         if not self.shared:
             self.bias = (
                 self.bias.view(-1, KV, 1, self.width).index_select(0, keep).view(n * KV, 1, self.width)
             )
-            if self.fused:
-                self.bias4 = self.bias4.index_select(0, keep)
             return True
         slots = self.slots[keep]
         groups = torch.div(slots, self.G, rounding_mode="floor")
