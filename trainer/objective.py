@@ -655,13 +655,6 @@ class _SplitLayout:
 _ACTIVE_SPLIT_LAYOUT: list[_SplitLayout] = []  # set for the duration of one packed forward
 
 
-def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    if n_rep == 1:
-        return x
-    b, kv, length, hd = x.shape
-    return x[:, :, None].expand(b, kv, n_rep, length, hd).reshape(b, kv * n_rep, length, hd)
-
-
 def _split_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                      dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
     """Attention of one packed forward (see `_SplitLayout`); the transformers attention-function signature.
@@ -669,6 +662,8 @@ def _split_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     ``query`` [B, H, L, hd], ``key``/``value`` [B, KV, L, hd] (after RoPE, KV heads not repeated);
     returns [B, L, H, hd]. ``attention_mask`` (a placeholder) is not read.
     """
+    from transformers.integrations.sdpa_attention import repeat_kv
+
     if not _ACTIVE_SPLIT_LAYOUT:
         raise RuntimeError(f"attention {SPLIT_ATTENTION_NAME!r} called outside a shared-prompt forward")
     layout = _ACTIVE_SPLIT_LAYOUT[-1]
@@ -681,7 +676,7 @@ def _split_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     # positions after it hold completion tokens; real prompt queries never reach them (causality), and
     # the outputs at those positions are taken from the completion slots below.
     key_p, value_p = key[:, :, :P], value[:, :, :P]
-    out_prompt = F.scaled_dot_product_attention(query[:, :, :P], _repeat_kv(key_p, n_rep), _repeat_kv(value_p, n_rep),
+    out_prompt = F.scaled_dot_product_attention(query[:, :, :P], repeat_kv(key_p, n_rep), repeat_kv(value_p, n_rep),
                                                 dropout_p=dropout, is_causal=True, scale=scaling)
 
     def slots(x: Tensor) -> Tensor:  # [B, h, L, hd] -> [B*G, C, h, hd]

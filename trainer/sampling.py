@@ -721,13 +721,14 @@ class _LeanDecoder(_Decoder):
             self.base_col, width = P, P + max(self.T - 1, 0)
             bias = torch.zeros(n_rows, 1, 1, width, dtype=self.dtype, device=self.device)
             bias[:, :, :, :P] = key_bias.repeat_interleave(G, dim=0)
-            self.bias = bias.expand(n_rows, KV, 1, width).reshape(n_rows * KV, 1, width)
         self.width = width
         # Expanded on CPU: one SDPA call per layer and step over a contiguous per-row cache (see
-        # `_LeanDecoder`); the key bias stays [rows, 1, 1, width] for it.
+        # `_LeanDecoder`), with the key bias as [rows, 1, 1, width]; elsewhere [rows * KV, 1, width].
         self.fused = not self.shared and self.device.type == "cpu"
         if self.fused:
             self.bias4 = bias
+        elif not self.shared:
+            self.bias = bias.expand(n_rows, KV, 1, width).reshape(n_rows * KV, 1, width)
         self.staged = self.device.type == "cpu" and not self.fused
         C = self.chunk = _KV_CHUNK_CPU if self.staged else width
         shape = (-(-width // C), n_rows, KV, C, hd)
