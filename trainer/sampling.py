@@ -774,37 +774,39 @@ class _LeanDecoder(_Decoder):
             qkv = self._lin(_rms_norm(x, L.ln_in, self.eps), L.w_qkv, L.b_qkv)
             qk = self._rope(qkv[:, : (H + KV) * hd].view(R, H + KV, hd), cos, sin)
             k_new, v_new = qk[:, H:], qkv[:, (H + KV) * hd :].view(R, KV, hd)
-            if self.fused:  # the n_rep query heads of a KV head are its "query positions": no K/V repeat
-                cache_k, cache_v = self.k4[li][0], self.v4[li][0]
-                cache_k.select(2, col).copy_(k_new)
-                cache_v.select(2, col).copy_(v_new)
-                o = F.scaled_dot_product_attention(qk[:, :H].view(R, KV, self.n_rep, hd), cache_k[:, :, : col + 1],
-                                                   cache_v[:, :, : col + 1], attn_mask=self.bias4[..., : col + 1],
-                                                   scale=1.0)  # q is pre-scaled
-                x = self._lin_residual(x, o.reshape(R, H * hd), L.w_o, L.b_o)
-                x = self._mlp_residual(x, L)
-                continue
-            if self.staged:  # chunk c is in the staging buffer, position-major
-                sk, sv = self.stage_k[li], self.stage_v[li]
-                sk[j].copy_(k_new)
-                sv[j].copy_(v_new)
-                kT = [*self.kT[li][:c], sk[: j + 1].view(j + 1, R * KV, hd).permute(1, 2, 0)]
-                v = [*self.v3[li][:c], sv[: j + 1].view(j + 1, R * KV, hd).transpose(0, 1)]
+            if self.fused:
+                o = self._attend_fused(qk[:, :H].view(R, KV, self.n_rep, hd), k_new, v_new, li, col)
             else:
-                self.k4[li][c].select(2, j).copy_(k_new)
-                self.v4[li][c].select(2, j).copy_(v_new)
-                kT, v = self.kT[li][: c + 1], self.v3[li][: c + 1]
-                if not full:
-                    kT[c], v[c] = kT[c][:, :, : j + 1], v[c][:, : j + 1]
-            q = qk[:, :H].reshape(R * KV, self.n_rep, hd)
-            o = self._attend_shared(q, kT, v, li) if self.shared else self._attend_expanded(q, kT, v, col)
-            if self.staged and full:  # chunk c is complete: into the cache
-                self.k4[li][c].copy_(sk.permute(1, 2, 0, 3))
-                self.v4[li][c].copy_(sv.permute(1, 2, 0, 3))
-            x = self._lin_residual(x, o.view(R, H * hd), L.w_o, L.b_o)
+                if self.staged:  # chunk c is in the staging buffer, position-major
+                    sk, sv = self.stage_k[li], self.stage_v[li]
+                    sk[j].copy_(k_new)
+                    sv[j].copy_(v_new)
+                    kT = [*self.kT[li][:c], sk[: j + 1].view(j + 1, R * KV, hd).permute(1, 2, 0)]
+                    v = [*self.v3[li][:c], sv[: j + 1].view(j + 1, R * KV, hd).transpose(0, 1)]
+                else:
+                    self.k4[li][c].select(2, j).copy_(k_new)
+                    self.v4[li][c].select(2, j).copy_(v_new)
+                    kT, v = self.kT[li][: c + 1], self.v3[li][: c + 1]
+                    if not full:
+                        kT[c], v[c] = kT[c][:, :, : j + 1], v[c][:, : j + 1]
+                q = qk[:, :H].reshape(R * KV, self.n_rep, hd)
+                o = self._attend_shared(q, kT, v, li) if self.shared else self._attend_expanded(q, kT, v, col)
+                if self.staged and full:  # chunk c is complete: into the cache
+                    self.k4[li][c].copy_(sk.permute(1, 2, 0, 3))
+                    self.v4[li][c].copy_(sv.permute(1, 2, 0, 3))
+            x = self._lin_residual(x, o.reshape(R, H * hd), L.w_o, L.b_o)
             x = self._mlp_residual(x, L)
         self.filled = col + 1
         return self._head(x)
+
+    def _attend_fused(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, li: int, col: int) -> torch.Tensor:
+        """One SDPA call over the contiguous per-row cache; q [R, KV, n_rep, hd] (pre-scaled): the n_rep query
+        heads of a KV head are its "query positions", so K/V are not repeated."""
+        cache_k, cache_v = self.k4[li][0], self.v4[li][0]
+        cache_k.select(2, col).copy_(k_new)
+        cache_v.select(2, col).copy_(v_new)
+        return F.scaled_dot_product_attention(q, cache_k[:, :, : col + 1], cache_v[:, :, : col + 1],
+                                              attn_mask=self.bias4[..., : col + 1], scale=1.0)
 
     # q [R*KV, n_rep, hd] (GQA: the n_rep query heads of a kv head share one matmul); kT/v: the cache's
     # chunks in order, K^T [R*KV, hd, w] and V [R*KV, w, hd] (w <= chunk).
