@@ -21,6 +21,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check trainer tests bench
+	$(BIN)/ruff format --check trainer tests bench
 
 test: setup lint
 	$(BIN)/pytest -q

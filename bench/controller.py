@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kubernetes import client  # noqa: E402
 
 from tests.fake_apiserver import FakeApiServer, FakeTrainingOperator, stages_configmap  # noqa: E402
-from trainer.controller import EXIT_SUCCEEDED, Controller, ControllerConfig  # noqa: E402
-from trainer.k8s import USER_AGENT, Cluster  # noqa: E402
+from trainer.executors.kubernetes.cluster import USER_AGENT, Cluster
+from trainer.executors.kubernetes.controller import Controller
+from trainer.executors.kubernetes.spec import EXIT_SUCCEEDED, ControllerConfig
 
 STAGES = ("sft", "grpo", "eval")
 RELEASE, NS = "bench", "bench"
@@ -46,8 +47,11 @@ def one_run(root: Path, weights_mb: float, keep: int) -> list[tuple[str, float, 
     volume = root / "volume"
     volume.mkdir(parents=True)
     server.create("configmaps", stages_configmap(RELEASE, STAGES), NS)
-    server.create("persistentvolumeclaims", {"metadata": {"name": f"{RELEASE}-checkpoints"},
-                                             "status": {"phase": "Bound"}}, NS)
+    server.create(
+        "persistentvolumeclaims",
+        {"metadata": {"name": f"{RELEASE}-checkpoints"}, "status": {"phase": "Bound"}},
+        NS,
+    )
     operator = FakeTrainingOperator(server, NS, str(volume), weight_bytes=int(weights_mb * (1 << 20)))
     gates = {s: operator.gates.setdefault((s, 1), threading.Event()) for s in STAGES}
 
@@ -63,9 +67,15 @@ def one_run(root: Path, weights_mb: float, keep: int) -> list[tuple[str, float, 
     operator.start()
     api = client.ApiClient(client.Configuration(host=server.url))
     api.user_agent = USER_AGENT
-    config = ControllerConfig(release=RELEASE, namespace=NS, stages_configmap=f"{RELEASE}-stages",
-                              status_configmap=f"{RELEASE}-status", keep_checkpoints=keep,
-                              mount_path=str(volume), resync_seconds=60)
+    config = ControllerConfig(
+        release=RELEASE,
+        namespace=NS,
+        stages_configmap=f"{RELEASE}-stages",
+        status_configmap=f"{RELEASE}-status",
+        keep_checkpoints=keep,
+        mount_path=str(volume),
+        resync_seconds=60,
+    )
     controller = Controller(Cluster(api, NS), config)
     result: list = []
     runner = threading.Thread(target=lambda: result.append(controller.run()), daemon=True)
@@ -74,8 +84,11 @@ def one_run(root: Path, weights_mb: float, keep: int) -> list[tuple[str, float, 
         for stage in STAGES:
             # release the job only once the controller is idle on its watch
             deadline = time.monotonic() + 60
-            while not (running(server, f"{RELEASE}-{stage}-1") and server.open_watches() > 0
-                       and not controller_busy(log, lock)):
+            while not (
+                running(server, f"{RELEASE}-{stage}-1")
+                and server.open_watches() > 0
+                and not controller_busy(log, lock)
+            ):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{stage}: the controller never went idle")
                 time.sleep(0.005)
@@ -91,14 +104,23 @@ def one_run(root: Path, weights_mb: float, keep: int) -> list[tuple[str, float, 
     rows = []
     for i, stage in enumerate(STAGES):
         done = operator.succeeded_at[f"{RELEASE}-{stage}-1"]
-        begin = next(t for t, verb, res, name in log
-                     if verb == "create" and res == "pytorchjobs" and name == f"{RELEASE}-{stage}-1")
+        begin = next(
+            t
+            for t, verb, res, name in log
+            if verb == "create" and res == "pytorchjobs" and name == f"{RELEASE}-{stage}-1"
+        )
         if i + 1 < len(STAGES):
             target = f"{RELEASE}-{STAGES[i + 1]}-1"
-            end = next(t for t, verb, res, name in log if verb == "create" and res == "pytorchjobs" and name == target)
+            end = next(
+                t
+                for t, verb, res, name in log
+                if verb == "create" and res == "pytorchjobs" and name == target
+            )
             label = f"{stage} -> {STAGES[i + 1]}"
         else:
-            end = next(t for t, verb, res, name in log if t > done and verb == "patch" and res == "configmaps")
+            end = next(
+                t for t, verb, res, name in log if t > done and verb == "patch" and res == "configmaps"
+            )
             label = f"{stage} -> run Succeeded"
         between = Counter(f"{verb} {res}" for t, verb, res, _ in log if done <= t <= end)
         rows.append((label, end - done, between, sum(1 for t, *_ in log if begin < t <= end)))
@@ -107,8 +129,10 @@ def one_run(root: Path, weights_mb: float, keep: int) -> list[tuple[str, float, 
 
 def running(server: FakeApiServer, name: str) -> bool:
     job = server.get("pytorchjobs", name, NS, "kubeflow.org", "v1") or {}
-    return any(c["type"] == "Running" and c["status"] == "True"
-               for c in (job.get("status") or {}).get("conditions", []))
+    return any(
+        c["type"] == "Running" and c["status"] == "True"
+        for c in (job.get("status") or {}).get("conditions", [])
+    )
 
 
 def controller_busy(log: list, lock: threading.Lock, quiet: float = 0.05) -> bool:
@@ -120,7 +144,9 @@ def controller_busy(log: list, lock: threading.Lock, quiet: float = 0.05) -> boo
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--weights-mb", type=float, default=1.0, help="size of each training stage's final weights")
+    p.add_argument(
+        "--weights-mb", type=float, default=1.0, help="size of each training stage's final weights"
+    )
     p.add_argument("--keep-checkpoints", type=int, default=3, help="the operator writes 4 per training stage")
     args = p.parse_args(argv)
     if args.runs < 1 or args.weights_mb < 0 or args.keep_checkpoints < 1:
@@ -132,9 +158,18 @@ def main(argv: list[str] | None = None) -> int:
             for label, *sample in one_run(Path(tmp) / f"run{r}", args.weights_mb, args.keep_checkpoints):
                 by_transition.setdefault(label, []).append(tuple(sample))
 
-    print(f"controller hand-off: {args.runs} runs, weights {args.weights_mb:g} MiB per training stage, "
-          f"keep {args.keep_checkpoints} of 4 checkpoints, fake API server on 127.0.0.1")
-    header = ("transition", "p50 ms", "max ms", "requests", "requests/stage", "hand-off requests by verb (mean)")
+    print(
+        f"controller hand-off: {args.runs} runs, weights {args.weights_mb:g} MiB per training stage, "
+        f"keep {args.keep_checkpoints} of 4 checkpoints, fake API server on 127.0.0.1"
+    )
+    header = (
+        "transition",
+        "p50 ms",
+        "max ms",
+        "requests",
+        "requests/stage",
+        "hand-off requests by verb (mean)",
+    )
     rows = []
     for label, samples in by_transition.items():
         times = [s * 1000 for s, _, _ in samples]
@@ -143,8 +178,16 @@ def main(argv: list[str] | None = None) -> int:
             total.update(c)
         n = len(samples)
         verbs = ", ".join(f"{k} {v / n:.1f}" for k, v in sorted(total.items()))
-        rows.append((label, f"{statistics.median(times):.1f}", f"{max(times):.1f}", f"{sum(total.values()) / n:.1f}",
-                     f"{statistics.mean(x for _, _, x in samples):.1f}", verbs))
+        rows.append(
+            (
+                label,
+                f"{statistics.median(times):.1f}",
+                f"{max(times):.1f}",
+                f"{sum(total.values()) / n:.1f}",
+                f"{statistics.mean(x for _, _, x in samples):.1f}",
+                verbs,
+            )
+        )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
     for r in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])

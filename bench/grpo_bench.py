@@ -75,13 +75,19 @@ class Settings:
 
     def validate(self) -> None:
         if self.loss_type not in LOSS_TYPES:
-            raise BenchError(f"--loss_type {self.loss_type!r}: the comparison supports {', '.join(LOSS_TYPES)}")
+            raise BenchError(
+                f"--loss_type {self.loss_type!r}: the comparison supports {', '.join(LOSS_TYPES)}"
+            )
         rows = self.prompts_per_step * self.num_generations
         if rows % self.logits_forward_batch_size:
-            raise BenchError(f"--logits_forward_batch_size {self.logits_forward_batch_size} must divide the "
-                             f"{rows} completions per step (TRL splits a step into equal micro-batches)")
+            raise BenchError(
+                f"--logits_forward_batch_size {self.logits_forward_batch_size} must divide the "
+                f"{rows} completions per step (TRL splits a step into equal micro-batches)"
+            )
         if self.weight_decay != 0:
-            raise BenchError("--weight_decay must be 0: TRL exempts biases and norms from decay, our stage does not")
+            raise BenchError(
+                "--weight_decay must be 0: TRL exempts biases and norms from decay, our stage does not"
+            )
         if self.num_generations < 2 or self.prompts_per_step < 1 or self.steps < 1:
             raise BenchError("--num_generations must be >= 2, --prompts_per_step and --steps >= 1")
 
@@ -96,17 +102,37 @@ class Settings:
 
 def ours_flags(s: Settings, output_dir: Path) -> list[str]:
     flags = {
-        "model_name_or_path": s.model, "dataset_name": s.dataset, "output_dir": str(output_dir),
-        "max_steps": s.steps, "per_device_train_batch_size": s.prompts_per_step, "gradient_accumulation_steps": 1,
-        "num_generations": s.num_generations, "inference_batch_size": s.prompts_per_step,
-        "logits_forward_batch_size": s.logits_forward_batch_size, "max_prompt_length": s.max_prompt_length,
-        "max_completion_length": s.max_completion_length, "initial_temperature": s.temperature,
-        "final_temperature": s.temperature, "top_p": s.top_p, "beta": s.beta, "epsilon": s.epsilon,
-        "loss_type": s.loss_type, "scale_rewards": "group" if s.scale_rewards else "none",
-        "learning_rate": s.learning_rate, "lr_scheduler_type": s.lr_scheduler_type, "warmup_steps": 0,
-        "weight_decay": s.weight_decay, "max_grad_norm": s.max_grad_norm, "seed": s.seed, "logging_steps": 1,
-        "save_steps": 0, "evaluation_strategy": "no", "report_to": "jsonl", "plugin": "ddp",
-        "num_completions_to_print": 0, "max_train_seconds": s.max_train_seconds,
+        "model_name_or_path": s.model,
+        "dataset_name": s.dataset,
+        "output_dir": str(output_dir),
+        "max_steps": s.steps,
+        "per_device_train_batch_size": s.prompts_per_step,
+        "gradient_accumulation_steps": 1,
+        "num_generations": s.num_generations,
+        "inference_batch_size": s.prompts_per_step,
+        "logits_forward_batch_size": s.logits_forward_batch_size,
+        "max_prompt_length": s.max_prompt_length,
+        "max_completion_length": s.max_completion_length,
+        "initial_temperature": s.temperature,
+        "final_temperature": s.temperature,
+        "top_p": s.top_p,
+        "beta": s.beta,
+        "epsilon": s.epsilon,
+        "loss_type": s.loss_type,
+        "scale_rewards": "group" if s.scale_rewards else "none",
+        "learning_rate": s.learning_rate,
+        "lr_scheduler_type": s.lr_scheduler_type,
+        "warmup_steps": 0,
+        "weight_decay": s.weight_decay,
+        "max_grad_norm": s.max_grad_norm,
+        "seed": s.seed,
+        "logging_steps": 1,
+        "save_steps": 0,
+        "evaluation_strategy": "no",
+        "report_to": "jsonl",
+        "plugin": "ddp",
+        "num_completions_to_print": 0,
+        "max_train_seconds": s.max_train_seconds,
         "stop_at_answer_tag": False,  # TRL stops at EOS only
         "skip_zero_advantage_groups": s.skip_zero_advantage_groups,
     }
@@ -122,29 +148,82 @@ def trl_config(s: Settings, output_dir: Path, **overrides: Any):
     rows = s.prompts_per_step * s.num_generations
     micro_batches = rows // s.logits_forward_batch_size
     kwargs: dict[str, Any] = dict(
-        output_dir=str(output_dir), use_cpu=True, bf16=False, seed=s.seed, data_seed=s.seed,
-        max_steps=s.steps, per_device_train_batch_size=s.logits_forward_batch_size,
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        seed=s.seed,
+        data_seed=s.seed,
+        max_steps=s.steps,
+        per_device_train_batch_size=s.logits_forward_batch_size,
         # one generation per optimizer step, split into micro-batches like our logits_forward_batch_size
-        gradient_accumulation_steps=micro_batches, steps_per_generation=micro_batches,
-        num_generations=s.num_generations, max_prompt_length=s.max_prompt_length,
-        max_completion_length=s.max_completion_length, temperature=s.temperature, top_p=s.top_p, top_k=None,
-        min_p=None, repetition_penalty=1.0, beta=s.beta, epsilon=s.epsilon, loss_type=LOSS_TYPES[s.loss_type],
-        scale_rewards=s.scale_rewards, num_iterations=1, mask_truncated_completions=False,
-        learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler_type, warmup_steps=0,
-        weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm, adam_beta1=0.9, adam_beta2=0.999,
-        optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none", shuffle_dataset=False,
-        log_completions=False, disable_dropout=False, dataloader_num_workers=0, remove_unused_columns=False,
+        gradient_accumulation_steps=micro_batches,
+        steps_per_generation=micro_batches,
+        num_generations=s.num_generations,
+        max_prompt_length=s.max_prompt_length,
+        max_completion_length=s.max_completion_length,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=None,
+        min_p=None,
+        repetition_penalty=1.0,
+        beta=s.beta,
+        epsilon=s.epsilon,
+        loss_type=LOSS_TYPES[s.loss_type],
+        scale_rewards=s.scale_rewards,
+        num_iterations=1,
+        mask_truncated_completions=False,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler_type,
+        warmup_steps=0,
+        weight_decay=s.weight_decay,
+        max_grad_norm=s.max_grad_norm,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        shuffle_dataset=False,
+        log_completions=False,
+        disable_dropout=False,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
         disable_tqdm=True,
     )
     return GRPOConfig(**{**kwargs, **overrides})
 
 
-EFFECTIVE_KEYS = ("prompts_per_step", "num_generations", "completions_per_step", "rows_per_forward",
-                  "max_prompt_length", "max_completion_length", "temperature", "top_p", "top_k", "beta",
-                  "epsilon_low", "epsilon_high", "loss_aggregation", "advantage_std", "num_iterations",
-                  "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_betas",
-                  "max_grad_norm", "reward_funcs", "reward_weights", "mask_truncated_completions", "dtype",
-                  "stop_at", "dynamic_sampling", "repetition_penalty", "min_p")
+EFFECTIVE_KEYS = (
+    "prompts_per_step",
+    "num_generations",
+    "completions_per_step",
+    "rows_per_forward",
+    "max_prompt_length",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "beta",
+    "epsilon_low",
+    "epsilon_high",
+    "loss_aggregation",
+    "advantage_std",
+    "num_iterations",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "adam_betas",
+    "max_grad_norm",
+    "reward_funcs",
+    "reward_weights",
+    "mask_truncated_completions",
+    "dtype",
+    "stop_at",
+    "dynamic_sampling",
+    "repetition_penalty",
+    "min_p",
+)
 
 AGGREGATION = {  # how each name normalises the per-token loss, in words both sides agree on
     "grpo": "mean over tokens of each sequence, then over sequences",
@@ -158,21 +237,37 @@ def effective_ours(args: dict[str, Any]) -> dict[str, Any]:
         raise BenchError("our run used a temperature schedule; TRL has one temperature")
     prompts = args["per_device_train_batch_size"] * args["gradient_accumulation_steps"]
     return {
-        "prompts_per_step": prompts, "num_generations": args["num_generations"],
-        "completions_per_step": prompts * args["num_generations"], "rows_per_forward": args["logits_forward_batch_size"],
-        "max_prompt_length": args["max_prompt_length"], "max_completion_length": args["max_completion_length"],
-        "temperature": args["initial_temperature"], "top_p": args["top_p"], "top_k": None, "beta": args["beta"],
-        "epsilon_low": args["epsilon"], "epsilon_high": args["epsilon_high"] if args["epsilon_high"] is not None else args["epsilon"],
+        "prompts_per_step": prompts,
+        "num_generations": args["num_generations"],
+        "completions_per_step": prompts * args["num_generations"],
+        "rows_per_forward": args["logits_forward_batch_size"],
+        "max_prompt_length": args["max_prompt_length"],
+        "max_completion_length": args["max_completion_length"],
+        "temperature": args["initial_temperature"],
+        "top_p": args["top_p"],
+        "top_k": None,
+        "beta": args["beta"],
+        "epsilon_low": args["epsilon"],
+        "epsilon_high": args["epsilon_high"] if args["epsilon_high"] is not None else args["epsilon"],
         "loss_aggregation": AGGREGATION.get(args["loss_type"], args["loss_type"]),
-        "advantage_std": {"group": "group (unbiased) + 1e-4", "none": "none"}.get(args["scale_rewards"], args["scale_rewards"]),
-        "num_iterations": args["num_iterations"], "learning_rate": args["learning_rate"],
-        "lr_scheduler_type": args["lr_scheduler_type"], "warmup_steps": args["warmup_steps"],
-        "weight_decay": args["weight_decay"], "adam_betas": [args["adam_beta1"], args["adam_beta2"]],
-        "max_grad_norm": args["max_grad_norm"], "reward_funcs": list(args["reward_funcs"]),
+        "advantage_std": {"group": "group (unbiased) + 1e-4", "none": "none"}.get(
+            args["scale_rewards"], args["scale_rewards"]
+        ),
+        "num_iterations": args["num_iterations"],
+        "learning_rate": args["learning_rate"],
+        "lr_scheduler_type": args["lr_scheduler_type"],
+        "warmup_steps": args["warmup_steps"],
+        "weight_decay": args["weight_decay"],
+        "adam_betas": [args["adam_beta1"], args["adam_beta2"]],
+        "max_grad_norm": args["max_grad_norm"],
+        "reward_funcs": list(args["reward_funcs"]),
         "reward_weights": list(args["reward_weights"] or [1.0] * len(args["reward_funcs"])),
-        "mask_truncated_completions": args["mask_truncated_completions"], "dtype": "bfloat16" if args["bf16"] else "float32",
+        "mask_truncated_completions": args["mask_truncated_completions"],
+        "dtype": "bfloat16" if args["bf16"] else "float32",
         "stop_at": "eos or </answer>" if args["stop_at_answer_tag"] else "eos",
-        "dynamic_sampling": args["dynamic_sampling"], "repetition_penalty": 1.0, "min_p": None,  # not in our sampler
+        "dynamic_sampling": args["dynamic_sampling"],
+        "repetition_penalty": 1.0,
+        "min_p": None,  # not in our sampler
     }
 
 
@@ -196,28 +291,43 @@ def effective_trl(trainer, reward_names: list[str]) -> dict[str, Any]:
     eos = _generation_value(trainer, "eos_token_id")
     stop_strings = _generation_value(trainer, "stop_strings")
     stop_at = " or ".join((["eos"] if eos is not None else []) + list(stop_strings or []))
-    if eos is not None and eos not in (trainer.processing_class.eos_token_id, [trainer.processing_class.eos_token_id]):
+    if eos is not None and eos not in (
+        trainer.processing_class.eos_token_id,
+        [trainer.processing_class.eos_token_id],
+    ):
         stop_at = f"token ids {eos}"
     return {
-        "prompts_per_step": per_gen // trainer.num_generations if a.steps_per_generation == a.gradient_accumulation_steps else None,
+        "prompts_per_step": per_gen // trainer.num_generations
+        if a.steps_per_generation == a.gradient_accumulation_steps
+        else None,
         "num_generations": trainer.num_generations,
         "completions_per_step": a.per_device_train_batch_size * a.gradient_accumulation_steps,
-        "rows_per_forward": a.per_device_train_batch_size, "max_prompt_length": trainer.max_prompt_length,
+        "rows_per_forward": a.per_device_train_batch_size,
+        "max_prompt_length": trainer.max_prompt_length,
         "max_completion_length": _generation_value(trainer, "max_new_tokens"),
         "temperature": _generation_value(trainer, "temperature") if do_sample else 0.0,
-        "top_p": _generation_value(trainer, "top_p"), "top_k": _generation_value(trainer, "top_k") or None,
-        "beta": trainer.beta, "epsilon_low": trainer.epsilon_low,
+        "top_p": _generation_value(trainer, "top_p"),
+        "top_k": _generation_value(trainer, "top_k") or None,
+        "beta": trainer.beta,
+        "epsilon_low": trainer.epsilon_low,
         "epsilon_high": trainer.epsilon_high,
         "loss_aggregation": AGGREGATION.get(trl_to_ours.get(trainer.loss_type, ""), trainer.loss_type),
         "advantage_std": "group (unbiased) + 1e-4" if trainer.scale_rewards else "none",
-        "num_iterations": trainer.num_iterations, "learning_rate": a.learning_rate,
-        "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)), "warmup_steps": a.warmup_steps,
-        "weight_decay": a.weight_decay, "adam_betas": [a.adam_beta1, a.adam_beta2], "max_grad_norm": a.max_grad_norm,
-        "reward_funcs": reward_names, "reward_weights": [float(w) for w in trainer.reward_weights.tolist()],
+        "num_iterations": trainer.num_iterations,
+        "learning_rate": a.learning_rate,
+        "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
+        "warmup_steps": a.warmup_steps,
+        "weight_decay": a.weight_decay,
+        "adam_betas": [a.adam_beta1, a.adam_beta2],
+        "max_grad_norm": a.max_grad_norm,
+        "reward_funcs": reward_names,
+        "reward_weights": [float(w) for w in trainer.reward_weights.tolist()],
         "mask_truncated_completions": trainer.mask_truncated_completions,
         "dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
-        "stop_at": stop_at, "dynamic_sampling": False,  # TRL 0.19 has no dynamic sampling
-        "repetition_penalty": _generation_value(trainer, "repetition_penalty"), "min_p": _generation_value(trainer, "min_p"),
+        "stop_at": stop_at,
+        "dynamic_sampling": False,  # TRL 0.19 has no dynamic sampling
+        "repetition_penalty": _generation_value(trainer, "repetition_penalty"),
+        "min_p": _generation_value(trainer, "min_p"),
     }
 
 
@@ -227,7 +337,11 @@ def compare_effective(ours: dict[str, Any], trl: dict[str, Any]) -> list[str]:
     for key in EFFECTIVE_KEYS:
         a, b = ours.get(key, "<missing>"), trl.get(key, "<missing>")
         if isinstance(a, float) or isinstance(b, float):
-            same = isinstance(a, int | float) and isinstance(b, int | float) and abs(a - b) <= 1e-9 * max(1.0, abs(a))
+            same = (
+                isinstance(a, int | float)
+                and isinstance(b, int | float)
+                and abs(a - b) <= 1e-9 * max(1.0, abs(a))
+            )
         else:
             same = a == b
         if not same:
@@ -245,7 +359,7 @@ def peak_rss_mib() -> float:
 
 def run_ours(s: Settings, out_dir: Path) -> dict[str, Any]:
     from trainer import grpo
-    from trainer.checkpoint import verify_stage_output
+    from trainer.contract.output import verify_stage_output
 
     run_dir = out_dir / "ours"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -254,7 +368,9 @@ def run_ours(s: Settings, out_dir: Path) -> dict[str, Any]:
     if code != 0:
         raise BenchError(f"trainer.grpo exited with {code}")
     manifest = verify_stage_output(run_dir, "grpo")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
     records = [r for r in records if "reward_mean" in r]
     rows = s.prompts_per_step * s.num_generations
     # metrics.jsonl is written once per step (logging_steps 1), after the optimizer step: consecutive
@@ -264,15 +380,32 @@ def run_ours(s: Settings, out_dir: Path) -> dict[str, Any]:
         phases = r["rollout_s"] + r["train_s"]
         wall = r["time"] - previous if previous is not None else phases
         previous = r["time"]
-        steps.append({"step": r["step"], "wall_s": wall, "score_s": r["score_s"], "train_s": r["train_s"],
-                      "generate_s": r["rollout_s"] - r["score_s"], "other_s": max(wall - phases, 0.0),
-                      "completion_tokens": r["completion_length_mean"] * rows, "reward_mean": r["reward_mean"],
-                      "accuracy": r["accuracy"], "format_rate": r["format_rate"],
-                      "trained_fraction": r.get("trained_fraction", 1.0), "zero_std_fraction": r["zero_std_fraction"]})
+        steps.append(
+            {
+                "step": r["step"],
+                "wall_s": wall,
+                "score_s": r["score_s"],
+                "train_s": r["train_s"],
+                "generate_s": r["rollout_s"] - r["score_s"],
+                "other_s": max(wall - phases, 0.0),
+                "completion_tokens": r["completion_length_mean"] * rows,
+                "reward_mean": r["reward_mean"],
+                "accuracy": r["accuracy"],
+                "format_rate": r["format_rate"],
+                "trained_fraction": r.get("trained_fraction", 1.0),
+                "zero_std_fraction": r["zero_std_fraction"],
+            }
+        )
     import torch
 
-    return {"trainer": "ours", "steps": steps, "effective": effective_ours(manifest.inputs["args"]),
-            "model_dir": str(run_dir), "process_s": time.time() - started, "torch_threads": torch.get_num_threads()}
+    return {
+        "trainer": "ours",
+        "steps": steps,
+        "effective": effective_ours(manifest.inputs["args"]),
+        "model_dir": str(run_dir),
+        "process_s": time.time() - started,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_trl(s: Settings, out_dir: Path) -> dict[str, Any]:
@@ -281,10 +414,11 @@ def run_trl(s: Settings, out_dir: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOTrainer
 
-    from trainer.builtin import resolve_model
-    from trainer.data import format_prompt, load_examples
     from trainer.grpo import PromptStream
-    from trainer.rewards import accuracy_reward, format_reward, score
+    from trainer.r1.builtin import resolve_model
+    from trainer.r1.data import load_examples
+    from trainer.r1.format import format_prompt
+    from trainer.r1.rewards import accuracy_reward, format_reward, score
     from trainer.runtime import best_attention
 
     run_dir = out_dir / "trl"
@@ -292,16 +426,26 @@ def run_trl(s: Settings, out_dir: Path) -> dict[str, Any]:
     started = time.time()
     path = resolve_model(s.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation=best_attention())
+    model = AutoModelForCausalLM.from_pretrained(
+        path, torch_dtype=torch.float32, attn_implementation=best_attention()
+    )
     examples, _ = load_examples(s.dataset, "train")
     # The prompts our stage draws, in the order it draws them (one process): both see the same prompts.
     stream = PromptStream(examples, s.seed, 0, 1)
     wanted = stream.take(s.steps * s.prompts_per_step)
-    dataset = Dataset.from_list([{"prompt": format_prompt(tokenizer, ex.problem), "answer": ex.answer} for ex in wanted])
+    dataset = Dataset.from_list(
+        [{"prompt": format_prompt(tokenizer, ex.problem), "answer": ex.answer} for ex in wanted]
+    )
 
     names = list(s.reward_funcs)
 
-    phase: dict[str, float] = {"rollout_s": 0.0, "score_s": 0.0, "stats_s": 0.0, "micro_s": 0.0, "micro_end": 0.0}
+    phase: dict[str, float] = {
+        "rollout_s": 0.0,
+        "score_s": 0.0,
+        "stats_s": 0.0,
+        "micro_s": 0.0,
+        "micro_end": 0.0,
+    }
     rollout_stats: dict[str, float] = {}
 
     def r1_reward(completions: list[str], answer: list[str], **_: Any) -> list[float]:
@@ -309,8 +453,12 @@ def run_trl(s: Settings, out_dir: Path) -> dict[str, Any]:
         # Accuracy / format rate for the curves (ours computes them outside its scoring phase too).
         t0 = time.time()
         n = max(len(completions), 1)
-        rollout_stats["accuracy"] = sum(accuracy_reward(c, a) for c, a in zip(completions, answer, strict=True)) / n
-        rollout_stats["format_rate"] = sum(format_reward(c, a) for c, a in zip(completions, answer, strict=True)) / n
+        rollout_stats["accuracy"] = (
+            sum(accuracy_reward(c, a) for c, a in zip(completions, answer, strict=True)) / n
+        )
+        rollout_stats["format_rate"] = (
+            sum(format_reward(c, a) for c, a in zip(completions, answer, strict=True)) / n
+        )
         phase["stats_s"] += time.time() - t0
         return total
 
@@ -352,9 +500,17 @@ def run_trl(s: Settings, out_dir: Path) -> dict[str, Any]:
             # Training = the micro-steps without their rollout + clipping, optimizer, scheduler, zero_grad
             # (from the last micro-step's end to here).
             train_s = phase["micro_s"] - phase["rollout_s"] + (now - phase["micro_end"])
-            steps.append({"step": state.global_step, "wall_s": wall, "score_s": score_s,
-                          "generate_s": phase["rollout_s"] - score_s, "train_s": train_s,
-                          "other_s": max(wall - phase["rollout_s"] - train_s, 0.0), **rollout_stats})
+            steps.append(
+                {
+                    "step": state.global_step,
+                    "wall_s": wall,
+                    "score_s": score_s,
+                    "generate_s": phase["rollout_s"] - score_s,
+                    "train_s": train_s,
+                    "other_s": max(wall - phase["rollout_s"] - train_s, 0.0),
+                    **rollout_stats,
+                }
+            )
             phase.update(rollout_s=0.0, score_s=0.0, stats_s=0.0, micro_s=0.0)
             if s.max_train_seconds and now - budget_start[0] >= s.max_train_seconds:
                 control.should_training_stop = True
@@ -363,7 +519,9 @@ def run_trl(s: Settings, out_dir: Path) -> dict[str, Any]:
             # The log of step k comes after on_step_end(k): attach the rollout statistics to it.
             if logs and "reward" in logs and steps and "reward_mean" not in steps[-1]:
                 rows = s.prompts_per_step * s.num_generations
-                steps[-1].update(reward_mean=logs["reward"], completion_tokens=logs["completions/mean_length"] * rows)
+                steps[-1].update(
+                    reward_mean=logs["reward"], completion_tokens=logs["completions/mean_length"] * rows
+                )
 
     budget_start = [0.0]
 
@@ -371,14 +529,26 @@ def run_trl(s: Settings, out_dir: Path) -> dict[str, Any]:
         def on_train_begin(self, args, state, control, **kw):
             budget_start[0] = time.time()
 
-    trainer = TimedGRPOTrainer(model=model, reward_funcs=[r1_reward], args=trl_config(s, run_dir),
-                               train_dataset=dataset, processing_class=tokenizer, callbacks=[BudgetClock(), StepTimer()])
+    trainer = TimedGRPOTrainer(
+        model=model,
+        reward_funcs=[r1_reward],
+        args=trl_config(s, run_dir),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[BudgetClock(), StepTimer()],
+    )
     # One RepeatSampler pass in dataset order = the prompt order above.
     trainer.train()
     trainer.save_model(str(run_dir))
     tokenizer.save_pretrained(str(run_dir))
-    return {"trainer": "trl", "steps": steps, "effective": effective_trl(trainer, names), "model_dir": str(run_dir),
-            "process_s": time.time() - started, "torch_threads": torch.get_num_threads()}
+    return {
+        "trainer": "trl",
+        "steps": steps,
+        "effective": effective_trl(trainer, names),
+        "model_dir": str(run_dir),
+        "process_s": time.time() - started,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def worker_main(argv: list[str]) -> int:
@@ -408,19 +578,42 @@ def run_worker(trainer: str, s: Settings, out_dir: Path, log) -> dict[str, Any]:
     settings_file.write_text(json.dumps(asdict(s), indent=1))
     result_file = out_dir / f"{trainer}.result.json"
     result_file.unlink(missing_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(s.num_threads), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(s.num_threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        PYTHONWARNINGS="ignore",
+    )
     env.pop("RANK", None)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "worker", trainer, "--settings", str(settings_file),
-           "--out_dir", str(out_dir), "--result", str(result_file)]
-    what = f"GRPO for {s.max_train_seconds:g} s of training loop" if s.max_train_seconds else f"{s.steps} GRPO steps"
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "worker",
+        trainer,
+        "--settings",
+        str(settings_file),
+        "--out_dir",
+        str(out_dir),
+        "--result",
+        str(result_file),
+    ]
+    what = (
+        f"GRPO for {s.max_train_seconds:g} s of training loop"
+        if s.max_train_seconds
+        else f"{s.steps} GRPO steps"
+    )
     log(f"[{trainer}] {what}, {s.num_threads} threads, seed {s.seed} ...")
     t0 = time.time()
     with open(out_dir / f"{trainer}.log", "w") as logf:
         proc = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not result_file.exists():
         tail = (out_dir / f"{trainer}.log").read_text()[-3000:]
-        raise BenchError(f"{trainer} worker failed (exit {proc.returncode}); log {out_dir / f'{trainer}.log'}:\n{tail}")
+        raise BenchError(
+            f"{trainer} worker failed (exit {proc.returncode}); log {out_dir / f'{trainer}.log'}:\n{tail}"
+        )
     log(f"[{trainer}] done in {time.time() - t0:.0f}s")
     return json.loads(result_file.read_text())
 
@@ -442,9 +635,9 @@ def warm_up(s: Settings, out_dir: Path, log) -> None:
 
 def ensure_sft(sft_dir: Path, log) -> Path:
     """A verified SFT stage folder: reuse `sft_dir` if it holds one, else run the default pipeline's SFT stage."""
-    from trainer.checkpoint import StageOutputError, verify_stage_output
-    from trainer.pipeline import run_stage
-    from trainer.stages import load_config, plan
+    from trainer.contract.output import StageOutputError, verify_stage_output
+    from trainer.contract.stages import load_config, plan
+    from trainer.executors.local import run_stage
 
     try:
         verify_stage_output(sft_dir, "sft")
@@ -457,16 +650,27 @@ def ensure_sft(sft_dir: Path, log) -> Path:
     if run.output_dir.resolve() != sft_dir.resolve():
         raise BenchError(f"--sft_dir must end in <release>/sft, got {sft_dir}")
     shutil.rmtree(sft_dir, ignore_errors=True)  # no valid manifest: nothing here is trusted
-    log(f"[sft] no verified SFT model in {sft_dir}: running the default pipeline's SFT stage (~3-4 min on 2 cores)")
+    log(
+        f"[sft] no verified SFT model in {sft_dir}: running the default pipeline's SFT stage (~3-4 min on 2 cores)"
+    )
     run_stage(run, log)
     return sft_dir
 
 
-def held_out_accuracy(model_dir: str, dataset: str, max_samples: int | None, max_new_tokens: int) -> dict[str, float]:
-    from trainer.pipeline import stage_accuracy
+def held_out_accuracy(
+    model_dir: str, dataset: str, max_samples: int | None, max_new_tokens: int
+) -> dict[str, float]:
+    from trainer.executors.local import stage_accuracy
 
-    return stage_accuracy(model_dir, dataset, {"max_eval_samples": max_samples, "max_completion_length": max_new_tokens,
-                                               "inference_batch_size": 100})
+    return stage_accuracy(
+        model_dir,
+        dataset,
+        {
+            "max_eval_samples": max_samples,
+            "max_completion_length": max_new_tokens,
+            "inference_batch_size": 100,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,15 +684,24 @@ def summarize(result: dict[str, Any], skip_first: int = 2) -> dict[str, float]:
     """
     steps = result["steps"]
     timed = steps[skip_first:] if len(steps) > skip_first else steps
-    med = {k: statistics.median(st[k] for st in timed) for k in ("wall_s", "generate_s", "score_s", "train_s", "other_s")}
+    med = {
+        k: statistics.median(st[k] for st in timed)
+        for k in ("wall_s", "generate_s", "score_s", "train_s", "other_s")
+    }
     tokens = statistics.median(st.get("completion_tokens") or 0.0 for st in timed)
     return {
-        "steps": len(steps), "step_s": med["wall_s"], "generate_s": med["generate_s"], "score_s": med["score_s"],
-        "train_s": med["train_s"], "other_s": med["other_s"], "steps_per_min": 60.0 / med["wall_s"] if med["wall_s"] else 0.0,
+        "steps": len(steps),
+        "step_s": med["wall_s"],
+        "generate_s": med["generate_s"],
+        "score_s": med["score_s"],
+        "train_s": med["train_s"],
+        "other_s": med["other_s"],
+        "steps_per_min": 60.0 / med["wall_s"] if med["wall_s"] else 0.0,
         "tokens_per_s": tokens / med["wall_s"] if med["wall_s"] else 0.0,
         "gen_tokens_per_s": tokens / med["generate_s"] if med["generate_s"] else 0.0,
         "completion_len": tokens / max(result["effective"]["completions_per_step"], 1),
-        "peak_rss_mib": result["peak_rss_mib"], "total_s": sum(st["wall_s"] for st in steps),
+        "peak_rss_mib": result["peak_rss_mib"],
+        "total_s": sum(st["wall_s"] for st in steps),
     }
 
 
@@ -507,12 +720,16 @@ def machine_line() -> str:
     import transformers
     import trl
 
-    return (f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+    )
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         raise SystemExit(worker_main(sys.argv[2:]))
-    raise SystemExit("usage: grpo_bench.py worker {ours,trl} --settings FILE --out_dir DIR --result FILE "
-                     "(run bench/grpo_vs_trl.py or bench/learning.py instead)")
+    raise SystemExit(
+        "usage: grpo_bench.py worker {ours,trl} --settings FILE --out_dir DIR --result FILE "
+        "(run bench/grpo_vs_trl.py or bench/learning.py instead)"
+    )

@@ -38,7 +38,7 @@ from grpo_bench import (  # noqa: E402
     warm_up,
 )
 
-from trainer.pipeline import save_figure  # noqa: E402  (grpo_bench put the repository on sys.path)
+from trainer.executors.local import save_figure
 
 ROWS = [  # (label, key, format, higher is better)
     ("step wall time (median, s)", "step_s", "{:.3f}", False),
@@ -56,12 +56,25 @@ ROWS = [  # (label, key, format, higher is better)
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--sft_dir", default="runs/bench/sft", help="SFT stage folder to start from (built here if missing)")
-    p.add_argument("--model", default=None, help="start from this model instead (a stage folder or builtin:tiny)")
+    p.add_argument(
+        "--sft_dir", default="runs/bench/sft", help="SFT stage folder to start from (built here if missing)"
+    )
+    p.add_argument(
+        "--model", default=None, help="start from this model instead (a stage folder or builtin:tiny)"
+    )
     p.add_argument("--out", default="runs/bench/grpo_vs_trl", help="results folder")
-    p.add_argument("--warm_up", action=argparse.BooleanOptionalAction, default=True,
-                   help="run 3 untimed steps of each trainer first (--no-warm_up skips it)")
-    p.add_argument("--rounds", type=int, default=5, help="repeat both sides, alternating which goes first; medians over rounds")
+    p.add_argument(
+        "--warm_up",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run 3 untimed steps of each trainer first (--no-warm_up skips it)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="repeat both sides, alternating which goes first; medians over rounds",
+    )
     defaults = Settings(model="")
     for f in fields(Settings):
         if f.name in ("model", "reward_funcs", "max_train_seconds"):
@@ -72,7 +85,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     a = p.parse_args(argv)
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
-    values = {f.name: getattr(a, f.name) for f in fields(Settings) if hasattr(a, f.name) and f.name != "model"}
+    values = {
+        f.name: getattr(a, f.name) for f in fields(Settings) if hasattr(a, f.name) and f.name != "model"
+    }
     return a, Settings(model=a.model or a.sft_dir, **values)
 
 
@@ -102,7 +117,9 @@ def plot(results: dict[str, list[dict]], out_png: Path) -> None:
         for run in [runs[order[len(order) // 2]]]:
             steps = run["steps"]
             label = labels[name]
-            ax_r.plot([s["step"] for s in steps], [s.get("reward_mean", float("nan")) for s in steps], label=label)
+            ax_r.plot(
+                [s["step"] for s in steps], [s.get("reward_mean", float("nan")) for s in steps], label=label
+            )
             t, elapsed = [], 0.0
             for s in steps:
                 elapsed += s["wall_s"]
@@ -141,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(opts.rounds):
             diffs = compare_effective(results["ours"][i]["effective"], results["trl"][i]["effective"])
             if diffs:
-                raise BenchError("the two trainers did not run with the same settings:\n  " + "\n  ".join(diffs))
+                raise BenchError(
+                    "the two trainers did not run with the same settings:\n  " + "\n  ".join(diffs)
+                )
     except BenchError as e:
         print(f"grpo_vs_trl: error: {e}", file=sys.stderr)
         return 1
@@ -151,26 +170,37 @@ def main(argv: list[str] | None = None) -> int:
     rows = table(ours, trl)
     header = ("", "r1-grpo", f"TRL {version('trl')}", "ours ÷ TRL")
     width = max(len(r[0]) for r in rows) + 2
-    print(f"\n{settings.steps} GRPO steps each, {settings.prompts_per_step} prompts x {settings.num_generations} "
-          f"completions per step, max {settings.max_completion_length} new tokens, {settings.num_threads} threads, "
-          f"{opts.rounds} round(s); medians exclude steps 1-2")
+    print(
+        f"\n{settings.steps} GRPO steps each, {settings.prompts_per_step} prompts x {settings.num_generations} "
+        f"completions per step, max {settings.max_completion_length} new tokens, {settings.num_threads} threads, "
+        f"{opts.rounds} round(s); medians exclude steps 1-2"
+    )
     print(f"{header[0]:<{width}}{header[1]:>12}{header[2]:>14}{header[3]:>12}")
     for label, a, b, ratio in rows:
         print(f"{label:<{width}}{a:>12}{b:>14}{ratio:>12}")
     # Paired per round (the two ran minutes apart, under the same load): the headline is their median.
-    paired = [summarize(t)["step_s"] / summarize(o)["step_s"] for o, t in zip(results["ours"], results["trl"], strict=True)]
+    paired = [
+        summarize(t)["step_s"] / summarize(o)["step_s"]
+        for o, t in zip(results["ours"], results["trl"], strict=True)
+    ]
     speedup = statistics.median(paired)
-    print(f"\nGRPO step throughput: r1-grpo is {speedup:.2f}x TRL (median of the rounds: "
-          f"{', '.join(f'{x:.2f}' for x in paired)}); medians of all rounds: step {trl['step_s'] / ours['step_s']:.2f}x, "
-          f"generation {trl['generate_s'] / max(ours['generate_s'], 1e-9):.2f}x, "
-          f"training {trl['train_s'] / max(ours['train_s'], 1e-9):.2f}x")
+    print(
+        f"\nGRPO step throughput: r1-grpo is {speedup:.2f}x TRL (median of the rounds: "
+        f"{', '.join(f'{x:.2f}' for x in paired)}); medians of all rounds: step {trl['step_s'] / ours['step_s']:.2f}x, "
+        f"generation {trl['generate_s'] / max(ours['generate_s'], 1e-9):.2f}x, "
+        f"training {trl['train_s'] / max(ours['train_s'], 1e-9):.2f}x"
+    )
     ours_steps = [st for run in results["ours"] for st in run["steps"]]
     trained = statistics.mean(st["trained_fraction"] for st in ours_steps)
     zero_std = statistics.mean(st["zero_std_fraction"] for st in ours_steps)
-    print(f"r1-grpo's policy update ran forward/backward on {trained:.0%} of the completions: {zero_std:.0%} of the "
-          f"groups had equal rewards (zero advantage, exactly zero gradient) and were "
-          f"{'skipped' if settings.skip_zero_advantage_groups else 'computed anyway (--skip_zero_advantage_groups false)'}")
-    final = {n: statistics.mean(s.get("reward_mean", 0.0) for s in results[n][0]["steps"][-5:]) for n in results}
+    print(
+        f"r1-grpo's policy update ran forward/backward on {trained:.0%} of the completions: {zero_std:.0%} of the "
+        f"groups had equal rewards (zero advantage, exactly zero gradient) and were "
+        f"{'skipped' if settings.skip_zero_advantage_groups else 'computed anyway (--skip_zero_advantage_groups false)'}"
+    )
+    final = {
+        n: statistics.mean(s.get("reward_mean", 0.0) for s in results[n][0]["steps"][-5:]) for n in results
+    }
     print(f"mean reward over the last 5 steps: r1-grpo {final['ours']:.2f}, TRL {final['trl']:.2f}")
 
     out.mkdir(parents=True, exist_ok=True)
@@ -178,12 +208,28 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"| | r1-grpo | {header[2]} | ours ÷ TRL |", "| --- | ---: | ---: | ---: |"]
     md += [f"| {label.strip()} | {a} | {b} | {ratio} |" for label, a, b, ratio in rows]
     (out / "grpo_vs_trl.md").write_text("\n".join(md) + "\n")
-    (out / "grpo_vs_trl.json").write_text(json.dumps(
-        {"date": time.strftime("%Y-%m-%d"), "machine": machine_line(), "settings": asdict(settings), "rounds": opts.rounds,
-         "summary": {"ours": ours, "trl": trl}, "speedup_per_round": paired, "speedup": speedup,
-         "ours_trained_fraction": trained, "zero_std_fraction": zero_std, "effective": results["ours"][0]["effective"],
-         "bench_wall_s": time.time() - started, "results": results}, indent=1))
-    print(f"\nmachine: {machine_line()}\nwrote {out / 'grpo_vs_trl.png'}, {out / 'grpo_vs_trl.md'}, {out / 'grpo_vs_trl.json'}")
+    (out / "grpo_vs_trl.json").write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": machine_line(),
+                "settings": asdict(settings),
+                "rounds": opts.rounds,
+                "summary": {"ours": ours, "trl": trl},
+                "speedup_per_round": paired,
+                "speedup": speedup,
+                "ours_trained_fraction": trained,
+                "zero_std_fraction": zero_std,
+                "effective": results["ours"][0]["effective"],
+                "bench_wall_s": time.time() - started,
+                "results": results,
+            },
+            indent=1,
+        )
+    )
+    print(
+        f"\nmachine: {machine_line()}\nwrote {out / 'grpo_vs_trl.png'}, {out / 'grpo_vs_trl.md'}, {out / 'grpo_vs_trl.json'}"
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Rollout throughput: HF ``generate`` vs ``trainer.sampling.sample_groups`` vs the CPU FLOP bound.
+"""Rollout throughput: HF ``generate`` vs ``trainer.rl.sampling.sample_groups`` vs the CPU FLOP bound.
 
     python bench/rollout.py --prompts 16 --generations 8 --prompt-len 64 --new-tokens 128 --threads 2
 
@@ -23,7 +23,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer.sampling import sample_groups  # noqa: E402
+from trainer.rl.sampling import sample_groups
 
 
 @dataclass(frozen=True)

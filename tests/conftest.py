@@ -72,7 +72,9 @@ class StageRunner:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         # One thread per process: runs are small and several processes share few cores.
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        env.update(
+            OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1"
+        )
         for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(name, None)  # a leftover from the calling process would make a plain run join a group
         return env
@@ -85,17 +87,33 @@ class StageRunner:
         # --standalone: a private rendezvous on a free port, so concurrent runs cannot collide.
         return [*launcher, "--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv]
 
-    def run(self, module: str, argv: list[str], nproc: int | None = None, timeout: float = 600) -> StageResult:
+    def run(
+        self, module: str, argv: list[str], nproc: int | None = None, timeout: float = 600
+    ) -> StageResult:
         cmd = self.command(module, argv, nproc)
-        proc = subprocess.run(cmd, cwd=self.workdir, env=self.env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        proc = subprocess.run(
+            cmd,
+            cwd=self.workdir,
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
         return StageResult(proc.returncode, proc.stdout, cmd)
 
     def run_script(self, script: str, argv: list[str], timeout: float = 600) -> StageResult:
         """A console script installed with the package (e.g. `r1-grpo`)."""
         cmd = [str(self.bin / script), *argv]
-        proc = subprocess.run(cmd, cwd=self.workdir, env=self.env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        proc = subprocess.run(
+            cmd,
+            cwd=self.workdir,
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
         return StageResult(proc.returncode, proc.stdout, cmd)
 
 
@@ -128,8 +146,8 @@ def arith_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    """`builtin:tiny`, built once by `trainer.builtin.build_tiny_model` into the session's cache."""
-    from trainer.builtin import cache_root, resolve_model
+    """`builtin:tiny`, built once by `trainer.r1.builtin.build_tiny_model` into the session's cache."""
+    from trainer.r1.builtin import cache_root, resolve_model
 
     path = Path(resolve_model("builtin:tiny"))
     assert path.is_relative_to(cache_root()), path
@@ -137,17 +155,42 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def warm_model_dir(tiny_model_dir: Path, arith_jsonl: Path, stage_runner: StageRunner,
-                   tmp_path_factory: pytest.TempPathFactory) -> Path:
+def warm_model_dir(
+    tiny_model_dir: Path,
+    arith_jsonl: Path,
+    stage_runner: StageRunner,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
     """The tiny model after a short single-process SFT on the additions: it writes the R1 format often
     but not always, so GRPO groups get rewards that differ (a random model scores 0 everywhere, which
     makes every advantage zero and leaves the weights untouched)."""
     out = tmp_path_factory.mktemp("warm") / "sft"
-    result = stage_runner.run("trainer.sft", [
-        "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(arith_jsonl), "--output_dir", str(out),
-        "--max_steps", "60", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3",
-        "--lr_scheduler_type", "constant", "--save_steps", "0", "--logging_steps", "20", "--report_to", "none",
-        "--seed", "0",
-    ])
+    result = stage_runner.run(
+        "trainer.sft",
+        [
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--dataset_name",
+            str(arith_jsonl),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "60",
+            "--per_device_train_batch_size",
+            "16",
+            "--learning_rate",
+            "3e-3",
+            "--lr_scheduler_type",
+            "constant",
+            "--save_steps",
+            "0",
+            "--logging_steps",
+            "20",
+            "--report_to",
+            "none",
+            "--seed",
+            "0",
+        ],
+    )
     assert result.returncode == 0, result.describe()
     return out

@@ -211,8 +211,11 @@ def _reject_directives(patch: object, where: str = "") -> None:
     if isinstance(patch, dict):
         for key, value in patch.items():
             if key.startswith("$"):
-                raise ApiError(400, f"strategic merge patch directive {key!r} at {where or '/'} is not supported "
-                                    "by the fake API server")
+                raise ApiError(
+                    400,
+                    f"strategic merge patch directive {key!r} at {where or '/'} is not supported "
+                    "by the fake API server",
+                )
             _reject_directives(value, f"{where}/{key}")
     elif isinstance(patch, list):
         for i, item in enumerate(patch):
@@ -284,12 +287,16 @@ class FakeApiServer:
             "kind": "Config",
             "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
             "users": [{"name": "fake", "user": {}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}],
+            "contexts": [
+                {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}
+            ],
             "current-context": "fake",
         }
 
     # -- test-side API (the other actors); these produce watch events but are not recorded as requests
-    def fail_next(self, verb: str, resource: str, code: int, count: int = 1, after_applying: bool = False) -> None:
+    def fail_next(
+        self, verb: str, resource: str, code: int, count: int = 1, after_applying: bool = False
+    ) -> None:
         """Answer the next `count` requests with this RBAC verb on this resource with an error Status.
 
         With `after_applying`, the request takes effect first and only its response is an error: a write whose
@@ -305,7 +312,9 @@ class FakeApiServer:
         with self._lock:
             return copy.deepcopy(self._create(group, version, namespace, resource, obj))
 
-    def get(self, resource: str, name: str, namespace: str, group: str = "", version: str = "v1") -> dict | None:
+    def get(
+        self, resource: str, name: str, namespace: str, group: str = "", version: str = "v1"
+    ) -> dict | None:
         with self._lock:
             obj = self._objects.get((group, version, namespace, resource), {}).get(name)
             return copy.deepcopy(obj)
@@ -315,8 +324,15 @@ class FakeApiServer:
             bucket = self._objects.get((group, version, namespace, resource), {})
             return [copy.deepcopy(o) for _, o in sorted(bucket.items())]
 
-    def update(self, resource: str, name: str, namespace: str, mutate: Callable[[dict], None],
-               group: str = "", version: str = "v1") -> dict:
+    def update(
+        self,
+        resource: str,
+        name: str,
+        namespace: str,
+        mutate: Callable[[dict], None],
+        group: str = "",
+        version: str = "v1",
+    ) -> dict:
         """Apply `mutate` to a copy of the stored object and store it as a new version (MODIFIED event)."""
         with self._lock:
             current = self._objects.get((group, version, namespace, resource), {}).get(name)
@@ -393,8 +409,11 @@ class FakeApiServer:
         obj = copy.deepcopy(body)
         meta = obj.setdefault("metadata", {})
         if meta.get("namespace") not in (None, namespace):
-            raise ApiError(400, f"the namespace of the provided object ({meta['namespace']}) does not match the "
-                                f"namespace sent on the request ({namespace})")
+            raise ApiError(
+                400,
+                f"the namespace of the provided object ({meta['namespace']}) does not match the "
+                f"namespace sent on the request ({namespace})",
+            )
         if not meta.get("name"):
             if meta.get("generateName"):
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
@@ -404,8 +423,12 @@ class FakeApiServer:
         bucket = self._objects.setdefault((group, version, namespace, resource), {})
         if name in bucket:
             qualified = f"{resource}.{group}" if group else resource
-            raise ApiError(409, f'{qualified} "{name}" already exists', "AlreadyExists",
-                           {"name": name, "group": group, "kind": resource})
+            raise ApiError(
+                409,
+                f'{qualified} "{name}" already exists',
+                "AlreadyExists",
+                {"name": name, "group": group, "kind": resource},
+            )
         kind = KINDS.get((group, resource)) or obj.get("kind")
         if kind:
             obj["kind"] = kind
@@ -421,19 +444,35 @@ class FakeApiServer:
         obj = self._objects.get((group, version, namespace, resource), {}).get(name)
         if obj is None:
             qualified = f"{resource}.{group}" if group else resource
-            raise ApiError(404, f'{qualified} "{name}" not found', "NotFound",
-                           {"name": name, "group": group, "kind": resource})
+            raise ApiError(
+                404,
+                f'{qualified} "{name}" not found',
+                "NotFound",
+                {"name": name, "group": group, "kind": resource},
+            )
         return obj
 
     def _check_precondition(self, current: dict, body: dict) -> None:
         wanted = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
         if wanted and wanted != current["metadata"]["resourceVersion"]:
             name = current["metadata"]["name"]
-            raise ApiError(409, f'Operation cannot be fulfilled on "{name}": the object has been modified; '
-                                "please apply your changes to the latest version and try again", "Conflict")
+            raise ApiError(
+                409,
+                f'Operation cannot be fulfilled on "{name}": the object has been modified; '
+                "please apply your changes to the latest version and try again",
+                "Conflict",
+            )
 
-    def _replace(self, group: str, version: str, namespace: str, resource: str, name: str, body: dict,
-                 subresource: str | None) -> dict:
+    def _replace(
+        self,
+        group: str,
+        version: str,
+        namespace: str,
+        resource: str,
+        name: str,
+        body: dict,
+        subresource: str | None,
+    ) -> dict:
         current = self._existing(group, version, namespace, resource, name)
         self._check_precondition(current, body)
         if subresource == "status":
@@ -451,17 +490,29 @@ class FakeApiServer:
                 new["status"] = current["status"]  # the main resource does not write status
         return self._store(group, version, namespace, resource, new, "MODIFIED")
 
-    def _patch(self, group: str, version: str, namespace: str, resource: str, name: str, body: object,
-               content_type: str, subresource: str | None) -> dict:
+    def _patch(
+        self,
+        group: str,
+        version: str,
+        namespace: str,
+        resource: str,
+        name: str,
+        body: object,
+        content_type: str,
+        subresource: str | None,
+    ) -> dict:
         current = self._existing(group, version, namespace, resource, name)
         if content_type == "application/merge-patch+json":
             pass
         elif content_type == "application/strategic-merge-patch+json":
             if group:
-                raise ApiError(415, f"the body of the request was in an unknown format - accepted media types "
-                                    f"include: application/json-patch+json, application/merge-patch+json, "
-                                    f"application/apply-patch+yaml (strategic merge patch is not supported "
-                                    f"for custom resource {resource}.{group})")
+                raise ApiError(
+                    415,
+                    f"the body of the request was in an unknown format - accepted media types "
+                    f"include: application/json-patch+json, application/merge-patch+json, "
+                    f"application/apply-patch+yaml (strategic merge patch is not supported "
+                    f"for custom resource {resource}.{group})",
+                )
             _reject_directives(body)
         else:
             raise ApiError(415, f"the fake API server does not implement patch type {content_type!r}")
@@ -488,8 +539,9 @@ class FakeApiServer:
             self._logs.pop((namespace, name), None)
         return gone
 
-    def _list(self, group: str, version: str, namespace: str, resource: str,
-              match: Callable[[dict], bool]) -> dict:
+    def _list(
+        self, group: str, version: str, namespace: str, resource: str, match: Callable[[dict], bool]
+    ) -> dict:
         bucket = self._objects.get((group, version, namespace, resource), {})
         kind = KINDS.get((group, resource))
         if kind is None:
@@ -566,15 +618,37 @@ class _Handler(BaseHTTPRequestHandler):
             body = err
         m = _PATH_RE.match(split.path)
         if m is None:
-            rec = RecordedRequest(method, split.path, query, method.lower(), "", "", "", "", None,
-                                  self.headers.get("User-Agent", ""), self.headers.get("Content-Type"))
+            rec = RecordedRequest(
+                method,
+                split.path,
+                query,
+                method.lower(),
+                "",
+                "",
+                "",
+                "",
+                None,
+                self.headers.get("User-Agent", ""),
+                self.headers.get("Content-Type"),
+            )
             self._record(rec, 404)
-            self._send_json(404, status_object(404, "NotFound", f"the server could not find the requested "
-                                                                f"resource ({method} {split.path})"))
+            self._send_json(
+                404,
+                status_object(
+                    404,
+                    "NotFound",
+                    f"the server could not find the requested resource ({method} {split.path})",
+                ),
+            )
             return
         group = m.group("group") or ""
         version = m.group("version") or m.group("core_version")
-        namespace, resource, name, sub = m.group("namespace"), m.group("resource"), m.group("name"), m.group("sub")
+        namespace, resource, name, sub = (
+            m.group("namespace"),
+            m.group("resource"),
+            m.group("name"),
+            m.group("sub"),
+        )
         is_watch = query.get("watch") in _GO_TRUE
         verb = {
             "GET": "watch" if is_watch else ("get" if name else "list"),
@@ -587,9 +661,19 @@ class _Handler(BaseHTTPRequestHandler):
         object_name = name
         if method == "POST" and isinstance(body, dict):
             object_name = (body.get("metadata") or {}).get("name")
-        rec = RecordedRequest(method, split.path, query, verb, group, version, namespace,
-                              f"{resource}/{sub}" if sub else resource, object_name,
-                              self.headers.get("User-Agent", ""), content_type)
+        rec = RecordedRequest(
+            method,
+            split.path,
+            query,
+            verb,
+            group,
+            version,
+            namespace,
+            f"{resource}/{sub}" if sub else resource,
+            object_name,
+            self.headers.get("User-Agent", ""),
+            content_type,
+        )
         for hook in list(api._hooks):
             hook(rec)
         injected = self._injected_failure(verb, rec.resource)
@@ -602,8 +686,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._record(rec, 200)
                 self._watch(group, version, namespace, resource, query)
                 return
-            code, payload = self._dispatch(method, group, version, namespace, resource, name, sub, query,
-                                           body, content_type)
+            code, payload = self._dispatch(
+                method, group, version, namespace, resource, name, sub, query, body, content_type
+            )
             if injected is not None:
                 raise ApiError(injected[0], "injected failure after the request took effect")
         except ApiError as err:
@@ -625,12 +710,24 @@ class _Handler(BaseHTTPRequestHandler):
                     return failure[2], failure[4]
         return None
 
-    def _dispatch(self, method: str, group: str, version: str, namespace: str, resource: str,
-                  name: str | None, sub: str | None, query: dict[str, str], body: object,
-                  content_type: str | None) -> tuple[int, object]:
+    def _dispatch(
+        self,
+        method: str,
+        group: str,
+        version: str,
+        namespace: str,
+        resource: str,
+        name: str | None,
+        sub: str | None,
+        query: dict[str, str],
+        body: object,
+        content_type: str | None,
+    ) -> tuple[int, object]:
         api = self.api
         with api._lock:
-            if sub not in (None, "status", "log") or (sub == "log" and (resource != "pods" or method != "GET")):
+            if sub not in (None, "status", "log") or (
+                sub == "log" and (resource != "pods" or method != "GET")
+            ):
                 raise ApiError(404, f"the server could not find the requested resource ({resource}/{sub})")
             if method == "GET" and name is None:
                 return 200, api._list(group, version, namespace, resource, _matcher(query))
@@ -645,8 +742,9 @@ class _Handler(BaseHTTPRequestHandler):
                     raise ApiError(400, "the request body must be a JSON object")
                 return 200, copy.deepcopy(api._replace(group, version, namespace, resource, name, body, sub))
             if method == "PATCH" and name is not None:
-                return 200, copy.deepcopy(api._patch(group, version, namespace, resource, name, body,
-                                                     content_type or "", sub))
+                return 200, copy.deepcopy(
+                    api._patch(group, version, namespace, resource, name, body, content_type or "", sub)
+                )
             if method == "DELETE" and name is not None and sub is None:
                 gone = api._delete(group, version, namespace, resource, name)
                 return 200, gone
@@ -660,12 +758,14 @@ class _Handler(BaseHTTPRequestHandler):
         if container and container not in containers:
             raise ApiError(400, f"container {container} is not valid for pod {name}")
         if not container and len(containers) > 1:
-            raise ApiError(400, f"a container name must be specified for pod {name}, choose one of: {containers}")
+            raise ApiError(
+                400, f"a container name must be specified for pod {name}, choose one of: {containers}"
+            )
         text = api._logs.get((namespace, name), "")
         tail = query.get("tailLines")
         if tail:
             lines = text.splitlines(keepends=True)
-            text = "".join(lines[-int(tail):]) if int(tail) > 0 else ""
+            text = "".join(lines[-int(tail) :]) if int(tail) > 0 else ""
         return text
 
     # -- watch
@@ -681,8 +781,12 @@ class _Handler(BaseHTTPRequestHandler):
         rv_param = query.get("resourceVersion") or ""
 
         def relevant(ev: _Event) -> bool:
-            return (ev.group, ev.version, ev.namespace, ev.resource) == (group, version, namespace, resource) \
-                and match(ev.obj)
+            return (ev.group, ev.version, ev.namespace, ev.resource) == (
+                group,
+                version,
+                namespace,
+                resource,
+            ) and match(ev.obj)
 
         with api._lock:
             api._open_watches += 1
@@ -703,8 +807,11 @@ class _Handler(BaseHTTPRequestHandler):
                     pending.append(self._gone_event(rv_param))
                     since = None  # stream ends after the error
             if since is not None:
-                pending.extend({"type": e.type, "object": copy.deepcopy(e.obj)}
-                               for e in api._history if e.rv > since and relevant(e))
+                pending.extend(
+                    {"type": e.type, "object": copy.deepcopy(e.obj)}
+                    for e in api._history
+                    if e.rv > since and relevant(e)
+                )
                 if api._history:
                     since = max(since, api._history[-1].rv)
         try:
@@ -721,8 +828,9 @@ class _Handler(BaseHTTPRequestHandler):
                         fresh = [e for e in api._history if e.rv > since]
                         if fresh:
                             since = fresh[-1].rv
-                            events = [{"type": e.type, "object": copy.deepcopy(e.obj)} for e in fresh
-                                      if relevant(e)]
+                            events = [
+                                {"type": e.type, "object": copy.deepcopy(e.obj)} for e in fresh if relevant(e)
+                            ]
                             if events:
                                 break
                             continue
@@ -746,8 +854,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _gone_event(rv: str) -> dict:
-        return {"type": "ERROR",
-                "object": status_object(410, "Expired", f"too old resource version: {rv}")}
+        return {"type": "ERROR", "object": status_object(410, "Expired", f"too old resource version: {rv}")}
 
     def _write_events(self, events: Iterable[dict]) -> bool:
         try:
@@ -779,22 +886,25 @@ def _with_code(rec: RecordedRequest, code: int) -> RecordedRequest:
     return RecordedRequest(**{**rec.__dict__, "code": code})
 
 
-
 # ================================================================================================ test actors
 #
 # The other half of a fake cluster: a stages ConfigMap as the chart renders it (docs/contract.md) and a
 # stand-in for the Kubeflow training operator plus the trainer it would run. The operator reacts to
 # PyTorchJobs appearing in the server (ADDED), creates their master pod, moves the job through its
 # conditions and writes real stage outputs (checkpoint folders, weights, `r1_stage.json` via
-# trainer.checkpoint.write_manifest) into a temporary folder that plays the checkpoint volume.
+# trainer.contract.output.write_manifest) into a temporary folder that plays the checkpoint volume.
 
 TRAINING_STAGES = ("sft", "grpo")
 PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
 
 
 def stage_job(release: str, stage: str, output_dir: str, model_from: str, mount: str, claim: str) -> dict:
-    labels = {"app.kubernetes.io/instance": release, "app.kubernetes.io/name": "r1-grpo",
-              "r1-grpo.io/stage": stage, "r1-grpo.io/attempt": "1"}
+    labels = {
+        "app.kubernetes.io/instance": release,
+        "app.kubernetes.io/name": "r1-grpo",
+        "r1-grpo.io/stage": stage,
+        "r1-grpo.io/attempt": "1",
+    }
     module = {"sft": "trainer.sft", "grpo": "trainer.grpo", "eval": "trainer.evaluate"}[stage]
     return {
         "apiVersion": "kubeflow.org/v1",
@@ -802,30 +912,50 @@ def stage_job(release: str, stage: str, output_dir: str, model_from: str, mount:
         "metadata": {"name": f"{release}-{stage}-1", "labels": dict(labels)},
         "spec": {
             "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 0},
-            "pytorchReplicaSpecs": {"Master": {
-                "replicas": 1,
-                "restartPolicy": "Never",
-                "template": {
-                    "metadata": {"labels": dict(labels)},
-                    "spec": {
-                        "containers": [{
-                            "name": "pytorch",
-                            "image": "r1-grpo:test",
-                            "command": ["torchrun"],
-                            "args": ["--nproc_per_node", "1", "-m", module, "--dataset_name", "builtin:arith",
-                                     "--model_name_or_path", model_from, "--output_dir", output_dir],
-                            "volumeMounts": [{"name": "checkpoints", "mountPath": mount}],
-                        }],
-                        "volumes": [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}}],
+            "pytorchReplicaSpecs": {
+                "Master": {
+                    "replicas": 1,
+                    "restartPolicy": "Never",
+                    "template": {
+                        "metadata": {"labels": dict(labels)},
+                        "spec": {
+                            "containers": [
+                                {
+                                    "name": "pytorch",
+                                    "image": "r1-grpo:test",
+                                    "command": ["torchrun"],
+                                    "args": [
+                                        "--nproc_per_node",
+                                        "1",
+                                        "-m",
+                                        module,
+                                        "--dataset_name",
+                                        "builtin:arith",
+                                        "--model_name_or_path",
+                                        model_from,
+                                        "--output_dir",
+                                        output_dir,
+                                    ],
+                                    "volumeMounts": [{"name": "checkpoints", "mountPath": mount}],
+                                }
+                            ],
+                            "volumes": [
+                                {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}}
+                            ],
+                        },
                     },
-                },
-            }},
+                }
+            },
         },
     }
 
 
-def stages_configmap(release: str, stages: Iterable[str] = ("sft", "grpo", "eval"), mount: str = "/checkpoints",
-                     base_model: str = "builtin:tiny") -> dict:
+def stages_configmap(
+    release: str,
+    stages: Iterable[str] = ("sft", "grpo", "eval"),
+    mount: str = "/checkpoints",
+    base_model: str = "builtin:tiny",
+) -> dict:
     """ConfigMap `<release>-stages` in the contract's format."""
     import yaml
 
@@ -834,14 +964,21 @@ def stages_configmap(release: str, stages: Iterable[str] = ("sft", "grpo", "eval
     for stage in stages:
         output_dir = f"{mount}/{release}/{stage}"
         model_from = previous_training or base_model
-        entries.append({"name": stage, "outputDir": output_dir, "modelFrom": model_from, "job": f"{stage}.yaml"})
-        data[f"{stage}.yaml"] = yaml.safe_dump(stage_job(release, stage, output_dir, model_from, mount, claim))
+        entries.append(
+            {"name": stage, "outputDir": output_dir, "modelFrom": model_from, "job": f"{stage}.yaml"}
+        )
+        data[f"{stage}.yaml"] = yaml.safe_dump(
+            stage_job(release, stage, output_dir, model_from, mount, claim)
+        )
         if stage in TRAINING_STAGES:
             previous_training = output_dir
     data["pipeline.yaml"] = yaml.safe_dump({"release": release, "mountPath": mount, "stages": entries})
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": f"{release}-stages", "labels": {"app.kubernetes.io/instance": release}},
-            "data": data}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{release}-stages", "labels": {"app.kubernetes.io/instance": release}},
+        "data": data,
+    }
 
 
 def _flag(container: dict, name: str) -> str | None:
@@ -864,9 +1001,17 @@ class FakeTrainingOperator:
     same name runs again.
     """
 
-    def __init__(self, server: FakeApiServer, namespace: str, volume: str, mount: str = "/checkpoints",
-                 scripts: dict[tuple[str, int], str] | None = None, checkpoints_per_attempt: int = 4,
-                 step_delay: float = 0.002, weight_bytes: int = 1024):
+    def __init__(
+        self,
+        server: FakeApiServer,
+        namespace: str,
+        volume: str,
+        mount: str = "/checkpoints",
+        scripts: dict[tuple[str, int], str] | None = None,
+        checkpoints_per_attempt: int = 4,
+        step_delay: float = 0.002,
+        weight_bytes: int = 1024,
+    ):
         self.server = server
         self.namespace = namespace
         self.volume = volume
@@ -934,9 +1079,16 @@ class FakeTrainingOperator:
                     if c["type"] == "Running":
                         c["status"] = "False"
             conds[:] = [c for c in conds if c["type"] != ctype]
-            conds.append({"type": ctype, "status": "True", "reason": reason or f"PyTorchJob{ctype}",
-                          "message": message or f"PyTorchJob {name} is {ctype.lower()}.",
-                          "lastTransitionTime": now_rfc3339(), "lastUpdateTime": now_rfc3339()})
+            conds.append(
+                {
+                    "type": ctype,
+                    "status": "True",
+                    "reason": reason or f"PyTorchJob{ctype}",
+                    "message": message or f"PyTorchJob {name} is {ctype.lower()}.",
+                    "lastTransitionTime": now_rfc3339(),
+                    "lastUpdateTime": now_rfc3339(),
+                }
+            )
             if ctype == "Running":
                 status.setdefault("startTime", now_rfc3339())
             if ctype in ("Succeeded", "Failed"):
@@ -955,16 +1107,27 @@ class FakeTrainingOperator:
         template = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
         status: dict = {"phase": phase}
         if phase == "Pending":
-            status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                     "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]
+            status["conditions"] = [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+                }
+            ]
         pod = {
-            "metadata": {"name": name, "labels": {
-                "training.kubeflow.org/job-name": job["metadata"]["name"],
-                "training.kubeflow.org/replica-type": "master",
-                "training.kubeflow.org/replica-index": "0",
-            }},
-            "spec": {"containers": [{"name": c["name"]} for c in template["spec"]["containers"]],
-                     "volumes": template["spec"].get("volumes") or []},
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "training.kubeflow.org/job-name": job["metadata"]["name"],
+                    "training.kubeflow.org/replica-type": "master",
+                    "training.kubeflow.org/replica-index": "0",
+                },
+            },
+            "spec": {
+                "containers": [{"name": c["name"]} for c in template["spec"]["containers"]],
+                "volumes": template["spec"].get("volumes") or [],
+            },
             "status": status,
         }
         if self.server.get("pods", name, self.namespace) is not None:  # a recreated job gets a fresh pod
@@ -984,7 +1147,7 @@ class FakeTrainingOperator:
         import os
         import time
 
-        from trainer.checkpoint import invalidate_manifest, write_manifest
+        from trainer.contract.output import invalidate_manifest, write_manifest
 
         meta = job["metadata"]
         name, uid = meta["name"], meta["uid"]
@@ -1004,8 +1167,11 @@ class FakeTrainingOperator:
         # the trainer: a (re)started stage makes its folder untrusted, then resumes after the last checkpoint
         os.makedirs(output_dir, exist_ok=True)
         invalidate_manifest(output_dir)
-        done = [int(n.split("-")[1]) for n in os.listdir(output_dir)
-                if n.startswith("checkpoint-") and n.split("-")[1].isdigit()]
+        done = [
+            int(n.split("-")[1])
+            for n in os.listdir(output_dir)
+            if n.startswith("checkpoint-") and n.split("-")[1].isdigit()
+        ]
         step = max(done, default=0)
         if stage in TRAINING_STAGES:
             for _ in range(self.checkpoints_per_attempt):
@@ -1030,8 +1196,13 @@ class FakeTrainingOperator:
             lines = [f"[rank0] step {s}: loss 0.{s:03d}" for s in range(1, 80)]
             lines.append("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
             self.server.set_pod_log(self.namespace, pod, "\n".join(lines) + "\n")
-            self._condition(name, uid, "Failed", f"PyTorchJob {name} is failed because 1 Master replica(s) "
-                                                 f"failed.", "PyTorchJobFailed")
+            self._condition(
+                name,
+                uid,
+                "Failed",
+                f"PyTorchJob {name} is failed because 1 Master replica(s) failed.",
+                "PyTorchJobFailed",
+            )
             return
         if stage in TRAINING_STAGES:
             with open(os.path.join(output_dir, "model.safetensors"), "wb") as f:
@@ -1045,9 +1216,13 @@ class FakeTrainingOperator:
             with open(os.path.join(output_dir, "metrics.json"), "w") as f:
                 json.dump({"accuracy": 0.5}, f)
         index = ("sft", "grpo", "eval").index(stage)
-        write_manifest(output_dir, stage, steps=max(step, 1),
-                       inputs={"model_name_or_path": _flag(container, "--model_name_or_path")},
-                       metrics={"accuracy": 0.25 + 0.25 * index, "attempt": attempt})
+        write_manifest(
+            output_dir,
+            stage,
+            steps=max(step, 1),
+            inputs={"model_name_or_path": _flag(container, "--model_name_or_path")},
+            metrics={"accuracy": 0.25 + 0.25 * index, "attempt": attempt},
+        )
         if behaviour == "corrupt":
             with open(os.path.join(output_dir, "model.safetensors"), "r+b") as f:
                 f.write(b"\x00" * 16)

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import fcntl
 import functools
+import hashlib
 import io
 import json
 import os
@@ -191,7 +192,23 @@ def run_helm(args: list[str], values: dict[str, Any] | None = None, helm: Path |
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode != 0:
         raise HelmError(command, proc.returncode, proc.stdout, proc.stderr)
+    _dump_render(args, values, helm, proc.stdout)
     return proc.stdout
+
+
+def _dump_render(args: list[str], values: dict[str, Any] | None, helm: Path, stdout: str) -> None:
+    """With R1_GRPO_RENDER_DUMP=<dir>, keep every `helm template` output under a key of its inputs.
+
+    Two test runs with different dump folders can then be compared file by file: the chart refactors
+    promise byte-identical output for the default values and every value set the tests render.
+    """
+    folder = os.environ.get("R1_GRPO_RENDER_DUMP")
+    if not folder or not args or args[0] != "template":
+        return
+    key = json.dumps([helm_version(helm), args, values], sort_keys=True, default=str)
+    name = hashlib.sha256(key.encode()).hexdigest()[:16] + ".yaml"
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / name).write_text(stdout)
 
 
 def render_chart_text(
@@ -391,8 +408,12 @@ def checkov_report(*target: str) -> dict[str, Any]:
 
     Exit code 1 only means some checks failed: those are in the report for the caller to judge.
     """
-    proc = subprocess.run([str(checkov_binary()), *target, "--skip-download", "--output", "json"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(checkov_binary()), *target, "--skip-download", "--output", "json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode not in (0, 1):
         raise ToolError(f"checkov {' '.join(target)} exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)

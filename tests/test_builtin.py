@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer import builtin
-from trainer.builtin import R1_TAGS, TASKS, builtin_rows, cache_root, is_builtin_model, resolve_model
+from trainer.r1 import builtin
+from trainer.r1.builtin import TASKS, builtin_rows, cache_root, is_builtin_model, resolve_model
+from trainer.r1.format import FORMAT_TAGS
 
 _EXPR = re.compile(r"^Compute (-?\d+(?: [+-] \d+)+)\.$")
 
@@ -53,13 +54,22 @@ def test_test_split_answers_are_correct() -> None:
 
 def test_rows_do_not_depend_on_the_process() -> None:
     # str hashing is salted per process (PYTHONHASHSEED); the split must not be.
-    code = ("import hashlib, json; from trainer.builtin import builtin_rows; "
-            "print(hashlib.sha256(json.dumps([builtin_rows(t, s) for t in ('arith',) for s in ('train', 'test')])"
-            ".encode()).hexdigest())")
-    here = hashlib.sha256(json.dumps([builtin_rows("arith", s) for s in ("train", "test")]).encode()).hexdigest()
+    code = (
+        "import hashlib, json; from trainer.r1.builtin import builtin_rows; "
+        "print(hashlib.sha256(json.dumps([builtin_rows(t, s) for t in ('arith',) for s in ('train', 'test')])"
+        ".encode()).hexdigest())"
+    )
+    here = hashlib.sha256(
+        json.dumps([builtin_rows("arith", s) for s in ("train", "test")]).encode()
+    ).hexdigest()
     for seed in ("1", "4242"):
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert out.stdout.strip() == here
 
 
@@ -95,7 +105,7 @@ def test_digits_are_single_tokens(tokenizer) -> None:
 
 def test_r1_tags_are_single_tokens(tokenizer) -> None:
     tag_ids = []
-    for tag in R1_TAGS:
+    for tag in FORMAT_TAGS:
         ids = tokenizer.encode(tag, add_special_tokens=False)
         assert len(ids) == 1, (tag, ids)
         tag_ids.append(ids[0])
@@ -141,7 +151,13 @@ def _check_model_folder(folder: Path, model_type: str):
 def test_tiny_llama_loads_with_auto_classes(tiny_model_dir: Path) -> None:
     _check_model_folder(tiny_model_dir, "llama")
     names = {p.name for p in tiny_model_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     assert not [n for n in names if n.startswith(".")], names
     assert not [p.name for p in tiny_model_dir.parent.iterdir() if ".tmp-" in p.name]
 
@@ -168,13 +184,17 @@ def test_resolve_model_builds_once_into_the_cache(tiny_model_dir: Path) -> None:
 def test_resolve_model_other_names() -> None:
     assert resolve_model("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     assert resolve_model("/models/mine") == "/models/mine"
-    with pytest.raises(ValueError, match="'builtin:huge': unknown built-in model; built-in models: builtin:tiny"):
+    with pytest.raises(
+        ValueError, match="'builtin:huge': unknown built-in model; built-in models: builtin:tiny"
+    ):
         resolve_model("builtin:huge")
     assert is_builtin_model("builtin:tiny") and is_builtin_model("builtin:tiny-qwen2")
     assert not is_builtin_model("builtin:arith") and not is_builtin_model("tiny")
 
 
-def test_build_tiny_cli_refuses_an_existing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_build_tiny_cli_refuses_an_existing_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert builtin.main(["--output_dir", str(tmp_path)]) == 2
     assert f"--output_dir {tmp_path}: already exists" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:

@@ -43,7 +43,7 @@ from tests.helmtool import (
     stage_jobs,
     write_manifests,
 )
-from trainer.stages import args_to_cli
+from trainer.contract.stages import args_to_cli
 
 DEFAULTS: dict[str, Any] = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
 GPU = "nvidia.com/gpu"
@@ -679,17 +679,25 @@ def test_controller_job_runs_the_contract_command() -> None:
 
 
 def test_controller_job_fails_fast_on_terminal_exit_codes() -> None:
-    from trainer import controller
+    from trainer.executors.kubernetes import spec as controller
 
     job = find_doc(rendered(), "Job", "r1-grpo-controller")
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert [r.get("onPodConditions") for r in rules if r["action"] == "FailJob"] == [[]]
     fail_job = [r["onExitCodes"] for r in rules if r["action"] == "FailJob"]
-    assert fail_job == [{"containerName": "controller", "operator": "In", "values": [
-        controller.EXIT_FAILED, controller.EXIT_CONFIG, controller.EXIT_FORBIDDEN]}]
+    assert fail_job == [
+        {
+            "containerName": "controller",
+            "operator": "In",
+            "values": [controller.EXIT_FAILED, controller.EXIT_CONFIG, controller.EXIT_FORBIDDEN],
+        }
+    ]
     # A crash or SIGTERM must stay retryable, and a preempted pod must not spend the backoff budget.
-    assert controller.EXIT_CRASH not in fail_job[0]["values"] and controller.EXIT_SIGTERM not in fail_job[0]["values"]
+    assert (
+        controller.EXIT_CRASH not in fail_job[0]["values"]
+        and controller.EXIT_SIGTERM not in fail_job[0]["values"]
+    )
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
 
 
@@ -950,7 +958,7 @@ def test_args_render_by_the_contract_rules() -> None:
     ids=["defaults", "custom-args", "wandb", "grpo-only"],
 )
 def test_rendered_flags_equal_trainer_args_to_cli(values: dict[str, Any]) -> None:
-    """trainer.stages.args_to_cli (the local pipeline's renderer) gives the chart's exact flags."""
+    """trainer.contract.stages.args_to_cli (the local pipeline's renderer) gives the chart's exact flags."""
     for stage, job in stage_jobs(rendered(values)).items():
         _, _, flags = trainer_flags(job)
         assert flags == args_to_cli(chart_args_map(values, stage)), stage
@@ -959,9 +967,9 @@ def test_rendered_flags_equal_trainer_args_to_cli(values: dict[str, Any]) -> Non
 @pytest.mark.parametrize("name", ["defaults", "wandb", "grpo-only-from-volume", "multi-node-2x8"])
 def test_rendered_flags_parse_with_the_trainer_stages(name: str) -> None:
     """The flags each PyTorchJob passes are accepted and validated by the stage's own parser."""
-    from trainer.data import DataArgs
     from trainer.evaluate import EvalArgs
     from trainer.grpo import GRPOArgs
+    from trainer.r1.data import DataArgs
     from trainer.runtime import parse_args
     from trainer.sft import SFTArgs
 

@@ -71,7 +71,18 @@ def test_installed_entry_points(stage_runner) -> None:
 def test_flag_prefixes_are_not_accepted(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     # Chart values map 1:1 onto flags: a truncated or misspelt name must fail, never match another flag.
     with pytest.raises(SystemExit) as e:
-        cli.main([command, "--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o",
-                  "--max_eval_sample", "5"])
+        cli.main(
+            [
+                command,
+                "--model_name_or_path",
+                "m",
+                "--dataset_name",
+                "d",
+                "--output_dir",
+                "o",
+                "--max_eval_sample",
+                "5",
+            ]
+        )
     assert e.value.code == 2
     assert "unrecognized arguments: --max_eval_sample 5" in capsys.readouterr().err

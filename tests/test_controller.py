@@ -25,30 +25,21 @@ import yaml
 from kubernetes import client
 
 from tests.fake_apiserver import FakeApiServer, FakeTrainingOperator, stages_configmap
-from trainer.checkpoint import complete_checkpoints, verify_stage_output
-from trainer.controller import (
+from trainer.contract.output import complete_checkpoints, verify_stage_output
+from trainer.executors.kubernetes.cli import status_main
+from trainer.executors.kubernetes.cluster import USER_AGENT, Cluster
+from trainer.executors.kubernetes.controller import Controller, RunResult
+from trainer.executors.kubernetes.decide import CreateJob, Finish, ReportPending, Wait, decide
+from trainer.executors.kubernetes.spec import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_SIGTERM,
     EXIT_SUCCEEDED,
-    AttemptRecord,
-    Controller,
     ControllerConfig,
-    CreateJob,
-    Finish,
-    JobState,
-    PendingItem,
-    ReportPending,
-    RunResult,
-    RunStatus,
-    StageRecord,
-    Wait,
-    World,
-    decide,
     parse_pipeline,
-    status_main,
 )
-from trainer.k8s import USER_AGENT, Cluster
+from trainer.executors.kubernetes.status import AttemptRecord, RunStatus, StageRecord
+from trainer.executors.kubernetes.world import JobState, PendingItem, World
 
 REPO = Path(__file__).resolve().parent.parent
 RELEASE = "r1"
@@ -58,35 +49,64 @@ JOBS = ("kubeflow.org", "v1")
 CONTRACT_ROLE = (
     {("kubeflow.org", "pytorchjobs", v) for v in ("get", "list", "watch", "create")}
     | {("", "configmaps", v) for v in ("get", "create", "patch")}
-    | {("", "events", "create"), ("", "pods", "get"), ("", "pods", "list"), ("", "pods/log", "get"),
-       ("", "persistentvolumeclaims", "get")}
+    | {
+        ("", "events", "create"),
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods/log", "get"),
+        ("", "persistentvolumeclaims", "get"),
+    }
 )
 
 
 class FakeCluster:
     """One scenario's cluster: API server, checkpoint volume (a temp folder), training operator."""
 
-    def __init__(self, root: Path, scripts: dict | None = None, stages: tuple[str, ...] = ("sft", "grpo", "eval"),
-                 configmap: dict | None = None, pvc_phase: str = "Bound", operator: bool = True,
-                 checkpoints_per_attempt: int = 4, release: str = RELEASE):
+    def __init__(
+        self,
+        root: Path,
+        scripts: dict | None = None,
+        stages: tuple[str, ...] = ("sft", "grpo", "eval"),
+        configmap: dict | None = None,
+        pvc_phase: str = "Bound",
+        operator: bool = True,
+        checkpoints_per_attempt: int = 4,
+        release: str = RELEASE,
+    ):
         self.release = release
         self.server = FakeApiServer().start()
         self.volume = root / "volume"
         self.volume.mkdir(parents=True)
         # what `helm install` would have created
         self.stages_cm = self.server.create("configmaps", configmap or stages_configmap(release, stages), NS)
-        self.server.create("persistentvolumeclaims", {"metadata": {"name": f"{release}-checkpoints"},
-                                                      "status": {"phase": pvc_phase}}, NS)
-        self.operator = FakeTrainingOperator(self.server, NS, str(self.volume), scripts=scripts,
-                                             checkpoints_per_attempt=checkpoints_per_attempt)
+        self.server.create(
+            "persistentvolumeclaims",
+            {"metadata": {"name": f"{release}-checkpoints"}, "status": {"phase": pvc_phase}},
+            NS,
+        )
+        self.operator = FakeTrainingOperator(
+            self.server,
+            NS,
+            str(self.volume),
+            scripts=scripts,
+            checkpoints_per_attempt=checkpoints_per_attempt,
+        )
         if operator:
             self.operator.start()
 
     def config(self, **overrides) -> ControllerConfig:
-        base = dict(release=self.release, namespace=NS, stages_configmap=f"{self.release}-stages",
-                    status_configmap=f"{self.release}-status", retries=2, keep_checkpoints=3,
-                    pending_timeout_seconds=1800.0, mount_path=str(self.volume), resync_seconds=1.0,
-                    error_backoff_seconds=0.05)
+        base = dict(
+            release=self.release,
+            namespace=NS,
+            stages_configmap=f"{self.release}-stages",
+            status_configmap=f"{self.release}-status",
+            retries=2,
+            keep_checkpoints=3,
+            pending_timeout_seconds=1800.0,
+            mount_path=str(self.volume),
+            resync_seconds=1.0,
+            error_backoff_seconds=0.05,
+        )
         base.update(overrides)
         return ControllerConfig(**base)
 
@@ -134,12 +154,18 @@ class FakeCluster:
 
     def created(self, code: int = 201) -> list[str]:
         """Names of the PyTorchJobs the controller POSTed and got `code` for, in order."""
-        return [r.name for r in self.server.recorded(USER_AGENT)
-                if r.verb == "create" and r.resource == "pytorchjobs" and r.code == code]
+        return [
+            r.name
+            for r in self.server.recorded(USER_AGENT)
+            if r.verb == "create" and r.resource == "pytorchjobs" and r.code == code
+        ]
 
     def writes(self) -> list[tuple[str, str, str | None]]:
-        return [(r.verb, r.resource, r.name) for r in self.server.recorded(USER_AGENT)
-                if r.verb not in ("get", "list", "watch")]
+        return [
+            (r.verb, r.resource, r.name)
+            for r in self.server.recorded(USER_AGENT)
+            if r.verb not in ("get", "list", "watch")
+        ]
 
     def events(self) -> list[dict]:
         return self.server.list("events", NS)
@@ -222,11 +248,14 @@ def happy_path(make) -> None:
     def snapshot(req) -> None:
         if req.verb == "create" and req.resource == "pytorchjobs" and req.user_agent == USER_AGENT:
             seen_at_create[req.name] = {
-                j["metadata"]["name"]: [x["type"] for x in (j.get("status") or {}).get("conditions", [])
-                                        if x["status"] == "True"][-1:]
-                for j in c.server.list("pytorchjobs", NS, *JOBS)}
+                j["metadata"]["name"]: [
+                    x["type"] for x in (j.get("status") or {}).get("conditions", []) if x["status"] == "True"
+                ][-1:]
+                for j in c.server.list("pytorchjobs", NS, *JOBS)
+            }
             seen_at_create[req.name]["manifests"] = sorted(
-                p.parent.name for p in c.volume.glob(f"{RELEASE}/*/r1_stage.json"))
+                p.parent.name for p in c.volume.glob(f"{RELEASE}/*/r1_stage.json")
+            )
 
     c.server.add_hook(snapshot)
     result = c.run()
@@ -235,8 +264,11 @@ def happy_path(make) -> None:
     assert c.created(409) == []
     assert seen_at_create["r1-sft-1"] == {"manifests": []}
     assert seen_at_create["r1-grpo-1"] == {"r1-sft-1": ["Succeeded"], "manifests": ["sft"]}
-    assert seen_at_create["r1-eval-1"] == {"r1-sft-1": ["Succeeded"], "r1-grpo-1": ["Succeeded"],
-                                           "manifests": ["grpo", "sft"]}
+    assert seen_at_create["r1-eval-1"] == {
+        "r1-sft-1": ["Succeeded"],
+        "r1-grpo-1": ["Succeeded"],
+        "manifests": ["grpo", "sft"],
+    }
 
     status = c.status()
     assert status["phase"] == "Succeeded" and status["finishedAt"] and status["startedAt"]
@@ -260,7 +292,8 @@ def happy_path(make) -> None:
         assert job["spec"] == expected["spec"]
         assert job["metadata"]["labels"] == expected["metadata"]["labels"]
         assert job["metadata"]["ownerReferences"] == [
-            {"apiVersion": "v1", "kind": "ConfigMap", "name": "r1-stages", "uid": cm_uid}]
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": "r1-stages", "uid": cm_uid}
+        ]
 
     # retention (keep 3 of the 4 checkpoints per training stage), final exports intact
     assert c.steps("sft") == [20, 30, 40] and c.steps("grpo") == [20, 30, 40]
@@ -371,8 +404,10 @@ def fail_past_retries(make) -> None:
 
 @scenario
 def succeeded_with_bad_output(make) -> None:
-    for behaviour, reason in (("corrupt", "does not match r1_stage.json"),
-                              ("no-manifest", "/checkpoints/r1/sft/r1_stage.json: missing")):
+    for behaviour, reason in (
+        ("corrupt", "does not match r1_stage.json"),
+        ("no-manifest", "/checkpoints/r1/sft/r1_stage.json: missing"),
+    ):
         c = make(scripts={("sft", 1): behaviour})
         result = c.run(retries=0)
         assert result.exit_code == EXIT_FAILED, behaviour
@@ -400,8 +435,10 @@ def watch_broken_with_410(make) -> None:
     c.server.compact()  # every resourceVersion the controller has seen is now too old
     compacted_at = c.server.resource_version()
     c.server.break_watches()  # the open watch gets an ERROR event with a 410 Status
-    wait_for(lambda: c.server.open_watches() > 0 and len(c.server.recorded(USER_AGENT)) > mark + 2,
-             what="a new watch")
+    wait_for(
+        lambda: c.server.open_watches() > 0 and len(c.server.recorded(USER_AGENT)) > mark + 2,
+        what="a new watch",
+    )
     gate.set()
     thread.join(30)
     assert out and out[0].exit_code == EXIT_SUCCEEDED
@@ -424,8 +461,10 @@ def job_deleted_by_hand(make) -> None:
     old_uid = c.job("r1-grpo-1")["metadata"]["uid"]
     kubectl = client.CustomObjectsApi(c.api("kubectl/test"))
     kubectl.delete_namespaced_custom_object(*JOBS, NS, "pytorchjobs", "r1-grpo-1")
-    wait_for(lambda: (c.job("r1-grpo-1") or {}).get("metadata", {}).get("uid") not in (None, old_uid),
-             what="the job recreated")
+    wait_for(
+        lambda: (c.job("r1-grpo-1") or {}).get("metadata", {}).get("uid") not in (None, old_uid),
+        what="the job recreated",
+    )
     kubectl.delete_namespaced_custom_object(*JOBS, NS, "pytorchjobs", "r1-sft-1")  # a finished stage's job
     gate.set()
     thread.join(30)
@@ -445,11 +484,19 @@ def pending_pod_reported(make) -> None:
     # nothing changes on the job after its pod goes Pending: the report comes from the timeout alone
     wait_for(lambda: "pending for more than" in c.stage_message("sft"), what="the pending report")
     message = c.stage("sft")["message"]
-    assert "pod r1-sft-1-master-0: Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu" in message
+    assert (
+        "pod r1-sft-1-master-0: Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu"
+        in message
+    )
     assert "PersistentVolumeClaim r1-checkpoints is Pending" in message
     for i in range(3):  # more passes must not report the same pod again
-        c.server.update("pytorchjobs", "r1-sft-1", NS,
-                        lambda o, i=i: o["metadata"].setdefault("annotations", {}).update(poke=str(i)), *JOBS)
+        c.server.update(
+            "pytorchjobs",
+            "r1-sft-1",
+            NS,
+            lambda o, i=i: o["metadata"].setdefault("annotations", {}).update(poke=str(i)),
+            *JOBS,
+        )
         time.sleep(0.1)
     assert c.stage("sft")["message"] == message  # stable across passes, not re-reported
     assert message.startswith("pending for more than 1 s: ")
@@ -467,7 +514,10 @@ def job_without_operator_reported(make) -> None:
     controller = c.controller(pending_timeout_seconds=1.0)
     thread, out = c.run_in_thread(controller)
     wait_for(lambda: "pending for more than" in c.stage_message("sft"), what="the report")
-    assert "job r1-sft-1 has no status yet: is the Kubeflow training operator running" in c.stage("sft")["message"]
+    assert (
+        "job r1-sft-1 has no status yet: is the Kubeflow training operator running"
+        in c.stage("sft")["message"]
+    )
     controller.stop()
     thread.join(10)
 
@@ -546,8 +596,10 @@ def bad_stages_configmap(make) -> None:
     c = make(configmap=cm, operator=False)
     result = c.run()
     assert result.exit_code == EXIT_CONFIG
-    assert "ConfigMap team/r1-stages: pipeline.yaml: stages[1].job: the ConfigMap has no key 'grpo.yaml'" \
+    assert (
+        "ConfigMap team/r1-stages: pipeline.yaml: stages[1].job: the ConfigMap has no key 'grpo.yaml'"
         in result.message
+    )
     assert c.status()["message"] == result.message and c.status()["phase"] == "Failed"
     assert c.created() == []
 
@@ -588,13 +640,23 @@ def test_status_command(tmp_path, capsys):
         lines = out.splitlines()
         assert lines[0] == "release r1 (namespace team): Succeeded - all stages succeeded (sft, eval)"
         header = next(i for i, line in enumerate(lines) if line.startswith("STAGE"))
-        assert lines[header].split() == ["STAGE", "PHASE", "ATTEMPT", "JOB", "STARTED", "FINISHED", "CHECKPOINT",
-                                         "MESSAGE"]
+        assert lines[header].split() == [
+            "STAGE",
+            "PHASE",
+            "ATTEMPT",
+            "JOB",
+            "STARTED",
+            "FINISHED",
+            "CHECKPOINT",
+            "MESSAGE",
+        ]
         sft = lines[header + 1].split()
         assert sft[:4] == ["sft", "Succeeded", "1/3", "r1-sft-1"] and sft[6] == "/checkpoints/r1/sft"
         assert "lineage: sft <- builtin:tiny; eval <- /checkpoints/r1/sft" in lines
         assert "metrics sft: accuracy=0.25, attempt=1" in lines
-        assert status_main(["--release", RELEASE, "--namespace", NS, "--kubeconfig", kubeconfig, "--json"]) == 0
+        assert (
+            status_main(["--release", RELEASE, "--namespace", NS, "--kubeconfig", kubeconfig, "--json"]) == 0
+        )
         assert json.loads(capsys.readouterr().out)["phase"] == "Succeeded"
         # a release that is not there
         assert status_main(["--release", "nope", "-n", NS, "--kubeconfig", kubeconfig]) == 2
@@ -605,7 +667,10 @@ def test_status_command(tmp_path, capsys):
     c = FakeCluster(tmp_path / "bad", stages=("sft",), scripts={("sft", 1): "fail"})
     try:
         assert c.run(retries=0).exit_code == EXIT_FAILED
-        assert status_main(["--release", RELEASE, "--namespace", NS, "--kubeconfig", _kubeconfig(c, tmp_path)]) == 1
+        assert (
+            status_main(["--release", RELEASE, "--namespace", NS, "--kubeconfig", _kubeconfig(c, tmp_path)])
+            == 1
+        )
         out = capsys.readouterr().out
         assert out.startswith("release r1 (namespace team): Failed - stage sft failed on attempt 1 of 1")
         assert "  | torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB" in out
@@ -617,9 +682,26 @@ def _spawn_controller(c: FakeCluster, tmp_path: Path, *extra: str) -> subprocess
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("KUBERNETES_SERVICE_HOST", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "trainer", "controller", "--release", RELEASE, "--namespace", NS,
-         "--kubeconfig", _kubeconfig(c, tmp_path), "--mount-path", str(c.volume), *extra],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "controller",
+            "--release",
+            RELEASE,
+            "--namespace",
+            NS,
+            "--kubeconfig",
+            _kubeconfig(c, tmp_path),
+            "--mount-path",
+            str(c.volume),
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -640,8 +722,11 @@ def test_process_exit_codes_and_sigterm(tmp_path):
     try:
         proc = _spawn_controller(c, tmp_path, "--resync-seconds", "300")
         # steady state: the job hangs in Running after its checkpoints, the controller waits on its watch
-        wait_for(lambda: (40 in c.steps("sft") and idle_on_watch(c, 0.3)) or proc.poll() is not None,
-                 timeout=60, what="a watch")
+        wait_for(
+            lambda: (40 in c.steps("sft") and idle_on_watch(c, 0.3)) or proc.poll() is not None,
+            timeout=60,
+            what="a watch",
+        )
         assert proc.poll() is None, proc.communicate()
         writes = c.writes()
         start = time.monotonic()
@@ -677,36 +762,62 @@ def test_runs_the_charts_stages_configmap(tmp_path):
 # ---------------------------------------------------------------------------------------- decide() directly
 
 
-def _world(jobs: dict | None = None, stages=("sft", "grpo", "eval"), previous: RunStatus | None = None,
-           pending=(), outputs=None, now=None) -> World:
+def _world(
+    jobs: dict | None = None,
+    stages=("sft", "grpo", "eval"),
+    previous: RunStatus | None = None,
+    pending=(),
+    outputs=None,
+    now=None,
+) -> World:
     cm = stages_configmap(RELEASE, stages)
     cm["metadata"].update(namespace=NS, uid="uid-1")
-    return World(now or datetime(2026, 1, 1, tzinfo=UTC), parse_pipeline(cm, RELEASE), jobs or {}, outputs or {},
-                 tuple(pending), {}, previous or RunStatus(RELEASE, NS))
+    return World(
+        now or datetime(2026, 1, 1, tzinfo=UTC),
+        parse_pipeline(cm, RELEASE),
+        jobs or {},
+        outputs or {},
+        tuple(pending),
+        {},
+        previous or RunStatus(RELEASE, NS),
+    )
 
 
 def _job(stage: str, attempt: int, phase: str, deleting: bool = False) -> dict:
     t = datetime(2026, 1, 1, tzinfo=UTC)
-    return {stage: {attempt: JobState(f"r1-{stage}-{attempt}", stage, attempt, phase, f"{phase} message", t, t,
-                                      None, deleting)}}
+    return {
+        stage: {
+            attempt: JobState(
+                f"r1-{stage}-{attempt}", stage, attempt, phase, f"{phase} message", t, t, None, deleting
+            )
+        }
+    }
 
 
 def _config(**kw) -> ControllerConfig:
-    return ControllerConfig(release=RELEASE, namespace=NS, stages_configmap="r1-stages",
-                            status_configmap="r1-status", **kw)
+    return ControllerConfig(
+        release=RELEASE, namespace=NS, stages_configmap="r1-stages", status_configmap="r1-status", **kw
+    )
 
 
 def test_decide_retry_budget_and_deletions():
     assert decide(_world(), _config()) == CreateJob("sft", 1, "start")
-    assert decide(_world(_job("sft", 1, "Failed")), _config(retries=2)) == \
-        CreateJob("sft", 2, "retry", "Failed message")
-    assert decide(_world(_job("sft", 3, "Failed")), _config(retries=2)) == \
-        Finish("Failed", "stage sft failed on attempt 3 of 3: Failed message", "sft", 3)
+    assert decide(_world(_job("sft", 1, "Failed")), _config(retries=2)) == CreateJob(
+        "sft", 2, "retry", "Failed message"
+    )
+    assert decide(_world(_job("sft", 3, "Failed")), _config(retries=2)) == Finish(
+        "Failed", "stage sft failed on attempt 3 of 3: Failed message", "sft", 3
+    )
     assert decide(_world(_job("sft", 1, "Failed")), _config(retries=0)).phase == "Failed"
     assert isinstance(decide(_world(_job("sft", 1, "Running", deleting=True)), _config()), Wait)
     # memory says attempt 2 was running; its job is gone: recreate the same attempt
-    memory = RunStatus(RELEASE, NS, stages=[StageRecord("sft", phase="Running", attempt=2,
-                                                        attempts=[AttemptRecord(2, "r1-sft-2", "Running")])])
+    memory = RunStatus(
+        RELEASE,
+        NS,
+        stages=[
+            StageRecord("sft", phase="Running", attempt=2, attempts=[AttemptRecord(2, "r1-sft-2", "Running")])
+        ],
+    )
     action = decide(_world(previous=memory), _config())
     assert (type(action), action.stage, action.attempt, action.reason) == (CreateJob, "sft", 2, "recreate")
     # grpo has a job: sft is settled even though its job was deleted; nothing re-runs sft
@@ -718,13 +829,18 @@ def test_decide_pending_deadlines():
     jobs = _job("sft", 1, "Created")
     young = PendingItem("pod/a/1", now - timedelta(seconds=10), "pod a: Unschedulable")
     old = PendingItem("pod/b/2", now - timedelta(seconds=31), "pod b: Unschedulable")
-    assert decide(_world(jobs, pending=[young], now=now), _config(pending_timeout_seconds=30)) == \
-        Wait(now + timedelta(seconds=20))
-    assert decide(_world(jobs, pending=[young, old], now=now), _config(pending_timeout_seconds=30)) == \
-        ReportPending("sft", (old,))
-    reported = RunStatus(RELEASE, NS, stages=[StageRecord("sft", phase="Created", attempt=1, reported=["pod/b/2"])])
-    assert decide(_world(jobs, pending=[old], now=now, previous=reported), _config(pending_timeout_seconds=30)) \
-        == Wait(None)
+    assert decide(_world(jobs, pending=[young], now=now), _config(pending_timeout_seconds=30)) == Wait(
+        now + timedelta(seconds=20)
+    )
+    assert decide(
+        _world(jobs, pending=[young, old], now=now), _config(pending_timeout_seconds=30)
+    ) == ReportPending("sft", (old,))
+    reported = RunStatus(
+        RELEASE, NS, stages=[StageRecord("sft", phase="Created", attempt=1, reported=["pod/b/2"])]
+    )
+    assert decide(
+        _world(jobs, pending=[old], now=now, previous=reported), _config(pending_timeout_seconds=30)
+    ) == Wait(None)
 
 
 # ---------------------------------------------------------------------------------------- RBAC
@@ -748,13 +864,28 @@ def test_chart_role_grants_exactly_what_the_controller_uses(tmp_path):
 
     docs = render_chart(release=RELEASE, namespace=NS)
     # follow the controller Job's service account to its RoleBinding and Role
-    job = next(d for d in docs if d.get("kind") == "Job" and "controller" in
-               d["spec"]["template"]["spec"]["containers"][0].get("args", []))
+    job = next(
+        d
+        for d in docs
+        if d.get("kind") == "Job"
+        and "controller" in d["spec"]["template"]["spec"]["containers"][0].get("args", [])
+    )
     account = job["spec"]["template"]["spec"]["serviceAccountName"]
-    binding = next(d for d in docs if d.get("kind") == "RoleBinding"
-                   and any(s.get("kind") == "ServiceAccount" and s.get("name") == account for s in d["subjects"]))
+    binding = next(
+        d
+        for d in docs
+        if d.get("kind") == "RoleBinding"
+        and any(s.get("kind") == "ServiceAccount" and s.get("name") == account for s in d["subjects"])
+    )
     assert binding["roleRef"]["kind"] == "Role"
-    role = next(d for d in docs if d.get("kind") == "Role" and d["metadata"]["name"] == binding["roleRef"]["name"])
-    granted = {(group, resource, verb) for rule in role["rules"] for group in rule.get("apiGroups", [])
-               for resource in rule.get("resources", []) for verb in rule.get("verbs", [])}
+    role = next(
+        d for d in docs if d.get("kind") == "Role" and d["metadata"]["name"] == binding["roleRef"]["name"]
+    )
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule.get("verbs", [])
+    }
     assert granted == _verbs_over_all_scenarios(tmp_path)

@@ -1,4 +1,4 @@
-"""Tests for trainer.data: sources, schemas, bad rows, DataArgs flags, prompt and completion text."""
+"""Tests for trainer.r1.data and trainer.r1.format: sources, schemas, bad rows, DataArgs flags, prompt and completion text."""
 
 from __future__ import annotations
 
@@ -8,18 +8,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from trainer.data import (
-    R1_SYSTEM_PROMPT,
-    DataArgs,
-    DataError,
-    Example,
-    detect_schema,
-    extract_boxed,
-    format_completion,
-    format_prompt,
-    load_examples,
-)
-from trainer.rewards import check_format, reward_function
+from trainer.r1.data import DataArgs, DataError, Example, detect_schema, extract_boxed, load_examples
+from trainer.r1.format import R1_SYSTEM_PROMPT, check_format, format_completion, format_prompt
+from trainer.r1.rewards import reward_function
 
 MATH_ROWS = [
     {

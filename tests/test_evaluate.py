@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from trainer import checkpoint as ckpt
 from trainer import evaluate
-from trainer.evaluate import majority_answer, summarize
-from trainer.rewards import answers_equal, check_format, extract_answer, reward_function
+from trainer.contract import output as contract
+from trainer.r1.format import check_format, extract_answer
+from trainer.r1.rewards import answers_equal, reward_function
+from trainer.r1.scoring import majority_answer, summarize
 
 
 @pytest.mark.parametrize(
@@ -32,25 +33,55 @@ def test_majority_answer(answers: list, expected: str | None) -> None:
     assert majority_answer(answers) == expected
 
 
-def _record(rewards: list[float], fmt: list[bool], tokens: list[int], truncated: list[bool], k: int,
-            majority_correct: bool) -> dict:
+def _record(
+    rewards: list[float],
+    fmt: list[bool],
+    tokens: list[int],
+    truncated: list[bool],
+    k: int,
+    majority_correct: bool,
+) -> dict:
     correct = [r == 10.0 for r in rewards]
-    return {"rewards": rewards, "format_ok": fmt, "completion_tokens": tokens, "truncated": truncated,
-            "pass@1": sum(correct) / k, f"pass@{k}": float(any(correct)), f"maj@{k}": float(majority_correct)}
+    return {
+        "rewards": rewards,
+        "format_ok": fmt,
+        "completion_tokens": tokens,
+        "truncated": truncated,
+        "pass@1": sum(correct) / k,
+        f"pass@{k}": float(any(correct)),
+        f"maj@{k}": float(majority_correct),
+    }
 
 
 def test_summarize_single_sample() -> None:
-    records = [_record([10.0], [True], [20], [False], 1, True), _record([0.0], [False], [64], [True], 1, False)]
+    records = [
+        _record([10.0], [True], [20], [False], 1, True),
+        _record([0.0], [False], [64], [True], 1, False),
+    ]
     m = summarize(records, 1)
-    assert m == {"num_problems": 2.0, "accuracy": 0.5, "pass@1": 0.5, "format_rate": 0.5, "mean_reward": 5.0,
-                 "mean_completion_tokens": 42.0, "truncated_rate": 0.5}
+    assert m == {
+        "num_problems": 2.0,
+        "accuracy": 0.5,
+        "pass@1": 0.5,
+        "format_rate": 0.5,
+        "mean_reward": 5.0,
+        "mean_completion_tokens": 42.0,
+        "truncated_rate": 0.5,
+    }
 
 
 def test_summarize_k_samples() -> None:
     k = 4
     records = [
         # 2 of 4 right, majority right
-        _record([10.0, 10.0, 1.0, 0.0], [True, True, True, False], [10, 12, 14, 64], [False, False, False, True], k, True),
+        _record(
+            [10.0, 10.0, 1.0, 0.0],
+            [True, True, True, False],
+            [10, 12, 14, 64],
+            [False, False, False, True],
+            k,
+            True,
+        ),
         # 1 of 4 right, majority wrong
         _record([1.0, 1.0, 10.0, 1.0], [True] * 4, [8, 8, 8, 8], [False] * 4, k, False),
         # none right
@@ -68,8 +99,17 @@ def test_summarize_k_samples() -> None:
 
 
 def test_summarize_nothing() -> None:
-    assert summarize([], 4) == {"num_problems": 0.0, "accuracy": 0.0, "pass@1": 0.0, "format_rate": 0.0, "mean_reward": 0.0,
-                                "mean_completion_tokens": 0.0, "truncated_rate": 0.0, "pass@4": 0.0, "maj@4": 0.0}
+    assert summarize([], 4) == {
+        "num_problems": 0.0,
+        "accuracy": 0.0,
+        "pass@1": 0.0,
+        "format_rate": 0.0,
+        "mean_reward": 0.0,
+        "mean_completion_tokens": 0.0,
+        "truncated_rate": 0.0,
+        "pass@4": 0.0,
+        "maj@4": 0.0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -82,8 +122,18 @@ def test_summarize_nothing() -> None:
         (["--max_completion_length", "0"], "--inference_batch_size and --max_completion_length must be >= 1"),
     ],
 )
-def test_bad_flag_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
-    argv = ["--model_name_or_path", "m", "--dataset_name", "d.jsonl", "--output_dir", str(tmp_path / "out"), *extra]
+def test_bad_flag_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    argv = [
+        "--model_name_or_path",
+        "m",
+        "--dataset_name",
+        "d.jsonl",
+        "--output_dir",
+        str(tmp_path / "out"),
+        *extra,
+    ]
     assert evaluate.main(argv) == 2
     assert f"r1-grpo eval: error: {message}" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
@@ -100,16 +150,37 @@ N_PROBLEMS = 6
 @pytest.fixture(scope="module")
 def eval_run(warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("eval") / "eval"
-    result = stage_runner.run_script("r1-grpo", [
-        "eval", "--model_name_or_path", str(warm_model_dir), "--dataset_name", str(arith_jsonl), "--output_dir", str(out),
-        "--max_eval_samples", str(N_PROBLEMS), "--num_samples_per_problem", str(K), "--temperature", "1.0",
-        "--max_completion_length", "24", "--inference_batch_size", "4", "--seed", "3",
-    ])
+    result = stage_runner.run_script(
+        "r1-grpo",
+        [
+            "eval",
+            "--model_name_or_path",
+            str(warm_model_dir),
+            "--dataset_name",
+            str(arith_jsonl),
+            "--output_dir",
+            str(out),
+            "--max_eval_samples",
+            str(N_PROBLEMS),
+            "--num_samples_per_problem",
+            str(K),
+            "--temperature",
+            "1.0",
+            "--max_completion_length",
+            "24",
+            "--inference_batch_size",
+            "4",
+            "--seed",
+            "3",
+        ],
+    )
     assert result.returncode == 0, result.describe()
     return out
 
 
-def test_eval_run_writes_predictions_metrics_and_manifest(eval_run: Path, arith_jsonl: Path, warm_model_dir: Path) -> None:
+def test_eval_run_writes_predictions_metrics_and_manifest(
+    eval_run: Path, arith_jsonl: Path, warm_model_dir: Path
+) -> None:
     out = eval_run
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.jsonl", "r1_stage.json"]
     for p in out.iterdir():
@@ -130,7 +201,9 @@ def test_eval_run_writes_predictions_metrics_and_manifest(eval_run: Path, arith_
         assert rec[f"maj@{K}"] == float(majority is not None and answers_equal(majority, rec["answer"]))
         assert all(1 <= n <= 24 for n in rec["completion_tokens"])
         assert all(n == 24 for n, tr in zip(rec["completion_tokens"], rec["truncated"], strict=True) if tr)
-    assert any(any(rec["format_ok"]) for rec in records), "the warm model should write the R1 format sometimes"
+    assert any(any(rec["format_ok"]) for rec in records), (
+        "the warm model should write the R1 format sometimes"
+    )
 
     metrics = json.loads((out / "metrics.json").read_text())
     expected = summarize(records, K)
@@ -138,7 +211,7 @@ def test_eval_run_writes_predictions_metrics_and_manifest(eval_run: Path, arith_
     assert metrics["num_problems"] == N_PROBLEMS and metrics["skipped_rows"] == 0.0
     assert {f"pass@{K}", f"maj@{K}"} <= set(metrics)
 
-    manifest = ckpt.verify_stage_output(out, "eval")
+    manifest = contract.verify_stage_output(out, "eval")
     assert manifest.weights == {} and manifest.steps == 0
     assert manifest.metrics == metrics
     assert manifest.inputs["model_name_or_path"] == str(warm_model_dir) and manifest.inputs["split"] == "test"

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import checkpoint as ckpt
 from trainer import grpo
-from trainer.data import load_examples
+from trainer.contract import output as contract
+from trainer.r1.data import load_examples
 
 # Fields of a metrics.jsonl record that measure wall-clock time (everything else must repeat exactly).
 TIMING_KEYS = {"time", "generate_s", "score_s", "train_s", "rollout_s", "rollout_tokens_per_s", "runtime_s"}
@@ -25,12 +25,43 @@ UNREACHABLE = "1234567890123456789012345"
 
 def grpo_argv(model: Path, data: Path, out: Path) -> list[str]:
     return [
-        "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out),
-        "--per_device_train_batch_size", "2", "--num_generations", "4", "--max_completion_length", "24",
-        "--inference_batch_size", "2", "--max_steps", "2", "--save_steps", "1", "--logging_steps", "1",
-        "--learning_rate", "1e-4", "--beta", "0.04", "--dynamic_sampling", "--report_to", "none",
-        "--evaluation_strategy", "steps", "--eval_steps", "2", "--max_eval_samples", "4", "--plugin", "ddp",
-        "--seed", "5",
+        "--model_name_or_path",
+        str(model),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "2",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "24",
+        "--inference_batch_size",
+        "2",
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-4",
+        "--beta",
+        "0.04",
+        "--dynamic_sampling",
+        "--report_to",
+        "none",
+        "--evaluation_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--max_eval_samples",
+        "4",
+        "--plugin",
+        "ddp",
+        "--seed",
+        "5",
     ]
 
 
@@ -60,23 +91,36 @@ def test_two_process_grpo_run(grpo_run, warm_model_dir: Path) -> None:
     out, _ = grpo_run
     from transformers import AutoModelForCausalLM
 
-    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [1]
-    state = json.loads((out / "checkpoint-1" / ckpt.TRAINER_STATE_NAME).read_text())
+    assert [s for s, _ in contract.complete_checkpoints(out)] == [1]
+    state = json.loads((out / "checkpoint-1" / contract.TRAINER_STATE_NAME).read_text())
     assert (state["step"], state["world_size"], state["stage"], state["total_steps"]) == (1, 2, "grpo", 2)
     # Each rank's own prompt position (dynamic sampling may have drawn more prompts on one rank).
     assert len(state["prompt_positions"]) == 2 and all(p >= 2 for p in state["prompt_positions"])
     assert {"rng_state_0.pt", "rng_state_1.pt"} <= {p.name for p in (out / "checkpoint-1").iterdir()}
 
-    manifest = ckpt.verify_stage_output(out, "grpo")
+    manifest = contract.verify_stage_output(out, "grpo")
     assert manifest.steps == 2 and list(manifest.weights) == ["model.safetensors"]
-    assert manifest.inputs["args"]["num_generations"] == 4 and manifest.inputs["args"]["dynamic_sampling"] is True
-    assert {"reward_mean", "accuracy", "format_rate", "eval_accuracy", "eval_format_rate"} <= set(manifest.metrics)
+    assert (
+        manifest.inputs["args"]["num_generations"] == 4
+        and manifest.inputs["args"]["dynamic_sampling"] is True
+    )
+    assert {"reward_mean", "accuracy", "format_rate", "eval_accuracy", "eval_format_rate"} <= set(
+        manifest.metrics
+    )
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
 
     steps = [r for r in _records(out) if "reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
-        for key in ("loss", "reward_mean", "reward_std", "kl", "entropy", "format_rate", "completion_length_mean"):
+        for key in (
+            "loss",
+            "reward_mean",
+            "reward_std",
+            "kl",
+            "entropy",
+            "format_rate",
+            "completion_length_mean",
+        ):
             assert math.isfinite(r[key]), (key, r)
         assert r["completion_length_max"] <= 24 and r["temperature"] == 1.0
     # With --dynamic_sampling every trained group had rewards that differ.
@@ -86,17 +130,19 @@ def test_two_process_grpo_run(grpo_run, warm_model_dir: Path) -> None:
     assert any(not torch.equal(trained[k], start[k]) for k in start), "GRPO did not change the weights"
 
 
-def test_resume_is_bit_exact(grpo_run, warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path) -> None:
+def test_resume_is_bit_exact(
+    grpo_run, warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path
+) -> None:
     reference, _ = grpo_run
     out = tmp_path / "grpo"
     shutil.copytree(reference, out)
     # What a kill after checkpoint-1 leaves: no final export, no manifest.
     (out / "model.safetensors").unlink()
-    (out / ckpt.MANIFEST_NAME).unlink()
+    (out / contract.MANIFEST_NAME).unlink()
     result = stage_runner.run("trainer.grpo", grpo_argv(warm_model_dir, arith_jsonl, out), nproc=2)
     assert result.returncode == 0, result.describe()
     assert f"resumed from {out / 'checkpoint-1'} (step 1," in result.output
-    ckpt.verify_stage_output(out, "grpo")
+    contract.verify_stage_output(out, "grpo")
     got, want = _tensors(out), _tensors(reference)
     assert [k for k in want if not torch.equal(got[k], want[k])] == []
     # Same prompts, same samples (the sampling generator and prompt positions were restored), same losses.
@@ -112,22 +158,28 @@ def test_resume_is_bit_exact(grpo_run, warm_model_dir: Path, arith_jsonl: Path, 
         (["--reward_weights", "1.0", "2.0"], "--reward_weights has 2 values for 1 --reward_funcs"),
         (["--initial_temperature", "0"], "--initial_temperature must be > 0"),
         (["--loss_type", "ppo"], "--loss_type 'ppo': expected one of grpo, dapo, dr_grpo"),
-        (["--epsilon", "0.2", "--epsilon_high", "0.1"], "--beta and --epsilon must be >= 0 and --epsilon_high >= --epsilon"),
+        (
+            ["--epsilon", "0.2", "--epsilon_high", "0.1"],
+            "--beta and --epsilon must be >= 0 and --epsilon_high >= --epsilon",
+        ),
         (["--top_p", "0"], "--top_p must be in (0, 1]"),
         (["--plugin", "zero9"], "--plugin 'zero9': expected one of ddp, zero2, zero2_cpu, gemini, 3d"),
         (["--max_completion_length", "0"], "--max_completion_length must be >= 1, got 0"),
         (["--max_train_seconds", "-1"], "--max_train_seconds must be >= 0 (0: no limit), got -1.0"),
     ],
 )
-def test_bad_flag_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
+def test_bad_flag_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
     argv = grpo_argv(Path("unused"), Path("unused.jsonl"), tmp_path / "out") + extra
     assert grpo.main(argv) == 2
     assert f"r1-grpo grpo: error: {message}" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
 
 
-def test_max_train_seconds_ends_the_run_like_max_steps(warm_model_dir: Path, arith_jsonl: Path, stage_runner,
-                                                       tmp_path: Path) -> None:
+def test_max_train_seconds_ends_the_run_like_max_steps(
+    warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path
+) -> None:
     """A time limit shorter than one step: one step is done, then the final model and manifest are written."""
     out = tmp_path / "grpo"
     argv = grpo_argv(warm_model_dir, arith_jsonl, out)
@@ -136,7 +188,7 @@ def test_max_train_seconds_ends_the_run_like_max_steps(warm_model_dir: Path, ari
     result = stage_runner.run("trainer.grpo", argv + ["--max_train_seconds", "0.001"])
     assert result.returncode == 0, result.describe()
     assert "--max_train_seconds 0.001 reached after 1 steps" in result.output
-    manifest = ckpt.verify_stage_output(out, "grpo")
+    manifest = contract.verify_stage_output(out, "grpo")
     assert manifest.steps == 1 and manifest.inputs["args"]["max_train_seconds"] == 0.001
     assert [r["step"] for r in _records(out) if "reward_mean" in r] == [1]
     assert not list(out.glob("checkpoint-*"))
@@ -154,7 +206,7 @@ def test_unknown_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_prompt_stream_shards_and_resumes() -> None:
-    from trainer.data import Example
+    from trainer.r1.data import Example
 
     examples = [Example(f"q{i}", "r", str(i), f"t:{i}") for i in range(10)]
     ranks = [grpo.PromptStream(examples, seed=1, rank=r, world_size=2) for r in range(2)]
@@ -175,14 +227,33 @@ def policy(warm_model_dir: Path):
 
 def _rollout(policy, examples, *, dynamic: bool, rounds: int = 8, seed: int = 0):
     model, tokenizer = policy
-    args = grpo.GRPOArgs(model_name_or_path="m", output_dir="o", num_generations=8, inference_batch_size=4,
-                         max_completion_length=24, reward_funcs=["accuracy"], beta=0.0, dynamic_sampling=dynamic,
-                         max_resample_rounds=rounds)
+    args = grpo.GRPOArgs(
+        model_name_or_path="m",
+        output_dir="o",
+        num_generations=8,
+        inference_batch_size=4,
+        max_completion_length=24,
+        reward_funcs=["accuracy"],
+        beta=0.0,
+        dynamic_sampling=dynamic,
+        max_resample_rounds=rounds,
+    )
     args.validate()
     stream = grpo.PromptStream(examples, seed=3, rank=0, world_size=1)
     timings = {"generate_s": 0.0, "score_s": 0.0}
-    rollout = grpo.make_rollout(model, None, tokenizer, stream, 2, 1.0, args, torch.device("cpu"),
-                                torch.Generator().manual_seed(seed), {}, timings)
+    rollout = grpo.make_rollout(
+        model,
+        None,
+        tokenizer,
+        stream,
+        2,
+        1.0,
+        args,
+        torch.device("cpu"),
+        torch.Generator().manual_seed(seed),
+        {},
+        timings,
+    )
     return rollout, stream
 
 
@@ -214,8 +285,10 @@ def test_dynamic_sampling_refills_uninformative_groups(policy, arith_jsonl: Path
         assert rollout.rewards[group].unique().numel() > 1, "a kept group has equal rewards"
         assert rollout.advantages[group].abs().sum() > 0
         # The rewards are the accuracy of each completion against its own problem's answer.
-        for text, answer, reward in zip(rollout.texts[group], rollout.answers[group], rollout.rewards[group].tolist(), strict=True):
-            from trainer.rewards import accuracy_reward
+        for text, answer, reward in zip(
+            rollout.texts[group], rollout.answers[group], rollout.rewards[group].tolist(), strict=True
+        ):
+            from trainer.r1.rewards import accuracy_reward
 
             assert reward == accuracy_reward(text, answer)
 
@@ -232,10 +305,19 @@ def test_dynamic_sampling_falls_back_when_nothing_is_informative(policy, arith_j
 def _rollout_with_advantages(advantages: list[float], group_size: int) -> grpo.Rollout:
     n = len(advantages)
     ids = torch.arange(n)[:, None].repeat(1, 3)
-    return grpo.Rollout(input_ids=ids, attention_mask=torch.ones_like(ids), completion_ids=ids[:, 1:],
-                        completion_mask=torch.ones(n, 2), sample_logprobs=torch.zeros(n, 2),
-                        advantages=torch.tensor(advantages), rewards=torch.zeros(n), temperature=1.0,
-                        texts=[""] * n, answers=[""] * n, stats={})
+    return grpo.Rollout(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        completion_ids=ids[:, 1:],
+        completion_mask=torch.ones(n, 2),
+        sample_logprobs=torch.zeros(n, 2),
+        advantages=torch.tensor(advantages),
+        rewards=torch.zeros(n),
+        temperature=1.0,
+        texts=[""] * n,
+        answers=[""] * n,
+        stats={},
+    )
 
 
 def test_rows_to_train_skips_only_groups_without_advantage() -> None:
@@ -252,24 +334,61 @@ def test_rows_to_train_skips_only_groups_without_advantage() -> None:
     assert grpo.rows_to_train(_rollout_with_advantages([1, -1] * 4, 2), args, chunk=4, world_size=1) is None
     assert grpo.rows_to_train(rollout, args, chunk=3, world_size=1) is None
     for changed in ({"beta": 0.04}, {"skip_zero_advantage_groups": False}):
-        assert grpo.rows_to_train(rollout, dataclasses.replace(args, **changed), chunk=2, world_size=1) is None
+        assert (
+            grpo.rows_to_train(rollout, dataclasses.replace(args, **changed), chunk=2, world_size=1) is None
+        )
     selected = grpo._select_rows(rollout, torch.tensor([4, 5]))
     assert selected.advantages.tolist() == [0.5, 0.0] and selected.input_ids[:, 0].tolist() == [4, 5]
 
 
-def test_skipping_zero_advantage_groups_gives_the_same_update(warm_model_dir: Path, arith_jsonl: Path, stage_runner,
-                                                               tmp_path: Path) -> None:
+def test_skipping_zero_advantage_groups_gives_the_same_update(
+    warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path
+) -> None:
     # The format reward: the warm model writes the R1 format often but not always, so some groups of 4
     # samples are all formatted or all not (zero advantage), others mixed.
     runs = {}
     for skip in ("true", "false"):
         out = tmp_path / f"skip-{skip}"
-        argv = ["--model_name_or_path", str(warm_model_dir), "--dataset_name", str(arith_jsonl), "--output_dir", str(out),
-                "--per_device_train_batch_size", "8", "--num_generations", "4", "--inference_batch_size", "8",
-                "--logits_forward_batch_size", "4", "--max_completion_length", "24", "--max_steps", "1",
-                "--save_steps", "0", "--logging_steps", "1", "--learning_rate", "1e-3", "--beta", "0",
-                "--reward_funcs", "format", "--evaluation_strategy", "no", "--report_to", "none",
-                "--plugin", "ddp", "--seed", "5", "--skip_zero_advantage_groups", skip]
+        argv = [
+            "--model_name_or_path",
+            str(warm_model_dir),
+            "--dataset_name",
+            str(arith_jsonl),
+            "--output_dir",
+            str(out),
+            "--per_device_train_batch_size",
+            "8",
+            "--num_generations",
+            "4",
+            "--inference_batch_size",
+            "8",
+            "--logits_forward_batch_size",
+            "4",
+            "--max_completion_length",
+            "24",
+            "--max_steps",
+            "1",
+            "--save_steps",
+            "0",
+            "--logging_steps",
+            "1",
+            "--learning_rate",
+            "1e-3",
+            "--beta",
+            "0",
+            "--reward_funcs",
+            "format",
+            "--evaluation_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--plugin",
+            "ddp",
+            "--seed",
+            "5",
+            "--skip_zero_advantage_groups",
+            skip,
+        ]
         result = stage_runner.run("trainer.grpo", argv, nproc=2)
         assert result.returncode == 0, result.describe()
         runs[skip] = (_tensors(out), [r for r in _records(out) if "reward_mean" in r][0])
@@ -279,6 +398,9 @@ def test_skipping_zero_advantage_groups_gives_the_same_update(warm_model_dir: Pa
     assert with_skip["reward_mean"] == without_skip["reward_mean"]  # same samples
     assert with_skip["loss"] == pytest.approx(without_skip["loss"], rel=1e-5, abs=1e-8)
     start = _tensors(warm_model_dir)
-    assert any(not torch.equal(full[k], start[k]) for k in start), ("no informative group: the test shows nothing", without_skip)
+    assert any(not torch.equal(full[k], start[k]) for k in start), (
+        "no informative group: the test shows nothing",
+        without_skip,
+    )
     for k in start:
         torch.testing.assert_close(skipped[k], full[k], rtol=1e-5, atol=1e-7)

@@ -15,19 +15,23 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.objective import (
+from trainer.rl.logprobs import (
     completion_logprobs,
     entropy_from_logits,
+    position_ids_from_mask,
+    token_logprobs,
+)
+from trainer.rl.objective import (
     group_advantages,
-    grouped_completion_logprobs,
     grpo_loss,
     informative_groups,
-    position_ids_from_mask,
+    temperature_at,
+    zero_std_fraction,
+)
+from trainer.rl.packed_forward import (
+    grouped_completion_logprobs,
     shared_prompt_plan,
     split_attention_supported,
-    temperature_at,
-    token_logprobs,
-    zero_std_fraction,
 )
 
 Matrix = list[list[float]]
@@ -708,16 +712,29 @@ def grouped_batch(group_size: int = 3) -> tuple[torch.Tensor, torch.Tensor, list
             pad = width - len(prompt)
             rows.append([PAD] * pad + prompt + comp + [PAD] * (t - n))
             masks.append([0] * pad + [1] * (len(prompt) + n) + [0] * (t - n))
-    return torch.tensor(rows), torch.tensor(masks), [p for p in prompts for _ in range(group_size)], completions
+    return (
+        torch.tensor(rows),
+        torch.tensor(masks),
+        [p for p in prompts for _ in range(group_size)],
+        completions,
+    )
 
 
 def tiny_qwen2(attn: str) -> nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=PAD, attn_implementation=attn)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        attn_implementation=attn,
+    )
     return Qwen2ForCausalLM(config).eval()  # q/k/v projections with biases, unlike Llama
 
 
@@ -727,7 +744,9 @@ def test_shared_prompt_forward_equals_one_unpadded_forward_per_row(arch: str, at
     input_ids, attention_mask, prompts, completions = grouped_batch()
     t = 6
     wrapped = KwargsWrapper(model)
-    got = completion_logprobs(wrapped, input_ids, attention_mask, input_ids[:, -t:], 0.9, batch_size=6, group_size=3)
+    got = completion_logprobs(
+        wrapped, input_ids, attention_mask, input_ids[:, -t:], 0.9, batch_size=6, group_size=3
+    )
     # It took the packed path: one sequence per group, its prompt once and its completions without padding
     # (group 0: 6 + 1 + 3 + 5 tokens; group 1: 3 + 4 + 1 + 3, padded to 15), positions restarting per
     # completion, logits from the earliest last-prompt position (2) on. With split attention the model
@@ -738,10 +757,16 @@ def test_shared_prompt_forward_equals_one_unpadded_forward_per_row(arch: str, at
     assert split_attention_supported(model)
     assert tuple(seen["input_ids"].shape) == (2, 15) and tuple(seen["attention_mask"].shape) == (1, 1, 1, 1)
     assert model.config._attn_implementation == attn
-    assert seen["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 6, 7, 8, 6, 7, 8, 9, 10],
-                                             [0, 1, 2, 3, 4, 5, 6, 3, 3, 4, 5, 0, 0, 0, 0]]
+    assert seen["position_ids"].tolist() == [
+        [0, 1, 2, 3, 4, 5, 6, 6, 7, 8, 6, 7, 8, 9, 10],
+        [0, 1, 2, 3, 4, 5, 6, 3, 3, 4, 5, 0, 0, 0, 0],
+    ]
     assert seen["logits_to_keep"] == 13
-    params = [model.model.embed_tokens.weight, model.model.layers[1].self_attn.k_proj.weight, model.lm_head.weight]
+    params = [
+        model.model.embed_tokens.weight,
+        model.model.layers[1].self_attn.k_proj.weight,
+        model.lm_head.weight,
+    ]
     valid = torch.zeros_like(got)
     for r, comp in enumerate(completions):
         valid[r, : len(comp)] = 1
@@ -757,7 +782,9 @@ def test_shared_prompt_forward_equals_one_unpadded_forward_per_row(arch: str, at
     # gradients included.
     one = grouped_completion_logprobs(model, input_ids, attention_mask, t, 3, 1, 0.9, split_attention=True)
     torch.testing.assert_close(one * valid, got.detach() * valid)
-    block = grouped_completion_logprobs(wrapped, input_ids, attention_mask, t, 3, 2, 0.9, split_attention=False)
+    block = grouped_completion_logprobs(
+        wrapped, input_ids, attention_mask, t, 3, 2, 0.9, split_attention=False
+    )
     assert tuple(wrapped.seen_kwargs[-1]["attention_mask"].shape) == (2, 1, 15, 15)
     torch.testing.assert_close(block * valid, got.detach() * valid, rtol=1e-5, atol=1e-5)
     block_grads = torch.autograd.grad((block * valid).sum(), params)
@@ -791,10 +818,14 @@ def test_split_attention_only_where_the_layers_take_it_from_the_registry() -> No
     model.model.layers[1].self_attn = OwnKernelAttention(model.model.layers[1].self_attn)
     assert not split_attention_supported(model)
     wrapped = KwargsWrapper(model)
-    got = completion_logprobs(wrapped, input_ids, attention_mask, input_ids[:, -6:], 1.0, batch_size=6, group_size=3)
+    got = completion_logprobs(
+        wrapped, input_ids, attention_mask, input_ids[:, -6:], 1.0, batch_size=6, group_size=3
+    )
     assert tuple(wrapped.seen_kwargs[0]["attention_mask"].shape) == (2, 1, 15, 15)  # the block mask instead
     for r, comp in enumerate(completions):
-        torch.testing.assert_close(got[r, : len(comp)], unpadded_logprobs(model, prompts[r], comp, 1.0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            got[r, : len(comp)], unpadded_logprobs(model, prompts[r], comp, 1.0), rtol=1e-5, atol=1e-5
+        )
     # Forced onto such a model, the split forward refuses to return what the replaced layer computed.
     with pytest.raises(RuntimeError, match="split attention ran in 1 of 2 layers"):
         grouped_completion_logprobs(model, input_ids, attention_mask, 6, 3, 2, 1.0, split_attention=True)
@@ -807,7 +838,9 @@ def test_shared_prompt_plan_falls_back_when_packing_is_invalid_or_dearer() -> No
     t = 6
     plan = shared_prompt_plan(model, input_ids, attention_mask, t, 3, 32)
     assert plan is not None and plan.groups_per_forward == 2 and 0 < plan.cost_ratio < 1
-    assert shared_prompt_plan(model, input_ids, attention_mask, t, 4, 32) is None  # 6 rows are not groups of 4
+    assert (
+        shared_prompt_plan(model, input_ids, attention_mask, t, 4, 32) is None
+    )  # 6 rows are not groups of 4
     assert shared_prompt_plan(model, input_ids, attention_mask, t, 1, 32) is None
     other = input_ids.clone()
     other[1, -t - 1] = (other[1, -t - 1] + 1) % VOCAB  # row 1's prompt differs from row 0's
@@ -816,7 +849,9 @@ def test_shared_prompt_plan_falls_back_when_packing_is_invalid_or_dearer() -> No
     assert shared_prompt_plan(model, input_ids, attention_mask, t, 3, 32) is None
     model.config._attn_implementation = "sdpa"
     no_keep = FullLogitsOnly(model)
-    no_keep.config = model.config  # a forward without logits_to_keep: its config alone must not enable packing
+    no_keep.config = (
+        model.config
+    )  # a forward without logits_to_keep: its config alone must not enable packing
     assert shared_prompt_plan(no_keep, input_ids, attention_mask, t, 3, 32) is None
     empty = attention_mask.clone()
     empty[2, -t:] = 0  # row 2 completed with no token at all
@@ -830,7 +865,9 @@ def test_shared_prompt_plan_falls_back_when_packing_is_invalid_or_dearer() -> No
     long_ids = torch.cat([torch.full((8, 1), 7), torch.randint(1, VOCAB, (8, 40), generator=gen)], dim=1)
     long_mask = torch.ones_like(long_ids)
     assert shared_prompt_plan(model, long_ids, long_mask, 40, 8, 64).split_attention
-    model.model.layers[1].self_attn = OwnKernelAttention(model.model.layers[1].self_attn)  # no split attention
+    model.model.layers[1].self_attn = OwnKernelAttention(
+        model.model.layers[1].self_attn
+    )  # no split attention
     assert shared_prompt_plan(model, long_ids, long_mask, 40, 8, 64) is None
     wrapped = KwargsWrapper(model)
     with torch.no_grad():
@@ -853,5 +890,6 @@ def test_shared_prompt_forward_checks_the_model_kept_the_asked_logits() -> None:
     model = tiny_llama("sdpa")
     input_ids, attention_mask, _, _ = grouped_batch()
     with torch.no_grad(), pytest.raises(ValueError, match="asked for logits_to_keep=13"):
-        completion_logprobs(IgnoresLogitsToKeep(model), input_ids, attention_mask, input_ids[:, -6:], 1.0, 6,
-                            group_size=3)
+        completion_logprobs(
+            IgnoresLogitsToKeep(model), input_ids, attention_mask, input_ids[:, -6:], 1.0, 6, group_size=3
+        )

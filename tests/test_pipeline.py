@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.checkpoint import MANIFEST_NAME, complete_checkpoints, read_manifest, verify_stage_output
+from trainer.contract.output import MANIFEST_NAME, complete_checkpoints, read_manifest, verify_stage_output
 
 
 def pipeline_config(model: Path, data: Path) -> dict:
@@ -23,14 +23,34 @@ def pipeline_config(model: Path, data: Path) -> dict:
         "model": str(model),
         "dataset": str(data),
         "stages": {
-            "sft": {"nproc_per_node": 1, "args": {
-                **common, "max_steps": 12, "per_device_train_batch_size": 16, "learning_rate": 3e-3,
-                "save_steps": 6, "logging_steps": 6}},
-            "grpo": {"nproc_per_node": 2, "args": {
-                **common, "max_steps": 4, "per_device_train_batch_size": 2, "num_generations": 4,
-                "inference_batch_size": 2, "max_completion_length": 24, "learning_rate": 1e-4,
-                "save_steps": 2, "logging_steps": 1, "evaluation_strategy": "steps", "eval_steps": 2,
-                "max_eval_samples": 8}},
+            "sft": {
+                "nproc_per_node": 1,
+                "args": {
+                    **common,
+                    "max_steps": 12,
+                    "per_device_train_batch_size": 16,
+                    "learning_rate": 3e-3,
+                    "save_steps": 6,
+                    "logging_steps": 6,
+                },
+            },
+            "grpo": {
+                "nproc_per_node": 2,
+                "args": {
+                    **common,
+                    "max_steps": 4,
+                    "per_device_train_batch_size": 2,
+                    "num_generations": 4,
+                    "inference_batch_size": 2,
+                    "max_completion_length": 24,
+                    "learning_rate": 1e-4,
+                    "save_steps": 2,
+                    "logging_steps": 1,
+                    "evaluation_strategy": "steps",
+                    "eval_steps": 2,
+                    "max_eval_samples": 8,
+                },
+            },
             "eval": {"args": {"max_completion_length": 24, "max_eval_samples": 16}},
         },
     }
@@ -43,8 +63,9 @@ def pipeline(warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path_fac
     config.write_text(yaml.safe_dump(pipeline_config(warm_model_dir, arith_jsonl)))
 
     def run(*extra: str):
-        return stage_runner.run_script("r1-grpo", ["pipeline", "run", "--config", str(config), "--root", str(root), *extra],
-                                       timeout=900)
+        return stage_runner.run_script(
+            "r1-grpo", ["pipeline", "run", "--config", str(config), "--root", str(root), *extra], timeout=900
+        )
 
     first = run()
     assert first.returncode == 0, first.describe()
@@ -100,7 +121,11 @@ def test_interrupted_stage_resumes_and_later_stages_start_over(pipeline) -> None
 def test_bad_config_is_a_clear_error(stage_runner, tmp_path: Path) -> None:
     config = tmp_path / "p.yaml"
     config.write_text(yaml.safe_dump({"stages": {"sft": {"args": {"learning_rate": 1e-3}}, "rlhf": {}}}))
-    result = stage_runner.run_script("r1-grpo", ["pipeline", "run", "--config", str(config), "--root", str(tmp_path)])
+    result = stage_runner.run_script(
+        "r1-grpo", ["pipeline", "run", "--config", str(config), "--root", str(tmp_path)]
+    )
     assert result.returncode == 2
-    assert f"r1-grpo pipeline: error: {config}" in result.output and "rlhf" in result.output, result.describe()
+    assert f"r1-grpo pipeline: error: {config}" in result.output and "rlhf" in result.output, (
+        result.describe()
+    )
     assert os.listdir(tmp_path) == ["p.yaml"]  # nothing was started

@@ -1,4 +1,4 @@
-"""Tests for trainer.rewards: format rule, answer extraction, math-verify equality, rewards, bounded time."""
+"""Tests for trainer.r1 (format, rewards, math_verify): format rule, answer extraction, math-verify equality, rewards, bounded time."""
 
 from __future__ import annotations
 
@@ -14,14 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from trainer.rewards import (
+from trainer.r1.format import check_format, extract_answer
+from trainer.r1.math_verify import MathVerifier, default_verifier
+from trainer.r1.rewards import (
     REWARD_FUNCS,
-    MathVerifier,
     accuracy_reward,
     answers_equal,
-    check_format,
-    default_verifier,
-    extract_answer,
     format_reward,
     get_reward_funcs,
     normalize_answer,
@@ -294,7 +292,7 @@ def test_helper_that_cannot_start_degrades_to_false(caplog: pytest.LogCaptureFix
     # No helper can import math-verify in a millisecond: every request is answered False, without raising.
     verifier = MathVerifier(startup_timeout_s=0.001, restart_cooldown_s=60.0)
     try:
-        with caplog.at_level("WARNING", logger="trainer.rewards"):
+        with caplog.at_level("WARNING", logger="trainer.r1.math_verify"):
             assert verifier.equal("\\frac{1}{2}", "0.5") is False
             assert verifier.equal("\\frac{1}{2}", "0.5") is False
         assert verifier.stats.unavailable == 2
@@ -402,6 +400,6 @@ def test_score_rejects_length_mismatch() -> None:
 def test_module_is_light() -> None:
     # The helper runs this file as a script, and trainer processes import it: neither torch nor
     # math-verify may be imported by it in the caller.
-    code = "import sys, trainer.rewards; print(sorted(m for m in ('torch', 'math_verify', 'sympy') if m in sys.modules))"
+    code = "import sys, trainer.rewards, trainer.r1.rewards, trainer.r1.math_verify; print(sorted(m for m in ('torch', 'math_verify', 'sympy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"

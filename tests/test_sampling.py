@@ -1,4 +1,4 @@
-"""Exactness and behaviour of the GRPO rollout sampler (`trainer.sampling`).
+"""Exactness and behaviour of the GRPO rollout sampler (`trainer.rl.sampling`).
 
 The reference everywhere is the plain HF forward of one unpadded sequence without a cache,
 `model(input_ids=prompt + completion).logits`: every step's logits of the sampler (both the lean
@@ -19,7 +19,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from trainer.sampling import _LeanDecoder, lean_path_unsupported_reason, sample_groups
+from trainer.rl.lean_decoder import _LeanDecoder
+from trainer.rl.sampling import lean_path_unsupported_reason, sample_groups
 
 VOCAB = 97
 ATOL = 1e-4

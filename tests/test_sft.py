@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import checkpoint as ckpt
 from trainer import sft
+from trainer.contract import output as contract
 from trainer.runtime import ArgsError, autocast, total_optimizer_steps
 
 MAX_STEPS = 4
@@ -26,24 +26,44 @@ SAVE_STEPS = 2
 def guide_argv(model: Path, data: Path, out: Path) -> list[str]:
     """The DeepSeek-R1 guide's SFT flags, verbatim (bool flags bare, as the guide writes them), sized down."""
     return [
-        "--model_name_or_path", str(model),
-        "--dataset_name", str(data),
-        "--output_dir", str(out),
-        "--num_train_epochs", "1",
-        "--per_device_train_batch_size", "2",
-        "--gradient_accumulation_steps", "2",
-        "--learning_rate", "5e-4",
-        "--warmup_steps", "1",
-        "--logging_steps", "1",
-        "--save_steps", str(SAVE_STEPS),
-        "--evaluation_strategy", "steps",
-        "--eval_steps", "2",
-        "--report_to", "none",
+        "--model_name_or_path",
+        str(model),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "5e-4",
+        "--warmup_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        str(SAVE_STEPS),
+        "--evaluation_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--report_to",
+        "none",
         "--gradient_checkpointing",
         "--bf16",
         "--tf32",
         # Ours: the plugin, a step budget and a small eval set.
-        "--plugin", "ddp", "--max_steps", str(MAX_STEPS), "--max_eval_samples", "8", "--seed", "7",
+        "--plugin",
+        "ddp",
+        "--max_steps",
+        str(MAX_STEPS),
+        "--max_eval_samples",
+        "8",
+        "--seed",
+        "7",
     ]
 
 
@@ -85,19 +105,33 @@ def test_two_process_run_produces_checkpoints_model_and_manifest(sft_run, tiny_m
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # checkpoint-2 (step 4 is the end: the final export replaces a checkpoint there).
-    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [SAVE_STEPS]
+    assert [s for s, _ in contract.complete_checkpoints(out)] == [SAVE_STEPS]
     c = out / f"checkpoint-{SAVE_STEPS}"
     names = {p.name for p in c.iterdir()}
-    assert {"model", "optimizer", "scheduler.pt", "rng_state_0.pt", "rng_state_1.pt", ckpt.TRAINER_STATE_NAME} <= names
-    state = json.loads((c / ckpt.TRAINER_STATE_NAME).read_text())
-    assert (state["step"], state["world_size"], state["stage"], state["total_steps"]) == (SAVE_STEPS, 2, "sft", MAX_STEPS)
+    assert {
+        "model",
+        "optimizer",
+        "scheduler.pt",
+        "rng_state_0.pt",
+        "rng_state_1.pt",
+        contract.TRAINER_STATE_NAME,
+    } <= names
+    state = json.loads((c / contract.TRAINER_STATE_NAME).read_text())
+    assert (state["step"], state["world_size"], state["stage"], state["total_steps"]) == (
+        SAVE_STEPS,
+        2,
+        "sft",
+        MAX_STEPS,
+    )
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
 
-    manifest = ckpt.verify_stage_output(out, "sft")
+    manifest = contract.verify_stage_output(out, "sft")
     assert manifest.steps == MAX_STEPS
     assert list(manifest.weights) == ["model.safetensors"]
     assert manifest.inputs["model_name_or_path"] == str(tiny_model_dir)
-    assert manifest.inputs["args"]["bf16"] is True and manifest.inputs["args"]["gradient_checkpointing"] is True
+    assert (
+        manifest.inputs["args"]["bf16"] is True and manifest.inputs["args"]["gradient_checkpointing"] is True
+    )
     assert math.isfinite(manifest.metrics["train_loss"]) and math.isfinite(manifest.metrics["eval_loss"])
     assert manifest.metrics["train_rows"] == 81
 
@@ -111,23 +145,34 @@ def test_two_process_run_produces_checkpoints_model_and_manifest(sft_run, tiny_m
     assert [s for s, _ in _metric_series(out, "eval_loss")][:2] == [2, 4]
     trained, initial = _tensors(out), _tensors(tiny_model_dir)
     assert trained.keys() == initial.keys()
-    assert any(not torch.equal(trained[k], initial[k]) for k in trained), "training did not change the weights"
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained), (
+        "training did not change the weights"
+    )
 
 
-def test_resume_after_sigterm_is_bit_exact(sft_run, tiny_model_dir: Path, arith_jsonl: Path, stage_runner,
-                                           tmp_path: Path) -> None:
+def test_resume_after_sigterm_is_bit_exact(
+    sft_run, tiny_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path
+) -> None:
     reference, _ = sft_run
     out = tmp_path / "sft"
     log_path = tmp_path / "killed.log"
     cmd = stage_runner.command("trainer.sft", guide_argv(tiny_model_dir, arith_jsonl, out), nproc=2)
     with log_path.open("w") as log:
         # As in a pod: SIGTERM goes to torchrun (PID 1 there), which forwards it to the workers.
-        proc = subprocess.Popen(cmd, cwd=stage_runner.workdir, env=stage_runner.env(), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=stage_runner.workdir,
+            env=stage_runner.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 300
             while not _logged_steps(out):
-                assert proc.poll() is None, f"run ended before its first step:\n{log_path.read_text()[-4000:]}"
+                assert proc.poll() is None, (
+                    f"run ended before its first step:\n{log_path.read_text()[-4000:]}"
+                )
                 assert time.monotonic() < deadline, "no training step within 300 s"
                 time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
@@ -140,13 +185,13 @@ def test_resume_after_sigterm_is_bit_exact(sft_run, tiny_model_dir: Path, arith_
     assert rc != 0, f"the run finished before SIGTERM took effect:\n{killed_log[-4000:]}"
     m = next((line for line in killed_log.splitlines() if "preempted at step" in line), None)
     assert m is not None, killed_log[-4000:]
-    saved = ckpt.latest_checkpoint(out)
+    saved = contract.latest_checkpoint(out)
     assert saved is not None and 1 <= int(saved.name.split("-")[1]) <= MAX_STEPS
     step = int(saved.name.split("-")[1])
     assert f"preempted at step {step}; checkpoint saved" in m
     assert not (out / "model.safetensors").exists()
-    with pytest.raises(ckpt.StageOutputError, match="missing"):
-        ckpt.verify_stage_output(out, "sft")
+    with pytest.raises(contract.StageOutputError, match="missing"):
+        contract.verify_stage_output(out, "sft")
 
     # Leftovers a hard kill can leave behind: neither may be loaded.
     (out / "checkpoint-99" / "model").mkdir(parents=True)
@@ -158,7 +203,7 @@ def test_resume_after_sigterm_is_bit_exact(sft_run, tiny_model_dir: Path, arith_
     assert f"ignoring partial checkpoint {out / '.tmp-checkpoint-98'}" in resumed.output
     assert f"resumed from {saved} (step {step})" in resumed.output
 
-    assert ckpt.verify_stage_output(out, "sft").steps == MAX_STEPS
+    assert contract.verify_stage_output(out, "sft").steps == MAX_STEPS
     got, want = _tensors(out), _tensors(reference)
     assert got.keys() == want.keys()
     differing = [k for k in want if not torch.equal(got[k], want[k])]
@@ -167,8 +212,9 @@ def test_resume_after_sigterm_is_bit_exact(sft_run, tiny_model_dir: Path, arith_
     assert _metric_series(out, "loss") == _metric_series(reference, "loss")
 
 
-def test_resume_with_another_world_size_is_refused(sft_run, tiny_model_dir: Path, arith_jsonl: Path, stage_runner,
-                                                   tmp_path: Path) -> None:
+def test_resume_with_another_world_size_is_refused(
+    sft_run, tiny_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path
+) -> None:
     reference, _ = sft_run
     out = tmp_path / "sft"
     out.mkdir()
@@ -176,7 +222,7 @@ def test_resume_with_another_world_size_is_refused(sft_run, tiny_model_dir: Path
     result = stage_runner.run("trainer.sft", guide_argv(tiny_model_dir, arith_jsonl, out))  # 1 process
     assert result.returncode == 2, result.describe()
     assert "saved with world size 2, resuming with 1" in result.output
-    assert not (out / ckpt.MANIFEST_NAME).exists()
+    assert not (out / contract.MANIFEST_NAME).exists()
 
 
 def test_missing_dataset_file(tiny_model_dir: Path, stage_runner, tmp_path: Path) -> None:
@@ -187,7 +233,9 @@ def test_missing_dataset_file(tiny_model_dir: Path, stage_runner, tmp_path: Path
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
-def test_zero2_on_cpu_needs_cuda(tiny_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path) -> None:
+def test_zero2_on_cpu_needs_cuda(
+    tiny_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path
+) -> None:
     argv = guide_argv(tiny_model_dir, arith_jsonl, tmp_path / "out") + ["--plugin", "zero2"]
     result = stage_runner.run("trainer.sft", argv)
     assert result.returncode == 2, result.describe()
@@ -200,13 +248,21 @@ def test_zero2_on_cpu_needs_cuda(tiny_model_dir: Path, arith_jsonl: Path, stage_
         (["--plugin", "zero9"], "--plugin 'zero9': expected one of ddp, zero2, zero2_cpu, gemini, 3d"),
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1, got 0"),
         (["--gradient_accumulation_steps", "-1"], "--gradient_accumulation_steps must be >= 1, got -1"),
-        (["--evaluation_strategy", "sometimes"], "--evaluation_strategy 'sometimes': expected one of no, steps, epoch"),
-        (["--lr_scheduler_type", "step"], "--lr_scheduler_type 'step': expected one of cosine, linear, constant"),
+        (
+            ["--evaluation_strategy", "sometimes"],
+            "--evaluation_strategy 'sometimes': expected one of no, steps, epoch",
+        ),
+        (
+            ["--lr_scheduler_type", "step"],
+            "--lr_scheduler_type 'step': expected one of cosine, linear, constant",
+        ),
         (["--tp_size", "2"], "--tp_size/--pp_size need --plugin 3d"),
         (["--save_total_limit", "0"], "--save_total_limit must be >= 1"),
     ],
 )
-def test_bad_flag_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
+def test_bad_flag_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
     argv = guide_argv(Path("unused-model"), Path("unused.jsonl"), tmp_path / "out") + extra
     assert sft.main(argv) == 2
     assert f"r1-grpo sft: error: {message}" in capsys.readouterr().out
@@ -217,11 +273,16 @@ def test_bad_flag_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], ext
     ("extra", "message"),
     [
         (["--not_a_flag", "1"], "unrecognized arguments: --not_a_flag 1"),
-        (["--learning_rate", "fast"], "argument --learning_rate/--learning-rate: invalid float value: 'fast'"),
+        (
+            ["--learning_rate", "fast"],
+            "argument --learning_rate/--learning-rate: invalid float value: 'fast'",
+        ),
         (["--bf16", "maybe"], "argument --bf16: Truthy value expected"),
     ],
 )
-def test_unparsable_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
+def test_unparsable_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
     argv = guide_argv(Path("unused-model"), Path("unused.jsonl"), tmp_path / "out") + extra
     with pytest.raises(SystemExit) as e:
         sft.main(argv)
@@ -263,10 +324,13 @@ def test_bf16_autocast_runs_on_cpu(tiny_model_dir: Path) -> None:
 def test_labels_cover_completion_tokens_only(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from trainer.data import Example
+    from trainer.r1.data import Example
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    examples = [Example("Compute 1 + 2.", "1 + 2 = 3", "3", "t:0"), Example("Compute 12 + 30.", "12 + 30 = 42", "42", "t:1")]
+    examples = [
+        Example("Compute 1 + 2.", "1 + 2 = 3", "3", "t:0"),
+        Example("Compute 12 + 30.", "12 + 30 = 42", "42", "t:1"),
+    ]
     rows, truncated = sft.tokenize_examples(examples, tok, max_seq_length=1024)
     assert truncated == 0
     batch = sft.collate(rows, tok.pad_token_id, "cpu")
@@ -275,7 +339,10 @@ def test_labels_cover_completion_tokens_only(tiny_model_dir: Path) -> None:
         labels = batch["labels"][i]
         assert (labels[: row.prompt_len] == sft.IGNORE_INDEX).all() and (labels[n:] == sft.IGNORE_INDEX).all()
         assert labels[row.prompt_len : n].tolist() == row.input_ids[row.prompt_len :]
-        assert tok.decode(row.input_ids[row.prompt_len :]) == f"<think>\n{examples[i].reasoning}\n</think>\n<answer>{examples[i].answer}</answer></s>"
+        assert (
+            tok.decode(row.input_ids[row.prompt_len :])
+            == f"<think>\n{examples[i].reasoning}\n</think>\n<answer>{examples[i].answer}</answer></s>"
+        )
         assert batch["attention_mask"][i].sum() == n
     assert sft.n_completion_tokens(rows) == int((batch["labels"] != sft.IGNORE_INDEX).sum())
     limit = max(r.prompt_len for r in rows) + 2
@@ -290,8 +357,12 @@ def test_step_batches_cover_an_epoch_once() -> None:
     assert sorted(order) == list(range(40)) and order == sft.epoch_order(40, seed=3, epoch=0)
     assert order != sft.epoch_order(40, seed=3, epoch=1)
     accum, global_micro = 2, 4
-    seen = [i for step in range(40 // (accum * global_micro)) for mb in sft.step_micro_batches(order, step, accum, global_micro)
-            for i in mb]
+    seen = [
+        i
+        for step in range(40 // (accum * global_micro))
+        for mb in sft.step_micro_batches(order, step, accum, global_micro)
+        for i in mb
+    ]
     assert seen == order
 
 

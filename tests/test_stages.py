@@ -9,30 +9,69 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.stages import STAGE_MODULES, STAGES, ConfigError, args_to_cli, load_config, parse_config, plan
+from trainer.contract.stages import (
+    STAGE_MODULES,
+    STAGES,
+    ConfigError,
+    args_to_cli,
+    load_config,
+    parse_config,
+    plan,
+)
 
 # ---------------------------------------------------------------------------------------------
 # args_to_cli
 
 
 def test_keys_sorted_and_scalars() -> None:
-    assert args_to_cli({"output_dir": "runs/x", "beta": 0.04, "max_steps": 60, "dataset_name": "builtin:arith"}) == [
-        "--beta", "0.04", "--dataset_name", "builtin:arith", "--max_steps", "60", "--output_dir", "runs/x",
+    assert args_to_cli(
+        {"output_dir": "runs/x", "beta": 0.04, "max_steps": 60, "dataset_name": "builtin:arith"}
+    ) == [
+        "--beta",
+        "0.04",
+        "--dataset_name",
+        "builtin:arith",
+        "--max_steps",
+        "60",
+        "--output_dir",
+        "runs/x",
     ]
 
 
 def test_booleans_lists_and_none() -> None:
-    args = {"bf16": True, "dynamic_sampling": False, "reward_funcs": ["r1", "format"], "reward_weights": [1.0, 0.5],
-            "run_name": None, "save_total_limit": None, "tags": ("a", True, 2.0)}
+    args = {
+        "bf16": True,
+        "dynamic_sampling": False,
+        "reward_funcs": ["r1", "format"],
+        "reward_weights": [1.0, 0.5],
+        "run_name": None,
+        "save_total_limit": None,
+        "tags": ("a", True, 2.0),
+    }
     assert args_to_cli(args) == [
-        "--bf16", "true", "--dynamic_sampling", "false", "--reward_funcs", "r1", "format",
-        "--reward_weights", "1", "0.5", "--tags", "a", "true", "2",
+        "--bf16",
+        "true",
+        "--dynamic_sampling",
+        "false",
+        "--reward_funcs",
+        "r1",
+        "format",
+        "--reward_weights",
+        "1",
+        "0.5",
+        "--tags",
+        "a",
+        "true",
+        "2",
     ]
 
 
 def test_values_stay_single_arguments() -> None:
     assert args_to_cli({"run_name": "my run", "dataset_name": "data/{split}.jsonl"}) == [
-        "--dataset_name", "data/{split}.jsonl", "--run_name", "my run",
+        "--dataset_name",
+        "data/{split}.jsonl",
+        "--run_name",
+        "my run",
     ]
 
 
@@ -45,16 +84,37 @@ def test_map_values_are_refused_naming_the_key() -> None:
     ("value", "rendered"),
     [
         # Integral numbers print as integers: Helm reads `3` from YAML as float64 3.0.
-        (3.0, "3"), (1000000.0, "1000000"), (-2.0, "-2"), (0.0, "0"), (-0.0, "0"), (100.0, "100"),
-        (3, "3"), (1000000, "1000000"),
+        (3.0, "3"),
+        (1000000.0, "1000000"),
+        (-2.0, "-2"),
+        (0.0, "0"),
+        (-0.0, "0"),
+        (100.0, "100"),
+        (3, "3"),
+        (1000000, "1000000"),
         # Other floats as Go's %v: shortest digits, exponent form when the exponent is < -4 or >= 6.
-        (2e-05, "2e-05"), (1.5e-05, "1.5e-05"), (0.1, "0.1"), (0.7, "0.7"), (-0.25, "-0.25"),
-        (0.0001, "0.0001"), (0.00012, "0.00012"), (123456.5, "123456.5"), (999999.5, "999999.5"),
-        (1234567.5, "1.2345675e+06"), (12345678.9, "1.23456789e+07"),
+        (2e-05, "2e-05"),
+        (1.5e-05, "1.5e-05"),
+        (0.1, "0.1"),
+        (0.7, "0.7"),
+        (-0.25, "-0.25"),
+        (0.0001, "0.0001"),
+        (0.00012, "0.00012"),
+        (123456.5, "123456.5"),
+        (999999.5, "999999.5"),
+        (1234567.5, "1.2345675e+06"),
+        (12345678.9, "1.23456789e+07"),
         # Integral but beyond the chart's int64 window (|x| >= 1e15): Go's %v as well.
-        (1e15, "1e+15"), (2.5e20, "2.5e+20"), (1e21, "1e+21"), (-1e16, "-1e+16"),
-        (1e-300, "1e-300"), (5e-324, "5e-324"), (1.7976931348623157e308, "1.7976931348623157e+308"),
-        (math.inf, "+Inf"), (-math.inf, "-Inf"), (math.nan, "NaN"),
+        (1e15, "1e+15"),
+        (2.5e20, "2.5e+20"),
+        (1e21, "1e+21"),
+        (-1e16, "-1e+16"),
+        (1e-300, "1e-300"),
+        (5e-324, "5e-324"),
+        (1.7976931348623157e308, "1.7976931348623157e+308"),
+        (math.inf, "+Inf"),
+        (-math.inf, "-Inf"),
+        (math.nan, "NaN"),
     ],
 )
 def test_numbers_render_like_the_chart(value: float, rendered: str) -> None:
@@ -63,15 +123,31 @@ def test_numbers_render_like_the_chart(value: float, rendered: str) -> None:
 
 def test_rendered_flags_parse_back_to_the_values() -> None:
     # The point of the rendering: the stage's own flag parser reads back what the config said.
-    from trainer.data import DataArgs
     from trainer.grpo import GRPOArgs
+    from trainer.r1.data import DataArgs
     from trainer.runtime import parse_args
 
-    args = {"model_name_or_path": "m", "output_dir": "o", "dataset_name": "builtin:arith", "learning_rate": 2e-05,
-            "max_steps": 60.0, "beta": 0.0, "bf16": True, "dynamic_sampling": False, "reward_funcs": ["r1", "format"],
-            "reward_weights": [1.0, 0.5], "max_train_samples": None}
+    args = {
+        "model_name_or_path": "m",
+        "output_dir": "o",
+        "dataset_name": "builtin:arith",
+        "learning_rate": 2e-05,
+        "max_steps": 60.0,
+        "beta": 0.0,
+        "bf16": True,
+        "dynamic_sampling": False,
+        "reward_funcs": ["r1", "format"],
+        "reward_weights": [1.0, 0.5],
+        "max_train_samples": None,
+    }
     data, grpo = parse_args((DataArgs, GRPOArgs), args_to_cli(args), prog="t")
-    assert (grpo.learning_rate, grpo.max_steps, grpo.beta, grpo.bf16, grpo.dynamic_sampling) == (2e-05, 60, 0.0, True, False)
+    assert (grpo.learning_rate, grpo.max_steps, grpo.beta, grpo.bf16, grpo.dynamic_sampling) == (
+        2e-05,
+        60,
+        0.0,
+        True,
+        False,
+    )
     assert grpo.reward_funcs == ["r1", "format"] and grpo.reward_weights == [1.0, 0.5]
     assert data.max_train_samples is None and data.dataset_name == "builtin:arith"
 
@@ -87,12 +163,27 @@ def _write(tmp_path: Path, config: object, name: str = "pipeline.yaml") -> Path:
 
 
 def test_load_config(tmp_path: Path) -> None:
-    path = _write(tmp_path, {
-        "release": "r7", "root": str(tmp_path / "runs"), "model": "Qwen/Qwen2.5-0.5B", "dataset": "openai/gsm8k",
-        "stages": {"sft": {"nproc_per_node": 2, "args": {"learning_rate": 2e-05}}, "grpo": {"enabled": False}, "eval": None},
-    })
+    path = _write(
+        tmp_path,
+        {
+            "release": "r7",
+            "root": str(tmp_path / "runs"),
+            "model": "Qwen/Qwen2.5-0.5B",
+            "dataset": "openai/gsm8k",
+            "stages": {
+                "sft": {"nproc_per_node": 2, "args": {"learning_rate": 2e-05}},
+                "grpo": {"enabled": False},
+                "eval": None,
+            },
+        },
+    )
     cfg = load_config(path)
-    assert (cfg.release, cfg.model, cfg.dataset, cfg.source) == ("r7", "Qwen/Qwen2.5-0.5B", "openai/gsm8k", str(path))
+    assert (cfg.release, cfg.model, cfg.dataset, cfg.source) == (
+        "r7",
+        "Qwen/Qwen2.5-0.5B",
+        "openai/gsm8k",
+        str(path),
+    )
     assert cfg.stages["sft"].nproc_per_node == 2 and cfg.stages["sft"].args == {"learning_rate": 2e-05}
     assert not cfg.stages["grpo"].enabled
     assert cfg.stages["eval"].enabled and cfg.stages["eval"].args == {}
@@ -109,9 +200,15 @@ def test_overrides_replace_top_level_keys(tmp_path: Path) -> None:
     [
         ({"stages": {"dpo": {}}}, "stages.dpo: unknown stage; stages are sft, grpo, eval"),
         ({"stages": {"sft": {"epochs": 3}}}, r"stages.sft: unknown keys \['epochs'\]"),
-        ({"stages": {"grpo": {"args": {"output_dir": "/x"}}}}, "stages.grpo.args.output_dir is set by the pipeline"),
+        (
+            {"stages": {"grpo": {"args": {"output_dir": "/x"}}}},
+            "stages.grpo.args.output_dir is set by the pipeline",
+        ),
         ({"stages": {"sft": {"nproc_per_node": 0}}}, "stages.sft.nproc_per_node must be a positive integer"),
-        ({"stages": {"sft": {"nproc_per_node": True}}}, "stages.sft.nproc_per_node must be a positive integer"),
+        (
+            {"stages": {"sft": {"nproc_per_node": True}}},
+            "stages.sft.nproc_per_node must be a positive integer",
+        ),
         ({"stages": {"sft": {"enabled": "yes"}}}, "stages.sft.enabled must be true or false"),
         ({"stages": {"sft": {"args": ["lr"]}}}, "stages.sft.args must be a map"),
         ({"stages": {"sft": "on"}}, "stages.sft must be a map"),
@@ -141,12 +238,16 @@ def test_unreadable_config_names_the_file(tmp_path: Path) -> None:
 
 def test_model_name_on_a_later_stage_is_an_error(tmp_path: Path) -> None:
     path = _write(tmp_path, {"stages": {"sft": {}, "grpo": {"args": {"model_name_or_path": "other"}}}})
-    with pytest.raises(ConfigError, match="stages.grpo.args.model_name_or_path: this stage starts from the sft") as e:
+    with pytest.raises(
+        ConfigError, match="stages.grpo.args.model_name_or_path: this stage starts from the sft"
+    ) as e:
         plan(load_config(path))
     assert str(e.value).startswith(f"{path}: ")
     # eval after grpo: the same rule, naming the stage it starts from.
     path = _write(tmp_path, {"stages": {"grpo": {}, "eval": {"args": {"model_name_or_path": "x"}}}}, "b.yaml")
-    with pytest.raises(ConfigError, match="stages.eval.args.model_name_or_path: this stage starts from the grpo"):
+    with pytest.raises(
+        ConfigError, match="stages.eval.args.model_name_or_path: this stage starts from the grpo"
+    ):
         plan(load_config(path))
 
 
@@ -155,24 +256,60 @@ def test_model_name_on_a_later_stage_is_an_error(tmp_path: Path) -> None:
 
 
 def _plan(stages: dict, **top) -> list:
-    return plan(parse_config({"release": "r1", "root": "/vol", "model": "base-model", "dataset": "ds", **top,
-                              "stages": stages}, "test.yaml"))
+    return plan(
+        parse_config(
+            {
+                "release": "r1",
+                "root": "/vol",
+                "model": "base-model",
+                "dataset": "ds",
+                **top,
+                "stages": stages,
+            },
+            "test.yaml",
+        )
+    )
 
 
 def test_plan_sft_grpo_eval() -> None:
-    runs = _plan({"sft": {"nproc_per_node": 2, "args": {"learning_rate": 2e-05}}, "grpo": {"args": {"dataset_name": "other"}},
-                  "eval": {}})
+    runs = _plan(
+        {
+            "sft": {"nproc_per_node": 2, "args": {"learning_rate": 2e-05}},
+            "grpo": {"args": {"dataset_name": "other"}},
+            "eval": {},
+        }
+    )
     assert [r.name for r in runs] == ["sft", "grpo", "eval"]
     sft, grpo, ev = runs
-    assert sft.output_dir == Path("/vol/r1/sft") and sft.model_name_or_path == "base-model" and sft.model_from_stage is None
+    assert (
+        sft.output_dir == Path("/vol/r1/sft")
+        and sft.model_name_or_path == "base-model"
+        and sft.model_from_stage is None
+    )
     assert sft.nproc_per_node == 2
-    assert sft.args == {"learning_rate": 2e-05, "dataset_name": "ds", "model_name_or_path": "base-model",
-                        "output_dir": "/vol/r1/sft"}
+    assert sft.args == {
+        "learning_rate": 2e-05,
+        "dataset_name": "ds",
+        "model_name_or_path": "base-model",
+        "output_dir": "/vol/r1/sft",
+    }
     assert (grpo.model_name_or_path, grpo.model_from_stage) == ("/vol/r1/sft", "sft")
     assert grpo.args["dataset_name"] == "other"  # a stage's own dataset wins over the top-level one
-    assert (ev.model_name_or_path, ev.model_from_stage, ev.output_dir) == ("/vol/r1/grpo", "grpo", Path("/vol/r1/eval"))
-    assert sft.cli_args() == ["--dataset_name", "ds", "--learning_rate", "2e-05", "--model_name_or_path", "base-model",
-                              "--output_dir", "/vol/r1/sft"]
+    assert (ev.model_name_or_path, ev.model_from_stage, ev.output_dir) == (
+        "/vol/r1/grpo",
+        "grpo",
+        Path("/vol/r1/eval"),
+    )
+    assert sft.cli_args() == [
+        "--dataset_name",
+        "ds",
+        "--learning_rate",
+        "2e-05",
+        "--model_name_or_path",
+        "base-model",
+        "--output_dir",
+        "/vol/r1/sft",
+    ]
 
 
 def test_plan_grpo_only() -> None:
@@ -184,11 +321,17 @@ def test_plan_grpo_only() -> None:
 def test_plan_eval_only() -> None:
     (ev,) = _plan({"eval": {}}, model="builtin:tiny")
     assert (ev.name, ev.model_name_or_path, ev.model_from_stage) == ("eval", "builtin:tiny", None)
-    assert ev.args == {"dataset_name": "ds", "model_name_or_path": "builtin:tiny", "output_dir": "/vol/r1/eval"}
+    assert ev.args == {
+        "dataset_name": "ds",
+        "model_name_or_path": "builtin:tiny",
+        "output_dir": "/vol/r1/eval",
+    }
 
 
 def test_plan_sft_then_eval() -> None:
-    runs = _plan({"sft": {}, "grpo": {"enabled": False, "args": {"model_name_or_path": "ignored"}}, "eval": {}})
+    runs = _plan(
+        {"sft": {}, "grpo": {"enabled": False, "args": {"model_name_or_path": "ignored"}}, "eval": {}}
+    )
     assert [r.name for r in runs] == ["sft", "eval"]
     assert (runs[1].model_name_or_path, runs[1].model_from_stage) == ("/vol/r1/sft", "sft")
 

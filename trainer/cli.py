@@ -14,10 +14,22 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("trainer.sft", "main", "supervised fine-tuning stage (HF-style flags; run under torchrun)"),
     "grpo": ("trainer.grpo", "main", "GRPO stage (HF-style flags; run under torchrun)"),
     "eval": ("trainer.evaluate", "main", "evaluation stage: pass@1 / pass@k / maj@k"),
-    "pipeline": ("trainer.pipeline", "main", "run sft -> grpo -> eval locally (`r1-grpo pipeline run`)"),
-    "controller": ("trainer.controller", "main", "in-cluster controller that runs the stage PyTorchJobs in order"),
-    "status": ("trainer.controller", "status_main", "print a release's run status from a kubeconfig"),
-    "build-tiny": ("trainer.builtin", "main", "build the tiny built-in model into a folder"),
+    "pipeline": (
+        "trainer.executors.local",
+        "main",
+        "run sft -> grpo -> eval locally (`r1-grpo pipeline run`)",
+    ),
+    "controller": (
+        "trainer.executors.kubernetes.cli",
+        "main",
+        "in-cluster controller that runs the stage PyTorchJobs in order",
+    ),
+    "status": (
+        "trainer.executors.kubernetes.cli",
+        "status_main",
+        "print a release's run status from a kubeconfig",
+    ),
+    "build-tiny": ("trainer.r1.builtin", "main", "build the tiny built-in model into a folder"),
 }
 
 

@@ -13,11 +13,10 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-from trainer.checkpoint import Dist
 
 logger = logging.getLogger("r1_grpo")
 
@@ -36,37 +35,64 @@ class TrainingArgs:
     model_name_or_path: str = field(metadata={"help": "Hub id, local folder, or builtin:tiny"})
     output_dir: str = field(metadata={"help": "Checkpoints, final model and r1_stage.json go here"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training prompts"})
-    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0"})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Rows (SFT) or prompts (GRPO) per process per micro-step"})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0"}
+    )
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Rows (SFT) or prompts (GRPO) per process per micro-step"}
+    )
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "Rows per process for eval loss"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step"})
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine | linear | constant (all with warmup)"})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "cosine | linear | constant (all with warmup)"}
+    )
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)"})
     logging_steps: int = field(default=10, metadata={"help": "Log metrics every N optimizer steps"})
-    save_steps: int = field(default=500, metadata={"help": "Write checkpoint-<step>/ every N optimizer steps (0: only at preemption)"})
-    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N checkpoints"})
+    save_steps: int = field(
+        default=500,
+        metadata={"help": "Write checkpoint-<step>/ every N optimizer steps (0: only at preemption)"},
+    )
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only the newest N checkpoints"}
+    )
     evaluation_strategy: str = field(
         default="no", metadata={"help": "no | steps | epoch", "aliases": ["--eval_strategy"]}
     )
-    eval_steps: int = field(default=100, metadata={"help": "Evaluate every N optimizer steps (strategy steps)"})
-    report_to: str = field(default="jsonl", metadata={"help": "jsonl | wandb | none (jsonl metrics are always written)"})
+    eval_steps: int = field(
+        default=100, metadata={"help": "Evaluate every N optimizer steps (strategy steps)"}
+    )
+    report_to: str = field(
+        default="jsonl", metadata={"help": "jsonl | wandb | none (jsonl metrics are always written)"}
+    )
     run_name: str | None = field(default=None, metadata={"help": "wandb run name"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward"}
+    )
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision"})
     tf32: bool = field(default=False, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs"})
     seed: int = field(default=42, metadata={"help": "Seed for init, data order and sampling"})
-    plugin: str = field(default="ddp", metadata={"help": "Colossal-AI Booster plugin: ddp | zero2 | zero2_cpu | gemini | 3d"})
+    plugin: str = field(
+        default="ddp", metadata={"help": "Colossal-AI Booster plugin: ddp | zero2 | zero2_cpu | gemini | 3d"}
+    )
     tp_size: int = field(default=1, metadata={"help": "Tensor-parallel size (plugin 3d)"})
     pp_size: int = field(default=1, metadata={"help": "Pipeline-parallel size (plugin 3d)"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "eager | sdpa | flash_attention_2 (default: best available)"})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager | sdpa | flash_attention_2 (default: best available)"}
+    )
 
     def validate(self) -> None:
-        positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps"]
+        positive = [
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "eval_steps",
+        ]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ArgsError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -114,6 +140,23 @@ def args_dict(*objs: Any) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class Dist:
+    """What checkpointing needs from the process group (kept small so tests can run single-process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+    @classmethod
+    def from_torch(cls) -> Dist:
+        import torch.distributed as td
+
+        if td.is_available() and td.is_initialized():
+            return cls(td.get_rank(), td.get_world_size(), td.barrier)
+        return cls()
+
+
 # ---------------------------------------------------------------------------------------------
 # Process group and Booster
 
@@ -132,8 +175,14 @@ def init_distributed(seed: int, colossal: bool = True) -> tuple[Dist, Any]:
     import torch
 
     if "RANK" not in os.environ:  # plain `python -m trainer.sft`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
     cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
         if colossal:
@@ -178,13 +227,20 @@ def make_booster(args: TrainingArgs):
     if args.plugin == "ddp":
         plugin = TorchDDPPlugin(find_unused_parameters=False, broadcast_buffers=False)
     elif args.plugin in ("zero2", "zero2_cpu"):
-        plugin = LowLevelZeroPlugin(stage=2, precision=precision, max_norm=clip, cpu_offload=args.plugin == "zero2_cpu")
+        plugin = LowLevelZeroPlugin(
+            stage=2, precision=precision, max_norm=clip, cpu_offload=args.plugin == "zero2_cpu"
+        )
     elif args.plugin == "gemini":
         plugin = GeminiPlugin(precision=precision, placement_policy="static", max_norm=clip)
     else:
-        plugin = HybridParallelPlugin(tp_size=args.tp_size, pp_size=args.pp_size, precision=precision,
-                                      zero_stage=1 if args.pp_size > 1 else 0, max_norm=clip,
-                                      microbatch_size=1 if args.pp_size > 1 else None)
+        plugin = HybridParallelPlugin(
+            tp_size=args.tp_size,
+            pp_size=args.pp_size,
+            precision=precision,
+            zero_stage=1 if args.pp_size > 1 else 0,
+            max_norm=clip,
+            microbatch_size=1 if args.pp_size > 1 else None,
+        )
     return Booster(plugin=plugin), plugin
 
 
@@ -207,7 +263,7 @@ def load_model_and_tokenizer(name_or_path: str, args: TrainingArgs, device: Any,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.builtin import resolve_model
+    from trainer.r1.builtin import resolve_model
 
     if args.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -216,7 +272,9 @@ def load_model_and_tokenizer(name_or_path: str, args: TrainingArgs, device: Any,
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         attn = args.attn_implementation or best_attention()
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype or torch.float32, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, torch_dtype=dtype or torch.float32, attn_implementation=attn
+        )
     except OSError as e:
         raise ArgsError(f"--model_name_or_path {name_or_path!r}: cannot load model/tokenizer: {e}") from e
     if tokenizer.pad_token_id is None:
@@ -244,8 +302,18 @@ def make_optimizer(model: Any, args: TrainingArgs):
     if args.plugin in ("gemini", "zero2_cpu"):
         from colossalai.nn.optimizer import HybridAdam  # CPU-offloaded states need the hybrid kernel
 
-        return HybridAdam(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
+        return HybridAdam(
+            params,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.weight_decay,
+        )
+    return torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.weight_decay,
+    )
 
 
 def make_scheduler(optimizer: Any, args: TrainingArgs, total_steps: int):
@@ -287,7 +355,15 @@ def total_optimizer_steps(args: TrainingArgs, micro_batches_per_epoch: int) -> i
 class MetricsLogger:
     """Rank 0 appends one JSON object per line to `<output_dir>/metrics.jsonl`, mirrors to wandb."""
 
-    def __init__(self, output_dir: str, stage: str, args: TrainingArgs, dist: Dist, config: dict[str, Any], resume_step: int):
+    def __init__(
+        self,
+        output_dir: str,
+        stage: str,
+        args: TrainingArgs,
+        dist: Dist,
+        config: dict[str, Any],
+        resume_step: int,
+    ):
         self.enabled = dist.rank == 0
         self.path = Path(output_dir) / "metrics.jsonl"
         self.wandb = None
@@ -295,8 +371,12 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # drop lines past the checkpoint we resume from: they will be re-logged
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            from trainer.checkpoint import atomic_write_text
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
+            from trainer.contract.output import atomic_write_text
 
             atomic_write_text(self.path, "".join(k + "\n" for k in kept))
         if args.report_to == "wandb":
@@ -304,8 +384,14 @@ class MetricsLogger:
 
             if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
                 os.environ["WANDB_MODE"] = "offline"  # no key, no network: keep the run on disk
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "r1-grpo"), name=args.run_name,
-                                    dir=output_dir, config=config, job_type=stage, resume="allow")
+            self.wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "r1-grpo"),
+                name=args.run_name,
+                dir=output_dir,
+                config=config,
+                job_type=stage,
+                resume="allow",
+            )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -378,7 +464,12 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the pod failed (to be retried), not 
 
 def setup_logging(dist: Dist) -> None:
     level = logging.INFO if dist.rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"%(asctime)s [rank{dist.rank}] %(levelname)s %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s [rank{dist.rank}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
     for noisy in ("colossalai", "transformers", "datasets", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -386,7 +477,9 @@ def setup_logging(dist: Dist) -> None:
 def progress(total: int, initial: int, desc: str, dist: Dist):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=dist.rank != 0, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=total, initial=initial, desc=desc, disable=dist.rank != 0, dynamic_ncols=True, file=sys.stderr
+    )
 
 
 def public_fields(obj: Any) -> list[str]:

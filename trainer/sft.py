@@ -24,7 +24,9 @@ import torch
 import torch.distributed as td
 
 from trainer import checkpoint as ckpt
-from trainer.data import DataArgs, DataError, format_completion, format_prompt, load_examples
+from trainer.contract import output as contract
+from trainer.r1.data import DataArgs, DataError, load_examples
+from trainer.r1.format import format_completion, format_prompt
 from trainer.runtime import (
     PREEMPTED_EXIT_CODE,
     ArgsError,
@@ -52,7 +54,9 @@ IGNORE_INDEX = -100
 
 @dataclass
 class SFTArgs(TrainingArgs):
-    max_seq_length: int = field(default=1024, metadata={"help": "Longest prompt+completion in tokens; longer rows are truncated"})
+    max_seq_length: int = field(
+        default=1024, metadata={"help": "Longest prompt+completion in tokens; longer rows are truncated"}
+    )
 
 
 @dataclass
@@ -66,7 +70,9 @@ def tokenize_examples(examples, tokenizer, max_seq_length: int) -> tuple[list[To
     rows, truncated = [], 0
     for ex in examples:
         prompt = tokenizer(format_prompt(tokenizer, ex.problem), add_special_tokens=False)["input_ids"]
-        completion = tokenizer(format_completion(ex.reasoning, ex.answer), add_special_tokens=False)["input_ids"]
+        completion = tokenizer(format_completion(ex.reasoning, ex.answer), add_special_tokens=False)[
+            "input_ids"
+        ]
         ids = prompt + completion + [tokenizer.eos_token_id]
         if len(ids) > max_seq_length:
             truncated += 1
@@ -82,7 +88,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def step_micro_batches(order: list[int], step_in_epoch: int, accum: int, global_micro: int) -> list[list[int]]:
+def step_micro_batches(
+    order: list[int], step_in_epoch: int, accum: int, global_micro: int
+) -> list[list[int]]:
     """Row indices of each micro-batch (all ranks) of one optimizer step; a pure function of the step."""
     first = step_in_epoch * accum
     return [order[(first + m) * global_micro : (first + m + 1) * global_micro] for m in range(accum)]
@@ -98,7 +106,11 @@ def collate(rows: list[TokenizedRow], pad_id: int, device) -> dict[str, torch.Te
         input_ids[i, :n] = torch.tensor(r.input_ids)
         attention[i, :n] = 1
         labels[i, r.prompt_len : n] = input_ids[i, r.prompt_len : n]
-    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention.to(device),
+        "labels": labels.to(device),
+    }
 
 
 def completion_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -106,7 +118,10 @@ def completion_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     targets = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.float().reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
 
 
@@ -137,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.validate()
         return train(data_args, args)
-    except (ArgsError, DataError, ckpt.StageOutputError) as e:
+    except (ArgsError, DataError, contract.StageOutputError) as e:
         logging.getLogger("r1_grpo").error("%s", e)
         print(f"r1-grpo sft: error: {e}", flush=True)
         return 2
@@ -149,19 +164,35 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
     output_dir = Path(args.output_dir)
     if dist.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.invalidate_manifest(output_dir)  # a running stage's folder is not trustworthy
+        contract.invalidate_manifest(output_dir)  # a running stage's folder is not trustworthy
     started = time.time()
 
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args, device)
-    train_examples, report = load_examples(data_args.dataset_name, data_args.dataset_train_split, config=data_args.dataset_config,
-                                           skip_bad_rows=data_args.skip_bad_rows, max_samples=data_args.max_train_samples)
+    train_examples, report = load_examples(
+        data_args.dataset_name,
+        data_args.dataset_train_split,
+        config=data_args.dataset_config,
+        skip_bad_rows=data_args.skip_bad_rows,
+        max_samples=data_args.max_train_samples,
+    )
     train_rows, truncated = tokenize_examples(train_examples, tokenizer, args.max_seq_length)
     eval_rows: list[TokenizedRow] = []
     if args.evaluation_strategy != "no":
-        eval_examples, _ = load_examples(data_args.dataset_name, data_args.dataset_test_split, config=data_args.dataset_config,
-                                         skip_bad_rows=data_args.skip_bad_rows, max_samples=data_args.max_eval_samples)
+        eval_examples, _ = load_examples(
+            data_args.dataset_name,
+            data_args.dataset_test_split,
+            config=data_args.dataset_config,
+            skip_bad_rows=data_args.skip_bad_rows,
+            max_samples=data_args.max_eval_samples,
+        )
         eval_rows, _ = tokenize_examples(eval_examples, tokenizer, args.max_seq_length)
-    logger.info("train rows: %d (skipped %d bad, truncated %d); eval rows: %d", len(train_rows), report.skipped, truncated, len(eval_rows))
+    logger.info(
+        "train rows: %d (skipped %d bad, truncated %d); eval rows: %d",
+        len(train_rows),
+        report.skipped,
+        truncated,
+        len(eval_rows),
+    )
 
     global_micro = args.per_device_train_batch_size * dist.world_size
     micro_per_epoch = len(train_rows) // global_micro
@@ -174,7 +205,7 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
 
     step = 0
-    resume = ckpt.latest_checkpoint(output_dir)
+    resume = contract.latest_checkpoint(output_dir)
     if resume is not None:
         state = ckpt.load_training_checkpoint(booster, model, optimizer, scheduler, resume, dist)
         step = state["step"]
@@ -190,7 +221,9 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
     while step < total_steps:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(train_rows), args.seed, epoch)
-        micro_batches = step_micro_batches(order, step_in_epoch, args.gradient_accumulation_steps, global_micro)
+        micro_batches = step_micro_batches(
+            order, step_in_epoch, args.gradient_accumulation_steps, global_micro
+        )
         # Every rank knows the whole optimizer step's rows, so the token normaliser needs no all-reduce.
         step_tokens = max(1, n_completion_tokens([train_rows[i] for mb in micro_batches for i in mb]))
         for micro, indices in enumerate(micro_batches):
@@ -198,7 +231,11 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
             local_rows = global_rows[dist.rank :: dist.world_size]
             batch = collate(local_rows, pad_id, device)
             last_micro = micro == len(micro_batches) - 1
-            sync = booster.no_sync(model, optimizer) if (not last_micro and args.plugin == "ddp") else nullcontext()
+            sync = (
+                booster.no_sync(model, optimizer)
+                if (not last_micro and args.plugin == "ddp")
+                else nullcontext()
+            )
             with sync:
                 with autocast(args, device):
                     loss_sum = completion_loss_sum(model, batch)
@@ -213,8 +250,10 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
         step += 1
         bar.update(1)
 
-        if args.evaluation_strategy == "steps" and step % args.eval_steps == 0 or (
-            args.evaluation_strategy == "epoch" and step % steps_per_epoch == 0
+        if (
+            args.evaluation_strategy == "steps"
+            and step % args.eval_steps == 0
+            or (args.evaluation_strategy == "epoch" and step % steps_per_epoch == 0)
         ):
             last_eval = eval_loss(model, eval_rows, args, dist, pad_id, device)
             metrics.log(step, {"eval_loss": last_eval})
@@ -222,17 +261,32 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
             stats = all_reduce_(torch.tensor([window_loss, float(window_tokens)], dtype=torch.float64))
             train_loss = float(stats[0] / stats[1].clamp(min=1))
             elapsed = time.time() - window_start
-            metrics.log(step, {"loss": train_loss, "learning_rate": scheduler.get_last_lr()[0], "epoch": step / steps_per_epoch,
-                               "tokens_per_s": float(stats[1]) / max(elapsed, 1e-9)})
+            metrics.log(
+                step,
+                {
+                    "loss": train_loss,
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "epoch": step / steps_per_epoch,
+                    "tokens_per_s": float(stats[1]) / max(elapsed, 1e-9),
+                },
+            )
             bar.set_postfix(loss=f"{train_loss:.4f}")
             window_loss, window_tokens, window_start = 0.0, 0, time.time()
 
         preempted = preemption.agreed()
         if (args.save_steps and step % args.save_steps == 0 and step < total_steps) or preempted:
-            ckpt.save_training_checkpoint(booster, model, optimizer, scheduler, output_dir, step,
-                                          {"stage": "sft", "epoch": epoch, "total_steps": total_steps}, dist)
+            ckpt.save_training_checkpoint(
+                booster,
+                model,
+                optimizer,
+                scheduler,
+                output_dir,
+                step,
+                {"stage": "sft", "epoch": epoch, "total_steps": total_steps},
+                dist,
+            )
             if args.save_total_limit and dist.rank == 0:
-                ckpt.prune_checkpoints(output_dir, args.save_total_limit)
+                contract.prune_checkpoints(output_dir, args.save_total_limit)
         if preempted:
             logger.warning("preempted at step %d; checkpoint saved, exiting", step)
             metrics.close()
@@ -244,14 +298,26 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
     final_loss = _last_logged(output_dir, "loss") if dist.rank == 0 else None
     ckpt.save_final_model(booster, model, tokenizer, output_dir, dist, full_replica=args.plugin == "ddp")
     if dist.rank == 0:
-        final = {"train_loss": final_loss, "runtime_s": round(time.time() - started, 2), "train_rows": len(train_rows)}
+        final = {
+            "train_loss": final_loss,
+            "runtime_s": round(time.time() - started, 2),
+            "train_rows": len(train_rows),
+        }
         if not math.isnan(last_eval):
             final["eval_loss"] = last_eval
         metrics.log(step, {k: v for k, v in final.items() if k != "train_rows"})
-        ckpt.write_manifest(output_dir, "sft", steps=step, metrics=final,
-                            inputs={"model_name_or_path": args.model_name_or_path, "dataset_name": data_args.dataset_name,
-                                    "args": args_dict(data_args, args)})
-        logger.info("sft done: %d steps, final model and %s in %s", step, ckpt.MANIFEST_NAME, output_dir)
+        contract.write_manifest(
+            output_dir,
+            "sft",
+            steps=step,
+            metrics=final,
+            inputs={
+                "model_name_or_path": args.model_name_or_path,
+                "dataset_name": data_args.dataset_name,
+                "args": args_dict(data_args, args),
+            },
+        )
+        logger.info("sft done: %d steps, final model and %s in %s", step, contract.MANIFEST_NAME, output_dir)
     metrics.close()
     if td.is_initialized():
         td.barrier()

@@ -129,7 +129,7 @@ Go's shortest form (2e-05, 0.7); strings as they are.
 The stage's CLI flags (JSON list): dataset flags from .Values.dataset and report_to (wandb when
 wandb.enabled, else jsonl), then the stage's args map on top (a null there drops the flag), then the
 chart-owned model_name_or_path and output_dir. Keys are sorted (Go templates range over maps in key
-order), `--key value`, lists as repeated values: the same list trainer.stages.args_to_cli makes.
+order), `--key value`, lists as repeated values: the same list trainer.contract.stages.args_to_cli makes.
 */}}
 {{- define "r1-grpo.stageFlags" -}}
 {{- $v := .root.Values -}}

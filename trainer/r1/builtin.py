@@ -28,9 +28,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.r1.format import FORMAT_TAGS
+
 BUILTIN_PREFIX = "builtin:"
 TASKS = ("arith", "arith-teacher")
-R1_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 TINY_MODELS = {"tiny": "llama", "tiny-llama": "llama", "tiny-qwen2": "qwen2"}
 # Bump when the builder changes so cached copies are rebuilt.
 TINY_VERSION = 2
@@ -93,7 +94,9 @@ def builtin_rows(task: str, split: str) -> list[dict[str, str]]:
         if _is_test(question) != want_test:
             continue
         # Drawn for every candidate so the teacher's choices do not depend on duplicates.
-        sloppy = task == "arith-teacher" and split == "train" and teacher.random() < spec.teacher_forgets_carry
+        sloppy = (
+            task == "arith-teacher" and split == "train" and teacher.random() < spec.teacher_forgets_carry
+        )
         if question in seen and not want_test:
             pass  # training data may repeat a problem, as real corpora do
         elif question in seen:
@@ -134,7 +137,7 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def _tokenizer_corpus() -> list[str]:
-    from trainer.data import format_completion, format_prompt
+    from trainer.r1.format import format_completion, format_prompt
 
     texts = []
     for split in ("train", "test"):
@@ -157,7 +160,10 @@ def build_tokenizer(vocab_size: int = 1024):
     # Digits stay single tokens; byte-level covers any UTF-8 text; no whitespace split, so frequent
     # phrases (the system prompt, "User:", "Assistant:") merge into few tokens.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<s>", "</s>"]
@@ -170,9 +176,13 @@ def build_tokenizer(vocab_size: int = 1024):
     )
     tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
     # The R1 tags are ordinary (non-special) added tokens: one id each, and decode() keeps them.
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in R1_TAGS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in FORMAT_TAGS])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="left",
         model_max_length=1024,
     )
 
@@ -207,7 +217,9 @@ def build_tiny_model(output_dir: str | os.PathLike, arch: str = "llama", seed: i
     torch.manual_seed(seed)
     model = cls(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -225,7 +237,9 @@ def build_tiny_model(output_dir: str | os.PathLike, arch: str = "llama", seed: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r1-grpo build-tiny", allow_abbrev=False, description=build_tiny_model.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="r1-grpo build-tiny", allow_abbrev=False, description=build_tiny_model.__doc__
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
     parser.add_argument("--seed", type=int, default=0)

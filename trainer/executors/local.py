@@ -20,14 +20,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import StageManifest, StageOutputError, atomic_write_json, verify_stage_output
-from trainer.stages import STAGE_MODULES, TRAINING_STAGES, ConfigError, StagePlan, load_config, plan
+from trainer.contract.output import StageManifest, StageOutputError, atomic_write_json, verify_stage_output
+from trainer.contract.stages import STAGE_MODULES, TRAINING_STAGES, ConfigError, StagePlan, load_config, plan
 
 
 def torchrun_command(run: StagePlan) -> list[str]:
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    return [*launcher, "--standalone", f"--nproc_per_node={run.nproc_per_node}", "-m", STAGE_MODULES[run.name], *run.cli_args()]
+    return [
+        *launcher,
+        "--standalone",
+        f"--nproc_per_node={run.nproc_per_node}",
+        "-m",
+        STAGE_MODULES[run.name],
+        *run.cli_args(),
+    ]
 
 
 def run_stage(run: StagePlan, log: Any) -> StageManifest:
@@ -39,8 +46,10 @@ def run_stage(run: StagePlan, log: Any) -> StageManifest:
     started = time.time()
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        raise StageFailed(f"stage {run.name} exited with code {proc.returncode} after {time.time() - started:.0f}s; "
-                          f"re-run the same command to resume from {run.output_dir}'s last checkpoint")
+        raise StageFailed(
+            f"stage {run.name} exited with code {proc.returncode} after {time.time() - started:.0f}s; "
+            f"re-run the same command to resume from {run.output_dir}'s last checkpoint"
+        )
     manifest = verify_stage_output(run.output_dir, run.name)  # the hand-off: nothing downstream trusts less
     log(f"[{run.name}] done in {time.time() - started:.0f}s → {run.output_dir}")
     return manifest
@@ -55,17 +64,26 @@ def stage_accuracy(model_dir: str, dataset: str, eval_args: dict[str, Any]) -> d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.builtin import resolve_model
-    from trainer.data import load_examples
-    from trainer.evaluate import evaluate_model
+    from trainer.r1.builtin import resolve_model
+    from trainer.r1.data import load_examples
+    from trainer.r1.scoring import evaluate_model
 
     path = resolve_model(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    examples, _ = load_examples(eval_args.get("dataset_name", dataset), eval_args.get("dataset_test_split", "test"),
-                                config=eval_args.get("dataset_config"), max_samples=eval_args.get("max_eval_samples"))
-    result = evaluate_model(model, tokenizer, examples, max_new_tokens=int(eval_args.get("max_completion_length", 256)),
-                            batch_size=int(eval_args.get("inference_batch_size", 64)))
+    examples, _ = load_examples(
+        eval_args.get("dataset_name", dataset),
+        eval_args.get("dataset_test_split", "test"),
+        config=eval_args.get("dataset_config"),
+        max_samples=eval_args.get("max_eval_samples"),
+    )
+    result = evaluate_model(
+        model,
+        tokenizer,
+        examples,
+        max_new_tokens=int(eval_args.get("max_completion_length", 256)),
+        batch_size=int(eval_args.get("inference_batch_size", 64)),
+    )
     return result.metrics
 
 
@@ -93,9 +111,16 @@ def plot_grpo(grpo_dir: Path, out_png: Path, start_accuracy: float | None = None
     ax_r.set_title("Rollout reward")
     ax_r.grid(alpha=0.3)
     ax_a.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="rollout accuracy (sampled)")
-    ax_a.plot([r["step"] for r in train], [r["format_rate"] for r in train], label="rollout format rate", alpha=0.6)
+    ax_a.plot(
+        [r["step"] for r in train], [r["format_rate"] for r in train], label="rollout format rate", alpha=0.6
+    )
     if evals:
-        ax_a.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
+        ax_a.plot(
+            [r["step"] for r in evals],
+            [r["eval_accuracy"] for r in evals],
+            "o-",
+            label="held-out accuracy (greedy)",
+        )
     ax_a.set_xlabel("GRPO step")
     ax_a.set_ylim(0, 1.02)
     ax_a.set_title("Accuracy")
@@ -125,7 +150,9 @@ def print_table(rows: list[tuple[str, str, dict[str, float]]]) -> None:
     for col in ("stage", "model", "accuracy", "format rate", "mean reward"):
         table.add_column(col, justify="left" if col in ("stage", "model") else "right")
     for stage, model, m in rows:
-        table.add_row(stage, model, f"{m['accuracy']:.1%}", f"{m['format_rate']:.1%}", f"{m['mean_reward']:.2f}")
+        table.add_row(
+            stage, model, f"{m['accuracy']:.1%}", f"{m['format_rate']:.1%}", f"{m['mean_reward']:.2f}"
+        )
     Console(stderr=False).print(table)
 
 
@@ -144,7 +171,9 @@ def cmd_run(opts: argparse.Namespace) -> int:
             manifest = verify_stage_output(run.output_dir, run.name)
         except StageOutputError:
             manifest = None
-        if run.output_dir.exists() and (upstream_ran or manifest is not None and manifest.created_at < upstream_finished):
+        if run.output_dir.exists() and (
+            upstream_ran or manifest is not None and manifest.created_at < upstream_finished
+        ):
             # Made from an older version of its input stage's output: that output and any checkpoints
             # belong to the old input, so the stage must start over, not be trusted or resumed.
             stale = run.output_dir.with_name(f"{run.output_dir.name}.stale")
@@ -170,7 +199,9 @@ def cmd_run(opts: argparse.Namespace) -> int:
     rows = []
     if not opts.skip_summary:
         base = runs[0].model_name_or_path if runs[0].model_from_stage is None else None
-        models = ([("base", base)] if base else []) + [(r.name, str(r.output_dir)) for r in runs if r.name in TRAINING_STAGES]
+        models = ([("base", base)] if base else []) + [
+            (r.name, str(r.output_dir)) for r in runs if r.name in TRAINING_STAGES
+        ]
         for stage, model in models:
             rows.append((stage, model, stage_accuracy(model, cfg.dataset, eval_args)))
         print_table(rows)
@@ -178,8 +209,13 @@ def cmd_run(opts: argparse.Namespace) -> int:
     grpo_input = next((r.model_name_or_path for r in runs if r.name == "grpo"), None)
     before_grpo = next((m["accuracy"] for _, model, m in rows if model == grpo_input), None)
     png = plot_grpo(root / "grpo", root / "grpo_curves.png", start_accuracy=before_grpo)
-    summary = {"stages": {stage: m for stage, _, m in rows}, "wall_s": round(time.time() - started, 1),
-               "eval": json.loads((root / "eval" / "metrics.json").read_text()) if (root / "eval" / "metrics.json").exists() else None}
+    summary = {
+        "stages": {stage: m for stage, _, m in rows},
+        "wall_s": round(time.time() - started, 1),
+        "eval": json.loads((root / "eval" / "metrics.json").read_text())
+        if (root / "eval" / "metrics.json").exists()
+        else None,
+    }
     atomic_write_json(root / "summary.json", summary)
     if png:
         log(f"GRPO curves: {png}")
@@ -188,13 +224,17 @@ def cmd_run(opts: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r1-grpo pipeline", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="r1-grpo pipeline", allow_abbrev=False, description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the enabled stages in order (skipping complete ones)")
     run.add_argument("--config", help="pipeline YAML (default: the built-in trainer/pipeline.yaml)")
     run.add_argument("--root", help="override the config's root folder")
     run.add_argument("--release", help="override the config's release name")
-    run.add_argument("--skip_summary", action="store_true", help="do not evaluate each stage for the summary table")
+    run.add_argument(
+        "--skip_summary", action="store_true", help="do not evaluate each stage for the summary table"
+    )
     sub.add_parser("show", help="print the planned stage commands without running them")
     args = parser.parse_args(argv)
     if args.command == "show":

@@ -22,7 +22,7 @@ TRAINING_STAGES: tuple[str, ...] = ("sft", "grpo")
 STAGE_MODULES: dict[str, str] = {"sft": "trainer.sft", "grpo": "trainer.grpo", "eval": "trainer.evaluate"}
 # Flags the pipeline sets itself; a config naming them in `args` would silently break the hand-off.
 MANAGED_ARGS = ("output_dir",)
-DEFAULT_CONFIG = Path(__file__).with_name("pipeline.yaml")
+DEFAULT_CONFIG = Path(__file__).parents[1] / "pipeline.yaml"
 
 
 class ConfigError(ValueError):
@@ -114,7 +114,9 @@ class StagePlan:
         return args_to_cli(self.args)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None
+) -> PipelineConfig:
     source = Path(path) if path else DEFAULT_CONFIG
     try:
         raw = yaml.safe_load(source.read_text(encoding="utf-8"))
@@ -151,7 +153,9 @@ def parse_config(raw: Any, source: str, overrides: Mapping[str, Any] | None = No
             raise ConfigError(f"{source}: stages.{name} must be a map")
         extra = sorted(set(body) - {"enabled", "nproc_per_node", "args"})
         if extra:
-            raise ConfigError(f"{source}: stages.{name}: unknown keys {extra}; known: enabled, nproc_per_node, args")
+            raise ConfigError(
+                f"{source}: stages.{name}: unknown keys {extra}; known: enabled, nproc_per_node, args"
+            )
         enabled = body.get("enabled", True)
         if not isinstance(enabled, bool):
             raise ConfigError(f"{source}: stages.{name}.enabled must be true or false")
@@ -163,7 +167,9 @@ def parse_config(raw: Any, source: str, overrides: Mapping[str, Any] | None = No
             raise ConfigError(f"{source}: stages.{name}.args must be a map of flag name to value")
         for managed in MANAGED_ARGS:
             if managed in args:
-                raise ConfigError(f"{source}: stages.{name}.args.{managed} is set by the pipeline (<root>/<release>/<stage>)")
+                raise ConfigError(
+                    f"{source}: stages.{name}.args.{managed} is set by the pipeline (<root>/<release>/<stage>)"
+                )
         try:
             args_to_cli(args)  # fail now, naming the file and key, rather than in the subprocess
         except ConfigError as e:

@@ -2,7 +2,7 @@
 
 Sources (``--dataset_name``), tried in this order:
 
-* ``builtin:<task>`` -- rows from :func:`trainer.builtin.builtin_rows` (e.g. ``builtin:arith``).
+* ``builtin:<task>`` -- rows from :func:`trainer.r1.builtin.builtin_rows` (e.g. ``builtin:arith``).
 * A local ``.jsonl`` / ``.json`` / ``.parquet`` file, read with ``datasets`` (``load_dataset("json" |
   "parquet", data_files=...)``, the same loader the hub path uses). A single file serves every split; put
   ``{split}`` in the path (``data/{split}.jsonl``) to use one file per split.
@@ -45,18 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.rewards import ANSWER_CLOSE, ANSWER_OPEN, FORMAT_TAGS, THINK_CLOSE, THINK_OPEN, extract_answer
+from trainer.r1.builtin import BUILTIN_PREFIX
+from trainer.r1.format import ANSWER_CLOSE, ANSWER_OPEN, FORMAT_TAGS, THINK_CLOSE, THINK_OPEN, extract_answer
 
 logger = logging.getLogger(__name__)
 
-R1_SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-    "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
-    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
-    "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>."
-)
-
-BUILTIN_PREFIX = "builtin:"
 FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -340,7 +333,7 @@ def _open(
 ) -> tuple[str, Iterable[Mapping[str, Any]], list[str]]:
     """(label for messages, rows, column names) of one split."""
     if dataset_name.startswith(BUILTIN_PREFIX):
-        from trainer.builtin import builtin_rows
+        from trainer.r1.builtin import builtin_rows
 
         task = dataset_name[len(BUILTIN_PREFIX) :]
         try:
@@ -435,43 +428,3 @@ def load_examples(
     if report.skipped:
         logger.warning("%s", report.summary())
     return examples, report
-
-
-# --------------------------------------------------------------------------------------------------
-# Prompt and completion text
-# --------------------------------------------------------------------------------------------------
-
-
-def format_prompt(tokenizer: Any, problem: str, system_prompt: str = R1_SYSTEM_PROMPT) -> str:
-    """The prompt text for ``problem``; the completion is expected to start with ``<think>``.
-
-    With a tokenizer that has a ``chat_template``: ``[system, user]`` through ``apply_chat_template``
-    with the generation prompt (templates that reject a system message get it prepended to the user
-    message instead). Otherwise (or ``tokenizer=None``) the plain R1 template
-    ``"{system}\\nUser: {problem}\\nAssistant: "``.
-    """
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        from jinja2.exceptions import TemplateError
-
-        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": problem}]
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except TemplateError as first:
-            merged = [{"role": "user", "content": f"{system_prompt}\n\n{problem}"}]
-            try:
-                return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
-            except TemplateError:
-                raise first from None
-    return f"{system_prompt}\nUser: {problem}\nAssistant: "
-
-
-def format_completion(reasoning: str, answer: str) -> str:
-    """The target completion ``<think>\\n{reasoning}\\n</think>\\n<answer>{answer}</answer>``.
-
-    ``ValueError`` if either part contains an R1 tag (the result would not pass ``check_format``).
-    """
-    for name, text in (("reasoning", reasoning), ("answer", answer)):
-        for tag in FORMAT_TAGS:
-            if tag in text:
-                raise ValueError(f"{name} contains the reserved tag {tag}: {text[:80]!r}")
-    return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"

@@ -39,8 +39,9 @@ class WatchExpired(Exception):
     """The watch's resourceVersion is too old (410 Gone): relist and watch again from the new version."""
 
 
-def load_api_client(kubeconfig: str | None = None, context: str | None = None,
-                    user_agent: str = USER_AGENT) -> client.ApiClient:
+def load_api_client(
+    kubeconfig: str | None = None, context: str | None = None, user_agent: str = USER_AGENT
+) -> client.ApiClient:
     """An ApiClient from an explicit kubeconfig, the in-cluster service account, or the default kubeconfig.
 
     Each call builds its own Configuration (never the process-global default), so tests can run several
@@ -60,7 +61,11 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None,
 
 def default_namespace(kubeconfig: str | None = None, context: str | None = None) -> str:
     """The namespace a user means when they give none: the pod's own, else the kubeconfig context's."""
-    if not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(IN_CLUSTER_NAMESPACE_FILE):
+    if (
+        not kubeconfig
+        and os.environ.get("KUBERNETES_SERVICE_HOST")
+        and os.path.exists(IN_CLUSTER_NAMESPACE_FILE)
+    ):
         with open(IN_CLUSTER_NAMESPACE_FILE, encoding="utf-8") as f:
             return f.read().strip() or "default"
     try:
@@ -110,16 +115,26 @@ class Cluster:
     # -- pytorchjobs: get, list, watch, create
     def list_jobs(self, label_selector: str) -> JobList:
         out = self.custom.list_namespaced_custom_object(
-            PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, self.namespace, PYTORCHJOB_PLURAL,
-            label_selector=label_selector, _request_timeout=self.request_timeout,
+            PYTORCHJOB_GROUP,
+            PYTORCHJOB_VERSION,
+            self.namespace,
+            PYTORCHJOB_PLURAL,
+            label_selector=label_selector,
+            _request_timeout=self.request_timeout,
         )
-        return JobList(items=list(out.get("items") or []),
-                       resource_version=str((out.get("metadata") or {}).get("resourceVersion") or ""))
+        return JobList(
+            items=list(out.get("items") or []),
+            resource_version=str((out.get("metadata") or {}).get("resourceVersion") or ""),
+        )
 
     def get_job(self, name: str) -> dict | None:
         try:
             return self.custom.get_namespaced_custom_object(
-                PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, self.namespace, PYTORCHJOB_PLURAL, name,
+                PYTORCHJOB_GROUP,
+                PYTORCHJOB_VERSION,
+                self.namespace,
+                PYTORCHJOB_PLURAL,
+                name,
                 _request_timeout=self.request_timeout,
             )
         except ApiException as err:
@@ -134,7 +149,11 @@ class Cluster:
         """
         try:
             created = self.custom.create_namespaced_custom_object(
-                PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, self.namespace, PYTORCHJOB_PLURAL, body,
+                PYTORCHJOB_GROUP,
+                PYTORCHJOB_VERSION,
+                self.namespace,
+                PYTORCHJOB_PLURAL,
+                body,
                 _request_timeout=self.request_timeout,
             )
             return True, created
@@ -151,7 +170,10 @@ class Cluster:
         w = watch.Watch()
         stream = w.stream(
             self.custom.list_namespaced_custom_object,
-            PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, self.namespace, PYTORCHJOB_PLURAL,
+            PYTORCHJOB_GROUP,
+            PYTORCHJOB_VERSION,
+            self.namespace,
+            PYTORCHJOB_PLURAL,
             label_selector=label_selector,
             resource_version=resource_version,
             timeout_seconds=max(1, int(timeout_seconds)),
@@ -172,8 +194,11 @@ class Cluster:
     # -- configmaps: get, create, patch
     def get_configmap(self, name: str) -> dict | None:
         try:
-            return self._plain(self.core.read_namespaced_config_map(
-                name, self.namespace, _request_timeout=self.request_timeout))
+            return self._plain(
+                self.core.read_namespaced_config_map(
+                    name, self.namespace, _request_timeout=self.request_timeout
+                )
+            )
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -182,8 +207,11 @@ class Cluster:
     def create_configmap(self, body: dict) -> dict | None:
         """Create; None when it already exists (409)."""
         try:
-            return self._plain(self.core.create_namespaced_config_map(
-                self.namespace, body, _request_timeout=self.request_timeout))
+            return self._plain(
+                self.core.create_namespaced_config_map(
+                    self.namespace, body, _request_timeout=self.request_timeout
+                )
+            )
         except ApiException as err:
             if err.status == 409:
                 return None
@@ -191,19 +219,28 @@ class Cluster:
 
     def patch_configmap_data(self, name: str, data: dict[str, str]) -> dict:
         # a dict body goes out as a strategic merge patch; for `data` that equals a JSON merge patch
-        return self._plain(self.core.patch_namespaced_config_map(
-            name, self.namespace, {"data": data}, _request_timeout=self.request_timeout))
+        return self._plain(
+            self.core.patch_namespaced_config_map(
+                name, self.namespace, {"data": data}, _request_timeout=self.request_timeout
+            )
+        )
 
     # -- events: create
-    def create_event(self, involved: dict, event_type: str, reason: str, message: str,
-                     component: str, instance: str) -> None:
+    def create_event(
+        self, involved: dict, event_type: str, reason: str, message: str, component: str, instance: str
+    ) -> None:
         now = datetime.now(UTC)
         meta = involved["metadata"]
         body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(name=f"{meta['name']}.{uuid.uuid4().hex[:16]}", namespace=self.namespace),
+            metadata=client.V1ObjectMeta(
+                name=f"{meta['name']}.{uuid.uuid4().hex[:16]}", namespace=self.namespace
+            ),
             involved_object=client.V1ObjectReference(
-                api_version=involved.get("apiVersion", "v1"), kind=involved.get("kind", "ConfigMap"),
-                name=meta["name"], namespace=self.namespace, uid=meta.get("uid"),
+                api_version=involved.get("apiVersion", "v1"),
+                kind=involved.get("kind", "ConfigMap"),
+                name=meta["name"],
+                namespace=self.namespace,
+                uid=meta.get("uid"),
                 resource_version=meta.get("resourceVersion"),
             ),
             type=event_type,
@@ -220,14 +257,16 @@ class Cluster:
 
     # -- pods: get, list; pods/log: get
     def list_pods(self, label_selector: str) -> list[dict]:
-        out = self.core.list_namespaced_pod(self.namespace, label_selector=label_selector,
-                                            _request_timeout=self.request_timeout)
+        out = self.core.list_namespaced_pod(
+            self.namespace, label_selector=label_selector, _request_timeout=self.request_timeout
+        )
         return list(self._plain(out).get("items") or [])
 
     def get_pod(self, name: str) -> dict | None:
         try:
-            return self._plain(self.core.read_namespaced_pod(name, self.namespace,
-                                                             _request_timeout=self.request_timeout))
+            return self._plain(
+                self.core.read_namespaced_pod(name, self.namespace, _request_timeout=self.request_timeout)
+            )
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -236,8 +275,11 @@ class Cluster:
     def read_pod_log(self, name: str, container: str | None, tail_lines: int, limit_bytes: int) -> str:
         # limit_bytes only guards against a huge transfer (e.g. one endless progress-bar line); callers keep
         # the end of what comes back
-        kwargs: dict[str, Any] = {"tail_lines": tail_lines, "limit_bytes": limit_bytes,
-                                  "_request_timeout": self.request_timeout}
+        kwargs: dict[str, Any] = {
+            "tail_lines": tail_lines,
+            "limit_bytes": limit_bytes,
+            "_request_timeout": self.request_timeout,
+        }
         if container:
             kwargs["container"] = container
         return self.core.read_namespaced_pod_log(name, self.namespace, **kwargs)
@@ -245,8 +287,11 @@ class Cluster:
     # -- persistentvolumeclaims: get
     def get_pvc(self, name: str) -> dict | None:
         try:
-            return self._plain(self.core.read_namespaced_persistent_volume_claim(
-                name, self.namespace, _request_timeout=self.request_timeout))
+            return self._plain(
+                self.core.read_namespaced_persistent_volume_claim(
+                    name, self.namespace, _request_timeout=self.request_timeout
+                )
+            )
         except ApiException as err:
             if err.status == 404:
                 return None

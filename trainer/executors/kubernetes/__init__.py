@@ -1,0 +1,1 @@
+"""The Kubernetes controller: runs a release's stage PyTorchJobs in order from inside the cluster."""

@@ -1,0 +1,603 @@
+"""The stage controller: runs a release's stage PyTorchJobs (sft -> grpo -> eval) to a finished run.
+
+It runs in the cluster (`r1-grpo controller`, a Kubernetes Job from the training image, with the checkpoint
+volume mounted) and is built to be boring and restart-safe:
+
+* Level-triggered. Every pass reads the world -- the stages ConfigMap, the release's PyTorchJobs (by labels),
+  the stage outputs on the volume, pod state, and the controller's own previous status as memory -- then a pure
+  function `decide(world, config)` picks at most one action (create a job, prune checkpoints, report a stuck
+  pod, finish), the controller performs it, writes the status, and waits on a PyTorchJob watch (relisting on
+  timeout and on 410 Gone). Nothing is remembered only in process memory, so killing the controller at any
+  moment and starting it again gives the same outcome.
+* No duplicates. Job names are deterministic (`<release>-<stage>-<attempt>`), creation is create-if-absent,
+  and 409 AlreadyExists counts as success after checking the existing job carries this stage's labels.
+* Honest hand-off. A stage is done only when its job Succeeded *and* `verify_stage_output` accepts its
+  folder (the same check the local pipeline uses); a Succeeded job with a missing or corrupt manifest is a
+  failed attempt with the verification error as its reason.
+* Failures. A failed attempt is retried (new attempt, same output folder, so the trainer resumes from its
+  last complete checkpoint) up to `--retries` times; then the run is Failed with the job's last condition
+  message and the tail of the master pod's log. Pods (or a job no operator picked up) pending longer than
+  `--pending-timeout-seconds` are reported in the status and as a Warning event, once each; the controller
+  keeps waiting, because capacity may still arrive (an autoscaler), but the user sees why nothing moves.
+* A job deleted by hand while its stage is current is recreated under the *same* attempt number (the
+  deletion is not the training's fault, so it does not use up a retry); the trainer resumes from the last
+  complete checkpoint. A job deleted after its stage finished is not re-run: the status remembers the stage
+  succeeded and the output still verifies. To stop a run, uninstall the release.
+
+Status: ConfigMap `<release>-status` (key `status.json`), Events on it, JSON-lines logs on stderr. Exit codes:
+0 run succeeded, 1 run failed, 2 configuration error (flags, stages ConfigMap, volume not mounted, a foreign
+job holding one of our names), 3 the API refused our credentials (401/403), 4 the controller crashed (a bug;
+the traceback is logged), 143 stopped by SIGTERM before the run finished (non-zero so the Job controller
+starts the controller again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path, PurePosixPath
+
+import urllib3
+from kubernetes.client.rest import ApiException
+
+from trainer.contract.output import (
+    StageManifest,
+    StageOutputError,
+    complete_checkpoints,
+    prune_checkpoints,
+    verify_stage_output,
+)
+from trainer.executors.kubernetes.cluster import (
+    JOB_NAME_LABEL,
+    Cluster,
+    WatchExpired,
+    api_error_summary,
+)
+from trainer.executors.kubernetes.decide import (
+    Action,
+    CreateJob,
+    Finish,
+    PruneCheckpoints,
+    ReportPending,
+    Wait,
+    current_attempt,
+    decide,
+    frontier,
+    recorded_phase,
+)
+from trainer.executors.kubernetes.jsonlog import log
+from trainer.executors.kubernetes.spec import (
+    ATTEMPT_LABEL,
+    COMPONENT,
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_FORBIDDEN,
+    EXIT_SIGTERM,
+    EXIT_SUCCEEDED,
+    FAILED,
+    INSTANCE_LABEL,
+    LOG_TAIL_MAX_CHARS,
+    NAME_LABEL,
+    STAGE_LABEL,
+    STATUS_KEY,
+    SUBMITTED,
+    SUCCEEDED,
+    ConfigError,
+    ControllerConfig,
+    Pipeline,
+    StageSpec,
+    job_manifest,
+    parse_pipeline,
+)
+from trainer.executors.kubernetes.status import RunStatus, _to_json, render_status, status_events
+from trainer.executors.kubernetes.world import (
+    JobState,
+    OutputState,
+    PendingItem,
+    World,
+    _fmt,
+    _ts,
+    describe_pending_pod,
+    parse_job,
+)
+
+logger = logging.getLogger("trainer.controller")
+
+
+class _BudgetSpent(BaseException):
+    """Raised before a write once `max_writes` is used up: a deterministic stand-in for `kill -9`."""
+
+
+class _StopRequested(BaseException):
+    """Raised by the SIGTERM handler to abandon a wait (waits have no side effects)."""
+
+
+# --------------------------------------------------------------------------------------------- the controller
+
+
+class _OutputVerifier:
+    """verify_stage_output with a cache keyed by file metadata: hashing large weights once, not every pass."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[tuple, StageManifest | None, str | None]] = {}
+
+    @staticmethod
+    def _fingerprint(folder: Path) -> tuple:
+        try:
+            entries = sorted(
+                (e.name, e.stat().st_size, e.stat().st_mtime_ns, e.inode())
+                for e in os.scandir(folder)
+                if e.is_file()
+            )
+        except OSError:
+            return ()
+        return tuple(entries)
+
+    def verify(self, folder: Path, stage: str) -> tuple[StageManifest | None, str | None]:
+        key = str(folder)
+        fp = self._fingerprint(folder)
+        cached = self._cache.get(key)
+        if cached and cached[0] == fp and fp:
+            return cached[1], cached[2]
+        try:
+            manifest, error = verify_stage_output(folder, stage), None
+        except StageOutputError as e:
+            manifest, error = None, str(e)
+        self._cache[key] = (fp, manifest, error)
+        return manifest, error
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    message: str = ""
+    budget_spent: bool = False
+
+
+class Controller:
+    """Read the world, decide, act once, publish the status, wait on the watch; repeat until the run ends."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        config: ControllerConfig,
+        *,
+        max_writes: int | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ):
+        self.cluster = cluster
+        self.config = config
+        self.clock = clock
+        self.max_writes = max_writes  # tests: stop (as if killed) just before write number max_writes + 1
+        self.writes = 0
+        self.write_log: list[str] = []  # what each write was ("create job r1-sft-1", "patch status", ...)
+        self.status: RunStatus | None = None
+        self._status_cm: dict | None = None
+        self._stop = threading.Event()
+        self.in_wait = False  # the SIGTERM handler may interrupt only waits
+        self._verifier = _OutputVerifier()
+        self._pipeline: tuple[tuple, Pipeline] | None = None
+        self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
+
+    # -- control
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _write(self, what: str) -> None:
+        if self.max_writes is not None and self.writes >= self.max_writes:
+            raise _BudgetSpent(what)
+        self.writes += 1
+        self.write_log.append(what)
+
+    # -- the loop
+    def run(self) -> RunResult:
+        backoff = self.config.error_backoff_seconds
+        try:
+            while not self.stopping:
+                try:
+                    if self.status is None:
+                        self._load_status()
+                    result = self.reconcile_once()
+                    backoff = self.config.error_backoff_seconds
+                except ConfigError as e:
+                    return self._config_failure(str(e))
+                except ApiException as e:
+                    if e.status in (401, 403):
+                        log(
+                            "error",
+                            "the API server refused the controller's credentials",
+                            error=api_error_summary(e),
+                        )
+                        return RunResult(EXIT_FORBIDDEN, api_error_summary(e))
+                    log("warning", "API error; retrying", error=api_error_summary(e), backoff_seconds=backoff)
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, self.config.max_error_backoff_seconds)
+                    continue
+                except (urllib3.exceptions.HTTPError, OSError) as e:
+                    log(
+                        "warning",
+                        "transient error (network or volume); retrying",
+                        error=repr(e),
+                        backoff_seconds=backoff,
+                    )
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, self.config.max_error_backoff_seconds)
+                    continue
+                if result is not None:
+                    return result
+        except _BudgetSpent as e:
+            log("info", "write budget spent; stopping as if killed", next_write=str(e), writes=self.writes)
+            return RunResult(EXIT_SIGTERM, "write budget spent", budget_spent=True)
+        except _StopRequested:  # a SIGTERM that landed on the edge of a wait; nothing was half done
+            pass
+        log("info", "stopped before the run finished", phase=self.status.phase if self.status else None)
+        return RunResult(EXIT_SIGTERM, "stopped")
+
+    def reconcile_once(self) -> RunResult | None:
+        """One pass: observe, decide, act, publish, then wait if there is nothing to do. Returns a result when
+        the run is finished."""
+        world, resource_version = self.observe()
+        action = decide(world, self.config)
+        new_status = render_status(world, action, self.config)
+        log(
+            "info",
+            "decided",
+            action=type(action).__name__,
+            **{k: v for k, v in _to_json(action).items() if k not in ("items", "deadline")},
+        )
+        pruned = self.execute(action, world)
+        self.publish(new_status, action, pruned)
+        if isinstance(action, Finish):
+            code = EXIT_SUCCEEDED if action.phase == SUCCEEDED else EXIT_FAILED
+            log("info", "run finished", phase=action.phase, message=action.message, exit_code=code)
+            return RunResult(code, action.message)
+        if isinstance(action, Wait) and not self.stopping:
+            self.wait(resource_version, action.deadline)
+        return None
+
+    # -- reading the world
+    def _load_status(self) -> None:
+        cfg = self.config
+        cm = self.cluster.get_configmap(cfg.status_configmap)
+        fresh = RunStatus(cfg.release, cfg.namespace)
+        if cm is None:
+            stages_cm = self.cluster.get_configmap(cfg.stages_configmap)
+            body = {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": cfg.status_configmap,
+                    "namespace": cfg.namespace,
+                    "labels": {
+                        INSTANCE_LABEL: cfg.release,
+                        NAME_LABEL: "r1-grpo",
+                        "app.kubernetes.io/component": "status",
+                        "app.kubernetes.io/managed-by": COMPONENT,
+                    },
+                },
+                "data": {STATUS_KEY: json.dumps(fresh.to_json(), indent=1)},
+            }
+            if stages_cm and (stages_cm.get("metadata") or {}).get("uid"):
+                # garbage-collected with the stages ConfigMap on `helm uninstall`
+                body["metadata"]["ownerReferences"] = [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "ConfigMap",
+                        "name": cfg.stages_configmap,
+                        "uid": stages_cm["metadata"]["uid"],
+                    }
+                ]
+            self._write("create status ConfigMap")
+            cm = self.cluster.create_configmap(body) or self.cluster.get_configmap(cfg.status_configmap)
+            if cm is None:
+                raise ApiException(
+                    status=404, reason=f"ConfigMap {cfg.status_configmap} vanished after creation"
+                )
+        self._status_cm = cm
+        raw = (cm.get("data") or {}).get(STATUS_KEY)
+        try:
+            status = RunStatus.from_json(json.loads(raw)) if raw else fresh
+        except (ValueError, TypeError) as e:
+            log(
+                "warning",
+                "unreadable status; rebuilding it from the cluster",
+                configmap=cfg.status_configmap,
+                error=str(e),
+            )
+            status = fresh
+        self.status = status
+
+    def observe(self) -> tuple[World, str]:
+        cfg = self.config
+        now = self.clock()
+        cm = self.cluster.get_configmap(cfg.stages_configmap)
+        if cm is None:
+            raise ConfigError(
+                f"ConfigMap {cfg.namespace}/{cfg.stages_configmap} (--stages-configmap) not found"
+            )
+        meta = cm.get("metadata") or {}
+        key = (meta.get("uid"), meta.get("resourceVersion"))
+        if self._pipeline is None or self._pipeline[0] != key or not all(key):
+            self._pipeline = (
+                key,
+                parse_pipeline(cm, cfg.release),
+            )  # re-parse only when the ConfigMap changed
+        pipeline = self._pipeline[1]
+        volume = Path(cfg.mount_path or pipeline.mount_path)
+        if not volume.is_dir():
+            # without the volume every finished stage would look unverifiable and be retried: refuse instead
+            raise ConfigError(
+                f"the checkpoint volume is not mounted at {volume} (--mount-path, or pipeline.yaml "
+                f"mountPath {pipeline.mount_path!r}); the controller pod must mount the same PVC"
+            )
+        previous = self.status or RunStatus(cfg.release, cfg.namespace)
+        if previous.stages_uid and pipeline.configmap_uid and previous.stages_uid != pipeline.configmap_uid:
+            log(
+                "warning",
+                "the status belongs to an earlier install of this release; starting afresh",
+                status_uid=previous.stages_uid,
+                stages_uid=pipeline.configmap_uid,
+            )
+            previous = RunStatus(cfg.release, cfg.namespace)
+        try:
+            listed = self.cluster.list_jobs(cfg.selector)
+        except ApiException as e:
+            if e.status == 404:
+                raise ConfigError(
+                    f"cannot list PyTorchJobs ({api_error_summary(e)}): is the Kubeflow training "
+                    f"operator (kubeflow.org/v1 PyTorchJob CRD) installed?"
+                ) from e
+            raise
+        jobs: dict[str, dict[int, JobState]] = {}
+        for obj in listed.items:
+            job = parse_job(obj, pipeline)
+            if job is not None:
+                jobs.setdefault(job.stage, {})[job.attempt] = job
+        world = World(now, pipeline, jobs, {}, (), {}, previous)
+
+        # Only the current stage needs the volume and pods; earlier stages are settled (read once more only
+        # when the status has not recorded their success yet).
+        fi = frontier(world)
+        spec = pipeline.stages[fi]
+        attempt = current_attempt(world, spec.name)
+        job = jobs.get(spec.name, {}).get(attempt)
+        outputs = {spec.name: self._output_state(pipeline, spec, recorded_phase(world, spec.name, attempt))}
+        for settled in pipeline.stages[:fi]:
+            rec = previous.stage_record(settled.name)
+            if rec is None or rec.phase != SUCCEEDED:
+                outputs[settled.name] = self._output_state(pipeline, settled, SUCCEEDED)
+        pending: list[PendingItem] = []
+        log_tails: dict[str, str] = {}
+        if job is not None and job.phase not in (SUCCEEDED, FAILED) and not job.deleting:
+            pending = self._pending_items(job, now)
+        if job is not None and job.phase == FAILED:
+            rec = previous.stage_record(spec.name)
+            arec = rec.attempt_record(attempt) if rec else None
+            if arec is None or arec.log_tail is None:
+                log_tails[job.name] = self.master_log_tail(job.name)
+        return replace(
+            world, outputs=outputs, pending=tuple(pending), log_tails=log_tails
+        ), listed.resource_version
+
+    def local_path(self, pipeline: Pipeline, job_path: str) -> Path:
+        """Where this pod sees a path the jobs use (the volume may be mounted elsewhere here)."""
+        rel = PurePosixPath(job_path).relative_to(pipeline.mount_path)
+        return Path(self.config.mount_path or pipeline.mount_path) / rel
+
+    def _output_state(self, pipeline: Pipeline, spec: StageSpec, phase: str | None) -> OutputState:
+        local = self.local_path(pipeline, spec.output_dir)
+        steps = tuple(step for step, _ in complete_checkpoints(local))
+        latest = str(PurePosixPath(spec.output_dir) / f"checkpoint-{steps[-1]}") if steps else None
+        manifest, error = None, None
+        if phase == SUCCEEDED:  # hashing is only worth it once the job says it is done
+            manifest, error = self._verifier.verify(local, spec.name)
+            if error:
+                error = error.replace(str(local), spec.output_dir)  # name the path as the user knows it
+        return OutputState(steps, latest, manifest, error)
+
+    def _pending_items(self, job: JobState, now: datetime) -> list[PendingItem]:
+        timeout = timedelta(seconds=self.config.pending_timeout_seconds)
+        items: list[PendingItem] = []
+        if job.phase == SUBMITTED and job.created is not None:
+            items.append(
+                PendingItem(
+                    f"job/{job.name}",
+                    job.created,
+                    f"job {job.name} has no status yet: is the Kubeflow training operator "
+                    f"running and watching this namespace?",
+                )
+            )
+        if job.phase == "Suspended" and job.phase_since is not None:
+            items.append(
+                PendingItem(
+                    f"job/{job.name}/suspended/{_fmt(job.phase_since)}",
+                    job.phase_since,
+                    f"job {job.name} is suspended (waiting in a queue such as Kueue?)"
+                    + (f": {job.message}" if job.message else ""),
+                )
+            )
+        for pod in self.cluster.list_pods(f"{JOB_NAME_LABEL}={job.name}"):
+            meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+            if status.get("phase") != "Pending" or _ts(meta.get("creationTimestamp")) is None:
+                continue
+            key = f"pod/{meta.get('name')}/{str(meta.get('uid', ''))[:8]}"
+            since = _ts(meta["creationTimestamp"])
+            message = f"pod {meta.get('name')}: {describe_pending_pod(pod)}"
+            if now - since >= timeout:
+                message += self._claims_report(pod)  # only worth the API calls once the pod is overdue
+            items.append(PendingItem(key, since, message))
+        return items
+
+    def _claims_report(self, pod: dict) -> str:
+        notes = []
+        for volume in (pod.get("spec") or {}).get("volumes") or []:
+            claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+            if not claim:
+                continue
+            pvc = self.cluster.get_pvc(claim)
+            if pvc is None:
+                notes.append(f"PersistentVolumeClaim {claim} does not exist")
+            elif (pvc.get("status") or {}).get("phase") != "Bound":
+                notes.append(f"PersistentVolumeClaim {claim} is {(pvc.get('status') or {}).get('phase')}")
+        return ("; " + "; ".join(notes)) if notes else ""
+
+    def master_log_tail(self, job: str) -> str:
+        """The last lines of the master pod's log (or why there are none)."""
+        name = f"{job}-master-0"
+        pod = self.cluster.get_pod(name)
+        if pod is None:
+            return (
+                f"(no log: pod {name} not found; keep failed pods with the PyTorchJob's "
+                f"runPolicy.cleanPodPolicy: None)"
+            )
+        containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+        container = "pytorch" if "pytorch" in containers else (containers[0] if containers else None)
+        try:
+            text = self.cluster.read_pod_log(name, container, self.config.log_tail_lines, 1 << 20)
+        except ApiException as e:
+            return f"(no log from pod {name}: {api_error_summary(e)})"
+        return text[-LOG_TAIL_MAX_CHARS:]
+
+    # -- acting
+    def execute(self, action: Action, world: World) -> list[str]:
+        cfg = self.config
+        if isinstance(action, CreateJob):
+            spec = world.pipeline.stage(action.stage)
+            body = job_manifest(world.pipeline, spec, action.attempt, cfg.namespace, cfg.stages_configmap)
+            name = body["metadata"]["name"]
+            self._write(f"create job {name}")
+            try:
+                created, existing = self.cluster.create_job(body)
+            except ApiException as e:
+                if e.status in (400, 404, 422):  # retrying cannot help: the job or the CRD is wrong
+                    raise ConfigError(
+                        f"the API server rejected PyTorchJob {name} (from ConfigMap key "
+                        f"{spec.job_key}): {api_error_summary(e)}"
+                        + (" - is the Kubeflow training operator installed?" if e.status == 404 else "")
+                    ) from e
+                raise
+            if created:
+                log(
+                    "info",
+                    "created job",
+                    job=name,
+                    stage=action.stage,
+                    attempt=action.attempt,
+                    reason=action.reason,
+                )
+            elif existing is None:
+                raise ApiException(status=409, reason=f"job {name} exists but could not be read back")
+            else:
+                labels = (existing.get("metadata") or {}).get("labels") or {}
+                want = {
+                    INSTANCE_LABEL: cfg.release,
+                    STAGE_LABEL: action.stage,
+                    ATTEMPT_LABEL: str(action.attempt),
+                }
+                if any(labels.get(k) != v for k, v in want.items()):
+                    raise ConfigError(
+                        f"PyTorchJob {cfg.namespace}/{name} already exists but is not this "
+                        f"release's job (labels {labels}); delete or rename it"
+                    )
+                log(
+                    "info",
+                    "job already exists (409); adopting it",
+                    job=name,
+                    stage=action.stage,
+                    attempt=action.attempt,
+                )
+            return []
+        if isinstance(action, PruneCheckpoints):
+            spec = world.pipeline.stage(action.stage)
+            self._write(f"prune {spec.output_dir}")
+            removed = prune_checkpoints(self.local_path(world.pipeline, spec.output_dir), action.keep)
+            names = [p.name for p in removed]
+            log("info", "pruned checkpoints", stage=action.stage, removed=names, keep=action.keep)
+            return names
+        if isinstance(action, ReportPending):
+            for item in action.items:
+                log("warning", "pending too long", stage=action.stage, item=item.key, detail=item.message)
+        return []
+
+    def publish(self, status: RunStatus, action: Action, pruned: list[str]) -> None:
+        prev = self.status or RunStatus(self.config.release, self.config.namespace)
+        if not status.same_as(prev):
+            self._write("patch status")
+            self._status_cm = self.cluster.patch_configmap_data(
+                self.config.status_configmap, {STATUS_KEY: json.dumps(status.to_json(), indent=1)}
+            )
+            log("info", "status", phase=status.phase, stage=status.stage, message=status.message)
+        self.status = status
+        for ev in status_events(prev, status, action, pruned):
+            self._write(f"event {ev.reason}")
+            try:
+                self.cluster.create_event(
+                    self._status_cm or {"metadata": {"name": self.config.status_configmap}},
+                    ev.type,
+                    ev.reason,
+                    ev.message,
+                    COMPONENT,
+                    self._instance,
+                )
+            except (ApiException, urllib3.exceptions.HTTPError) as e:  # events are best effort
+                log("warning", "could not create event", reason=ev.reason, error=str(e))
+
+    def _config_failure(self, message: str) -> RunResult:
+        log("error", "configuration error", error=message)
+        if self.status is not None and self.status.message != message:
+            failed = replace(self.status, phase=FAILED, message=message, updated_at=_fmt(self.clock()))
+            try:
+                self._write("patch status")
+                self.cluster.patch_configmap_data(
+                    self.config.status_configmap, {STATUS_KEY: json.dumps(failed.to_json(), indent=1)}
+                )
+                self.status = failed
+            except (ApiException, urllib3.exceptions.HTTPError) as e:
+                log("warning", "could not record the configuration error in the status", error=str(e))
+        return RunResult(EXIT_CONFIG, message)
+
+    # -- waiting
+    def wait(self, resource_version: str, deadline: datetime | None) -> None:
+        """Block until a job changes, the deadline passes, the resync period ends, or a stop is requested."""
+        timeout = self.config.resync_seconds
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, (deadline - self.clock()).total_seconds()))
+        if timeout <= 0:
+            return
+        events = None
+        try:
+            self.in_wait = True
+            if self.stopping:
+                return
+            events = self.cluster.watch_jobs(self.config.selector, resource_version, max(1, round(timeout)))
+            for event in events:  # the first change is enough: the next pass re-reads everything
+                meta = (event["object"] or {}).get("metadata") or {}
+                log("debug", "watch event", type=event["type"], job=meta.get("name"))
+                return
+        except WatchExpired as e:
+            log("info", "watch expired (410 Gone); relisting", error=str(e))
+        except _StopRequested:
+            pass
+        finally:
+            self.in_wait = False
+            if events is not None:
+                events.close()
+
+    def _sleep(self, seconds: float) -> None:
+        try:
+            self.in_wait = True
+            self._stop.wait(seconds)
+        except _StopRequested:
+            pass
+        finally:
+            self.in_wait = False

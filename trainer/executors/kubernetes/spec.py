@@ -1,0 +1,216 @@
+"""The stage list as the controller reads it: configuration, labels, the stages ConfigMap, job manifests."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import yaml
+
+from trainer.contract.stages import STAGES, TRAINING_STAGES
+from trainer.executors.kubernetes.cluster import (
+    PYTORCHJOB_GROUP,
+    PYTORCHJOB_KIND,
+    PYTORCHJOB_VERSION,
+)
+
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+NAME_LABEL = "app.kubernetes.io/name"
+STAGE_LABEL = "r1-grpo.io/stage"
+ATTEMPT_LABEL = "r1-grpo.io/attempt"
+COMPONENT = "r1-grpo-controller"
+STATUS_KEY = "status.json"
+PIPELINE_KEY = "pipeline.yaml"
+
+EXIT_SUCCEEDED, EXIT_FAILED, EXIT_CONFIG, EXIT_FORBIDDEN, EXIT_CRASH, EXIT_SIGTERM = 0, 1, 2, 3, 4, 143
+LOG_TAIL_MAX_CHARS = 8000  # per attempt; the status ConfigMap must stay far below the 1 MiB object limit
+MAX_NAME_LEN = 63  # the operator names services `<job>-master-0`; services need DNS-1035 labels
+
+# Run and stage phases shown in the status.
+PENDING, SUBMITTED, RUNNING, SUCCEEDED, FAILED = "Pending", "Submitted", "Running", "Succeeded", "Failed"
+JOB_PHASE_PRIORITY = ("Failed", "Succeeded", "Suspended", "Restarting", "Running", "Created")
+
+
+class ConfigError(Exception):
+    """Input the controller cannot run with; the message names the flag, ConfigMap key or object."""
+
+
+# --------------------------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    release: str
+    namespace: str
+    stages_configmap: str
+    status_configmap: str
+    retries: int = 2
+    keep_checkpoints: int = 3
+    pending_timeout_seconds: float = 1800.0
+    mount_path: str | None = (
+        None  # where this pod sees the checkpoint volume; None: pipeline.yaml's mountPath
+    )
+    resync_seconds: float = 120.0
+    log_tail_lines: int = 50
+    error_backoff_seconds: float = 2.0
+    max_error_backoff_seconds: float = 60.0
+
+    @property
+    def selector(self) -> str:
+        return f"{INSTANCE_LABEL}={self.release},{STAGE_LABEL},{ATTEMPT_LABEL}"
+
+
+def job_name(release: str, stage: str, attempt: int) -> str:
+    return f"{release}-{stage}-{attempt}"
+
+
+# --------------------------------------------------------------------------------------------- the stage list
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    output_dir: str  # as the jobs see it (under the pipeline's mountPath)
+    model_from: str  # lineage: the folder or hub id its --model_name_or_path names
+    job_key: str
+    job: dict  # the ConfigMap's PyTorchJob for attempt 1
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    release: str
+    mount_path: str
+    stages: tuple[StageSpec, ...]
+    configmap_uid: str
+
+    def stage(self, name: str) -> StageSpec:
+        return next(s for s in self.stages if s.name == name)
+
+    def index(self, name: str) -> int:
+        return [s.name for s in self.stages].index(name)
+
+
+def parse_pipeline(cm: dict, release: str) -> Pipeline:
+    """Validate the stages ConfigMap (docs/contract.md); every error names the ConfigMap and key."""
+    meta = cm.get("metadata") or {}
+    where = f"ConfigMap {meta.get('namespace', '?')}/{meta.get('name', '?')}"
+    data = cm.get("data") or {}
+    if PIPELINE_KEY not in data:
+        raise ConfigError(f"{where}: key {PIPELINE_KEY!r} is missing (keys: {sorted(data)})")
+    try:
+        raw = _load_yaml(data[PIPELINE_KEY])
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: {PIPELINE_KEY}: invalid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {PIPELINE_KEY}: the top level must be a map")
+    if raw.get("release") != release:
+        raise ConfigError(
+            f"{where}: {PIPELINE_KEY}: release is {raw.get('release')!r}, but the controller runs "
+            f"--release {release!r}"
+        )
+    mount = raw.get("mountPath")
+    if not isinstance(mount, str) or not mount.startswith("/"):
+        raise ConfigError(f"{where}: {PIPELINE_KEY}: mountPath must be an absolute path, got {mount!r}")
+    items = raw.get("stages")
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{where}: {PIPELINE_KEY}: stages must be a non-empty list")
+    specs: list[StageSpec] = []
+    for i, item in enumerate(items):
+        at = f"{where}: {PIPELINE_KEY}: stages[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{at}: must be a map with name, outputDir, modelFrom, job")
+        missing = [
+            k
+            for k in ("name", "outputDir", "modelFrom", "job")
+            if not isinstance(item.get(k), str) or not item.get(k)
+        ]
+        if missing:
+            raise ConfigError(f"{at}: missing or non-string keys {missing}")
+        name = item["name"]
+        if name not in STAGES:
+            raise ConfigError(f"{at}.name: unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        if specs and STAGES.index(name) <= STAGES.index(specs[-1].name):
+            raise ConfigError(
+                f"{at}.name: {name!r} after {specs[-1].name!r}; stages run in the order "
+                f"{', '.join(STAGES)}, each at most once"
+            )
+        out = PurePosixPath(item["outputDir"])
+        if not out.is_absolute() or not out.is_relative_to(mount) or out == PurePosixPath(mount):
+            raise ConfigError(
+                f"{at}.outputDir: {item['outputDir']!r} is not a folder under mountPath {mount!r}"
+            )
+        key = item["job"]
+        if key not in data:
+            raise ConfigError(f"{at}.job: the ConfigMap has no key {key!r}")
+        job = _parse_job_manifest(data[key], f"{where}: {key}", release, name)
+        specs.append(StageSpec(name, str(out), item["modelFrom"], key, job))
+    # The hand-off contract: a stage after a training stage starts from that stage's folder.
+    previous_training: StageSpec | None = None
+    for spec in specs:
+        if previous_training is not None and spec.model_from != previous_training.output_dir:
+            raise ConfigError(
+                f"{where}: {PIPELINE_KEY}: stage {spec.name} has modelFrom {spec.model_from!r}, "
+                f"but it must start from {previous_training.name}'s output "
+                f"{previous_training.output_dir!r}"
+            )
+        if spec.name in TRAINING_STAGES:
+            previous_training = spec
+    return Pipeline(release, mount, tuple(specs), str(meta.get("uid") or ""))
+
+
+def _load_yaml(text: str) -> Any:
+    # libyaml's safe loader when present: the stage jobs are parsed on every pass that sees a new ConfigMap
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def _parse_job_manifest(text: str, where: str, release: str, stage: str) -> dict:
+    try:
+        job = _load_yaml(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {e}") from e
+    if not isinstance(job, dict):
+        raise ConfigError(f"{where}: must be a PyTorchJob object")
+    api_version = f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}"
+    if job.get("apiVersion") != api_version or job.get("kind") != PYTORCHJOB_KIND:
+        raise ConfigError(
+            f"{where}: apiVersion/kind are {job.get('apiVersion')!r}/{job.get('kind')!r}, "
+            f"expected {api_version}/{PYTORCHJOB_KIND}"
+        )
+    meta = job.get("metadata") or {}
+    expected = job_name(release, stage, 1)
+    if meta.get("name") != expected:
+        raise ConfigError(f"{where}: metadata.name is {meta.get('name')!r}, expected {expected!r}")
+    labels = meta.get("labels") or {}
+    want = {INSTANCE_LABEL: release, STAGE_LABEL: stage, ATTEMPT_LABEL: "1"}
+    wrong = {k: labels.get(k) for k, v in want.items() if labels.get(k) != v}
+    if wrong:
+        raise ConfigError(f"{where}: metadata.labels {wrong} must be {want}")
+    if not isinstance((job.get("spec") or {}).get("pytorchReplicaSpecs"), dict):
+        raise ConfigError(f"{where}: spec.pytorchReplicaSpecs is missing")
+    return job
+
+
+def job_manifest(pipeline: Pipeline, spec: StageSpec, attempt: int, namespace: str, owner_name: str) -> dict:
+    """Attempt `attempt` of a stage: the ConfigMap's job with name and attempt label rewritten.
+
+    The attempt label is rewritten on the pod templates too where the chart set it there, so pods say which
+    attempt they belong to. An ownerReference to the stages ConfigMap lets `helm uninstall` collect the jobs.
+    """
+    job = copy.deepcopy(spec.job)
+    meta = job.setdefault("metadata", {})
+    for key in ("resourceVersion", "uid", "creationTimestamp", "generation", "managedFields"):
+        meta.pop(key, None)
+    meta["name"] = job_name(pipeline.release, spec.name, attempt)
+    meta["namespace"] = namespace
+    meta.setdefault("labels", {})[ATTEMPT_LABEL] = str(attempt)
+    for replica in (job.get("spec") or {}).get("pytorchReplicaSpecs", {}).values():
+        tmeta = ((replica or {}).get("template") or {}).get("metadata") or {}
+        if ATTEMPT_LABEL in (tmeta.get("labels") or {}):
+            tmeta["labels"][ATTEMPT_LABEL] = str(attempt)
+    if pipeline.configmap_uid:
+        meta["ownerReferences"] = [
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": owner_name, "uid": pipeline.configmap_uid}
+        ]
+    return job

@@ -1,0 +1,146 @@
+"""What the controller observes in one pass: jobs, pending items, stage outputs (plain data, parsed from API objects)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from trainer.executors.kubernetes.jsonlog import logger
+from trainer.executors.kubernetes.spec import (
+    ATTEMPT_LABEL,
+    FAILED,
+    JOB_PHASE_PRIORITY,
+    STAGE_LABEL,
+    SUBMITTED,
+    SUCCEEDED,
+    Pipeline,
+    job_name,
+)
+
+if TYPE_CHECKING:
+    from trainer.executors.kubernetes.status import RunStatus
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from trainer.contract.output import (
+    StageManifest,
+)
+
+# --------------------------------------------------------------------------------------------- the world
+
+
+@dataclass(frozen=True)
+class JobState:
+    name: str
+    stage: str
+    attempt: int
+    phase: str  # Submitted (no condition yet), Created, Running, Restarting, Suspended, Succeeded, Failed
+    message: str
+    created: datetime | None
+    start_time: datetime | None
+    end_time: datetime | None
+    deleting: bool = False
+    uid: str = ""
+    phase_since: datetime | None = None  # lastTransitionTime of the condition that gives the phase
+
+
+@dataclass(frozen=True)
+class PendingItem:
+    key: str  # "pod/<name>/<uid>" or "job/<name>": reported at most once
+    since: datetime
+    message: str
+
+
+@dataclass(frozen=True)
+class OutputState:
+    checkpoints: tuple[int, ...] = ()  # steps of the complete checkpoint-* folders, oldest first
+    latest_checkpoint: str | None = None  # as the jobs see it
+    manifest: StageManifest | None = None
+    error: str | None = None  # why the folder is not trusted (only when verification was needed)
+
+
+@dataclass(frozen=True)
+class World:
+    now: datetime
+    pipeline: Pipeline
+    jobs: dict[str, dict[int, JobState]]  # stage -> attempt -> job
+    outputs: dict[str, OutputState]
+    pending: tuple[PendingItem, ...]  # for the current stage's current job
+    log_tails: dict[str, str]  # job name -> master log tail, for failed jobs whose tail is not yet recorded
+    previous: RunStatus  # what the controller recorded last (its only memory; lives in the status ConfigMap)
+
+
+def _ts(value: Any) -> datetime | None:
+    if not value:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _fmt(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+def job_phase(conditions: list[dict]) -> tuple[str, str, datetime | None]:
+    """(phase, message, since) from a job's conditions; the most decisive True condition wins."""
+    true = {c.get("type"): c for c in conditions or [] if str(c.get("status")) == "True"}
+    for kind in JOB_PHASE_PRIORITY:
+        if kind in true:
+            c = true[kind]
+            return kind, str(c.get("message") or c.get("reason") or ""), _ts(c.get("lastTransitionTime"))
+    return SUBMITTED, "", None
+
+
+def parse_job(obj: dict, pipeline: Pipeline) -> JobState | None:
+    """A JobState for one of our jobs, or None (logged) for an object that only looks like one."""
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    stage, attempt_label, name = labels.get(STAGE_LABEL), labels.get(ATTEMPT_LABEL, ""), meta.get("name")
+    if not attempt_label.isdigit() or int(attempt_label) < 1:
+        logger.warning(
+            "ignoring job with a bad attempt label", extra={"fields": {"job": name, "attempt": attempt_label}}
+        )
+        return None
+    attempt = int(attempt_label)
+    if stage not in [s.name for s in pipeline.stages] or name != job_name(pipeline.release, stage, attempt):
+        logger.warning(
+            "ignoring job that is not one of this release's stage jobs",
+            extra={"fields": {"job": name, "stage": stage, "attempt": attempt}},
+        )
+        return None
+    status = obj.get("status") or {}
+    phase, message, since = job_phase(status.get("conditions") or [])
+    end = _ts(status.get("completionTime")) or (since if phase in (SUCCEEDED, FAILED) else None)
+    return JobState(
+        name,
+        stage,
+        attempt,
+        phase,
+        message,
+        _ts(meta.get("creationTimestamp")),
+        _ts(status.get("startTime")),
+        end,
+        bool(meta.get("deletionTimestamp")),
+        meta.get("uid", ""),
+        since,
+    )
+
+
+def describe_pending_pod(pod: dict) -> str:
+    status = pod.get("status") or {}
+    parts = []
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False":
+            parts.append(f"{c.get('reason') or 'Unschedulable'}: {c.get('message') or ''}".strip())
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason"):
+            parts.append(
+                f"container {cs.get('name')}: {waiting['reason']} {waiting.get('message') or ''}".strip()
+            )
+    return "; ".join(parts) or "no scheduling information yet"
