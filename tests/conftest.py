@@ -194,3 +194,35 @@ def warm_model_dir(
     )
     assert result.returncode == 0, result.describe()
     return out
+
+
+@pytest.fixture(scope="session")
+def control_plane(request: pytest.FixtureRequest):
+    """A real Kubernetes control plane on loopback (tests/controlplane), started once per session.
+
+    Binaries are built from the pinned Go modules on first use and cached outside the repository. The
+    processes' logs are kept (path printed) when any test of the session failed.
+    """
+    from tests.controlplane.cluster import ControlPlane
+
+    workdir = Path(tempfile.mkdtemp(prefix="r1-grpo-controlplane-"))
+    cp = ControlPlane(workdir).start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+        if request.session.testsfailed:
+            print(f"\ncontrol plane logs kept in {cp.log_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def k8s_namespace(control_plane, request: pytest.FixtureRequest) -> str:
+    """A fresh namespace per test (tests share the control plane, never each other's objects)."""
+    import hashlib
+
+    digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
+    name = f"t-{digest}-{os.getpid() % 10000}"
+    control_plane.create_namespace(name)
+    return name
