@@ -23,7 +23,7 @@ import torch
 import torch.distributed as td
 
 from trainer.contract import output as contract
-from trainer.r1.data import DataArgs, DataError, load_examples
+from trainer.r1.data import DataArgs, DataError
 from trainer.r1.scoring import evaluate_model, summarize
 from trainer.runtime import (
     ArgsError,
@@ -98,13 +98,7 @@ def run(data_args: DataArgs, args: EvalArgs) -> int:
     model, tokenizer = load_model_and_tokenizer(
         args.model_name_or_path, args, device, dtype=torch.bfloat16 if args.bf16 else None
     )
-    examples, report = load_examples(
-        data_args.dataset_name,
-        data_args.dataset_test_split,
-        config=data_args.dataset_config,
-        skip_bad_rows=data_args.skip_bad_rows,
-        max_samples=data_args.max_eval_samples,
-    )
+    examples, report = data_args.load_eval()
     mine = examples[dist.rank :: dist.world_size]
     result = evaluate_model(
         model,

@@ -38,7 +38,7 @@ import torch.distributed as td
 
 from trainer import checkpoint as ckpt
 from trainer.contract import output as contract
-from trainer.r1.data import DataArgs, DataError, Example, load_examples
+from trainer.r1.data import DataArgs, DataError, Example
 from trainer.r1.format import format_prompt, stop_sequences
 from trainer.r1.rewards import DEFAULT_REWARD_FUNCS, REWARD_FUNCS, accuracy_reward, format_reward, score
 from trainer.r1.scoring import evaluate_model
@@ -252,22 +252,10 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
     ref_model = None
     if args.beta > 0:  # frozen copy of the starting policy for the KL term
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    train_examples, _ = load_examples(
-        data_args.dataset_name,
-        data_args.dataset_train_split,
-        config=data_args.dataset_config,
-        skip_bad_rows=data_args.skip_bad_rows,
-        max_samples=data_args.max_train_samples,
-    )
+    train_examples, _ = data_args.load_train(seed=args.seed)
     eval_examples: list[Example] = []
     if args.evaluation_strategy != "no":
-        eval_examples, _ = load_examples(
-            data_args.dataset_name,
-            data_args.dataset_test_split,
-            config=data_args.dataset_config,
-            skip_bad_rows=data_args.skip_bad_rows,
-            max_samples=data_args.max_eval_samples,
-        )
+        eval_examples, _ = data_args.load_eval()
 
     prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
     rollouts_per_epoch = len(train_examples) // (prompts_per_step * dist.world_size)

@@ -25,7 +25,7 @@ import torch.distributed as td
 
 from trainer import checkpoint as ckpt
 from trainer.contract import output as contract
-from trainer.r1.data import DataArgs, DataError, load_examples
+from trainer.r1.data import DataArgs, DataError
 from trainer.r1.format import format_completion, format_prompt
 from trainer.runtime import (
     PREEMPTED_EXIT_CODE,
@@ -168,23 +168,11 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
     started = time.time()
 
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args, device)
-    train_examples, report = load_examples(
-        data_args.dataset_name,
-        data_args.dataset_train_split,
-        config=data_args.dataset_config,
-        skip_bad_rows=data_args.skip_bad_rows,
-        max_samples=data_args.max_train_samples,
-    )
+    train_examples, report = data_args.load_train(seed=args.seed, require_solutions=True)
     train_rows, truncated = tokenize_examples(train_examples, tokenizer, args.max_seq_length)
     eval_rows: list[TokenizedRow] = []
     if args.evaluation_strategy != "no":
-        eval_examples, _ = load_examples(
-            data_args.dataset_name,
-            data_args.dataset_test_split,
-            config=data_args.dataset_config,
-            skip_bad_rows=data_args.skip_bad_rows,
-            max_samples=data_args.max_eval_samples,
-        )
+        eval_examples, _ = data_args.load_eval(require_solutions=True)
         eval_rows, _ = tokenize_examples(eval_examples, tokenizer, args.max_seq_length)
     logger.info(
         "train rows: %d (skipped %d bad, truncated %d); eval rows: %d",
