@@ -1,4 +1,4 @@
-"""charts/r1-grpo and manifests/, checked with the real helm 3 and helm 4 binaries (tests/helmtool.py).
+"""charts/r1-grpo and manifests/, checked with the real helm 3 and 4 binaries (tests/support/helmtool.py).
 
 Every rendered Kubernetes resource is validated strictly (kubernetes-validate), every PyTorchJob of the
 stages ConfigMap strictly against the kubeflow-training SDK models and, when ../shared has it, the
@@ -25,7 +25,7 @@ import pytest
 import yaml
 from kubeflow.training.api_client import ApiClient
 
-from tests.helmtool import (
+from tests.support.helmtool import (
     CHART_DIR,
     CRD_PATH,
     MANIFESTS_DIR,
@@ -1088,7 +1088,7 @@ def test_checkov_finds_nothing_unjustified(tmp_path: Path) -> None:
 
 def test_manifests_are_in_sync_with_the_chart() -> None:
     problems = manifests_drift()
-    assert not problems, "run `python -m tests.helmtool manifests`:\n" + "\n".join(problems)
+    assert not problems, "run `python -m tests.support.helmtool manifests`:\n" + "\n".join(problems)
 
 
 def test_manifests_are_namespace_agnostic_and_complete() -> None:
@@ -1128,7 +1128,7 @@ def test_manifests_drift_is_detected_and_regenerated(tmp_path: Path) -> None:
     assert manifests_drift(copy_dir) == []
     assert (copy_dir / "README.md").is_file()
     cli = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tests" / "helmtool.py"), "manifests", "--check"],
+        [sys.executable, str(REPO_ROOT / "tests" / "support" / "helmtool.py"), "manifests", "--check"],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,

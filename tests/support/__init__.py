@@ -1,0 +1,1 @@
+"""Test support code, also used by bench/controller.py: an in-memory Kubernetes API server and the helm tool."""
