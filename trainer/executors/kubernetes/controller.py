@@ -114,6 +114,7 @@ from trainer.executors.kubernetes.spec import (
     ConfigError,
     ControllerConfig,
     Pipeline,
+    StageRejected,
     StageSpec,
     job_manifest,
     parse_pipeline,
@@ -286,7 +287,13 @@ class Controller:
         """One pass: observe, decide, act, publish, then wait if there is nothing to do. Returns a result when
         the run is finished."""
         world, resource_version = self.observe()
-        self.validate_jobs(world.pipeline)
+        try:
+            self.validate_jobs(world.pipeline)
+        except StageRejected as e:
+            log("error", "configuration error", stage=e.stage, error=str(e))
+            rejected = Finish(FAILED, str(e), e.stage)
+            self.publish(render_status(world, rejected, self.config), rejected, [])
+            return RunResult(EXIT_CONFIG, str(e))
         action = decide(world, self.config)
         log(
             "info",
@@ -483,14 +490,11 @@ class Controller:
     def _pending_items(self, job: JobState, now: datetime) -> list[PendingItem]:
         timeout = timedelta(seconds=self.config.pending_timeout_seconds)
         items: list[PendingItem] = []
-        if job.phase == SUBMITTED and job.created is not None:
-            message = (
-                f"job {job.name} has no status yet: is the Kubeflow training operator "
-                f"running and watching this namespace?"
-            )
-            if now - job.created >= timeout:  # only worth the API call once overdue
-                message += self._events_report(job)
-            items.append(PendingItem(f"job/{job.name}", job.created, message))
+        pods = self.cluster.list_pods(f"{JOB_NAME_LABEL}={job.name}")
+        if job.phase != "Suspended" and len(pods) < job.replicas:
+            item = self._missing_pods_item(job, len(pods), now)
+            if item is not None:
+                items.append(item)
         if job.phase == "Suspended" and job.phase_since is not None:
             items.append(
                 PendingItem(
@@ -500,11 +504,6 @@ class Controller:
                     + (f": {job.message}" if job.message else ""),
                 )
             )
-        pods = self.cluster.list_pods(f"{JOB_NAME_LABEL}={job.name}")
-        if job.phase not in (SUBMITTED, "Suspended") and len(pods) < job.replicas:
-            item = self._missing_pods_item(job, len(pods))
-            if item is not None:
-                items.append(item)
         for pod in pods:
             meta, status = pod.get("metadata") or {}, pod.get("status") or {}
             if status.get("phase") != "Pending" or _ts(meta.get("creationTimestamp")) is None:
@@ -517,43 +516,51 @@ class Controller:
             items.append(PendingItem(key, since, message))
         return items
 
-    def _missing_pods_item(self, job: JobState, have: int) -> PendingItem | None:
-        """A job with fewer pods than replicas: the operator's pod creates are being refused (quota,
-        PodSecurity, a webhook), and only its FailedCreatePod events say why."""
-        refused = (
-            [
-                e
-                for e in self.cluster.list_events(job.uid)
-                if e.get("reason") in ("FailedCreatePod", "FailedCreate")
-            ]
-            if job.uid
-            else []
-        )
-        refused.sort(
-            key=lambda e: _ts(e.get("lastTimestamp") or e.get("eventTime")) or _ts("1970-01-01T00:00:00Z")
-        )
+    def _missing_pods_item(self, job: JobState, have: int, now: datetime) -> PendingItem | None:
+        """A job with fewer pods than replicas. Before any pod ran (no status yet, or Created) it is
+        missing them since its creation; the reason is in the training operator's FailedCreatePod events
+        (quota, PodSecurity, a webhook, a missing ServiceAccount), the only place it says why: a refused
+        pod create ends its reconcile before it writes any status. A running job misses a pod only
+        briefly, between deleting and recreating it, unless those events say its creates are refused."""
+        timeout = timedelta(seconds=self.config.pending_timeout_seconds)
         what = f"job {job.name} has {have} of {job.replicas} pods"
-        if job.phase == "Created" and job.created is not None:
-            # no pod has ever run: missing since the job was made
+        if job.phase in (SUBMITTED, "Created"):
+            if job.created is None:
+                return None
+            key = f"job/{job.name}"
+            if now - job.created < timeout:  # the events are only worth the API call once overdue
+                return PendingItem(key, job.created, f"{what} (not reported yet)")
+            refused = self._refused_pod_creates(job)
             if refused:
-                last = refused[-1]
+                return PendingItem(key, job.created, f"{what}: {refused}")
+            if job.phase == SUBMITTED:
                 return PendingItem(
-                    f"job/{job.name}/pods",
+                    key,
                     job.created,
-                    f"{what}: {last.get('reason')}: {last.get('message')}",
+                    f"job {job.name} has no status yet: is the Kubeflow training operator running and "
+                    f"watching this namespace?" + self._events_report(job),
                 )
-            return PendingItem(
-                f"job/{job.name}/pods", job.created, f"{what}: the training operator has not created them"
-            )
-        if not refused:
-            return None  # a running job between deleting a pod and creating its replacement
-        last = refused[-1]
+            return PendingItem(key, job.created, f"{what}: the training operator has not created them")
+        refused_events = self._refused_pod_create_events(job)
+        if not refused_events:
+            return None
+        last = refused_events[-1]
         since = max(
             t for t in (job.phase_since, _ts(last.get("firstTimestamp")), job.created) if t is not None
         )
         return PendingItem(
             f"job/{job.name}/pods", since, f"{what}: {last.get('reason')}: {last.get('message')}"
         )
+
+    def _refused_pod_create_events(self, job: JobState) -> list[dict]:
+        if not job.uid:
+            return []
+        events = [e for e in self.cluster.list_events(job.uid) if e.get("reason") == "FailedCreatePod"]
+        return sorted(events, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+
+    def _refused_pod_creates(self, job: JobState) -> str:
+        events = self._refused_pod_create_events(job)
+        return f"{events[-1].get('reason')}: {events[-1].get('message')}" if events else ""
 
     def _events_report(self, job: JobState) -> str:
         warnings = (
@@ -616,9 +623,11 @@ class Controller:
                     f"{spec.job_key}) is rejected by"
                 )
                 if e.status in (400, 422):
-                    raise ConfigError(f"{where} the API server: {api_error_summary(e)}") from e
+                    raise StageRejected(f"{where} the API server: {api_error_summary(e)}", spec.name) from e
                 if denied == DENIED_ADMISSION:
-                    raise ConfigError(f"{where} an admission webhook: {api_error_summary(e)}") from e
+                    raise StageRejected(
+                        f"{where} an admission webhook: {api_error_summary(e)}", spec.name
+                    ) from e
                 if e.status == 404:
                     raise ConfigError(
                         f"{where} the API server: {api_error_summary(e)} - is the Kubeflow training operator "

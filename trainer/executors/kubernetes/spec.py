@@ -47,6 +47,14 @@ class ConfigError(Exception):
     """Input the controller cannot run with; the message names the flag, ConfigMap key or object."""
 
 
+class StageRejected(ConfigError):
+    """A stage's job that the API server or an admission webhook refuses (found by the start-up dry run)."""
+
+    def __init__(self, message: str, stage: str):
+        super().__init__(message)
+        self.stage = stage
+
+
 # --------------------------------------------------------------------------------------------- configuration
 
 

@@ -212,6 +212,10 @@ def render_status(world: World, action: Action, config: ControllerConfig) -> Run
         if action.phase == FAILED and action.stage:
             arec = (status.stage_record(action.stage) or StageRecord("")).attempt_record(action.attempt)
             status.log_tail = arec.log_tail if arec else None
+        if action.phase == FAILED and action.stage and not action.attempt:  # refused before it ever ran
+            rejected = status.stage_record(action.stage)
+            if rejected is not None:
+                rejected.phase, rejected.message = FAILED, _cap(action.message)
     else:
         started = any(world.jobs.values()) or isinstance(action, CreateJob) or any(r.attempt for r in records)
         status.phase = RUNNING if started else PENDING
