@@ -318,6 +318,46 @@ def test_next_attempt_starts_only_after_the_failed_attempts_pods_have_stopped(sc
     assert [a.phase for a in sft.attempts] == ["Failed", "Succeeded"]
 
 
+def test_an_onfailure_trainer_crash_looping_at_its_backoff_limit_is_stopped_before_the_retry(
+    scenario,
+) -> None:
+    """restartPolicy OnFailure (a non-default choice): at backoffLimit the operator fails the job, and with
+    cleanPodPolicy Running it deletes the crash-looping pod, which is still Running. With cleanPodPolicy
+    None (the chart before) that pod stayed and kept restarting the old trainer into the stage's folder."""
+    values = chart_values(sft={"restartPolicy": "OnFailure", "backoffLimit": 1})
+    values["stages"]["grpo"]["enabled"] = values["stages"]["eval"]["enabled"] = False
+    s = scenario(values)
+    s.install()
+    job1 = yaml.safe_load(s.stages_cm["data"]["sft.yaml"])
+    assert job1["spec"]["runPolicy"] == {"backoffLimit": 1, "cleanPodPolicy": "Running"}
+    s.start(retries=1)
+    pod = s.running("r1-sft-1-master-0")
+    s.patch(f"/api/v1/namespaces/{s.ns}/pods/r1-sft-1-master-0", {"metadata": {"finalizers": [HOLD]}})
+    # the kubelet restarted the trainer once: the pod stays Running with restartCount 1
+    (status,) = pod["status"]["containerStatuses"]
+    status["restartCount"] = 1
+    s.patch(
+        f"/api/v1/namespaces/{s.ns}/pods/r1-sft-1-master-0/status",
+        {"status": {"containerStatuses": [status]}},
+    )
+
+    job = s.wait("job r1-sft-1 Failed", lambda: (j := s.job("r1-sft-1")) and job_condition(j, "Failed") and j)
+    failed = next(c for c in job["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["message"] == "Job r1-sft-1 has failed because it has reached the specified backoff limit"
+    s.wait(
+        "the crash-looping pod deleted",
+        lambda: (s.pod("r1-sft-1-master-0") or {}).get("metadata", {}).get("deletionTimestamp"),
+    )
+    s.wait(
+        "the wait reported", lambda: "attempt 2 starts once the pods of attempt 1" in s.stage("sft").message
+    )
+    assert s.jobs() == ["r1-sft-1"]
+    s.patch(f"/api/v1/namespaces/{s.ns}/pods/r1-sft-1-master-0", {"metadata": {"finalizers": None}})
+    s.wait("attempt 2", lambda: s.job("r1-sft-2"))
+    # read while our finalizer still held the pod; kwok serves no logs
+    assert s.stage("sft").attempt_record(1).log_tail.startswith("(no log from pod r1-sft-1-master-0: 500")
+
+
 # ============================================================================================ item 2
 
 
