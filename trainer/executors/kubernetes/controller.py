@@ -529,7 +529,7 @@ class Controller:
                 return None
             key = f"job/{job.name}"
             if now - job.created < timeout:  # the events are only worth the API call once overdue
-                return PendingItem(key, job.created, f"{what} (not reported yet)")
+                return PendingItem(key, job.created, what)
             refused = self._refused_pod_creates(job)
             if refused:
                 return PendingItem(key, job.created, f"{what}: {refused}")
