@@ -325,6 +325,7 @@ spec:
 {{- $v := .root.Values -}}
 {{- $stage := index $v.stages .stage -}}
 {{- $nodes := int ($stage.nodes | default 1) -}}
+{{- $restart := $stage.restartPolicy | default "Never" -}}
 apiVersion: kubeflow.org/v1
 kind: PyTorchJob
 metadata:
@@ -342,9 +343,14 @@ metadata:
 spec:
   nprocPerNode: {{ include "r1-grpo.nprocPerNode" . | quote }}
   runPolicy:
+    {{- if ne $restart "Never" }}
+    # In-place restarts before the job fails (restartPolicy Never has none; the controller retries stages).
     backoffLimit: {{ $stage.backoffLimit | default 0 | int }}
-    # Keep finished pods so their logs stay readable (the controller reads a failed pod's log).
-    cleanPodPolicy: None
+    {{- end }}
+    # When the job has finished: delete the pods still running (a Worker, a crash-looping OnFailure pod),
+    # so no old trainer writes on into the stage's folder once the controller starts the next attempt,
+    # and keep the failed ones, whose logs the controller reads (values.yaml: stages).
+    cleanPodPolicy: Running
     {{- if $v.volcano.enabled }}
     schedulingPolicy:
       # Gang scheduling: start the stage only when all its pods can run.
@@ -356,13 +362,13 @@ spec:
   pytorchReplicaSpecs:
     Master:
       replicas: 1
-      restartPolicy: {{ $stage.restartPolicy | default "OnFailure" }}
+      restartPolicy: {{ $restart }}
       template:
         {{- include "r1-grpo.trainingPodTemplate" . | nindent 8 }}
     {{- if gt $nodes 1 }}
     Worker:
       replicas: {{ sub $nodes 1 }}
-      restartPolicy: {{ $stage.restartPolicy | default "OnFailure" }}
+      restartPolicy: {{ $restart }}
       template:
         {{- include "r1-grpo.trainingPodTemplate" . | nindent 8 }}
     {{- end }}
