@@ -134,6 +134,34 @@ order), `--key value`, lists as repeated values: the same list trainer.contract.
 {{- toJson $out -}}
 {{- end -}}
 
+{{/* Seconds between SIGTERM and SIGKILL of a stage's pods: the stage's own value when set, else the global one. */}}
+{{- define "r1-grpo.gracePeriod" -}}
+{{- $stage := index .root.Values.stages .stage -}}
+{{- if not (kindIs "invalid" $stage.terminationGracePeriodSeconds) -}}
+{{- int $stage.terminationGracePeriodSeconds -}}
+{{- else if not (kindIs "invalid" .root.Values.terminationGracePeriodSeconds) -}}
+{{- int .root.Values.terminationGracePeriodSeconds -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The training container's securityContext: containerSecurityContext, plus capabilities.add [IPC_LOCK] when
+ipcLock is set (drop ALL stays).
+*/}}
+{{- define "r1-grpo.trainingSecurityContext" -}}
+{{- $ctx := deepCopy .Values.containerSecurityContext -}}
+{{- if .Values.ipcLock -}}
+{{- $caps := $ctx.capabilities | default dict -}}
+{{- $add := $caps.add | default list -}}
+{{- if not (has "IPC_LOCK" $add) -}}
+{{- $add = append $add "IPC_LOCK" -}}
+{{- end -}}
+{{- $_ := set $caps "add" $add -}}
+{{- $_ := set $ctx "capabilities" $caps -}}
+{{- end -}}
+{{- toYaml $ctx -}}
+{{- end -}}
+
 {{/* Environment of a training container (global NCCL/torch defaults, caches, wandb, hub token, stage env). */}}
 {{- define "r1-grpo.trainingEnv" -}}
 {{- $v := .root.Values -}}
@@ -190,6 +218,11 @@ order), `--key value`, lists as repeated values: the same list trainer.contract.
 {{- $stage := index $v.stages .stage -}}
 {{- $res := $stage.resources | default dict -}}
 {{- $gpu := int ($res.gpu | default 0) -}}
+{{- $extra := $res.extra | default dict -}}
+{{- if hasKey $extra $v.gpuResourceName -}}
+{{- fail (printf "stages.%s.resources.extra: %s is requested by stages.%s.resources.gpu, not here" .stage $v.gpuResourceName .stage) -}}
+{{- end -}}
+{{- $grace := include "r1-grpo.gracePeriod" . -}}
 {{- $placement := include "r1-grpo.placement" . | fromJson -}}
 {{- $module := get (include "r1-grpo.stageModules" . | fromJson) .stage -}}
 metadata:
@@ -210,6 +243,9 @@ spec:
   # Training never calls the Kubernetes API.
   automountServiceAccountToken: false
   enableServiceLinks: false
+  {{- with $grace }}
+  terminationGracePeriodSeconds: {{ . }}
+  {{- end }}
   securityContext:
     {{- toYaml $v.podSecurityContext | nindent 4 }}
   {{- with $v.image.pullSecrets }}
@@ -274,6 +310,9 @@ spec:
           {{- if gt $gpu 0 }}
           {{ $v.gpuResourceName }}: {{ $gpu | quote }}
           {{- end }}
+          {{- range $name, $count := $extra }}
+          {{ $name }}: {{ include "r1-grpo.cliValue" $count | quote }}
+          {{- end }}
         limits:
           cpu: {{ $res.cpu | default "4" | quote }}
           memory: {{ $res.memory | default "16Gi" | quote }}
@@ -283,8 +322,11 @@ spec:
           {{- if gt $gpu 0 }}
           {{ $v.gpuResourceName }}: {{ $gpu | quote }}
           {{- end }}
+          {{- range $name, $count := $extra }}
+          {{ $name }}: {{ include "r1-grpo.cliValue" $count | quote }}
+          {{- end }}
       securityContext:
-        {{- toYaml $v.containerSecurityContext | nindent 8 }}
+        {{- include "r1-grpo.trainingSecurityContext" .root | nindent 8 }}
       volumeMounts:
         - name: checkpoints
           mountPath: {{ $v.storage.mountPath }}
@@ -357,6 +399,10 @@ spec:
       minAvailable: {{ $nodes }}
       {{- with $v.volcano.queue }}
       queue: {{ . }}
+      {{- end }}
+      {{- with (include "r1-grpo.placement" . | fromJson).priorityClassName }}
+      # The PodGroup's priority (Volcano orders and preempts gangs by it, not by the pods' priority).
+      priorityClass: {{ . }}
       {{- end }}
     {{- end }}
   pytorchReplicaSpecs:
