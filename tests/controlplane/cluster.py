@@ -32,6 +32,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -211,6 +212,10 @@ class ControlPlane:
         self.kubeconfig_path = self.workdir / "kubeconfig"
         self.audit_log_path = self.log_dir / "audit.log"
         self.pod_log_dir = self.workdir / "pod-logs"
+        self._audit: list[dict] = []
+        self._audit_markers: set[str] = set()
+        self._audit_offset = 0
+        self._audit_lock = threading.Lock()
         self.with_operator = operator
         self.with_kwok = kwok
         self.stop_timeout = stop_timeout
@@ -308,6 +313,8 @@ class ControlPlane:
                 f"--root-ca-file={p / 'ca.crt'}",
                 "--use-service-account-credentials",
                 "--controllers=*",
+                # A claim made before its pre-bound volume waits for this resync (default 15 s) to bind.
+                "--pvclaimbinder-sync-period=2s",
             ],
         )
         sched_port = free_port()
@@ -697,7 +704,8 @@ class ControlPlane:
     ) -> dict:
         """A hostPath PersistentVolume; storage_class "" matches the chart's `storage.storageClass: "-"`.
 
-        claim=(namespace, name) pre-binds it to that PVC. kwok runs no containers, so nothing is mounted:
+        claim=(namespace, name) pre-binds it to that PVC; made before the claim, it binds at once (a claim
+        made first waits for the binder's next resync). kwok runs no containers, so nothing is mounted:
         the path only matters to code that reads it from the test process.
         """
         spec: dict[str, Any] = {
@@ -773,36 +781,42 @@ class ControlPlane:
 
         A marker request is sent first and waited for, so every request answered before this call is in.
         """
-        marker = secrets.token_hex(8)
-        self._get_raw(f"{AUDIT_SYNC_PATH}?audit-sync={marker}")
+        marker = f"audit-sync={secrets.token_hex(8)}"
+        self._get_raw(f"{AUDIT_SYNC_PATH}?{marker}")
         deadline = time.monotonic() + 10
-        while True:
-            events = []
-            synced = False
-            text = self.audit_log_path.read_text(errors="replace") if self.audit_log_path.exists() else ""
-            for line in text.splitlines():
-                try:
-                    ev = json.loads(line)
-                except ValueError:  # a line being written
-                    continue
-                if ev.get("requestURI", "").startswith(AUDIT_SYNC_PATH):
-                    synced = synced or f"audit-sync={marker}" in ev["requestURI"]
-                    continue
-                if stage is not None and ev.get("stage") != stage:
-                    continue
-                ref = ev.get("objectRef") or {}
-                if user is not None and (ev.get("user") or {}).get("username") != user:
-                    continue
-                if namespace is not None and ref.get("namespace") != namespace:
-                    continue
-                if user_agent is not None and not str(ev.get("userAgent", "")).startswith(user_agent):
-                    continue
-                events.append(ev)
-            if synced:
-                return sorted(events, key=lambda e: (e["requestReceivedTimestamp"], e["stageTimestamp"]))
+        while not self._read_audit_log(marker):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the audit log {self.audit_log_path} never showed marker {marker}")
             time.sleep(0.02)
+        events = []
+        for ev in self._audit:
+            ref = ev.get("objectRef") or {}
+            if (
+                (stage is None or ev.get("stage") == stage)
+                and (user is None or (ev.get("user") or {}).get("username") == user)
+                and (namespace is None or ref.get("namespace") == namespace)
+                and (user_agent is None or str(ev.get("userAgent", "")).startswith(user_agent))
+            ):
+                events.append(ev)
+        return sorted(events, key=lambda e: (e["requestReceivedTimestamp"], e["stageTimestamp"]))
+
+    def _read_audit_log(self, marker: str) -> bool:
+        """Parses the lines added since the last call (complete lines only); True once `marker` was seen."""
+        with self._audit_lock:
+            if self.audit_log_path.exists():
+                with open(self.audit_log_path, "rb") as f:
+                    f.seek(self._audit_offset)
+                    data = f.read()
+                complete = data[: data.rfind(b"\n") + 1]
+                self._audit_offset += len(complete)
+                for line in complete.splitlines():
+                    ev = json.loads(line)
+                    uri = ev.get("requestURI", "")
+                    if uri.startswith(AUDIT_SYNC_PATH):
+                        self._audit_markers.add(uri.partition("?")[2])
+                    else:
+                        self._audit.append(ev)
+            return marker in self._audit_markers
 
     # -- the kubelet's part, for fake nodes ---------------------------------------------------------------
 
