@@ -217,9 +217,13 @@ def one_run(launcher, cp, root: Path, run: int, weights_mb: float, keep: int) ->
             out.mkdir(parents=True, exist_ok=True)
             if stage != "eval":
                 for step in range(10, 10 * CHECKPOINTS + 1, 10):
-                    (out / f"checkpoint-{step}" / "model").mkdir(parents=True)
-                    (out / f"checkpoint-{step}" / "model" / "model.safetensors").write_bytes(os.urandom(256))
-                    (out / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+                    tmp = (
+                        out / f".tmp-checkpoint-{step}"
+                    )  # complete before it gets its name, as the trainer's
+                    (tmp / "model").mkdir(parents=True)
+                    (tmp / "model" / "model.safetensors").write_bytes(os.urandom(256))
+                    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+                    tmp.rename(out / f"checkpoint-{step}")
                 (out / "model.safetensors").write_bytes(os.urandom(int(weights_mb * (1 << 20))))
                 (out / "config.json").write_text("{}")
             else:
@@ -240,20 +244,23 @@ def one_run(launcher, cp, root: Path, run: int, weights_mb: float, keep: int) ->
     def first(pred) -> float:
         return next(t for t, *rest in seen if pred(*rest))
 
+    # the controller's job creates, in stage order (one each: a bench run has no retries)
+    creates = [t for t, m, p in counter.log if m == "POST" and p.endswith("/pytorchjobs")]
+    assert len(creates) == len(STAGES), creates
     rows = []
     for i, stage in enumerate(STAGES):
         job = f"{RELEASE}-{stage}-1"
         succeeded = first(lambda typ, name, conds, job=job: name == job and "Succeeded" in conds)
-        created = first(lambda typ, name, conds, job=job: name == job)
         if i + 1 < len(STAGES):
             nxt = f"{RELEASE}-{STAGES[i + 1]}-1"
             end = first(lambda typ, name, conds, nxt=nxt: name == nxt)
+            sent = creates[i + 1]  # the request, sent before the watch shows the job
             label = f"{stage} -> {STAGES[i + 1]}"
         else:
-            end = next(t for t, method, path in counter.log if t > succeeded and method == "PATCH")
+            end = sent = next(t for t, method, path in counter.log if t > succeeded and method == "PATCH")
             label = f"{stage} -> run Succeeded"
-        hand_off = Counter(_kind(m, p) for t, m, p in counter.log if exited[job] <= t <= end)
-        whole = sum(1 for t, *_ in counter.log if created <= t <= end)
+        hand_off = Counter(_kind(m, p) for t, m, p in counter.log if exited[job] <= t <= sent)
+        whole = sum(1 for t, *_ in counter.log if creates[i] <= t <= sent)
         rows.append((label, end - succeeded, succeeded - exited[job], hand_off, whole))
     return rows
 

@@ -211,9 +211,12 @@ def control_plane(request: pytest.FixtureRequest):
 
     try:
         ensure_binaries()
+        build_error = None
     except subprocess.CalledProcessError as e:
+        build_error = e.returncode
+    if build_error is not None:
         pytest.fail(
-            f"the test control plane could not be built (tests/controlplane/build.sh exited {e.returncode}; "
+            f"the test control plane could not be built (tests/controlplane/build.sh exited {build_error}; "
             "its message is above): it needs Go >= 1.26 and the Go module proxy the first time. Set "
             "R1_GRPO_SKIP_CLUSTER=1 to skip the tests that need it.",
             pytrace=False,

@@ -585,7 +585,7 @@ def assert_same_run(c: StageCluster, reference: dict, what: object) -> None:
 # the run), the rest with `r1-grpo controller` processes killed by SIGKILL at random moments.
 KILL_TEST_RUNS = 20
 WRITE_BUDGETS = (1, 2, 3)
-KILLS_PER_RANDOM_RUN = 2
+KILLS_PER_RANDOM_RUN = 1
 KILL_WITHIN_SECONDS = 2.5  # after the process's first request reached the server (the run takes ~2 s)
 
 
@@ -775,7 +775,9 @@ def pending_pod_reported(make) -> None:
     # nothing changes on the job after its pod goes Pending: the report comes from the timeout alone
     wait_for(lambda: "pending for more than" in c.stage_message("sft"), what="the pending report")
     message = c.stage("sft")["message"]
+    # the scheduler's own words ("0/N nodes are available: pod has unbound immediate PersistentVolumeClaims")
     assert message.startswith("pending for more than 1 s: pod r1-sft-1-master-0: Unschedulable: 0/"), message
+    assert "unbound immediate PersistentVolumeClaims" in message
     assert "PersistentVolumeClaim r1-checkpoints is Pending" in message
     for i in range(3):  # more passes must not report the same pod again
         c.cp.request(
@@ -789,6 +791,17 @@ def pending_pod_reported(make) -> None:
     pending_events = [e for e in c.events() if e["reason"] == "PendingTooLong"]
     assert len(pending_events) == 1 and pending_events[0]["type"] == "Warning"
     assert c.status()["phase"] == "Running"  # reported, not failed: capacity may still come
+
+    # with the claim bound, the scheduler names the missing GPUs
+    c = make(scripts={("sft", 1): "pending"}, stages=("sft",), gpus=16)
+    controller = c.controller(pending_timeout_seconds=1.0)
+    thread, out = c.run_in_thread(controller)
+    wait_for(lambda: "pending for more than" in c.stage_message("sft"), what="the pending report")
+    message = c.stage("sft")["message"]
+    assert "Unschedulable: 0/" in message and "Insufficient nvidia.com/gpu" in message, message
+    assert "PersistentVolumeClaim" not in message
+    controller.stop()
+    thread.join(30)
 
 
 @scenario

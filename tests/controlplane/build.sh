@@ -7,7 +7,7 @@
 #   R1_GRPO_CONTROLPLANE_CACHE=/x build.sh  # cache root (default ~/.cache/r1-grpo/controlplane)
 #
 # Layout of the printed dir: bin/<binary>, manifests/ (the PyTorchJob CRD and webhook manifests of the
-# operator, kwok's default stages), versions.txt; cluster.py adds operator-webhook-pki/ there. Progress
+# operator, kwok's default stages and its Logs CRD), versions.txt; cluster.py adds operator-webhook-pki/ there. Progress
 # and timings go to stderr. Needs only go (>= 1.26, or GOTOOLCHAIN=auto) and the module proxy.
 set -euo pipefail
 
