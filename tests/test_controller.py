@@ -71,7 +71,7 @@ CONTRACT_ROLE = frozenset(
         ("", "persistentvolumeclaims", "get"),
     }
 )
-GPU_NODES = ("ctl-gpu-0", "ctl-gpu-1")
+GPU_NODES = ("controller-gpu-0", "controller-gpu-1")
 
 _namespaces = itertools.count()
 
@@ -189,7 +189,7 @@ class StageCluster:
     ):
         self.cp = cp
         self.release = release
-        self.ns = f"ctl-{os.getpid() % 100000}-{next(_namespaces)}"
+        self.ns = f"controller-{os.getpid() % 100000}-{next(_namespaces)}"
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.volume = root / "volume"
@@ -769,7 +769,7 @@ def job_deleted_by_hand(make) -> None:
 @scenario
 def pending_pod_reported(make) -> None:
     # the claim has no volume and the pod asks for more GPUs than a node has: the scheduler cannot place it
-    c = make(scripts={("sft", 1): "pending"}, pvc_phase="Pending", gpus=16)
+    c = make(scripts={("sft", 1): "pending"}, pvc_phase="Pending", gpus=64)
     controller = c.controller(pending_timeout_seconds=1.0)
     thread, out = c.run_in_thread(controller)
     # nothing changes on the job after its pod goes Pending: the report comes from the timeout alone
@@ -793,7 +793,7 @@ def pending_pod_reported(make) -> None:
     assert c.status()["phase"] == "Running"  # reported, not failed: capacity may still come
 
     # with the claim bound, the scheduler names the missing GPUs
-    c = make(scripts={("sft", 1): "pending"}, stages=("sft",), gpus=16)
+    c = make(scripts={("sft", 1): "pending"}, stages=("sft",), gpus=64)
     controller = c.controller(pending_timeout_seconds=1.0)
     thread, out = c.run_in_thread(controller)
     wait_for(lambda: "pending for more than" in c.stage_message("sft"), what="the pending report")
