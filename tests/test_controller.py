@@ -1,41 +1,54 @@
-"""The stage controller against a fake API server, through the real `kubernetes` client over HTTP.
+"""The stage controller on a real control plane (tests/controlplane: kube-apiserver, etcd, controller
+manager, scheduler, kwok nodes and the Kubeflow training operator v1.9.4).
 
-A fake training operator (tests/support/fake_apiserver.py) reacts to the PyTorchJobs the controller creates: it
-moves their conditions along and writes real stage outputs (checkpoints, weights, `r1_stage.json`) into a
-temporary folder that plays the checkpoint volume. Nothing in the controller or the client is patched; the controller is
-"killed" by dropping it (and its client) and starting a fresh one.
+Each scenario gets its own namespace with what `helm install` would have made there: the stages ConfigMap,
+the checkpoint claim bound to a hostPath PersistentVolume (a temporary folder, which the controller reads
+as its mounted volume), and the controller's ServiceAccount bound to a Role with exactly the contract's
+rules; the controller runs in this process (or as `r1-grpo controller`) with that account's token, so the
+real RBAC authorizes every call. The real operator creates the stage jobs' pods and kwok starts them;
+tests/support/kubelet.py plays the trainer in them (checkpoints, stage output, the pod's log and exit code).
+Nothing in the controller or the client is patched; the controller is "killed" by dropping it (and its
+client), or with SIGKILL, and starting a fresh one. What the controller sent is read from the apiserver's
+audit log.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import yaml
-from kubernetes import client
+from kubernetes.client.rest import ApiException
 
-from tests.support.fake_apiserver import FakeApiServer, FakeTrainingOperator, stages_configmap
+from tests.controlplane.cluster import ApiError
+from tests.support.kubelet import NOT_FOR_THIS_OPERATOR, OOM_LINE, SimulatedTrainer, stages_configmap
 from trainer.contract.output import complete_checkpoints, verify_stage_output
 from trainer.executors.kubernetes.cli import status_main
-from trainer.executors.kubernetes.cluster import USER_AGENT, Cluster
+from trainer.executors.kubernetes.cluster import Cluster, JobList, WatchExpired, load_api_client
 from trainer.executors.kubernetes.controller import Controller, RunResult
 from trainer.executors.kubernetes.decide import CreateJob, Finish, ReportPending, Wait, decide
 from trainer.executors.kubernetes.spec import (
+    COMPONENT,
     EXIT_CONFIG,
     EXIT_FAILED,
+    EXIT_FORBIDDEN,
     EXIT_SIGTERM,
     EXIT_SUCCEEDED,
     ControllerConfig,
+    job_manifest,
     parse_pipeline,
 )
 from trainer.executors.kubernetes.status import AttemptRecord, RunStatus, StageRecord
@@ -43,10 +56,11 @@ from trainer.executors.kubernetes.world import JobState, PendingItem, World
 
 REPO = Path(__file__).resolve().parent.parent
 RELEASE = "r1"
-NS = "team"
-JOBS = ("kubeflow.org", "v1")
+NS = "team"  # for the decide() unit tests, which need no cluster
+JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
+CONTROLLER_ACCOUNT = "r1-grpo-controller"
 # The controller's Role from docs/contract.md, as (api group, resource, verb).
-CONTRACT_ROLE = (
+CONTRACT_ROLE = frozenset(
     {("kubeflow.org", "pytorchjobs", v) for v in ("get", "list", "watch", "create")}
     | {("", "configmaps", v) for v in ("get", "create", "patch")}
     | {
@@ -58,47 +72,200 @@ CONTRACT_ROLE = (
         ("", "persistentvolumeclaims", "get"),
     }
 )
+GPU_NODES = ("controller-gpu-0", "controller-gpu-1")
+
+_namespaces = itertools.count()
 
 
-class FakeCluster:
-    """One scenario's cluster: API server, checkpoint volume (a temp folder), training operator."""
+@pytest.fixture(scope="module")
+def cp(control_plane):
+    """The session's control plane with this module's GPU nodes (8 nvidia.com/gpu each, tainted)."""
+    for name in GPU_NODES:
+        try:
+            control_plane.create_gpu_node(name)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+    return control_plane
+
+
+def role_rules(rules: frozenset[tuple[str, str, str]]) -> list[dict]:
+    by_resource: dict[tuple[str, str], list[str]] = {}
+    for group, resource, verb in sorted(rules):
+        by_resource.setdefault((group, resource), []).append(verb)
+    return [{"apiGroups": [g], "resources": [r], "verbs": v} for (g, r), v in by_resource.items()]
+
+
+class RecordingCluster(Cluster):
+    """The controller's Cluster with test hooks around three calls (the requests themselves are unchanged).
+
+    `before_create` callbacks run before a job create is sent; `calls` records the resourceVersion of each
+    list and watch; `expire_next_watch` makes the next watch start from resourceVersion 1, which is older
+    than anything the apiserver's watch cache holds, as a version the controller kept too long would be:
+    the real server answers 410 Expired.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.before_create: list[Callable[[dict], None]] = []
+        self.calls: list[tuple[str, str]] = []
+        self.expire_next_watch = threading.Event()
+
+    def list_jobs(self, label_selector: str) -> JobList:
+        out = super().list_jobs(label_selector)
+        self.calls.append(("list", out.resource_version))
+        return out
+
+    def create_job(self, body: dict):
+        for hook in self.before_create:
+            hook(body)
+        return super().create_job(body)
+
+    def watch_jobs(self, label_selector: str, resource_version: str, timeout_seconds: int) -> Iterator[dict]:
+        if self.expire_next_watch.is_set():
+            self.expire_next_watch.clear()
+            resource_version = "1"
+        self.calls.append(("watch", resource_version))
+        try:
+            yield from super().watch_jobs(label_selector, resource_version, timeout_seconds)
+        except WatchExpired:
+            self.calls.append(("expired", resource_version))
+            raise
+
+
+class WireFaults:
+    """Errors between the controller's client and the real API server, injected in the client.
+
+    The real server cannot be made to answer a chosen request with 503 or 429, or to lose the answer to a
+    create it carried out; a proxy would have to, and this is that proxy, inside the client: a rule either
+    answers instead of the server (`after_sending=False`) or sends the request and then replaces the
+    server's answer with the error (`after_sending=True`).
+    """
+
+    def __init__(self, api):
+        self.rules: list[list] = []  # [method, path fragment, code, after_sending, remaining]
+        self.injected: list[tuple[str, str, int]] = []
+        real = api.rest_client.request
+
+        def request(method, url, *args, **kwargs):
+            rule = next(
+                (r for r in self.rules if r[4] > 0 and r[0] == method and url.split("?")[0].endswith(r[1])),
+                None,
+            )
+            if rule is None:
+                return real(method, url, *args, **kwargs)
+            rule[4] -= 1
+            if rule[3]:
+                real(method, url, *args, **kwargs)
+            self.injected.append((method, url, rule[2]))
+            err = ApiException(status=rule[2], reason="injected on the wire")
+            err.body = json.dumps(
+                {"kind": "Status", "status": "Failure", "code": rule[2], "message": "injected on the wire"}
+            )
+            raise err
+
+        api.rest_client.request = request
+
+    def fail_next(self, method: str, path: str, code: int, count: int = 1, after_sending: bool = False):
+        self.rules.append([method, path, code, after_sending, count])
+
+
+class StageCluster:
+    """One scenario's namespace on the real control plane, set up as `helm install` would leave it."""
 
     def __init__(
         self,
+        cp,
         root: Path,
         scripts: dict | None = None,
         stages: tuple[str, ...] = ("sft", "grpo", "eval"),
-        configmap: dict | None = None,
+        configmap: dict | Callable[[str], dict] | None = None,
         pvc_phase: str = "Bound",
         operator: bool = True,
+        trainer: bool = True,
         checkpoints_per_attempt: int = 4,
         release: str = RELEASE,
+        role: frozenset = CONTRACT_ROLE,
+        **job_options,
     ):
+        self.cp = cp
         self.release = release
-        self.server = FakeApiServer().start()
+        self.ns = f"controller-{os.getpid() % 100000}-{next(_namespaces)}"
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.volume = root / "volume"
-        self.volume.mkdir(parents=True)
-        # what `helm install` would have created
-        self.stages_cm = self.server.create("configmaps", configmap or stages_configmap(release, stages), NS)
-        self.server.create(
-            "persistentvolumeclaims",
-            {"metadata": {"name": f"{release}-checkpoints"}, "status": {"phase": pvc_phase}},
-            NS,
+        self.volume.mkdir()
+        cp.create_namespace(self.ns)
+        if not operator:
+            job_options["managed_by"] = NOT_FOR_THIS_OPERATOR
+        if callable(configmap):
+            configmap = configmap(self.ns)
+        cm = configmap or stages_configmap(release, stages, **job_options)
+        self.stages_cm = self.post("/api/v1/namespaces/{ns}/configmaps", cm)
+        claim = f"{release}-checkpoints"
+        self.pv = None
+        if pvc_phase == "Bound":
+            self.pv = f"{self.ns}-checkpoints"
+            cp.create_hostpath_pv(self.pv, self.volume, claim=(self.ns, claim))
+        self.post(
+            "/api/v1/namespaces/{ns}/persistentvolumeclaims",
+            {
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "",
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
         )
-        self.operator = FakeTrainingOperator(
-            self.server,
-            NS,
-            str(self.volume),
-            scripts=scripts,
-            checkpoints_per_attempt=checkpoints_per_attempt,
+        if self.pv:
+            cp.wait_for(
+                f"PVC {self.ns}/{claim} bound",
+                lambda: (
+                    self.get(f"/api/v1/namespaces/{{ns}}/persistentvolumeclaims/{claim}")["status"].get(
+                        "phase"
+                    )
+                    == "Bound"
+                ),
+            )
+        # the controller's identity: its ServiceAccount, bound to `role`
+        self.post("/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": CONTROLLER_ACCOUNT}})
+        rbac = "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}"
+        self.post(f"{rbac}/roles", {"metadata": {"name": CONTROLLER_ACCOUNT}, "rules": role_rules(role)})
+        self.post(
+            f"{rbac}/rolebindings",
+            {
+                "metadata": {"name": CONTROLLER_ACCOUNT},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Role",
+                    "name": CONTROLLER_ACCOUNT,
+                },
+                "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER_ACCOUNT, "namespace": self.ns}],
+            },
         )
-        if operator:
-            self.operator.start()
+        self.user = f"system:serviceaccount:{self.ns}:{CONTROLLER_ACCOUNT}"
+        token = cp.service_account_token(self.ns, CONTROLLER_ACCOUNT)
+        self.kubeconfig = cp.write_token_kubeconfig(root / "kubeconfig", token, self.ns)
+        self.trainer = SimulatedTrainer(
+            cp, self.ns, self.volume, scripts=scripts, checkpoints_per_attempt=checkpoints_per_attempt
+        )
+        if trainer:
+            self.trainer.start()
+        self.clusters: list[RecordingCluster] = []
 
+    # -- admin access (kubectl's part)
+    def get(self, path: str) -> dict:
+        return self.cp.request("GET", path.format(ns=self.ns))
+
+    def post(self, path: str, body: dict) -> dict:
+        return self.cp.request("POST", path.format(ns=self.ns), body)
+
+    # -- the controller
     def config(self, **overrides) -> ControllerConfig:
         base = dict(
             release=self.release,
-            namespace=NS,
+            namespace=self.ns,
             stages_configmap=f"{self.release}-stages",
             status_configmap=f"{self.release}-status",
             retries=2,
@@ -111,16 +278,16 @@ class FakeCluster:
         base.update(overrides)
         return ControllerConfig(**base)
 
-    def api(self, user_agent: str = USER_AGENT) -> client.ApiClient:
-        api = client.ApiClient(client.Configuration(host=self.server.url))
-        api.user_agent = user_agent
-        return api
+    def api(self):
+        return load_api_client(str(self.kubeconfig))
 
-    def controller(self, max_writes: int | None = None, **overrides) -> Controller:
+    def controller(self, max_writes: int | None = None, api=None, **overrides) -> Controller:
         # a fresh client and controller each time: nothing carries over except what is in the cluster
-        return Controller(Cluster(self.api(), NS), self.config(**overrides), max_writes=max_writes)
+        cluster = RecordingCluster(api or self.api(), self.ns)
+        self.clusters.append(cluster)
+        return Controller(cluster, self.config(**overrides), max_writes=max_writes)
 
-    def run(self, controller: Controller | None = None, timeout: float = 30.0, **overrides) -> RunResult:
+    def run(self, controller: Controller | None = None, timeout: float = 120.0, **overrides) -> RunResult:
         controller = controller or self.controller(**overrides)
         timer = threading.Timer(timeout, controller.stop)
         timer.start()
@@ -128,7 +295,7 @@ class FakeCluster:
             result = controller.run()
         finally:
             timer.cancel()
-        assert not self.operator.errors, self.operator.errors
+        assert not self.trainer.errors, self.trainer.errors
         if not result.budget_spent:
             assert result.exit_code != EXIT_SIGTERM, f"the controller did not finish within {timeout}s"
         return result
@@ -139,8 +306,44 @@ class FakeCluster:
         t.start()
         return t, out
 
+    def spawn(self, *extra: str) -> subprocess.Popen:
+        """`r1-grpo controller` as a process, with the controller account's kubeconfig."""
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trainer",
+                "controller",
+                "--release",
+                self.release,
+                "--namespace",
+                self.ns,
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--mount-path",
+                str(self.volume),
+                *extra,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    # -- what the cluster says
+    def status_cm(self) -> dict | None:
+        try:
+            return self.get(f"/api/v1/namespaces/{{ns}}/configmaps/{self.release}-status")
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
     def status(self) -> dict:
-        cm = self.server.get("configmaps", f"{self.release}-status", NS)
+        cm = self.status_cm()
         assert cm is not None, "no status ConfigMap"
         return json.loads(cm["data"]["status.json"])
 
@@ -149,33 +352,56 @@ class FakeCluster:
 
     def stage_message(self, name: str) -> str:
         """The stage's status message, or "" while there is no status yet (for polling)."""
-        if self.server.get("configmaps", f"{self.release}-status", NS) is None:
+        if self.status_cm() is None:
             return ""
         return next((s["message"] for s in self.status()["stages"] if s["name"] == name), "")
 
+    def job(self, name: str) -> dict | None:
+        try:
+            return self.get(f"{JOBS}/{name}")
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def job_phase(self, name: str) -> list[str]:
+        conditions = ((self.job(name) or {}).get("status") or {}).get("conditions") or []
+        return [c["type"] for c in conditions if c["status"] == "True"]
+
+    def events(self) -> list[dict]:
+        """The controller's Events (the operator and the scheduler record theirs in the namespace too)."""
+        items = self.get("/api/v1/namespaces/{ns}/events")["items"]
+        return [e for e in items if e.get("reportingComponent") == COMPONENT]
+
+    def requests(self, stage: str = "ResponseComplete") -> list[dict]:
+        """The controller's requests as the apiserver's audit log recorded them, oldest first."""
+        return self.cp.audit_events(user=self.user, namespace=self.ns, stage=stage)
+
     def created(self, code: int = 201) -> list[str]:
-        """Names of the PyTorchJobs the controller POSTed and got `code` for, in order."""
+        """Names of the PyTorchJobs the controller created and the server answered `code` for, in order."""
         return [
-            r.name
-            for r in self.server.recorded(USER_AGENT)
-            if r.verb == "create"
-            and r.resource == "pytorchjobs"
-            and r.code == code
-            and r.query.get("dryRun") != "All"  # the start-up dry runs create nothing
+            e["objectRef"].get("name")
+            for e in self.requests()
+            if e["verb"] == "create"
+            and e["objectRef"].get("resource") == "pytorchjobs"
+            and "dryRun" not in e["requestURI"]
+            and e["responseStatus"]["code"] == code
         ]
 
     def writes(self) -> list[tuple[str, str, str | None]]:
         return [
-            (r.verb, r.resource, r.name)
-            for r in self.server.recorded(USER_AGENT)
-            if r.verb not in ("get", "list", "watch") and r.query.get("dryRun") != "All"
+            (e["verb"], e["objectRef"].get("resource"), e["objectRef"].get("name"))
+            for e in self.requests()
+            if e["verb"] not in ("get", "list", "watch") and "dryRun" not in e["requestURI"]
         ]
 
-    def events(self) -> list[dict]:
-        return self.server.list("events", NS)
-
-    def job(self, name: str) -> dict | None:
-        return self.server.get("pytorchjobs", name, NS, *JOBS)
+    def verbs_used(self) -> set[tuple[str, str, str]]:
+        out = set()
+        for e in self.requests():
+            ref = e["objectRef"]
+            resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+            out.add((ref.get("apiGroup", ""), resource, e["verb"]))
+        return out
 
     def local(self, stage: str) -> Path:
         return self.volume / self.release / stage
@@ -184,60 +410,75 @@ class FakeCluster:
         return [step for step, _ in complete_checkpoints(self.local(stage))]
 
     def close(self) -> None:
-        self.operator.stop()
-        self.server.stop()
+        self.trainer.stop()
+        self.cp.delete_namespace(self.ns)
+        if self.pv:
+            with contextlib.suppress(ApiError):
+                self.cp.request("DELETE", f"/api/v1/persistentvolumes/{self.pv}")
 
 
 # (api group, resource, verb) the controller used, per scenario; the Role tests at the end compare the union.
 VERBS_USED: dict[str, set[tuple[str, str, str]]] = {}
-SCENARIOS: dict[str, Callable[[Callable[..., FakeCluster]], None]] = {}
+SCENARIOS: dict[str, Callable[[Callable[..., StageCluster]], None]] = {}
 
 
-def scenario(fn: Callable[[Callable[..., FakeCluster]], None]):
-    """A scenario runs against fake clusters made by `make`; the verbs its controllers use are recorded."""
+def scenario(fn: Callable[[Callable[..., StageCluster]], None]):
+    """A scenario runs against namespaces made by `make`; the verbs its controllers use are recorded."""
     SCENARIOS[fn.__name__] = fn
     return fn
 
 
-def run_scenario(name: str, root: Path) -> None:
-    made: list[FakeCluster] = []
+def run_scenario(name: str, root: Path, cp) -> None:
+    made: list[StageCluster] = []
 
-    def make(**kwargs) -> FakeCluster:
-        c = FakeCluster(root / f"cluster{len(made)}", **kwargs)
+    def make(**kwargs) -> StageCluster:
+        c = StageCluster(cp, root / f"cluster{len(made)}", **kwargs)
         made.append(c)
         return c
 
     try:
         SCENARIOS[name](make)
         for c in made:
-            assert not c.operator.errors, c.operator.errors
+            assert not c.trainer.errors, c.trainer.errors
     finally:
         used: set[tuple[str, str, str]] = set()
         for c in made:
+            c.trainer.stop()
+            used |= c.verbs_used()
             c.close()
-            used |= c.server.verbs_used(USER_AGENT)
         VERBS_USED[name] = used
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
+def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.01)
+        time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def idle_on_watch(c: FakeCluster, quiet: float = 0.2) -> bool:
-    """The controller has a watch open and has sent nothing else for `quiet` seconds."""
-    before = len(c.server.recorded(USER_AGENT))
+def idle_on_watch(c: StageCluster, quiet: float = 0.5) -> bool:
+    """The controller has a watch open and has completed no other request for `quiet` seconds."""
+    before = c.requests(stage=None)
     time.sleep(quiet)
-    return c.server.open_watches() > 0 and len(c.server.recorded(USER_AGENT)) == before
+    after = c.requests(stage=None)
+    if len(after) != len(before) or not after:
+        return False
+    last = max(after, key=lambda e: e["stageTimestamp"])
+    return last["verb"] == "watch" and last["stage"] == "ResponseStarted"
 
 
-def manifest(c: FakeCluster, stage: str) -> dict:
+def manifest(c: StageCluster, stage: str) -> dict:
     return json.loads((c.local(stage) / "r1_stage.json").read_text())
+
+
+def as_stored(c: StageCluster, job: dict) -> dict:
+    """`job` as the server would store it (CRD defaults applied): a server-side dry-run create."""
+    probe = json.loads(json.dumps(job))
+    probe["metadata"]["name"] += "-dry-run"
+    return c.cp.request("POST", f"{JOBS.format(ns=c.ns)}?dryRun=All", probe)
 
 
 # ============================================================================================ scenarios
@@ -247,22 +488,22 @@ def manifest(c: FakeCluster, stage: str) -> dict:
 def happy_path(make) -> None:
     c = make()
     # what the cluster looked like at each job creation: proves the hand-off order
-    seen_at_create: dict[str, dict[str, str]] = {}
+    seen_at_create: dict[str, dict] = {}
 
-    def snapshot(req) -> None:
-        if req.verb == "create" and req.resource == "pytorchjobs" and req.user_agent == USER_AGENT:
-            seen_at_create[req.name] = {
-                j["metadata"]["name"]: [
-                    x["type"] for x in (j.get("status") or {}).get("conditions", []) if x["status"] == "True"
-                ][-1:]
-                for j in c.server.list("pytorchjobs", NS, *JOBS)
-            }
-            seen_at_create[req.name]["manifests"] = sorted(
-                p.parent.name for p in c.volume.glob(f"{RELEASE}/*/r1_stage.json")
-            )
+    def snapshot(body: dict) -> None:
+        jobs = c.get(JOBS)["items"]
+        seen = {
+            j["metadata"]["name"]: [
+                x["type"] for x in (j.get("status") or {}).get("conditions", []) if x["status"] == "True"
+            ][-1:]
+            for j in jobs
+        }
+        seen["manifests"] = sorted(p.parent.name for p in c.volume.glob(f"{RELEASE}/*/r1_stage.json"))
+        seen_at_create[body["metadata"]["name"]] = seen
 
-    c.server.add_hook(snapshot)
-    result = c.run()
+    controller = c.controller()
+    controller.cluster.before_create.append(snapshot)
+    result = c.run(controller)
     assert result.exit_code == EXIT_SUCCEEDED, result.message
     assert c.created() == ["r1-sft-1", "r1-grpo-1", "r1-eval-1"]
     assert c.created(409) == []
@@ -288,12 +529,13 @@ def happy_path(make) -> None:
         assert m["inputs"]["model_name_or_path"] == model_from
         verify_stage_output(c.local(stage), stage)
 
-    # each created job is the ConfigMap's job: only name, attempt label and owner differ
+    # each created job is the ConfigMap's job as the server stores it: only name, attempt label and owner
+    # differ (the server adds the CRD's defaults, the operator adds status)
     cm_uid = c.stages_cm["metadata"]["uid"]
     for stage in lineage:
         job = c.job(f"r1-{stage}-1")
         expected = yaml.safe_load(c.stages_cm["data"][f"{stage}.yaml"])
-        assert job["spec"] == expected["spec"]
+        assert job["spec"] == as_stored(c, expected)["spec"]
         assert job["metadata"]["labels"] == expected["metadata"]["labels"]
         assert job["metadata"]["ownerReferences"] == [
             {"apiVersion": "v1", "kind": "ConfigMap", "name": "r1-stages", "uid": cm_uid}
@@ -314,7 +556,7 @@ def happy_path(make) -> None:
 
 
 def normalized(status: dict) -> dict:
-    """A status without wall-clock times, for comparing runs."""
+    """A status without wall-clock times and what differs between namespaces, for comparing runs."""
     times = {"startedAt", "finishedAt", "updatedAt", "startTime", "endTime"}
 
     def strip(x):
@@ -325,47 +567,89 @@ def normalized(status: dict) -> dict:
         return x
 
     out = strip(status)
-    out.pop("stagesUid")  # each fake cluster has its own ConfigMap uid
+    out.pop("stagesUid")  # each namespace has its own ConfigMap uid
+    out.pop("namespace")
     return out
 
 
+def assert_same_run(c: StageCluster, reference: dict, what: object) -> None:
+    assert c.created() == ["r1-sft-1", "r1-grpo-1", "r1-eval-1"], what  # never twice, never skipped
+    assert c.created(409) == [], what
+    assert normalized(c.status()) == reference, what
+    assert c.steps("sft") == [20, 30, 40] and c.steps("grpo") == [20, 30, 40], what
+    for stage in ("sft", "grpo", "eval"):
+        verify_stage_output(c.local(stage), stage)
+
+
+# Runs of sft -> grpo -> eval in the kill test: one reference, one per budget (every controller instance of
+# the run is stopped before its budget+1-th write, so budget 1 restarts the controller at every write of
+# the run), the rest with `r1-grpo controller` processes killed by SIGKILL at random moments.
+KILL_TEST_RUNS = 20
+WRITE_BUDGETS = (1, 2, 3)
+KILLS_PER_RANDOM_RUN = 1
+KILL_WITHIN_SECONDS = 2.5  # after the process's first request reached the server (the run takes ~2 s)
+
+
 @scenario
-def killed_and_restarted_at_every_write(make) -> None:
-    """Stop the controller before each of its writes in turn, start a fresh one: same run, no duplicates."""
+def killed_and_restarted(make) -> None:
+    """Kill the controller before each of its writes in turn, and at random moments with SIGKILL (in the
+    middle of a request or of pruning a checkpoint folder too): every run completes with the reference's
+    status, each job created exactly once, and the outputs intact."""
     ref = make()
     assert ref.run().exit_code == EXIT_SUCCEEDED
     reference = normalized(ref.status())
     ref.close()
-    restarts = 0
-    for k in range(100):
+    runs = 1
+    for budget in WRITE_BUDGETS:
         c = make()
-        doomed = c.controller(max_writes=k)
-        killed = c.run(doomed)
-        if not killed.budget_spent:  # k is past this run's last write: it simply finished
-            assert killed.exit_code == EXIT_SUCCEEDED and doomed.writes <= k
-            assert normalized(c.status()) == reference
-            c.close()
-            break
-        # Events never feed back into decisions: a kill right after an Event leaves the same state as a kill
-        # right before it, which an earlier k covered. (How many writes a run makes depends on which job
-        # states the controller happens to see, so the kill points come from each run itself.)
-        if k > 0 and doomed.write_log[-1].startswith("event"):
-            c.close()
-            continue
-        restarts += 1
-        result = c.run()
-        assert result.exit_code == EXIT_SUCCEEDED, (k, doomed.write_log, result.message)
-        assert c.created() == ["r1-sft-1", "r1-grpo-1", "r1-eval-1"], k  # never twice, never skipped
-        assert c.created(409) == [], k
-        assert normalized(c.status()) == reference, (k, doomed.write_log)
-        assert c.steps("sft") == [20, 30, 40] and c.steps("grpo") == [20, 30, 40], k
-        for stage in ("sft", "grpo", "eval"):
-            verify_stage_output(c.local(stage), stage)
+        runs += 1
+        # the first instance is stopped before any write at all
+        killed = c.run(c.controller(max_writes=0))
+        assert killed.budget_spent and c.status_cm() is None
+        kill_points: list[list[str]] = []
+        while True:
+            doomed = c.controller(max_writes=budget)
+            result = c.run(doomed)
+            kill_points.append(doomed.write_log)
+            if not result.budget_spent:
+                assert result.exit_code == EXIT_SUCCEEDED, (budget, kill_points, result.message)
+                break
+            assert len(doomed.write_log) == budget and len(kill_points) < 100, kill_points
+        assert_same_run(c, reference, (budget, kill_points))
+        # kills came at least after the status ConfigMap, 3 creates, 2 prunes and a status patch per stage
+        # (how many patches depends on the job states the controller happens to see; a kill right after a
+        # patch loses that pass's Events, which are best effort, never a decision)
+        assert (len(kill_points) - 1) * budget >= 9, kill_points
         c.close()
-    else:
-        raise AssertionError("the controller never finished within 100 writes")
-    # at least: before the status ConfigMap, after it, after each of 3 job creates, 2 prunes and the status patches
-    assert restarts >= 12, restarts
+
+    rng = random.Random(12)
+    kills = 0
+    while runs < KILL_TEST_RUNS:
+        c = make()
+        runs += 1
+        for attempt in range(KILLS_PER_RANDOM_RUN + 1):
+            before = len(c.requests(stage=None))
+            proc = c.spawn("--resync-seconds", "1")
+            if attempt == KILLS_PER_RANDOM_RUN:
+                break  # the last one runs to the end
+            wait_for(
+                lambda c=c, before=before, proc=proc: (
+                    len(c.requests(stage=None)) > before or proc.poll() is not None
+                ),
+                what="the controller's first request",
+            )
+            try:
+                proc.wait(timeout=rng.uniform(0, KILL_WITHIN_SECONDS))
+                break  # finished before its kill time
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                kills += 1
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == EXIT_SUCCEEDED, err[-3000:]
+        assert_same_run(c, reference, ("random", runs))
+        c.close()
+    assert kills >= KILL_TEST_RUNS - 1 - len(WRITE_BUDGETS), kills
 
 
 @scenario
@@ -377,12 +661,15 @@ def retry_once_then_succeed(make) -> None:
     sft = c.stage("sft")
     assert (sft["phase"], sft["attempt"], sft["job"]) == ("Succeeded", 2, "r1-sft-2")
     first, second = sft["attempts"]
-    assert first["phase"] == "Failed" and "1 Master replica(s) failed" in first["message"]
-    assert first["logTail"].rstrip().endswith("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert first["phase"] == "Failed"
+    # the operator's words at backoffLimit 0: no cause in them, which is why the log tail is kept
+    assert first["message"] == "Job r1-sft-1 has failed because it has reached the specified backoff limit"
+    # the log comes through the real pods/log path (apiserver -> the node's kubelet API, here kwok)
+    assert first["logTail"].rstrip().endswith(OOM_LINE)
     assert len(first["logTail"].splitlines()) == 50  # --log-tail-lines default
     # the retry runs in the same folder and resumes from the last complete checkpoint of attempt 1
     assert second["phase"] == "Succeeded" and second["resumeFrom"] == "/checkpoints/r1/sft/checkpoint-40"
-    assert second["cause"].startswith("retry after attempt 1 failed: PyTorchJob r1-sft-1 is failed")
+    assert second["cause"].startswith("retry after attempt 1 failed: Job r1-sft-1 has failed")
     assert manifest(c, "sft")["metrics"]["attempt"] == 2 and c.steps("sft") == [60, 70, 80]
     assert Counter(e["reason"] for e in c.events())["JobRetried"] == 1
 
@@ -396,7 +683,7 @@ def fail_past_retries(make) -> None:
     status = c.status()
     assert status["phase"] == "Failed" and status["stage"] == "grpo"
     assert "stage grpo failed on attempt 2 of 2" in status["message"]
-    assert "PyTorchJob r1-grpo-2 is failed because 1 Master replica(s) failed" in status["message"]
+    assert "Job r1-grpo-2 has failed because it has reached the specified backoff limit" in status["message"]
     assert "torch.OutOfMemoryError: CUDA out of memory" in status["logTail"]
     assert [c.stage(s)["phase"] for s in ("sft", "grpo", "eval")] == ["Succeeded", "Failed", "Pending"]
     assert Counter(e["reason"] for e in c.events())["RunFailed"] == 1
@@ -412,10 +699,11 @@ def succeeded_with_bad_output(make) -> None:
         ("corrupt", "does not match r1_stage.json"),
         ("no-manifest", "/checkpoints/r1/sft/r1_stage.json: missing"),
     ):
-        c = make(scripts={("sft", 1): behaviour})
+        c = make(scripts={("sft", 1): behaviour}, stages=("sft", "grpo"))
         result = c.run(retries=0)
         assert result.exit_code == EXIT_FAILED, behaviour
         assert c.created() == ["r1-sft-1"], behaviour  # grpo never starts from an untrusted folder
+        assert c.job_phase("r1-sft-1")[-1:] == ["Succeeded"]  # the operator's verdict
         sft = c.stage("sft")
         assert sft["phase"] == "Failed" and sft["attempts"][0]["phase"] == "Failed"
         assert "job r1-sft-1 succeeded but its output is not trustworthy" in sft["message"]
@@ -429,28 +717,28 @@ def succeeded_with_bad_output(make) -> None:
 
 
 @scenario
-def watch_broken_with_410(make) -> None:
+def watch_expired_410(make) -> None:
     c = make()
-    gate = c.operator.gates[("grpo", 1)] = threading.Event()
-    thread, out = c.run_in_thread(c.controller())
-    job_running = lambda: "Running" in str((c.job("r1-grpo-1") or {}).get("status"))  # noqa: E731
-    wait_for(lambda: job_running() and idle_on_watch(c), what="the controller watching grpo")
-    mark = len(c.server.recorded(USER_AGENT))
-    c.server.compact()  # every resourceVersion the controller has seen is now too old
-    compacted_at = c.server.resource_version()
-    c.server.break_watches()  # the open watch gets an ERROR event with a 410 Status
-    wait_for(
-        lambda: c.server.open_watches() > 0 and len(c.server.recorded(USER_AGENT)) > mark + 2,
-        what="a new watch",
-    )
+    gate = c.trainer.gates[("grpo", 1)] = threading.Event()
+    controller = c.controller()
+    thread, out = c.run_in_thread(controller)
+    wait_for(lambda: "Running" in c.job_phase("r1-grpo-1"), what="grpo running")
+    calls = controller.cluster.calls
+    controller.cluster.expire_next_watch.set()
+    wait_for(lambda: ("expired", "1") in calls, what="a watch from an expired resourceVersion")
+    at = calls.index(("expired", "1"))
+    wait_for(lambda: any(kind == "watch" for kind, _ in calls[at + 1 :]), what="a new watch")
     gate.set()
-    thread.join(30)
+    thread.join(60)
     assert out and out[0].exit_code == EXIT_SUCCEEDED
-    after = c.server.recorded(USER_AGENT)[mark:]
-    verbs = [r.verb for r in after]
-    # relist before watching again, and never watch from a compacted version
-    assert "list" in verbs and verbs.index("list") < verbs.index("watch")
-    assert all(int(r.query["resourceVersion"]) >= compacted_at for r in after if r.verb == "watch")
+    # the server said 410 Expired; the controller relisted before watching again, from the new list's version
+    after = calls[at + 1 :]
+    first_watch = next(i for i, (kind, _) in enumerate(after) if kind == "watch")
+    assert after[0][0] == "list" and after[first_watch - 1][0] == "list", after
+    assert after[first_watch][1] == after[first_watch - 1][1], after
+    assert any(
+        e["verb"] == "watch" and "resourceVersion=1&" in e["requestURI"] + "&" for e in c.requests()
+    ), "the expired watch never reached the server"
     assert c.created() == ["r1-sft-1", "r1-grpo-1", "r1-eval-1"]
 
 
@@ -459,19 +747,18 @@ def job_deleted_by_hand(make) -> None:
     """Documented choice: the current stage's job is recreated under the same attempt (no retry used up);
     a finished stage's job deleted later is not re-run."""
     c = make()
-    gate = c.operator.gates[("grpo", 1)] = threading.Event()
+    gate = c.trainer.gates[("grpo", 1)] = threading.Event()
     thread, out = c.run_in_thread(c.controller())
     wait_for(lambda: 40 in c.steps("grpo"), what="grpo running (its last checkpoint written)")
     old_uid = c.job("r1-grpo-1")["metadata"]["uid"]
-    kubectl = client.CustomObjectsApi(c.api("kubectl/test"))
-    kubectl.delete_namespaced_custom_object(*JOBS, NS, "pytorchjobs", "r1-grpo-1")
+    c.cp.request("DELETE", f"{JOBS.format(ns=c.ns)}/r1-grpo-1")  # kubectl delete pytorchjob r1-grpo-1
     wait_for(
         lambda: (c.job("r1-grpo-1") or {}).get("metadata", {}).get("uid") not in (None, old_uid),
         what="the job recreated",
     )
-    kubectl.delete_namespaced_custom_object(*JOBS, NS, "pytorchjobs", "r1-sft-1")  # a finished stage's job
+    c.cp.request("DELETE", f"{JOBS.format(ns=c.ns)}/r1-sft-1")  # a finished stage's job
     gate.set()
-    thread.join(30)
+    thread.join(120)
     assert out and out[0].exit_code == EXIT_SUCCEEDED, out
     assert c.created() == ["r1-sft-1", "r1-grpo-1", "r1-grpo-1", "r1-eval-1"]
     grpo = c.stage("grpo")
@@ -482,38 +769,45 @@ def job_deleted_by_hand(make) -> None:
 
 @scenario
 def pending_pod_reported(make) -> None:
-    c = make(scripts={("sft", 1): "pending"}, pvc_phase="Pending")
+    # the claim has no volume and the pod asks for more GPUs than a node has: the scheduler cannot place it
+    c = make(scripts={("sft", 1): "pending"}, pvc_phase="Pending", gpus=64)
     controller = c.controller(pending_timeout_seconds=1.0)
     thread, out = c.run_in_thread(controller)
     # nothing changes on the job after its pod goes Pending: the report comes from the timeout alone
     wait_for(lambda: "pending for more than" in c.stage_message("sft"), what="the pending report")
     message = c.stage("sft")["message"]
-    assert (
-        "pod r1-sft-1-master-0: Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu"
-        in message
-    )
+    # the scheduler's own words ("0/N nodes are available: pod has unbound immediate PersistentVolumeClaims")
+    assert message.startswith("pending for more than 1 s: pod r1-sft-1-master-0: Unschedulable: 0/"), message
+    assert "unbound immediate PersistentVolumeClaims" in message
     assert "PersistentVolumeClaim r1-checkpoints is Pending" in message
     for i in range(3):  # more passes must not report the same pod again
-        c.server.update(
-            "pytorchjobs",
-            "r1-sft-1",
-            NS,
-            lambda o, i=i: o["metadata"].setdefault("annotations", {}).update(poke=str(i)),
-            *JOBS,
+        c.cp.request(
+            "PATCH", f"{JOBS.format(ns=c.ns)}/r1-sft-1", {"metadata": {"annotations": {"poke": str(i)}}}
         )
-        time.sleep(0.1)
+        time.sleep(0.3)
     assert c.stage("sft")["message"] == message  # stable across passes, not re-reported
-    assert message.startswith("pending for more than 1 s: ")
     controller.stop()
-    thread.join(10)
+    thread.join(30)
     assert out and out[0].exit_code == EXIT_SIGTERM
     pending_events = [e for e in c.events() if e["reason"] == "PendingTooLong"]
     assert len(pending_events) == 1 and pending_events[0]["type"] == "Warning"
     assert c.status()["phase"] == "Running"  # reported, not failed: capacity may still come
 
+    # with the claim bound, the scheduler names the missing GPUs
+    c = make(scripts={("sft", 1): "pending"}, stages=("sft",), gpus=64)
+    controller = c.controller(pending_timeout_seconds=1.0)
+    thread, out = c.run_in_thread(controller)
+    wait_for(lambda: "pending for more than" in c.stage_message("sft"), what="the pending report")
+    message = c.stage("sft")["message"]
+    assert "Unschedulable: 0/" in message and "Insufficient nvidia.com/gpu" in message, message
+    assert "PersistentVolumeClaim" not in message
+    controller.stop()
+    thread.join(30)
+
 
 @scenario
 def job_without_operator_reported(make) -> None:
+    # runPolicy.managedBy names MultiKueue: the real operator leaves the job alone, it never gets a status
     c = make(operator=False)
     controller = c.controller(pending_timeout_seconds=1.0)
     thread, out = c.run_in_thread(controller)
@@ -522,23 +816,25 @@ def job_without_operator_reported(make) -> None:
         "job r1-sft-1 has no status yet: is the Kubeflow training operator running"
         in c.stage("sft")["message"]
     )
+    assert c.job_phase("r1-sft-1") == []
     controller.stop()
-    thread.join(10)
+    thread.join(30)
+    assert out and out[0].exit_code == EXIT_SIGTERM
 
 
 @scenario
 def retention_keeps_exactly_n(make) -> None:
     c = make(checkpoints_per_attempt=5)
-    gate = c.operator.gates[("sft", 1)] = threading.Event()
+    gate = c.trainer.gates[("sft", 1)] = threading.Event()
     thread, out = c.run_in_thread(c.controller(keep_checkpoints=2))
     wait_for(lambda: 50 in c.steps("sft"), what="the fifth sft checkpoint")  # then the job waits at the gate
     partial = c.local("sft") / ".tmp-checkpoint-99"
     partial.mkdir()
     # pruned while the stage still runs (on a resync pass), never below the newest two
     wait_for(lambda: c.steps("sft") == [40, 50], what="pruning during the run")
-    assert "Running" in str(c.job("r1-sft-1")["status"])
+    assert "Running" in c.job_phase("r1-sft-1")
     gate.set()
-    thread.join(30)
+    thread.join(120)
     assert out and out[0].exit_code == EXIT_SUCCEEDED
     assert c.steps("sft") == [40, 50] and c.steps("grpo") == [40, 50]
     assert partial.is_dir()  # an in-progress save is the trainer's, not ours
@@ -551,30 +847,19 @@ def retention_keeps_exactly_n(make) -> None:
 def create_conflicts(make) -> None:
     # another controller instance creates the same job between our list and our create: 409 = success
     c = make()
-    base = yaml.safe_load(c.stages_cm["data"]["grpo.yaml"])
-    owner = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "name": "r1-stages",
-        "uid": c.stages_cm["metadata"]["uid"],
-    }
-    base["metadata"]["ownerReferences"] = [owner]  # as the other controller instance makes it
     raced: list[bool] = []
 
-    def race(req) -> None:
-        dry = req.query.get("dryRun") == "All"
-        if (
-            req.verb == "create"
-            and req.name == "r1-grpo-1"
-            and req.user_agent == USER_AGENT
-            and not raced
-            and not dry
-        ):
+    def race(body: dict) -> None:
+        if body["metadata"]["name"] == "r1-grpo-1" and not raced:
             raced.append(True)
-            c.server.create("pytorchjobs", base, NS, *JOBS)
+            stages = c.get(f"/api/v1/namespaces/{{ns}}/configmaps/{RELEASE}-stages")
+            pipeline = parse_pipeline(stages, RELEASE)
+            twin = job_manifest(pipeline, pipeline.stage("grpo"), 1, c.ns, f"{RELEASE}-stages")
+            c.post(JOBS, twin)
 
-    c.server.add_hook(race)
-    assert c.run().exit_code == EXIT_SUCCEEDED
+    controller = c.controller()
+    controller.cluster.before_create.append(race)
+    assert c.run(controller).exit_code == EXIT_SUCCEEDED
     assert c.created() == ["r1-sft-1", "r1-eval-1"] and c.created(409) == ["r1-grpo-1"]
     assert c.stage("grpo")["phase"] == "Succeeded"
 
@@ -582,28 +867,34 @@ def create_conflicts(make) -> None:
     c = make(stages=("sft",))
     foreign = yaml.safe_load(c.stages_cm["data"]["sft.yaml"])
     foreign["metadata"]["labels"]["app.kubernetes.io/instance"] = "someone-else"
-    c.server.create("pytorchjobs", foreign, NS, *JOBS)
+    c.post(JOBS, foreign)
     result = c.run()
     assert result.exit_code == EXIT_CONFIG
-    assert "PyTorchJob team/r1-sft-1 already exists but is not this release's job" in c.status()["message"]
+    assert f"PyTorchJob {c.ns}/r1-sft-1 already exists but is not this release's job" in c.status()["message"]
 
 
 @scenario
 def api_errors(make) -> None:
     # transient errors are retried with backoff; a create whose answer was lost is found by the next list
     c = make()
-    c.server.fail_next("list", "pytorchjobs", 503, count=2)
-    c.server.fail_next("create", "pytorchjobs", 500, after_applying=True)
-    c.server.fail_next("patch", "configmaps", 429)
-    assert c.run().exit_code == EXIT_SUCCEEDED
-    assert c.created(500) == ["r1-sft-1"] and c.created(409) == []  # not sent again
-    assert c.created() == ["r1-grpo-1", "r1-eval-1"]
+    api = c.api()
+    faults = WireFaults(api)
+    faults.fail_next("GET", "/pytorchjobs", 503, count=2)
+    faults.fail_next("POST", "/pytorchjobs", 500, after_sending=True)
+    faults.fail_next("PATCH", "/configmaps/r1-status", 429)
+    assert c.run(c.controller(api=api)).exit_code == EXIT_SUCCEEDED
+    assert [code for *_, code in faults.injected] == [503, 503, 500, 429]
+    assert c.created() == ["r1-sft-1", "r1-grpo-1", "r1-eval-1"]  # r1-sft-1 once: not sent again
+    assert c.created(409) == []
     assert c.status()["phase"] == "Succeeded"
     # a Role that lacks a verb is not retried forever: exit 3 with the server's message
-    c = make(stages=("sft",))
-    c.server.fail_next("create", "pytorchjobs", 403)
+    c = make(stages=("sft",), role=CONTRACT_ROLE - {("kubeflow.org", "pytorchjobs", "create")})
     result = c.run()
-    assert result.exit_code == 3 and result.message.startswith("403 Forbidden: injected failure")
+    assert result.exit_code == EXIT_FORBIDDEN
+    assert result.message.startswith(
+        f'403 Forbidden: pytorchjobs.kubeflow.org is forbidden: User "{c.user}" cannot create resource '
+        f'"pytorchjobs" in API group "kubeflow.org" in the namespace "{c.ns}"'
+    ), result.message
     assert c.created() == []
 
 
@@ -611,18 +902,18 @@ def api_errors(make) -> None:
 def bad_stages_configmap(make) -> None:
     cm = stages_configmap(RELEASE, ("sft", "grpo"))
     del cm["data"]["grpo.yaml"]
-    c = make(configmap=cm, operator=False)
+    c = make(configmap=cm, trainer=False)
     result = c.run()
     assert result.exit_code == EXIT_CONFIG
     assert (
-        "ConfigMap team/r1-stages: pipeline.yaml: stages[1].job: the ConfigMap has no key 'grpo.yaml'"
+        f"ConfigMap {c.ns}/r1-stages: pipeline.yaml: stages[1].job: the ConfigMap has no key 'grpo.yaml'"
         in result.message
     )
     assert c.status()["message"] == result.message and c.status()["phase"] == "Failed"
     assert c.created() == []
 
     # the volume not mounted where the controller looks: refuse, rather than call every stage unverifiable
-    c = make(operator=False)
+    c = make(trainer=False)
     result = c.run(mount_path=str(c.volume / "not-mounted"))
     assert result.exit_code == EXIT_CONFIG
     assert result.message.startswith(f"the checkpoint volume is not mounted at {c.volume / 'not-mounted'}")
@@ -632,31 +923,25 @@ def bad_stages_configmap(make) -> None:
 # ============================================================================================ tests
 
 
-@pytest.mark.parametrize("name", [n for n in SCENARIOS if n != "killed_and_restarted_at_every_write"])
-def test_scenario(name, tmp_path):
-    run_scenario(name, tmp_path)
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if n != "killed_and_restarted"])
+def test_scenario(name, tmp_path, cp):
+    run_scenario(name, tmp_path, cp)
 
 
 @pytest.mark.slow
-def test_killed_and_restarted_at_every_write(tmp_path):
-    run_scenario("killed_and_restarted_at_every_write", tmp_path)
+def test_killed_and_restarted_at_every_write_and_at_random(tmp_path, cp):
+    run_scenario("killed_and_restarted", tmp_path, cp)
 
 
-def _kubeconfig(c: FakeCluster, tmp_path: Path) -> str:
-    path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump(c.server.kubeconfig(NS)))
-    return str(path)
-
-
-def test_status_command(tmp_path, capsys):
-    c = FakeCluster(tmp_path / "ok", stages=("sft", "eval"))
+def test_status_command(tmp_path, cp, capsys):
+    c = StageCluster(cp, tmp_path / "ok", stages=("sft", "eval"))
     try:
         assert c.run().exit_code == EXIT_SUCCEEDED
-        kubeconfig = _kubeconfig(c, tmp_path)
+        kubeconfig = str(c.kubeconfig)
         assert status_main(["--release", RELEASE, "--kubeconfig", kubeconfig]) == 0  # namespace from context
         out = capsys.readouterr().out
         lines = out.splitlines()
-        assert lines[0] == "release r1 (namespace team): Succeeded - all stages succeeded (sft, eval)"
+        assert lines[0] == f"release r1 (namespace {c.ns}): Succeeded - all stages succeeded (sft, eval)"
         header = next(i for i, line in enumerate(lines) if line.startswith("STAGE"))
         assert lines[header].split() == [
             "STAGE",
@@ -673,62 +958,36 @@ def test_status_command(tmp_path, capsys):
         assert "lineage: sft <- builtin:tiny; eval <- /checkpoints/r1/sft" in lines
         assert "metrics sft: accuracy=0.25, attempt=1" in lines
         assert (
-            status_main(["--release", RELEASE, "--namespace", NS, "--kubeconfig", kubeconfig, "--json"]) == 0
+            status_main(["--release", RELEASE, "--namespace", c.ns, "--kubeconfig", kubeconfig, "--json"])
+            == 0
         )
         assert json.loads(capsys.readouterr().out)["phase"] == "Succeeded"
         # a release that is not there
-        assert status_main(["--release", "nope", "-n", NS, "--kubeconfig", kubeconfig]) == 2
-        assert "ConfigMap team/nope-status not found" in capsys.readouterr().err
+        assert status_main(["--release", "nope", "-n", c.ns, "--kubeconfig", kubeconfig]) == 2
+        assert f"ConfigMap {c.ns}/nope-status not found" in capsys.readouterr().err
+        # a namespace the account may not read: the server's 403, exit 2
+        assert status_main(["--release", RELEASE, "-n", "default", "--kubeconfig", kubeconfig]) == 2
+        assert "cannot read ConfigMap r1-status: 403 Forbidden" in capsys.readouterr().err
     finally:
         c.close()
 
-    c = FakeCluster(tmp_path / "bad", stages=("sft",), scripts={("sft", 1): "fail"})
+    c = StageCluster(cp, tmp_path / "bad", stages=("sft",), scripts={("sft", 1): "fail"})
     try:
         assert c.run(retries=0).exit_code == EXIT_FAILED
-        assert (
-            status_main(["--release", RELEASE, "--namespace", NS, "--kubeconfig", _kubeconfig(c, tmp_path)])
-            == 1
-        )
+        assert status_main(["--release", RELEASE, "--kubeconfig", str(c.kubeconfig)]) == 1
         out = capsys.readouterr().out
-        assert out.startswith("release r1 (namespace team): Failed - stage sft failed on attempt 1 of 1")
-        assert "  | torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB" in out
+        assert out.startswith(f"release r1 (namespace {c.ns}): Failed - stage sft failed on attempt 1 of 1")
+        assert f"  | {OOM_LINE}" in out
     finally:
         c.close()
 
 
-def _spawn_controller(c: FakeCluster, tmp_path: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("KUBERNETES_SERVICE_HOST", None)
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trainer",
-            "controller",
-            "--release",
-            RELEASE,
-            "--namespace",
-            NS,
-            "--kubeconfig",
-            _kubeconfig(c, tmp_path),
-            "--mount-path",
-            str(c.volume),
-            *extra,
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def test_process_exit_codes_and_sigterm(tmp_path):
+def test_process_exit_codes_and_sigterm(tmp_path, cp):
     # a run that fails: the process exits 1, logging JSON lines
-    c = FakeCluster(tmp_path / "fail", stages=("sft",), scripts={("sft", 1): "fail"})
+    c = StageCluster(cp, tmp_path / "fail", stages=("sft",), scripts={("sft", 1): "fail"})
     try:
-        proc = _spawn_controller(c, tmp_path, "--retries", "0")
-        _, err = proc.communicate(timeout=60)
+        proc = c.spawn("--retries", "0")
+        _, err = proc.communicate(timeout=120)
         assert proc.returncode == EXIT_FAILED, err
         records = [json.loads(line) for line in err.splitlines() if line.strip()]
         assert any(r["msg"] == "run finished" and r["phase"] == "Failed" for r in records)
@@ -736,13 +995,13 @@ def test_process_exit_codes_and_sigterm(tmp_path):
         c.close()
 
     # SIGTERM while waiting on the watch: stops at once, between actions, non-zero so the Job restarts it
-    c = FakeCluster(tmp_path / "term", stages=("sft",), scripts={("sft", 1): "hang"})
+    c = StageCluster(cp, tmp_path / "term", stages=("sft",), scripts={("sft", 1): "hang"})
     try:
-        proc = _spawn_controller(c, tmp_path, "--resync-seconds", "300")
+        proc = c.spawn("--resync-seconds", "300")
         # steady state: the job hangs in Running after its checkpoints, the controller waits on its watch
         wait_for(
-            lambda: (40 in c.steps("sft") and idle_on_watch(c, 0.3)) or proc.poll() is not None,
-            timeout=60,
+            lambda: (40 in c.steps("sft") and idle_on_watch(c)) or proc.poll() is not None,
+            timeout=120,
             what="a watch",
         )
         assert proc.poll() is None, proc.communicate()
@@ -759,18 +1018,27 @@ def test_process_exit_codes_and_sigterm(tmp_path):
         c.close()
 
 
-def test_runs_the_charts_stages_configmap(tmp_path):
-    """The ConfigMap the real chart renders drives a run (contract check between chart and controller)."""
-    if not (REPO / "charts" / "r1-grpo" / "templates" / "stages-configmap.yaml").exists():
-        pytest.skip("charts/r1-grpo has no stages ConfigMap template yet")
+def test_runs_the_charts_stages_configmap(tmp_path, cp):
+    """The ConfigMap the real chart renders drives a run: its jobs pass the operator's webhook, their pods
+    are admitted and scheduled on the GPU nodes (contract check between chart, operator and controller)."""
     from tests.support.helmtool import find_doc, render_chart
 
-    docs = render_chart(release=RELEASE, namespace=NS)
-    cm = find_doc(docs, "ConfigMap", f"{RELEASE}-stages")
-    cm["metadata"].pop("namespace", None)
-    c = FakeCluster(tmp_path, configmap=cm)
+    rendered: list[dict] = []
+
+    def chart_configmap(namespace: str) -> dict:
+        rendered.extend(render_chart(release=RELEASE, namespace=namespace))
+        return find_doc(rendered, "ConfigMap", f"{RELEASE}-stages")
+
+    c = StageCluster(cp, tmp_path, configmap=chart_configmap)
     try:
-        assert c.run().exit_code == EXIT_SUCCEEDED, c.status()["message"]
+        cm = c.stages_cm
+        # the training pods run as the chart's trainer account
+        c.post(
+            "/api/v1/namespaces/{ns}/serviceaccounts",
+            find_doc(rendered, "ServiceAccount", f"{RELEASE}-trainer"),
+        )
+        result = c.run(timeout=180)
+        assert result.exit_code == EXIT_SUCCEEDED, c.status()["message"]
         pipeline = yaml.safe_load(cm["data"]["pipeline.yaml"])
         assert c.created() == [f"{RELEASE}-{s['name']}-1" for s in pipeline["stages"]]
     finally:
@@ -864,20 +1132,20 @@ def test_decide_pending_deadlines():
 # ---------------------------------------------------------------------------------------- RBAC
 
 
-def _verbs_over_all_scenarios(tmp_path: Path) -> set[tuple[str, str, str]]:
+def _verbs_over_all_scenarios(tmp_path: Path, cp) -> set[tuple[str, str, str]]:
     for name in SCENARIOS:  # normally all ran above; run what a -k selection skipped
-        if name not in VERBS_USED and name != "killed_and_restarted_at_every_write":
-            run_scenario(name, tmp_path / name)
+        if name not in VERBS_USED and name != "killed_and_restarted":
+            run_scenario(name, tmp_path / name, cp)
     return set().union(*VERBS_USED.values())
 
 
-def test_controller_uses_exactly_the_contract_role(tmp_path):
-    assert _verbs_over_all_scenarios(tmp_path) == CONTRACT_ROLE
+def test_controller_uses_exactly_the_contract_role(tmp_path, cp):
+    # Every scenario's controller ran under a Role with exactly these rules, so nothing beyond them got
+    # through; the audit log shows that together they used every one.
+    assert _verbs_over_all_scenarios(tmp_path, cp) == CONTRACT_ROLE
 
 
-def test_chart_role_grants_exactly_what_the_controller_uses(tmp_path):
-    if not (REPO / "charts" / "r1-grpo" / "Chart.yaml").exists():
-        pytest.skip("charts/r1-grpo does not exist yet")
+def test_chart_role_grants_exactly_what_the_controller_uses(tmp_path, cp):
     from tests.support.helmtool import render_chart
 
     docs = render_chart(release=RELEASE, namespace=NS)
@@ -906,4 +1174,4 @@ def test_chart_role_grants_exactly_what_the_controller_uses(tmp_path):
         for resource in rule.get("resources", [])
         for verb in rule.get("verbs", [])
     }
-    assert granted == _verbs_over_all_scenarios(tmp_path)
+    assert granted == _verbs_over_all_scenarios(tmp_path, cp)

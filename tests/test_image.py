@@ -347,3 +347,26 @@ def test_workflow_tests_lints_packages_checks_and_pushes(workflow: dict) -> None
         assert f"{arg}=" in build["with"]["build-args"] and arg in build_args(), arg
     assert image["permissions"] == {"contents": "read", "packages": "write"}
     assert workflow["permissions"] == {"contents": "read"}
+
+
+def test_workflow_builds_and_caches_the_test_control_plane(workflow: dict) -> None:
+    steps = workflow["jobs"]["test"]["steps"]
+    uses = [s.get("uses", "") for s in steps]
+    go = steps[next(i for i, u in enumerate(uses) if u.startswith("actions/setup-go@"))]
+    # the Go the control plane's modules ask for, from their own go.mod
+    go_mod = REPO_ROOT / go["with"]["go-version-file"]
+    assert go_mod.is_relative_to(REPO_ROOT / "tests" / "controlplane") and go_mod.name == "go.mod"
+    assert re.search(r"^go 1\.26", go_mod.read_text(), re.MULTILINE)
+    cache = next(
+        s
+        for s in steps
+        if s.get("uses", "").startswith("actions/cache@") and "controlplane" in s["with"]["path"]
+    )
+    # build.sh's default cache root, keyed by everything build.sh's own key is made of
+    assert cache["with"]["path"] == "~/.cache/r1-grpo/controlplane"
+    build_sh = (REPO_ROOT / "tests" / "controlplane" / "build.sh").read_text()
+    assert "${R1_GRPO_CONTROLPLANE_CACHE:-$HOME/.cache/r1-grpo/controlplane}" in build_sh
+    assert "hashFiles('tests/controlplane/**/go.sum', 'tests/controlplane/build.sh')" in cache["with"]["key"]
+    # both come before the test command, which builds the control plane when the cache had none
+    make_test = next(i for i, s in enumerate(steps) if s.get("run") == "make test")
+    assert steps.index(go) < make_test and steps.index(cache) < make_test

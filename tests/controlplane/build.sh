@@ -7,7 +7,7 @@
 #   R1_GRPO_CONTROLPLANE_CACHE=/x build.sh  # cache root (default ~/.cache/r1-grpo/controlplane)
 #
 # Layout of the printed dir: bin/<binary>, manifests/ (the PyTorchJob CRD and webhook manifests of the
-# operator, kwok's default stages), versions.txt; cluster.py adds operator-webhook-pki/ there. Progress
+# operator, kwok's default stages and its Logs CRD), versions.txt; cluster.py adds operator-webhook-pki/ there. Progress
 # and timings go to stderr. Needs only go (>= 1.26, or GOTOOLCHAIN=auto) and the module proxy.
 set -euo pipefail
 
@@ -25,7 +25,7 @@ kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler"
   [training-operator]="training-operator=github.com/kubeflow/training-operator/cmd/training-operator.v1"
 )
 components=(etcd kubernetes kwok training-operator)
-manifests=(kubeflow.org_pytorchjobs.yaml webhook-manifests.yaml kwok-stages.yaml)
+manifests=(kubeflow.org_pytorchjobs.yaml webhook-manifests.yaml kwok-stages.yaml kwok-logs-crd.yaml)
 
 log() { printf '[controlplane %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -48,6 +48,13 @@ complete() {
 if complete; then
   echo "$dir"
   exit 0
+fi
+
+if ! command -v go >/dev/null; then
+  echo "tests/controlplane/build.sh: the test control plane is not built yet ($dir) and 'go' is not on" \
+    "PATH: install Go >= 1.26 (https://go.dev/dl/), or set R1_GRPO_SKIP_CLUSTER=1 to skip the tests that" \
+    "need the cluster" >&2
+  exit 3
 fi
 
 mkdir -p "$dir/bin" "$dir/manifests"
@@ -130,6 +137,10 @@ install -m 0644 "$to_dir/manifests/base/webhook/manifests.yaml" "$dir/manifests/
 mv -f "$dir/manifests/.webhook.tmp.$$" "$dir/manifests/webhook-manifests.yaml"
 install -m 0644 "$to_dir/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" "$dir/manifests/.crd.tmp.$$"
 mv -f "$dir/manifests/.crd.tmp.$$" "$dir/manifests/kubeflow.org_pytorchjobs.yaml"
+
+# kwok's Logs CRD: the launcher installs it so tests can give a fake pod a log (pods/log through kwok).
+install -m 0644 "$kwok_dir/kustomize/crd/bases/kwok.x-k8s.io_logs.yaml" "$dir/manifests/.kwok-logs.tmp.$$"
+mv -f "$dir/manifests/.kwok-logs.tmp.$$" "$dir/manifests/kwok-logs-crd.yaml"
 
 # kwok itself has no built-in stages: the launcher passes these (kwokctl's default "fast" set: nodes
 # become Ready and keep a lease, pods become Running, Job pods complete) with --config.

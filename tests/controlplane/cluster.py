@@ -32,6 +32,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,6 +60,23 @@ OPERATOR_SECRET = "training-operator-webhook-cert"
 OPERATOR_SERVICE = "training-operator"
 OPERATOR_WEBHOOK_CONFIG = "validator.training-operator.kubeflow.org"
 OPERATOR_CA_NAME = "training-operator-ca"
+
+# What the audit log records (log_dir/audit.log, JSON lines): every request made with a service account's
+# token outside kube-system -- the identities tests give the code under test -- and the marker requests of
+# audit_events(). The components (admin certificate, kube-system accounts) are left out to keep it small.
+AUDIT_SYNC_PATH = "/livez/ping"
+AUDIT_POLICY = f"""apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  nonResourceURLs: ["{AUDIT_SYNC_PATH}"]
+- level: None
+  userGroups: ["system:serviceaccounts:kube-system"]
+- level: Metadata
+  userGroups: ["system:serviceaccounts"]
+- level: None
+"""
 
 
 def ensure_binaries() -> Path:
@@ -192,6 +210,12 @@ class ControlPlane:
         self.log_dir = self.workdir / "logs"
         self.pki_dir = self.workdir / "pki"
         self.kubeconfig_path = self.workdir / "kubeconfig"
+        self.audit_log_path = self.log_dir / "audit.log"
+        self.pod_log_dir = self.workdir / "pod-logs"
+        self._audit: list[dict] = []
+        self._audit_markers: set[str] = set()
+        self._audit_offset = 0
+        self._audit_lock = threading.Lock()
         self.with_operator = operator
         self.with_kwok = kwok
         self.stop_timeout = stop_timeout
@@ -260,6 +284,12 @@ class ControlPlane:
                 "--authorization-mode=Node,RBAC",
                 # The default reconciler keeps failing: Endpoints may not hold the loopback advertise address.
                 "--endpoint-reconciler-type=none",
+                # pods/log goes to the node's "kubelet" (kwok) at its InternalIP; node names do not resolve.
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--audit-policy-file={self._write_audit_policy()}",
+                f"--audit-log-path={self.audit_log_path}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
             ],
         )
         self._write_kubeconfig()
@@ -283,6 +313,8 @@ class ControlPlane:
                 f"--root-ca-file={p / 'ca.crt'}",
                 "--use-service-account-credentials",
                 "--controllers=*",
+                # A claim made before its pre-bound volume waits for this resync (default 15 s) to bind.
+                "--pvclaimbinder-sync-period=2s",
             ],
         )
         sched_port = free_port()
@@ -302,8 +334,27 @@ class ControlPlane:
         shutil.copyfile(self.cache_dir / "manifests" / "kwok-stages.yaml", config)
         home = self.workdir / "kwok-home"  # so a ~/.kwok/kwok.yaml of the user is not merged in
         home.mkdir(exist_ok=True)
+        # Pod logs: kwok serves a pod's log from the file its Logs object names (set_pod_log), through the
+        # kubelet API the apiserver proxies pods/log to (HTTPS at the node's InternalIP and kubelet port).
+        self.request(
+            "POST",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            (self.cache_dir / "manifests" / "kwok-logs-crd.yaml").read_bytes(),
+            content_type="application/yaml",
+        )
+        self._wait(
+            "kwok Logs CRD",
+            lambda: _condition(
+                self.request(
+                    "GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/logs.kwok.x-k8s.io"
+                ),
+                "Established",
+            ),
+            timeout,
+        )
         port = free_port()
         key, value = KWOK_NODE_ANNOTATION
+        p = self.pki_dir
         self._spawn(
             "kwok",
             [
@@ -315,10 +366,14 @@ class ControlPlane:
                 "--cidr=10.244.0.0/16",
                 "--node-lease-duration-seconds=40",
                 f"--server-address=127.0.0.1:{port}",
+                f"--node-port={port}",  # written into each node's status.daemonEndpoints
+                f"--tls-cert-file={p / 'kwok.crt'}",
+                f"--tls-private-key-file={p / 'kwok.key'}",
+                "--enable-crds=Logs",
             ],
             env={"HOME": str(home)},
         )
-        self._wait("kwok", lambda: _http_get(f"http://127.0.0.1:{port}/healthz") == b"ok", timeout)
+        self._wait("kwok", lambda: _https_get_insecure(port, "/healthz") == b"ok", timeout)
 
     def _start_operator(self, timeout: float) -> None:
         assert self.cache_dir
@@ -482,6 +537,11 @@ class ControlPlane:
         path = self.log_dir / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
+    def _write_audit_policy(self) -> Path:
+        path = self.workdir / "audit-policy.yaml"
+        path.write_text(AUDIT_POLICY)
+        return path
+
     def _make_pki(self) -> None:
         d = self.pki_dir
         _make_ca(d, "ca", "r1-grpo-test-ca")
@@ -493,6 +553,7 @@ class ControlPlane:
             san="DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,IP:127.0.0.1,IP:10.0.0.1",
         )
         _make_cert(d, "admin", "ca", "/O=system:masters/CN=admin", client=True)
+        _make_cert(d, "kwok", "ca", "/CN=kwok", san="DNS:localhost,IP:127.0.0.1")
         _genkey(d, "sa")
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
 
@@ -643,7 +704,8 @@ class ControlPlane:
     ) -> dict:
         """A hostPath PersistentVolume; storage_class "" matches the chart's `storage.storageClass: "-"`.
 
-        claim=(namespace, name) pre-binds it to that PVC. kwok runs no containers, so nothing is mounted:
+        claim=(namespace, name) pre-binds it to that PVC; made before the claim, it binds at once (a claim
+        made first waits for the binder's next resync). kwok runs no containers, so nothing is mounted:
         the path only matters to code that reads it from the test process.
         """
         spec: dict[str, Any] = {
@@ -660,6 +722,204 @@ class ControlPlane:
             "/api/v1/persistentvolumes",
             {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name}, "spec": spec},
         )
+
+    def delete_namespace(self, name: str) -> None:
+        """Starts deleting a namespace (the namespace controller removes its objects); does not wait."""
+        with contextlib.suppress(ApiError):
+            self.request("DELETE", f"/api/v1/namespaces/{name}")
+
+    # -- identities: service-account tokens, as a pod's would be ------------------------------------------
+
+    def service_account_token(self, namespace: str, account: str, *, seconds: int = 7200) -> str:
+        """A bound token for an existing ServiceAccount (TokenRequest, as the kubelet asks for a pod)."""
+        out = self.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": seconds},
+            },
+        )
+        return out["status"]["token"]
+
+    def write_token_kubeconfig(self, path: str | Path, token: str, namespace: str) -> Path:
+        """A kubeconfig that authenticates with `token`; its context's namespace is `namespace`."""
+        ca = base64.b64encode((self.pki_dir / "ca.crt").read_bytes()).decode()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "token",
+            "clusters": [
+                {"name": "r1-grpo-test", "cluster": {"server": self.server, "certificate-authority-data": ca}}
+            ],
+            "users": [{"name": "token", "user": {"token": token}}],
+            "contexts": [
+                {
+                    "name": "token",
+                    "context": {"cluster": "r1-grpo-test", "user": "token", "namespace": namespace},
+                }
+            ],
+        }
+        path = Path(path)
+        _write_if_changed(path, json.dumps(config, indent=2).encode())
+        return path
+
+    # -- the audit log ----------------------------------------------------------------------------------
+
+    def audit_events(
+        self,
+        *,
+        user: str | None = None,
+        namespace: str | None = None,
+        user_agent: str | None = None,
+        stage: str | None = "ResponseComplete",
+    ) -> list[dict]:
+        """The audit log's events (service-account identities only, see AUDIT_POLICY), oldest first,
+        filtered by user name, namespace, user-agent prefix and stage (None: also ResponseStarted, which a
+        watch logs when it starts).
+
+        A marker request is sent first and waited for, so every request answered before this call is in.
+        """
+        marker = f"audit-sync={secrets.token_hex(8)}"
+        self._get_raw(f"{AUDIT_SYNC_PATH}?{marker}")
+        deadline = time.monotonic() + 10
+        while not self._read_audit_log(marker):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the audit log {self.audit_log_path} never showed marker {marker}")
+            time.sleep(0.02)
+        events = []
+        for ev in self._audit:
+            ref = ev.get("objectRef") or {}
+            if (
+                (stage is None or ev.get("stage") == stage)
+                and (user is None or (ev.get("user") or {}).get("username") == user)
+                and (namespace is None or ref.get("namespace") == namespace)
+                and (user_agent is None or str(ev.get("userAgent", "")).startswith(user_agent))
+            ):
+                events.append(ev)
+        return sorted(events, key=lambda e: (e["requestReceivedTimestamp"], e["stageTimestamp"]))
+
+    def _read_audit_log(self, marker: str) -> bool:
+        """Parses the lines added since the last call (complete lines only); True once `marker` was seen."""
+        with self._audit_lock:
+            if self.audit_log_path.exists():
+                with open(self.audit_log_path, "rb") as f:
+                    f.seek(self._audit_offset)
+                    data = f.read()
+                complete = data[: data.rfind(b"\n") + 1]
+                self._audit_offset += len(complete)
+                for line in complete.splitlines():
+                    ev = json.loads(line)
+                    uri = ev.get("requestURI", "")
+                    if uri.startswith(AUDIT_SYNC_PATH):
+                        self._audit_markers.add(uri.partition("?")[2])
+                    else:
+                        self._audit.append(ev)
+            return marker in self._audit_markers
+
+    # -- the kubelet's part, for fake nodes ---------------------------------------------------------------
+
+    def finish_pod(self, namespace: str, name: str, exit_code: int, *, message: str = "") -> dict:
+        """Ends a kwok pod as if its containers exited with `exit_code` (0: Succeeded, else Failed).
+
+        kwok runs no containers, so the test plays the kubelet: the pod's status subresource gets terminal
+        phase, conditions and terminated container states, as a kubelet would report them.
+        """
+        pod = self.request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        started = (
+            next(
+                (
+                    ((cs.get("state") or {}).get("running") or {}).get("startedAt")
+                    for cs in (pod.get("status") or {}).get("containerStatuses") or []
+                ),
+                None,
+            )
+            or now
+        )
+        reason = "Completed" if exit_code == 0 else "Error"
+        terminated = {"exitCode": exit_code, "reason": reason, "startedAt": started, "finishedAt": now}
+        if message:
+            terminated["message"] = message
+        statuses = [
+            {
+                "name": c["name"],
+                "image": c.get("image", ""),
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "started": False,
+                "state": {"terminated": terminated},
+            }
+            for c in pod["spec"]["containers"]
+        ]
+        conditions = [
+            {
+                "type": t,
+                "status": v,
+                "lastTransitionTime": now,
+                **({"reason": "PodCompleted"} if v == "False" else {}),
+            }
+            for t, v in (
+                ("PodScheduled", "True"),
+                ("Initialized", "True"),
+                ("Ready", "False"),
+                ("ContainersReady", "False"),
+            )
+        ]
+        patch = {
+            "status": {
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
+                "conditions": conditions,
+                "containerStatuses": statuses,
+            }
+        }
+        return self.request("PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}/status", patch)
+
+    def set_pod_log(self, namespace: str, name: str, text: str, *, container: str | None = None) -> None:
+        """Gives a kwok pod's container the log `text` (what the kubelet serves for pods/log).
+
+        The text is written as a CRI log file, which kwok reads with the kubelet's own log reader (so
+        tailLines and limitBytes behave as on a node), and a kwok Logs object points the pod at it. Returns
+        once the API serves the log's last line.
+        """
+        d = self.pod_log_dir / namespace
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{name}.{container or 'all'}.{secrets.token_hex(4)}.log"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime())
+        lines = text.splitlines()
+        path.write_text("".join(f"{stamp} stdout F {line}\n" for line in lines))
+        body = {
+            "apiVersion": "kwok.x-k8s.io/v1alpha1",
+            "kind": "Logs",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"logs": [{"containers": [container] if container else [], "logsFile": str(path)}]},
+        }
+        base = f"/apis/kwok.x-k8s.io/v1alpha1/namespaces/{namespace}/logs"
+        try:
+            self.request("POST", base, body)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+            current = self.request("GET", f"{base}/{name}")
+            body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            self.request("PUT", f"{base}/{name}", body)
+        query = "tailLines=1" + (f"&container={container}" if container else "")
+        want = lines[-1] if lines else ""
+
+        def served() -> bool:
+            try:
+                return (
+                    self._get_raw(f"/api/v1/namespaces/{namespace}/pods/{name}/log?{query}")
+                    .decode()
+                    .rstrip("\n")
+                    == want
+                )
+            except urllib.error.HTTPError:
+                return False
+
+        self._wait(f"the log of pod {namespace}/{name}", served, 30)
 
     def wait_for(self, what: str, ready: Callable[[], Any], timeout: float = 60.0) -> None:
         """Polls ready() until truthy; fails early with the log tail if a component died."""
