@@ -116,10 +116,11 @@ class RecordingCluster(Cluster):
         self.calls.append(("list", out.resource_version))
         return out
 
-    def create_job(self, body: dict):
-        for hook in self.before_create:
-            hook(body)
-        return super().create_job(body)
+    def create_job(self, body: dict, dry_run: bool = False):
+        if not dry_run:  # the start-up dry runs of every stage store nothing: hooks are for real creates
+            for hook in self.before_create:
+                hook(body)
+        return super().create_job(body, dry_run=dry_run)
 
     def watch_jobs(self, label_selector: str, resource_version: str, timeout_seconds: int) -> Iterator[dict]:
         if self.expire_next_watch.is_set():
