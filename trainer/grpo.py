@@ -40,6 +40,7 @@ from trainer import checkpoint as ckpt
 from trainer.contract import output as contract
 from trainer.r1.data import DataArgs, DataError, Example
 from trainer.r1.format import format_prompt, stop_sequences
+from trainer.r1.lengths import prompt_ids
 from trainer.r1.rewards import DEFAULT_REWARD_FUNCS, REWARD_FUNCS, accuracy_reward, format_reward, score
 from trainer.r1.scoring import evaluate_model
 from trainer.rl.logprobs import completion_logprobs
@@ -51,9 +52,11 @@ from trainer.runtime import (
     MetricsLogger,
     Preemption,
     TrainingArgs,
+    agree_on_setup,
     all_reduce_,
     args_dict,
     autocast,
+    bad_input_exit,
     broadcast_,
     clip_gradients,
     init_distributed,
@@ -104,7 +107,10 @@ class GRPOArgs(TrainingArgs):
     )
     num_iterations: int = field(default=1, metadata={"help": "Optimizer steps per rollout batch (mu)"})
     max_prompt_length: int = field(
-        default=512, metadata={"help": "Prompts longer than this (tokens) are an error"}
+        default=512,
+        metadata={
+            "help": "Prompts longer than this (tokens) are an error before step 0 (--skip_bad_rows drops them)"
+        },
     )
     max_completion_length: int = field(default=256, metadata={"help": "New tokens per completion"})
     dynamic_sampling: bool = field(
@@ -235,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         args.validate()
         return train(data_args, args)
     except (ArgsError, DataError, contract.StageOutputError) as e:
-        print(f"r1-grpo grpo: error: {e}", flush=True)
-        return 2
+        return bad_input_exit("r1-grpo grpo", e)
 
 
 def train(data_args: DataArgs, args: GRPOArgs) -> int:
@@ -252,10 +257,16 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
     ref_model = None
     if args.beta > 0:  # frozen copy of the starting policy for the KL term
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    train_examples, _ = data_args.load_train(seed=args.seed)
+    # Every prompt tokenized and length-checked now, the same on every rank, not when first sampled.
+    limits = dict(max_prompt_length=args.max_prompt_length, skip=data_args.skip_bad_rows)
+    train_examples, report = data_args.load_train(seed=args.seed)
+    train_examples, prompt_cache = prompt_ids(tokenizer, train_examples, report=report, **limits)
     eval_examples: list[Example] = []
     if args.evaluation_strategy != "no":
-        eval_examples, _ = data_args.load_eval()
+        eval_examples, eval_report = data_args.load_eval()
+        eval_examples, _ = prompt_ids(
+            tokenizer, eval_examples, report=eval_report, cache=prompt_cache, **limits
+        )
 
     prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
     rollouts_per_epoch = len(train_examples) // (prompts_per_step * dist.world_size)
@@ -269,6 +280,7 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
     else:
         total_steps = max(1, int(rollouts_per_epoch * args.num_train_epochs)) * args.num_iterations
 
+    agree_on_setup()
     booster, _ = make_booster(args)
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args, total_steps)
@@ -289,7 +301,6 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
         _drop_samples_after(output_dir / "samples.jsonl", step)
     preemption = Preemption()
     bar = progress(total_steps, step, "grpo", dist)
-    prompt_cache: dict[str, list[int]] = {}
     rollout: Rollout | None = None
     last_eval: dict[str, float] = {}
 
@@ -340,7 +351,7 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
             at_cycle_end and args.max_train_seconds > 0 and out_of_time(loop_started, args.max_train_seconds)
         )
         if args.evaluation_strategy == "steps" and step % args.eval_steps == 0 and eval_examples:
-            last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist)
+            last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache)
             metrics.log(step, last_eval)
         if step % args.logging_steps == 0 or step == total_steps or out_of_budget:
             record = reduce_step_metrics(rollout, train_stats, timings, dist)
@@ -394,7 +405,7 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
     bar.close()
 
     if eval_examples and args.evaluation_strategy != "no":
-        last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist)
+        last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache)
     ckpt.save_final_model(booster, model, tokenizer, output_dir, dist, full_replica=args.plugin == "ddp")
     if dist.rank == 0:
         final = {**_last_logged(output_dir), **last_eval, "runtime_s": round(time.time() - started, 2)}
@@ -840,8 +851,16 @@ def log_samples(output_dir: Path, step: int, rollout: Rollout, n: int, dist) -> 
     )
 
 
-def evaluate_sharded(model, tokenizer, examples: list[Example], args: GRPOArgs, dist) -> dict[str, float]:
-    """Greedy accuracy on the eval split, each rank a shard, reduced to global means."""
+def evaluate_sharded(
+    model,
+    tokenizer,
+    examples: list[Example],
+    args: GRPOArgs,
+    dist,
+    prompts: dict[str, list[int]] | None = None,
+) -> dict[str, float]:
+    """Greedy accuracy on the eval split, each rank a shard, reduced to global means (``prompts``: the
+    token ids of the examples' prompts, from :func:`trainer.r1.lengths.prompt_ids`)."""
     unwrapped = model.unwrap() if hasattr(model, "unwrap") else model
     mine = examples[dist.rank :: dist.world_size]
     result = evaluate_model(
@@ -853,6 +872,7 @@ def evaluate_sharded(model, tokenizer, examples: list[Example], args: GRPOArgs, 
         max_new_tokens=args.max_completion_length,
         batch_size=args.inference_batch_size * 4,
         seed=args.seed,
+        prompt_ids=prompts,
     )
     n = len(result.records)
     vec = all_reduce_(
