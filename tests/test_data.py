@@ -1121,3 +1121,133 @@ def test_format_prompt_with_chat_template() -> None:
 def test_format_prompt_template_without_system_role() -> None:
     prompt = format_prompt(_tokenizer(NO_SYSTEM_TEMPLATE), "q")
     assert prompt == f"<|user|>{R1_SYSTEM_PROMPT}\n\nq<|end|><|assistant|>"
+
+
+# --------------------------------------------------------------------------------------------------
+# Token lengths (trainer.r1.lengths): checked once, before training
+# --------------------------------------------------------------------------------------------------
+
+
+def _tiny_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _problems_of_words(counts: list[int]) -> list[Example]:
+    words = re.findall(r"\S+", "Let the triangle ABC have sides a, b and c with area K; find the value of x.")
+    return [
+        Example(" ".join(words[j % len(words)] for j in range(n)), "r", "1", f"m.jsonl:train:row {i}")
+        for i, n in enumerate(counts)
+    ]
+
+
+def _one_by_one(tok, examples: list[Example]) -> list[int]:
+    return [
+        len(tok(format_prompt(tok, ex.problem), add_special_tokens=False)["input_ids"]) for ex in examples
+    ]
+
+
+def test_overlong_prompts_are_one_error_naming_the_first_rows(tiny_model_dir: Path) -> None:
+    from trainer.r1.lengths import LengthError, prompt_ids
+
+    tok = _tiny_tokenizer(tiny_model_dir)
+    examples = _problems_of_words([5, 400, 10, 300, 350, 320, 310, 330, 340, 8])
+    tokens = _one_by_one(tok, examples)
+    limit = 200
+    over = [i for i, n in enumerate(tokens) if n > limit]
+    assert len(over) == 7 and min(tokens[i] for i in over) > limit >= max(tokens[0], tokens[2], tokens[9])
+    with pytest.raises(LengthError) as e:
+        prompt_ids(tok, examples, max_prompt_length=limit)
+    first = ", ".join(f"m.jsonl:train:row {i} ({tokens[i]} tokens)" for i in over[:5])
+    assert str(e.value) == (
+        f"m.jsonl:train: 7 of 10 prompts are longer than --max_prompt_length {limit} tokens: {first}, and 2 more; "
+        f"pass --skip_bad_rows true to drop them, or raise --max_prompt_length "
+        f"(the longest is {max(tokens)} tokens)"
+    )
+    assert isinstance(e.value, DataError)  # the stages' bad-input path: exit code 2
+
+
+def test_overlong_prompts_skipped_are_counted_in_the_load_report(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from trainer.r1.lengths import LengthError, prompt_ids
+
+    tok = _tiny_tokenizer(tiny_model_dir)
+    examples = _problems_of_words([5, 400, 10, 300, 5])  # row 4 repeats row 0's problem
+    path = write_jsonl(
+        tmp_path / "m.jsonl", [{"problem": ex.problem, "solution": "\\boxed{1}"} for ex in examples]
+    )
+    loaded, report = load_examples(str(path), "train")
+    tokens = _one_by_one(tok, loaded)
+    with caplog.at_level(logging.WARNING, logger="trainer.r1.lengths"):
+        kept, cache = prompt_ids(tok, loaded, max_prompt_length=200, skip=True, report=report)
+    assert [ex.source for ex in kept] == [f"{path}:train:row {i}" for i in (0, 2, 4)]
+    line = (
+        f"{path}:train (math schema): 5 rows read, 3 kept, 2 skipped "
+        "(2 x prompt longer than --max_prompt_length 200 tokens)"
+    )
+    assert report.summary() == line and line in caplog.text
+    assert (report.kept, report.skipped) == (3, 2)
+    # The ids are the prompts' own (as one-by-one tokenization gives them), kept once per problem text.
+    assert set(cache) == {ex.problem for ex in kept}
+    assert [len(cache[ex.problem]) for ex in kept] == [tokens[0], tokens[2], tokens[4]]
+    assert (
+        cache[kept[0].problem]
+        == tok(format_prompt(tok, kept[0].problem), add_special_tokens=False)["input_ids"]
+    )
+    # A problem already in the cache is not tokenized again (the cached ids decide).
+    fake = {examples[0].problem: [7] * 201}
+    kept, cache = prompt_ids(tok, examples[:1] + examples[2:3], max_prompt_length=200, skip=True, cache=fake)
+    assert [ex.source for ex in kept] == ["m.jsonl:train:row 2"] and cache is fake
+    with pytest.raises(LengthError, match="all 2 prompts are longer than --max_prompt_length 5 tokens"):
+        prompt_ids(tok, examples[:2], max_prompt_length=5, skip=True)
+
+
+def test_dropped_rows_are_counted_against_their_mixture_source(tmp_path: Path) -> None:
+    gsm = write_jsonl(tmp_path / "gsm8k.jsonl", _numbered_gsm8k(4))
+    math_ = write_jsonl(tmp_path / "math.jsonl", _numbered_math(4))
+    examples, report = load_examples(f"{gsm}:1,{math_}:1", "train", weighted=True, seed=0)
+    dropped = [ex.source for ex in examples if ex.source.startswith(str(math_))][:2]
+    report.drop(dropped, "prompt longer than --max_prompt_length 9 tokens")
+    assert (report.kept, report.skipped) == (6, 2)
+    assert report.skipped_reasons == {f"{math_}: prompt longer than --max_prompt_length 9 tokens": 2}
+    assert report.mixture == {str(gsm): 4, str(math_): 2}
+    assert f"mixture: {gsm} 4 of 4, {math_} 2 of 4" in report.summary()
+
+
+def test_sft_sequences_truncate_with_a_warning_and_refuse_prompts_without_room(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from trainer.r1.lengths import LengthError, sft_sequences
+
+    tok = _tiny_tokenizer(tiny_model_dir)
+    examples = [
+        Example("Compute 1 + 2.", "1 + 2 = 3", "3", "s.jsonl:train:row 0"),
+        Example("Compute 12 + 30.", "12 + 30 = 42 " * 20, "42", "s.jsonl:train:row 1"),
+        Example("Compute 5 + 5. " * 30, "5 + 5 = 10", "10", "s.jsonl:train:row 2"),
+    ]
+    prompts = _one_by_one(tok, examples)
+    completions = [
+        len(tok(format_completion(ex.reasoning, ex.answer), add_special_tokens=False)["input_ids"])
+        for ex in examples
+    ]
+    full = [p + c + 1 for p, c in zip(prompts, completions, strict=True)]
+    limit = full[0] + 5
+    assert prompts[2] >= limit > full[0] and full[1] > limit > prompts[1]
+    with pytest.raises(LengthError) as e:
+        sft_sequences(tok, examples, max_seq_length=limit)
+    assert str(e.value).startswith(
+        f"s.jsonl:train: 1 of 3 prompts leave no room for a completion within --max_seq_length {limit} tokens: "
+        f"s.jsonl:train:row 2 ({prompts[2]} tokens); pass --skip_bad_rows true"
+    )
+    with caplog.at_level(logging.WARNING, logger="trainer.r1.lengths"):
+        seqs = sft_sequences(tok, examples, max_seq_length=limit, skip=True)
+    assert [ex.source for ex in seqs.examples] == ["s.jsonl:train:row 0", "s.jsonl:train:row 1"]
+    assert [len(ids) for ids, _ in seqs.rows] == [full[0], limit]
+    assert [n for _, n in seqs.rows] == prompts[:2]
+    assert [(t.source, t.tokens) for t in seqs.truncated] == [("s.jsonl:train:row 1", full[1])]
+    assert (
+        f"s.jsonl:train: 1 of 2 sequences (prompt + completion) are longer than --max_seq_length {limit} tokens "
+        f"and are truncated to it, losing the end of their completion: s.jsonl:train:row 1 ({full[1]} tokens)"
+    ) in caplog.text

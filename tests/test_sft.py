@@ -324,7 +324,7 @@ def test_bf16_autocast_runs_on_cpu(tiny_model_dir: Path) -> None:
 def test_labels_cover_completion_tokens_only(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from trainer.r1.data import Example
+    from trainer.r1.data import DataError, Example
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     examples = [
@@ -348,7 +348,10 @@ def test_labels_cover_completion_tokens_only(tiny_model_dir: Path) -> None:
     limit = max(r.prompt_len for r in rows) + 2
     short, truncated = sft.tokenize_examples(examples, tok, max_seq_length=limit)
     assert truncated == 2 and [len(r.input_ids) for r in short] == [limit, limit]
-    with pytest.raises(ArgsError, match="t:0: prompt alone is longer than --max_seq_length 5"):
+    with pytest.raises(
+        DataError,
+        match=r"2 of 2 prompts leave no room for a completion within --max_seq_length 5 tokens: t:0 ",
+    ):
         sft.tokenize_examples(examples, tok, max_seq_length=5)
 
 

@@ -24,8 +24,9 @@ import torch.distributed as td
 from trainer.contract import output as contract
 from trainer.lifecycle import barrier, open_stage, run_cli
 from trainer.r1.data import DataArgs
+from trainer.r1.lengths import prompt_ids
 from trainer.r1.scoring import evaluate_model, summarize
-from trainer.runtime import ArgsError, load_model_and_tokenizer
+from trainer.runtime import ArgsError, agree_on_setup, load_model_and_tokenizer
 
 logger = logging.getLogger("r1_grpo.eval")
 
@@ -41,6 +42,13 @@ class EvalArgs:
     )
     inference_batch_size: int = field(
         default=64, metadata={"help": "Problems generated together (each with k samples)"}
+    )
+    max_prompt_length: int = field(
+        default=1024,
+        metadata={
+            "help": "Prompts longer than this (tokens) are an error before generating (--skip_bad_rows "
+            "drops them; they are counted in skipped_rows)"
+        },
     )
     max_completion_length: int = field(default=256, metadata={"help": "New tokens per completion"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy (only with k = 1)"})
@@ -61,6 +69,8 @@ class EvalArgs:
             raise ArgsError("--num_samples_per_problem must be >= 1")
         if self.inference_batch_size < 1 or self.max_completion_length < 1:
             raise ArgsError("--inference_batch_size and --max_completion_length must be >= 1")
+        if self.max_prompt_length < 1:
+            raise ArgsError(f"--max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if self.temperature < 0:
             raise ArgsError("--temperature must be >= 0")
         if self.temperature == 0 and self.num_samples_per_problem > 1:
@@ -82,6 +92,14 @@ def run(data_args: DataArgs, args: EvalArgs) -> int:
         args.model_name_or_path, args, device, dtype=torch.bfloat16 if args.bf16 else None
     )
     examples, report = data_args.load_eval()
+    examples, prompts = prompt_ids(
+        tokenizer,
+        examples,
+        max_prompt_length=args.max_prompt_length,
+        skip=data_args.skip_bad_rows,
+        report=report,
+    )
+    agree_on_setup()
     mine = examples[dist.rank :: dist.world_size]
     result = evaluate_model(
         model,
@@ -94,6 +112,7 @@ def run(data_args: DataArgs, args: EvalArgs) -> int:
         batch_size=args.inference_batch_size,
         seed=args.seed + dist.rank,
         show_progress=dist.rank == 0,
+        prompt_ids=prompts,
     )
     records = result.records
     if dist.world_size > 1:

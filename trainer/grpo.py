@@ -38,6 +38,7 @@ import torch.distributed as td
 from trainer.lifecycle import Stage, run_cli
 from trainer.r1.data import DataArgs, Example
 from trainer.r1.format import format_prompt, stop_sequences
+from trainer.r1.lengths import prompt_ids
 from trainer.r1.rewards import DEFAULT_REWARD_FUNCS, REWARD_FUNCS, accuracy_reward, format_reward, score
 from trainer.r1.scoring import evaluate_model
 from trainer.rl.logprobs import completion_logprobs, unwrap_model
@@ -64,6 +65,7 @@ from trainer.runtime import (
     PREEMPTED_EXIT_CODE,
     ArgsError,
     TrainingArgs,
+    agree_on_setup,
     all_reduce_,
     autocast,
     broadcast_,
@@ -109,7 +111,10 @@ class GRPOArgs(TrainingArgs):
     )
     num_iterations: int = field(default=1, metadata={"help": "Optimizer steps per rollout batch (mu)"})
     max_prompt_length: int = field(
-        default=512, metadata={"help": "Prompts longer than this (tokens) are an error"}
+        default=512,
+        metadata={
+            "help": "Prompts longer than this (tokens) are an error before step 0 (--skip_bad_rows drops them)"
+        },
     )
     max_completion_length: int = field(default=256, metadata={"help": "New tokens per completion"})
     dynamic_sampling: bool = field(
@@ -201,10 +206,16 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
     ref_model = None
     if args.beta > 0:  # frozen copy of the starting policy for the KL term
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    train_examples, _ = data_args.load_train(seed=args.seed)
+    # Every prompt tokenized and length-checked now, the same on every rank, not when first sampled.
+    limits = dict(max_prompt_length=args.max_prompt_length, skip=data_args.skip_bad_rows)
+    train_examples, report = data_args.load_train(seed=args.seed)
+    train_examples, prompt_cache = prompt_ids(tokenizer, train_examples, report=report, **limits)
     eval_examples: list[Example] = []
     if args.evaluation_strategy != "no":
-        eval_examples, _ = data_args.load_eval()
+        eval_examples, eval_report = data_args.load_eval()
+        eval_examples, _ = prompt_ids(
+            tokenizer, eval_examples, report=eval_report, cache=prompt_cache, **limits
+        )
 
     prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
     rollouts_per_epoch = len(train_examples) // (prompts_per_step * dist.world_size)
@@ -217,6 +228,7 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
         )
     else:
         total_steps = max(1, int(rollouts_per_epoch * args.num_train_epochs)) * args.num_iterations
+    agree_on_setup()
     model = stage.boost(model, total_steps)
     generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + dist.rank)
     state = stage.resume({"sampling": generator})
@@ -224,7 +236,6 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
     stream = PromptStream(train_examples, args.seed, dist.rank, dist.world_size, position)
     if dist.rank == 0:
         drop_records_after(stage.output_dir / "samples.jsonl", stage.step)
-    prompt_cache: dict[str, list[int]] = {}
     rollout: Rollout | None = None
     last_eval: dict[str, float] = {}
 
@@ -280,7 +291,7 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
             at_cycle_end and args.max_train_seconds > 0 and out_of_time(loop_started, args.max_train_seconds)
         )
         if args.evaluation_strategy == "steps" and step % args.eval_steps == 0 and eval_examples:
-            last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist)
+            last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache)
             stage.log(last_eval)
         if step % args.logging_steps == 0 or step == total_steps or out_of_budget:
             record = reduce_step_metrics(rollout, train_stats, timings, dist)
@@ -299,7 +310,7 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
     stage.bar.close()
 
     if eval_examples and args.evaluation_strategy != "no":
-        last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist)
+        last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache)
 
     def final_metrics(runtime_s: float) -> dict[str, float]:
         last = stage.metrics.last("reward_mean")
@@ -607,8 +618,16 @@ def log_samples(output_dir: Path, step: int, rollout: Rollout, n: int, dist) -> 
     )
 
 
-def evaluate_sharded(model, tokenizer, examples: list[Example], args: GRPOArgs, dist) -> dict[str, float]:
-    """Greedy accuracy on the eval split, each rank a shard, reduced to global means."""
+def evaluate_sharded(
+    model,
+    tokenizer,
+    examples: list[Example],
+    args: GRPOArgs,
+    dist,
+    prompts: dict[str, list[int]] | None = None,
+) -> dict[str, float]:
+    """Greedy accuracy on the eval split, each rank a shard, reduced to global means (``prompts``: the
+    token ids of the examples' prompts, from :func:`trainer.r1.lengths.prompt_ids`)."""
     unwrapped = unwrap_model(model)
     mine = examples[dist.rank :: dist.world_size]
     result = evaluate_model(
@@ -620,6 +639,7 @@ def evaluate_sharded(model, tokenizer, examples: list[Example], args: GRPOArgs, 
         max_new_tokens=args.max_completion_length,
         batch_size=args.inference_batch_size * 4,
         seed=args.seed,
+        prompt_ids=prompts,
     )
     n = len(result.records)
     vec = all_reduce_(

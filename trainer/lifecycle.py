@@ -36,6 +36,7 @@ from trainer.runtime import (
     Preemption,
     TrainingArgs,
     args_dict,
+    bad_input_exit,
     clip_gradients,
     init_distributed,
     make_booster,
@@ -46,8 +47,6 @@ from trainer.runtime import (
     setup_logging,
 )
 
-BAD_INPUT_EXIT_CODE = 2
-
 
 def run_cli(prog: str, arg_types: tuple[type, ...], argv: list[str] | None, body: Callable[..., int]) -> int:
     """Parse and validate the flags, run ``body(*parsed)``; a bad input (flag, dataset, stage folder) is
@@ -57,8 +56,7 @@ def run_cli(prog: str, arg_types: tuple[type, ...], argv: list[str] | None, body
         parsed[-1].validate()
         return body(*parsed)
     except (ArgsError, DataError, contract.StageOutputError) as e:
-        print(f"{prog}: error: {e}", flush=True)
-        return BAD_INPUT_EXIT_CODE
+        return bad_input_exit(prog, e)  # the same verdict and message on every rank
 
 
 def open_stage(output_dir: str, seed: int, colossal: bool = True) -> tuple[Dist, Any, Path]:

@@ -128,11 +128,20 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: 
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False)
+    argparse_error = parser.error
+
+    def error(message: str):
+        _write_elastic_error_file(f"{prog}: error: {message}")  # torchrun's failure summary shows it
+        argparse_error(message)
+
+    parser.error = error  # type: ignore[method-assign]
     argv = sys.argv[1:] if argv is None else argv
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except SystemExit as e:  # argparse already printed "prog: error: ..."
         raise SystemExit(2 if e.code else 0) from None
+    except ValueError as e:  # an args dataclass refused a value (ArgsError, DataError); it names the flag
+        parser.error(str(e))
     *objs, remaining = parsed
     if remaining:
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
@@ -189,6 +198,8 @@ def init_distributed(seed: int, colossal: bool = True) -> tuple[Dist, Any]:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(_free_port()),
         )
+    global _setup_agreed
+    _setup_agreed = False
     cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
         if colossal:
@@ -217,7 +228,6 @@ def set_seed(seed: int) -> None:
 
 def make_booster(args: TrainingArgs):
     """The Colossal-AI Booster for `--plugin`; everything but ddp needs CUDA."""
-    import torch
     from colossalai.booster import Booster
     from colossalai.booster.plugin import (
         GeminiPlugin,
@@ -226,8 +236,7 @@ def make_booster(args: TrainingArgs):
         TorchDDPPlugin,
     )
 
-    if args.plugin != "ddp" and not torch.cuda.is_available():
-        raise ArgsError(f"--plugin {args.plugin} needs CUDA GPUs; on CPU use --plugin ddp")
+    _require_cuda_for_plugin(args)
     precision = "bf16" if args.bf16 else "fp32"
     clip = args.max_grad_norm
     if args.plugin == "ddp":
@@ -271,6 +280,7 @@ def load_model_and_tokenizer(name_or_path: str, args: TrainingArgs, device: Any,
 
     from trainer.r1.builtin import resolve_model
 
+    check_device_flags(args)
     if args.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -289,6 +299,38 @@ def load_model_and_tokenizer(name_or_path: str, args: TrainingArgs, device: Any,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model.to(device), tokenizer
+
+
+def check_device_flags(args: Any) -> None:
+    """Refuse (ArgsError) what this machine cannot run and say what a flag does here, before any work.
+
+    On CPU: ``--plugin`` other than ddp needs CUDA (refused); ``--tf32`` is a CUDA matmul mode (Ampere or
+    newer) and changes nothing (said, then ignored); ``--bf16`` runs as bfloat16 autocast (DDP) or a
+    bfloat16 model (eval), which CPUs without bf16 instructions emulate slowly (said);
+    ``--gradient_checkpointing`` works as on GPU.
+    """
+    import torch
+
+    _require_cuda_for_plugin(args)
+    if torch.cuda.is_available():
+        return
+    if args.tf32:
+        logger.warning(
+            "--tf32 True has no effect on CPU: TF32 is a CUDA matmul mode (Ampere or newer GPUs); "
+            "float32 matmuls stay float32"
+        )
+    if args.bf16:
+        logger.info(
+            "--bf16 True on CPU: bfloat16 compute on the CPU (slow on CPUs without bf16 instructions)"
+        )
+
+
+def _require_cuda_for_plugin(args: Any) -> None:
+    import torch
+
+    plugin = getattr(args, "plugin", "ddp")  # evaluation has no Booster
+    if plugin != "ddp" and not torch.cuda.is_available():
+        raise ArgsError(f"--plugin {plugin} needs CUDA GPUs; on CPU use --plugin ddp")
 
 
 def best_attention() -> str:
@@ -503,3 +545,84 @@ def progress(total: int, initial: int, desc: str, dist: Dist):
 
 def public_fields(obj: Any) -> list[str]:
     return [f.name for f in fields(obj)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: the same verdict, error and exit code on every rank
+
+BAD_INPUT_EXIT_CODE = 2
+_setup_agreed = False  # agree_on_setup() has run in this process group
+
+
+class AgreedError(ArgsError):
+    """Bad input found during set-up on some rank, raised on every rank by :func:`agree_on_setup`."""
+
+
+def agree_on_setup(error: BaseException | None = None) -> None:
+    """The end of a stage's set-up (flags, model, data, token lengths), before its first collective.
+
+    Every rank says whether its set-up failed on bad input (``error``, passed by :func:`bad_input_exit`);
+    when any did, every rank raises the same :class:`AgreedError`, with the lowest failing rank's message.
+    So a rank that fails alone (a file another node does not have) cannot leave the others waiting in a
+    collective or failing later on another row. A no-op in a world of one (``error`` is raised as it is).
+    """
+    import torch.distributed as td
+
+    global _setup_agreed
+    if not td.is_initialized() or td.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    _setup_agreed = True
+    said: list[Any] = [None] * td.get_world_size()
+    td.all_gather_object(said, None if error is None else str(error))
+    failed = [(rank, message) for rank, message in enumerate(said) if message is not None]
+    if not failed:
+        return
+    rank, message = failed[0]
+    if len(failed) < len(said) or len({m for _, m in failed}) > 1:
+        message = f"on rank {rank}: {message}"
+    raise AgreedError(message)
+
+
+def bad_input_exit(prog: str, error: BaseException) -> int:
+    """``<prog>: error: <message>`` and exit code 2, the same on every rank.
+
+    Set-up errors go through :func:`agree_on_setup` first (the other ranks meet this rank there); then
+    rank 0 alone prints, and no rank exits before it has (torchrun stops the others at the first exit).
+    Under torchrun the message also goes to the worker's error file, so torchrun's closing failure
+    summary shows it instead of "To enable traceback see ...".
+    """
+    import torch.distributed as td
+
+    distributed = td.is_initialized() and td.get_world_size() > 1
+    if distributed and not _setup_agreed and not isinstance(error, AgreedError):
+        try:
+            agree_on_setup(error)
+        except AgreedError as agreed:
+            error = agreed
+    message = f"{prog}: error: {error}"
+    _write_elastic_error_file(message)
+    if distributed and isinstance(error, AgreedError):
+        # torchrun stops the other workers when the first one exits: they exit 2 too, having the verdict.
+        with contextlib.suppress(ValueError):  # not the main thread: keep the default handler
+            signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(BAD_INPUT_EXIT_CODE))
+        if td.get_rank() == 0:
+            print(message, flush=True)
+        td.barrier()
+    else:
+        print(message, flush=True)
+    return BAD_INPUT_EXIT_CODE
+
+
+def _write_elastic_error_file(message: str) -> None:
+    """The error file torchrun's agent reads when a worker fails (TORCHELASTIC_ERROR_FILE), in the layout
+    of torch.distributed.elastic's ``@record``; written to a temporary name, then renamed."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        Path(tmp).write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, path)

@@ -21,12 +21,12 @@ import torch
 import torch.distributed as td
 
 from trainer.lifecycle import Stage, run_cli
-from trainer.r1.data import DataArgs
-from trainer.r1.format import format_completion, format_prompt
+from trainer.r1.data import DataArgs, LoadReport
+from trainer.r1.lengths import sft_sequences
 from trainer.runtime import (
     PREEMPTED_EXIT_CODE,
-    ArgsError,
     TrainingArgs,
+    agree_on_setup,
     all_reduce_,
     autocast,
     load_model_and_tokenizer,
@@ -40,7 +40,11 @@ IGNORE_INDEX = -100
 @dataclass
 class SFTArgs(TrainingArgs):
     max_seq_length: int = field(
-        default=1024, metadata={"help": "Longest prompt+completion in tokens; longer rows are truncated"}
+        default=1024,
+        metadata={
+            "help": "Longest prompt+completion in tokens; longer rows are truncated (logged), a prompt that "
+            "leaves no room for the completion is an error (--skip_bad_rows drops it)"
+        },
     )
 
 
@@ -50,22 +54,13 @@ class TokenizedRow:
     prompt_len: int  # tokens before the completion; only later positions are trained on
 
 
-def tokenize_examples(examples, tokenizer, max_seq_length: int) -> tuple[list[TokenizedRow], int]:
-    """Prompt (chat template + R1 system prompt) and completion (+EOS) ids; returns rows and #truncated."""
-    rows, truncated = [], 0
-    for ex in examples:
-        prompt = tokenizer(format_prompt(tokenizer, ex.problem), add_special_tokens=False)["input_ids"]
-        completion = tokenizer(format_completion(ex.reasoning, ex.answer), add_special_tokens=False)[
-            "input_ids"
-        ]
-        ids = prompt + completion + [tokenizer.eos_token_id]
-        if len(ids) > max_seq_length:
-            truncated += 1
-            ids = ids[:max_seq_length]
-        if len(ids) <= len(prompt):
-            raise ArgsError(f"{ex.source}: prompt alone is longer than --max_seq_length {max_seq_length}")
-        rows.append(TokenizedRow(ids, len(prompt)))
-    return rows, truncated
+def tokenize_examples(
+    examples, tokenizer, max_seq_length: int, skip: bool = False, report: LoadReport | None = None
+) -> tuple[list[TokenizedRow], int]:
+    """Prompt (chat template + R1 system prompt) and completion (+EOS) ids, checked against
+    --max_seq_length (trainer.r1.lengths.sft_sequences); returns rows and #truncated."""
+    sequences = sft_sequences(tokenizer, examples, max_seq_length=max_seq_length, skip=skip, report=report)
+    return [TokenizedRow(ids, prompt_len) for ids, prompt_len in sequences.rows], len(sequences.truncated)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -141,11 +136,12 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
     dist, device = stage.dist, stage.device
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args, device)
     train_examples, report = data_args.load_train(seed=args.seed, require_solutions=True)
-    train_rows, truncated = tokenize_examples(train_examples, tokenizer, args.max_seq_length)
+    skip = data_args.skip_bad_rows
+    train_rows, truncated = tokenize_examples(train_examples, tokenizer, args.max_seq_length, skip, report)
     eval_rows: list[TokenizedRow] = []
     if args.evaluation_strategy != "no":
-        eval_examples, _ = data_args.load_eval(require_solutions=True)
-        eval_rows, _ = tokenize_examples(eval_examples, tokenizer, args.max_seq_length)
+        eval_examples, eval_report = data_args.load_eval(require_solutions=True)
+        eval_rows, _ = tokenize_examples(eval_examples, tokenizer, args.max_seq_length, skip, eval_report)
     logger.info(
         "train rows: %d (skipped %d bad, truncated %d); eval rows: %d",
         len(train_rows),
@@ -158,6 +154,7 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
     micro_per_epoch = len(train_rows) // global_micro
     total_steps = total_optimizer_steps(args, micro_per_epoch)
     steps_per_epoch = max(1, micro_per_epoch // args.gradient_accumulation_steps)
+    agree_on_setup()
     model = stage.boost(model, total_steps)
     stage.resume()
     pad_id = tokenizer.pad_token_id

@@ -34,7 +34,7 @@ BUILTIN_PREFIX = "builtin:"
 TASKS = ("arith", "arith-teacher")
 TINY_MODELS = {"tiny": "llama", "tiny-llama": "llama", "tiny-qwen2": "qwen2"}
 # Bump when the builder changes so cached copies are rebuilt.
-TINY_VERSION = 2
+TINY_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,9 @@ def build_tokenizer(vocab_size: int = 1024):
         pad_token="<pad>",
         padding_side="left",
         model_max_length=1024,
+        # A causal LM takes no token_type_ids: `model.generate(**tokenizer(text, return_tensors="pt"))`
+        # (the usual inference snippet) refuses them.
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 

@@ -142,6 +142,18 @@ class LoadReport:
             text += f"; mixture: {', '.join(parts)}"
         return text
 
+    def drop(self, sources: Sequence[str], reason: str) -> None:
+        """Count examples dropped after loading (``sources``: their ``Example.source``) as skipped rows,
+        for ``reason``; in a mixture each is counted against the source it came from."""
+        for where in sources:
+            origin = next((r for r in self.sources if where.startswith(f"{r.dataset}:{r.split}:row ")), None)
+            key = reason if origin is None else f"{origin.dataset}: {reason}"
+            self.skipped_reasons[key] = self.skipped_reasons.get(key, 0) + 1
+            if origin is not None and origin.dataset in self.mixture:
+                self.mixture[origin.dataset] -= 1
+        self.skipped += len(sources)
+        self.kept -= len(sources)
+
 
 def _optional_positive(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):

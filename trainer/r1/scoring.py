@@ -6,6 +6,7 @@ Shared by the eval stage, GRPO's periodic held-out evaluation and the local pipe
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +44,12 @@ def evaluate_model(
     batch_size: int = 64,
     seed: int = 1234,
     show_progress: bool = False,
+    prompt_ids: Mapping[str, list[int]] | None = None,
 ) -> EvalResult:
-    """Generate k completions per example and score them; single process (callers shard)."""
+    """Generate k completions per example and score them; single process (callers shard).
+
+    ``prompt_ids`` maps problem texts to their prompts' token ids (:func:`trainer.r1.lengths.prompt_ids`,
+    which also checked their lengths); problems not in it are tokenized here."""
     import torch  # the model's side; this module's own scoring needs no torch
 
     with torch.no_grad():
@@ -60,6 +65,7 @@ def evaluate_model(
             batch_size=batch_size,
             seed=seed,
             show_progress=show_progress,
+            prompt_ids=prompt_ids or {},
         )
 
 
@@ -76,6 +82,7 @@ def _evaluate_model(
     batch_size,
     seed,
     show_progress,
+    prompt_ids,
 ) -> EvalResult:
     from trainer.rl.sampling import sample_groups
 
@@ -87,7 +94,9 @@ def _evaluate_model(
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [
-            tokenizer(format_prompt(tokenizer, ex.problem), add_special_tokens=False)["input_ids"]
+            prompt_ids[ex.problem]
+            if ex.problem in prompt_ids
+            else tokenizer(format_prompt(tokenizer, ex.problem), add_special_tokens=False)["input_ids"]
             for ex in chunk
         ]
         out = sample_groups(
