@@ -38,7 +38,7 @@ bench-learning: setup
 	$(BIN)/python bench/learning.py
 
 manifests: setup
-	$(BIN)/python tests/helmtool.py manifests
+	$(BIN)/python tests/support/helmtool.py manifests
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -1,7 +1,7 @@
 """Stage hand-off latency and API cost of the controller, against the fake API server.
 
-For each run of sft -> grpo -> eval (the fake training operator from tests/fake_apiserver.py plays the
-operator and the trainer), it measures
+For each run of sft -> grpo -> eval (the fake training operator from tests/support/fake_apiserver.py plays
+the operator and the trainer), it measures
 
 * latency: from the moment the operator sets a job's Succeeded condition to the moment the controller's
   request creating the next stage's job reaches the API server (for the last stage: its status write saying
@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kubernetes import client  # noqa: E402
 
-from tests.fake_apiserver import FakeApiServer, FakeTrainingOperator, stages_configmap  # noqa: E402
+from tests.support.fake_apiserver import FakeApiServer, FakeTrainingOperator, stages_configmap  # noqa: E402
+from trainer.contract.stages import STAGES
 from trainer.executors.kubernetes.cluster import USER_AGENT, Cluster
 from trainer.executors.kubernetes.controller import Controller
 from trainer.executors.kubernetes.spec import EXIT_SUCCEEDED, ControllerConfig
 
-STAGES = ("sft", "grpo", "eval")
 RELEASE, NS = "bench", "bench"
 
 

@@ -1,4 +1,4 @@
-"""charts/r1-grpo and manifests/, checked with the real helm 3 and helm 4 binaries (tests/helmtool.py).
+"""charts/r1-grpo and manifests/, checked with the real helm 3 and 4 binaries (tests/support/helmtool.py).
 
 Every rendered Kubernetes resource is validated strictly (kubernetes-validate), every PyTorchJob of the
 stages ConfigMap strictly against the kubeflow-training SDK models and, when ../shared has it, the
@@ -25,7 +25,7 @@ import pytest
 import yaml
 from kubeflow.training.api_client import ApiClient
 
-from tests.helmtool import (
+from tests.support.helmtool import (
     CHART_DIR,
     CRD_PATH,
     MANIFESTS_DIR,
@@ -43,7 +43,17 @@ from tests.helmtool import (
     stage_jobs,
     write_manifests,
 )
-from trainer.contract.stages import args_to_cli
+from trainer.contract.stages import (
+    STAGE_MODULES,
+    STAGES,
+    PipelineConfig,
+    StageConfig,
+    args_to_cli,
+    model_sources,
+    plan,
+)
+from trainer.executors.kubernetes.spec import ConfigError as SpecConfigError
+from trainer.executors.kubernetes.spec import parse_pipeline
 
 DEFAULTS: dict[str, Any] = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
 GPU = "nvidia.com/gpu"
@@ -463,7 +473,6 @@ def test_stages_configmap_follows_the_contract() -> None:
         ],
     }
     assert set(configmap["data"]) == {"pipeline.yaml", "sft.yaml", "grpo.yaml", "eval.yaml"}
-    modules = {"sft": "trainer.sft", "grpo": "trainer.grpo", "eval": "trainer.evaluate"}
     for entry in pipeline["stages"]:
         stage = entry["name"]
         job = yaml.safe_load(configmap["data"][entry["job"]])
@@ -477,7 +486,7 @@ def test_stages_configmap_follows_the_contract() -> None:
         (container,) = pod["containers"]
         assert container["name"] == "pytorch" and container["command"] == ["torchrun"]
         _, module, flags = trainer_flags(job)
-        assert module == modules[stage]
+        assert module == STAGE_MODULES[stage]
         cli = dict(zip(flags[::2], flags[1::2], strict=False))
         assert cli["--output_dir"] == entry["outputDir"]
         assert cli["--model_name_or_path"] == entry["modelFrom"]
@@ -505,6 +514,53 @@ def test_model_chain_follows_enabled_stages() -> None:
     eval_only = rendered({"stages": {"sft": {"enabled": False}, "grpo": {"enabled": False}}})
     _, _, flags = trainer_flags(stage_jobs(eval_only)["eval"])
     assert flags[flags.index("--model_name_or_path") + 1] == "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+ENABLED_SUBSETS = [
+    tuple(s for i, s in enumerate(STAGES) if mask >> i & 1) for mask in range(1, 2 ** len(STAGES))
+]
+
+
+@pytest.mark.parametrize("enabled", ENABLED_SUBSETS, ids="+".join)
+def test_chart_copies_of_the_contract_equal_the_python_ones(enabled: tuple[str, ...]) -> None:
+    """The chart's lineage rule (modelFrom) and stage->module map are copies (Helm cannot call Python):
+    for every subset of enabled stages they must give what trainer.contract.stages gives, and the
+    controller's parse_pipeline must accept the result."""
+    base = "org/base-7b"
+    docs = rendered({"model": {"nameOrPath": base}, "stages": {s: {"enabled": s in enabled} for s in STAGES}})
+    configmap = find_doc(docs, "ConfigMap", "r1-grpo-stages")
+    entries = yaml.safe_load(configmap["data"]["pipeline.yaml"])["stages"]
+    assert [entry["name"] for entry in entries] == list(enabled)
+    runs = plan(
+        PipelineConfig(
+            release="r1-grpo",
+            root="/checkpoints",
+            model=base,
+            stages={s: StageConfig(enabled=s in enabled) for s in STAGES},
+        )
+    )
+    sources = model_sources(enabled)
+    for entry, run, (stage, job) in zip(entries, runs, stage_jobs(docs).items(), strict=True):
+        _, module, flags = trainer_flags(job)
+        assert module == STAGE_MODULES[stage]
+        model = flags[flags.index("--model_name_or_path") + 1]
+        expected = base if sources[stage] is None else f"/checkpoints/r1-grpo/{sources[stage]}"
+        assert model == entry["modelFrom"] == run.model_name_or_path == expected, stage
+        assert flags[flags.index("--output_dir") + 1] == entry["outputDir"] == str(run.output_dir)
+    configmap["metadata"]["namespace"] = "default"
+    pipeline = parse_pipeline(configmap, "r1-grpo")
+    assert [(s.name, s.model_from) for s in pipeline.stages] == [(e["name"], e["modelFrom"]) for e in entries]
+    # A ConfigMap that breaks the rule is refused by the controller, naming the stage.
+    for i, entry in enumerate(entries):
+        if sources[entry["name"]] is not None:
+            broken = copy.deepcopy(configmap)
+            wrong = copy.deepcopy(entries)
+            wrong[i]["modelFrom"] = base
+            broken["data"]["pipeline.yaml"] = yaml.safe_dump(
+                {"release": "r1-grpo", "mountPath": "/checkpoints", "stages": wrong}
+            )
+            with pytest.raises(SpecConfigError, match=f"stage {entry['name']} has modelFrom '{base}'"):
+                parse_pipeline(broken, "r1-grpo")
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 4])
@@ -1032,7 +1088,7 @@ def test_checkov_finds_nothing_unjustified(tmp_path: Path) -> None:
 
 def test_manifests_are_in_sync_with_the_chart() -> None:
     problems = manifests_drift()
-    assert not problems, "run `python -m tests.helmtool manifests`:\n" + "\n".join(problems)
+    assert not problems, "run `python -m tests.support.helmtool manifests`:\n" + "\n".join(problems)
 
 
 def test_manifests_are_namespace_agnostic_and_complete() -> None:
@@ -1072,7 +1128,7 @@ def test_manifests_drift_is_detected_and_regenerated(tmp_path: Path) -> None:
     assert manifests_drift(copy_dir) == []
     assert (copy_dir / "README.md").is_file()
     cli = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tests" / "helmtool.py"), "manifests", "--check"],
+        [sys.executable, str(REPO_ROOT / "tests" / "support" / "helmtool.py"), "manifests", "--check"],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,

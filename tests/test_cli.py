@@ -10,6 +10,7 @@ import pytest
 
 import trainer
 from trainer import cli
+from trainer.contract.stages import STAGE_MODULES, STAGES
 
 
 def test_no_arguments_prints_usage_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
@@ -44,6 +45,11 @@ def test_every_command_names_a_callable() -> None:
     for name, (module, func, help_) in cli.COMMANDS.items():
         assert callable(getattr(importlib.import_module(module), func)), name
         assert help_
+
+
+def test_stage_commands_run_the_contract_modules() -> None:
+    # The chart, the local pipeline and `r1-grpo <stage>` must start the same module for a stage.
+    assert {name: cli.COMMANDS[name][0] for name in STAGES} == STAGE_MODULES
 
 
 def test_dispatch_passes_the_remaining_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

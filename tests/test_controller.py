@@ -1,8 +1,8 @@
 """The stage controller against a fake API server, through the real `kubernetes` client over HTTP.
 
-A fake training operator (tests/fake_apiserver.py) reacts to the PyTorchJobs the controller creates: it moves
-their conditions along and writes real stage outputs (checkpoints, weights, `r1_stage.json`) into a temporary
-folder that plays the checkpoint volume. Nothing in the controller or the client is patched; the controller is
+A fake training operator (tests/support/fake_apiserver.py) reacts to the PyTorchJobs the controller creates: it
+moves their conditions along and writes real stage outputs (checkpoints, weights, `r1_stage.json`) into a
+temporary folder that plays the checkpoint volume. Nothing in the controller or the client is patched; the controller is
 "killed" by dropping it (and its client) and starting a fresh one.
 """
 
@@ -24,7 +24,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from tests.fake_apiserver import FakeApiServer, FakeTrainingOperator, stages_configmap
+from tests.support.fake_apiserver import FakeApiServer, FakeTrainingOperator, stages_configmap
 from trainer.contract.output import complete_checkpoints, verify_stage_output
 from trainer.executors.kubernetes.cli import status_main
 from trainer.executors.kubernetes.cluster import USER_AGENT, Cluster
@@ -745,7 +745,7 @@ def test_runs_the_charts_stages_configmap(tmp_path):
     """The ConfigMap the real chart renders drives a run (contract check between chart and controller)."""
     if not (REPO / "charts" / "r1-grpo" / "templates" / "stages-configmap.yaml").exists():
         pytest.skip("charts/r1-grpo has no stages ConfigMap template yet")
-    from tests.helmtool import find_doc, render_chart
+    from tests.support.helmtool import find_doc, render_chart
 
     docs = render_chart(release=RELEASE, namespace=NS)
     cm = find_doc(docs, "ConfigMap", f"{RELEASE}-stages")
@@ -860,7 +860,7 @@ def test_controller_uses_exactly_the_contract_role(tmp_path):
 def test_chart_role_grants_exactly_what_the_controller_uses(tmp_path):
     if not (REPO / "charts" / "r1-grpo" / "Chart.yaml").exists():
         pytest.skip("charts/r1-grpo does not exist yet")
-    from tests.helmtool import render_chart
+    from tests.support.helmtool import render_chart
 
     docs = render_chart(release=RELEASE, namespace=NS)
     # follow the controller Job's service account to its RoleBinding and Role

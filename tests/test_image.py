@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helmtool import CHART_DIR, NPM_HELM, REPO_ROOT, checkov_report, hadolint_binary
+from tests.support.helmtool import CHART_DIR, NPM_HELM, REPO_ROOT, checkov_report, hadolint_binary
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 WORKFLOW = REPO_ROOT / "ci" / "github-actions.yml"
@@ -333,7 +333,7 @@ def test_workflow_tests_lints_packages_checks_and_pushes(workflow: dict) -> None
     chart = _run_lines(jobs["chart"])
     assert "helm lint --strict charts/r1-grpo" in chart
     assert "helm package charts/r1-grpo" in chart
-    assert "python tests/helmtool.py manifests --check" in chart
+    assert "python tests/support/helmtool.py manifests --check" in chart
     # The helm the workflow installs is the helm 3 the tests run.
     assert workflow["env"]["HELM_VERSION"] == f"v{NPM_HELM[3].helm_version}"
     image = jobs["image"]

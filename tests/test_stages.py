@@ -15,6 +15,7 @@ from trainer.contract.stages import (
     ConfigError,
     args_to_cli,
     load_config,
+    model_sources,
     parse_config,
     plan,
 )
@@ -334,6 +335,40 @@ def test_plan_sft_then_eval() -> None:
     )
     assert [r.name for r in runs] == ["sft", "eval"]
     assert (runs[1].model_name_or_path, runs[1].model_from_stage) == ("/vol/r1/sft", "sft")
+
+
+# The lineage rule for every subset of stages: the last training stage before a stage, else the base model.
+LINEAGE = {
+    ("sft",): {"sft": None},
+    ("grpo",): {"grpo": None},
+    ("eval",): {"eval": None},
+    ("sft", "grpo"): {"sft": None, "grpo": "sft"},
+    ("sft", "eval"): {"sft": None, "eval": "sft"},
+    ("grpo", "eval"): {"grpo": None, "eval": "grpo"},
+    ("sft", "grpo", "eval"): {"sft": None, "grpo": "sft", "eval": "grpo"},
+}
+
+
+@pytest.mark.parametrize("enabled", list(LINEAGE), ids="+".join)
+def test_model_sources_and_plan_follow_the_lineage_rule(enabled: tuple[str, ...]) -> None:
+    assert model_sources(enabled) == LINEAGE[enabled]
+    runs = _plan({name: {"enabled": name in enabled} for name in STAGES})
+    assert [r.name for r in runs] == list(enabled)
+    for run in runs:
+        source = LINEAGE[enabled][run.name]
+        assert run.model_from_stage == source
+        assert run.model_name_or_path == ("base-model" if source is None else f"/vol/r1/{source}")
+
+
+def test_lineage_covers_every_subset_of_stages() -> None:
+    subsets = {tuple(s for i, s in enumerate(STAGES) if mask >> i & 1) for mask in range(1, 2 ** len(STAGES))}
+    assert subsets == set(LINEAGE)
+
+
+@pytest.mark.parametrize("stages", [("grpo", "sft"), ("sft", "sft"), ("sft", "train")])
+def test_model_sources_refuses_stages_out_of_contract_order(stages: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match=r"are not distinct stages in the order sft, grpo, eval"):
+        model_sources(stages)
 
 
 def test_plan_order_is_fixed_whatever_the_config_order() -> None:

@@ -9,11 +9,17 @@ from __future__ import annotations
 import importlib
 import sys
 
+from trainer.contract.stages import STAGE_MODULES
+
 COMMANDS: dict[str, tuple[str, str, str]] = {
     # name: (module, function, help)
-    "sft": ("trainer.sft", "main", "supervised fine-tuning stage (HF-style flags; run under torchrun)"),
-    "grpo": ("trainer.grpo", "main", "GRPO stage (HF-style flags; run under torchrun)"),
-    "eval": ("trainer.evaluate", "main", "evaluation stage: pass@1 / pass@k / maj@k"),
+    "sft": (
+        STAGE_MODULES["sft"],
+        "main",
+        "supervised fine-tuning stage (HF-style flags; run under torchrun)",
+    ),
+    "grpo": (STAGE_MODULES["grpo"], "main", "GRPO stage (HF-style flags; run under torchrun)"),
+    "eval": (STAGE_MODULES["eval"], "main", "evaluation stage: pass@1 / pass@k / maj@k"),
     "pipeline": (
         "trainer.executors.local",
         "main",

@@ -1,1 +1,1 @@
-"""The contract between stages, executors and the chart: stage list, lineage, output folders, r1_stage.json (stdlib + yaml only)."""
+"""What the stages, the executors and the chart share: stage list, lineage, output folders, r1_stage.json."""

@@ -4,7 +4,7 @@ Layout (docs/contract.md):
 
     <output_dir>/
         checkpoint-<step>/        complete or absent (written as .tmp-checkpoint-<step>, then renamed)
-            model/                Booster-sharded safetensors
+            model/                Booster-sharded torch files (pytorch_model*.bin + index)
             optimizer/            Booster-sharded optimizer state (on CPU: one optimizer.bin)
             scheduler.pt
             rng_state_<rank>.pt   torch/python/numpy RNG + named generators, one per rank

@@ -9,7 +9,7 @@ turns it into concrete stage runs: output folders `<root>/<release>/<stage>` and
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -180,30 +180,46 @@ def parse_config(raw: Any, source: str, overrides: Mapping[str, Any] | None = No
     return cfg
 
 
+def model_sources(stages: Sequence[str]) -> dict[str, str | None]:
+    """The lineage rule: for each stage that runs, the stage whose output is its --model_name_or_path.
+
+    `stages` are the stages that run, in contract order. A stage starts from the output of the last
+    training stage before it; None means it starts from the base model. The local pipeline (`plan`) and
+    the controller (`parse_pipeline`) both follow this function; the chart's `r1-grpo.modelFrom` is a
+    copy that tests/test_chart.py holds equal to it.
+    """
+    if list(stages) != [name for name in STAGES if name in stages]:
+        raise ValueError(f"stages {list(stages)} are not distinct stages in the order {', '.join(STAGES)}")
+    sources: dict[str, str | None] = {}
+    previous_training: str | None = None
+    for name in stages:
+        sources[name] = previous_training
+        if name in TRAINING_STAGES:
+            previous_training = name
+    return sources
+
+
 def plan(cfg: PipelineConfig) -> list[StagePlan]:
     """Concrete runs of the enabled stages, in order, with output folders and the model hand-off."""
+    enabled = [name for name in STAGES if name in cfg.stages and cfg.stages[name].enabled]
+    sources = model_sources(enabled)
     runs: list[StagePlan] = []
-    previous_training: StagePlan | None = None
-    for name in STAGES:
-        stage = cfg.stages.get(name)
-        if stage is None or not stage.enabled:
-            continue
+    for name in enabled:
+        stage = cfg.stages[name]
         output_dir = Path(cfg.root) / cfg.release / name
         args = dict(stage.args)
-        if previous_training is not None:
+        model_from = sources[name]
+        if model_from is not None:
             if "model_name_or_path" in args:
                 raise ConfigError(
                     f"{cfg.source}: stages.{name}.args.model_name_or_path: this stage starts from the "
-                    f"{previous_training.name} stage's output; remove the argument or disable {previous_training.name}"
+                    f"{model_from} stage's output; remove the argument or disable {model_from}"
                 )
-            model, model_from = str(previous_training.output_dir), previous_training.name
+            model = str(Path(cfg.root) / cfg.release / model_from)
         else:
-            model, model_from = str(args.pop("model_name_or_path", cfg.model)), None
+            model = str(args.pop("model_name_or_path", cfg.model))
         args.setdefault("dataset_name", cfg.dataset)
         args["model_name_or_path"] = model
         args["output_dir"] = str(output_dir)
-        run = StagePlan(name, output_dir, model, model_from, stage.nproc_per_node, args)
-        runs.append(run)
-        if name in TRAINING_STAGES:
-            previous_training = run
+        runs.append(StagePlan(name, output_dir, model, model_from, stage.nproc_per_node, args))
     return runs

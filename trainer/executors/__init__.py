@@ -1,1 +1,1 @@
-"""Executors of one stage list: the local pipeline and the Kubernetes controller (neither imports torch)."""
+"""Executors of one stage list: the local pipeline and the Kubernetes controller (no torch at import time)."""

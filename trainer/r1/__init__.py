@@ -1,1 +1,1 @@
-"""The R1 task: prompt/completion format, answer extraction, rewards, math-verify, datasets, the built-in task."""
+"""The R1 task: prompt format, answer extraction, rewards, math-verify, datasets, the built-in task."""

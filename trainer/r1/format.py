@@ -103,5 +103,5 @@ def format_completion(reasoning: str, answer: str) -> str:
 
 
 def stop_sequences(tokenizer) -> list[list[int]]:
-    ids = tokenizer.encode("</answer>", add_special_tokens=False)
+    ids = tokenizer.encode(ANSWER_CLOSE, add_special_tokens=False)
     return [ids] if ids else []

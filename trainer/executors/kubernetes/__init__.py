@@ -1,1 +1,1 @@
-"""The Kubernetes controller: runs a release's stage PyTorchJobs in order from inside the cluster."""
+"""The Kubernetes executor: the in-cluster controller that runs a release's stage jobs; `r1-grpo status`."""

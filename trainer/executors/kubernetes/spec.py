@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from trainer.contract.stages import STAGES, TRAINING_STAGES
+from trainer.contract.stages import STAGES, model_sources
 from trainer.executors.kubernetes.cluster import (
     PYTORCHJOB_GROUP,
     PYTORCHJOB_KIND,
@@ -147,16 +147,15 @@ def parse_pipeline(cm: dict, release: str) -> Pipeline:
         job = _parse_job_manifest(data[key], f"{where}: {key}", release, name)
         specs.append(StageSpec(name, str(out), item["modelFrom"], key, job))
     # The hand-off contract: a stage after a training stage starts from that stage's folder.
-    previous_training: StageSpec | None = None
+    by_name = {spec.name: spec for spec in specs}
+    sources = model_sources([spec.name for spec in specs])
     for spec in specs:
-        if previous_training is not None and spec.model_from != previous_training.output_dir:
+        source = sources[spec.name]
+        if source is not None and spec.model_from != by_name[source].output_dir:
             raise ConfigError(
                 f"{where}: {PIPELINE_KEY}: stage {spec.name} has modelFrom {spec.model_from!r}, "
-                f"but it must start from {previous_training.name}'s output "
-                f"{previous_training.output_dir!r}"
+                f"but it must start from {source}'s output {by_name[source].output_dir!r}"
             )
-        if spec.name in TRAINING_STAGES:
-            previous_training = spec
     return Pipeline(release, mount, tuple(specs), str(meta.get("uid") or ""))
 
 

@@ -1,0 +1,379 @@
+{{/*
+The stage PyTorchJob and what it is made of: output folders, the lineage rule (modelFrom), the CLI flag
+renderer, torchrun layout, placement, environment, the pod template, the job, and pipeline.yaml of the
+stages ConfigMap (docs/contract.md). Names, labels, the image and `validate` are in _helpers.tpl.
+
+Two facts here are copies of trainer/contract/stages.py, because Helm cannot call Python: the
+stage->module map (STAGE_MODULES) and the lineage rule (model_sources). tests/test_chart.py renders every
+subset of enabled stages and holds both copies equal to the Python ones.
+*/}}
+
+{{/* The stage -> module map (a copy of trainer.contract.stages.STAGE_MODULES), as a JSON map. */}}
+{{- define "r1-grpo.stageModules" -}}
+{{- toJson (dict "sft" "trainer.sft" "grpo" "trainer.grpo" "eval" "trainer.evaluate") -}}
+{{- end -}}
+
+{{/* The stages that run, in contract order, as a JSON list (sft, grpo, eval). */}}
+{{- define "r1-grpo.enabledStages" -}}
+{{- $out := list -}}
+{{- range $name := include "r1-grpo.stageNames" . | fromJsonArray -}}
+{{- if (index $.Values.stages $name).enabled -}}
+{{- $out = append $out $name -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{- define "r1-grpo.outputDir" -}}
+{{- printf "%s/%s/%s" .root.Values.storage.mountPath .root.Release.Name .stage -}}
+{{- end -}}
+
+{{/*
+The model a stage starts from (a copy of trainer.contract.stages.model_sources): sft from
+model.nameOrPath; grpo from sft's output when sft runs; eval from the last enabled training stage (grpo,
+else sft), else model.nameOrPath.
+*/}}
+{{- define "r1-grpo.modelFrom" -}}
+{{- $v := .root.Values -}}
+{{- $from := $v.model.nameOrPath | default "" -}}
+{{- if and (eq .stage "grpo") $v.stages.sft.enabled -}}
+{{- $from = include "r1-grpo.outputDir" (dict "root" .root "stage" "sft") -}}
+{{- else if eq .stage "eval" -}}
+{{- if $v.stages.grpo.enabled -}}
+{{- $from = include "r1-grpo.outputDir" (dict "root" .root "stage" "grpo") -}}
+{{- else if $v.stages.sft.enabled -}}
+{{- $from = include "r1-grpo.outputDir" (dict "root" .root "stage" "sft") -}}
+{{- end -}}
+{{- end -}}
+{{- $from -}}
+{{- end -}}
+
+{{/*
+One CLI value, as docs/contract.md renders it: booleans true/false; numbers as integers when whole
+(Helm reads every number of a values file as float64, and 1e+06 is not what a user wrote), otherwise in
+Go's shortest form (2e-05, 0.7); strings as they are.
+*/}}
+{{- define "r1-grpo.cliValue" -}}
+{{- if kindIs "bool" . -}}
+{{- ternary "true" "false" . -}}
+{{- else if kindIs "float64" . -}}
+{{- if and (eq . (floor .)) (lt . 1e15) (gt . -1e15) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- . -}}
+{{- end -}}
+{{- else -}}
+{{- . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The stage's CLI flags (JSON list): dataset flags from .Values.dataset and report_to (wandb when
+wandb.enabled, else jsonl), then the stage's args map on top (a null there drops the flag), then the
+chart-owned model_name_or_path and output_dir. Keys are sorted (Go templates range over maps in key
+order), `--key value`, lists as repeated values: the same list trainer.contract.stages.args_to_cli makes.
+*/}}
+{{- define "r1-grpo.stageFlags" -}}
+{{- $v := .root.Values -}}
+{{- $stage := index $v.stages .stage -}}
+{{- $args := dict "dataset_name" $v.dataset.name -}}
+{{- with $v.dataset.config }}{{ $_ := set $args "dataset_config" . }}{{ end -}}
+{{- with $v.dataset.trainSplit }}{{ $_ := set $args "dataset_train_split" . }}{{ end -}}
+{{- with $v.dataset.testSplit }}{{ $_ := set $args "dataset_test_split" . }}{{ end -}}
+{{- $_ := set $args "report_to" (ternary "wandb" "jsonl" (eq $v.wandb.enabled true)) -}}
+{{- range $k, $val := ($stage.args | default dict) -}}
+{{- $_ := set $args $k $val -}}
+{{- end -}}
+{{- $_ := set $args "model_name_or_path" (include "r1-grpo.modelFrom" .) -}}
+{{- $_ := set $args "output_dir" (include "r1-grpo.outputDir" .) -}}
+{{- $out := list -}}
+{{- range $k, $val := $args -}}
+{{- if not (kindIs "invalid" $val) -}}
+{{- $out = append $out (printf "--%s" $k) -}}
+{{- if kindIs "slice" $val -}}
+{{- range $item := $val -}}
+{{- $out = append $out (include "r1-grpo.cliValue" $item) -}}
+{{- end -}}
+{{- else -}}
+{{- $out = append $out (include "r1-grpo.cliValue" $val) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* Processes per pod: stages.<s>.nprocPerNode, else the GPU count, else 1. */}}
+{{- define "r1-grpo.nprocPerNode" -}}
+{{- $stage := index .root.Values.stages .stage -}}
+{{- $gpu := int (($stage.resources | default dict).gpu | default 0) -}}
+{{- if not (kindIs "invalid" $stage.nprocPerNode) -}}
+{{- int $stage.nprocPerNode -}}
+{{- else if gt $gpu 0 -}}
+{{- $gpu -}}
+{{- else -}}
+1
+{{- end -}}
+{{- end -}}
+
+{{/* A placement key of a stage: the stage's own value when it sets the key, else the global one. */}}
+{{- define "r1-grpo.placement" -}}
+{{- $stage := index .root.Values.stages .stage -}}
+{{- $own := $stage.placement | default dict -}}
+{{- $global := .root.Values.placement | default dict -}}
+{{- $out := dict -}}
+{{- range $key := list "nodeSelector" "tolerations" "affinity" "priorityClassName" "schedulerName" -}}
+{{- if hasKey $own $key -}}
+{{- $_ := set $out $key (index $own $key) -}}
+{{- else if hasKey $global $key -}}
+{{- $_ := set $out $key (index $global $key) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .root.Values.volcano.enabled (not $out.schedulerName) -}}
+{{- $_ := set $out "schedulerName" "volcano" -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* Environment of a training container (global NCCL/torch defaults, caches, wandb, hub token, stage env). */}}
+{{- define "r1-grpo.trainingEnv" -}}
+{{- $v := .root.Values -}}
+{{- $stage := index $v.stages .stage -}}
+- name: HOME
+  value: /tmp
+- name: XDG_CACHE_HOME
+  value: /tmp/.cache
+- name: TRITON_CACHE_DIR
+  value: /tmp/.cache/triton
+{{- if $v.hub.cacheOnVolume }}
+- name: HF_HOME
+  value: {{ printf "%s/.cache/huggingface" $v.storage.mountPath | quote }}
+{{- end }}
+{{- if $v.hub.existingSecret }}
+# The hub token is a mounted file (huggingface_hub reads HF_TOKEN_PATH), not an environment variable.
+- name: HF_TOKEN_PATH
+  value: /var/run/secrets/huggingface/token
+{{- end }}
+{{- if $v.wandb.enabled }}
+- name: WANDB_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.wandb.existingSecret | quote }}
+      key: {{ $v.wandb.secretKey | quote }}
+- name: WANDB_PROJECT
+  value: {{ $v.wandb.project | quote }}
+{{- with $v.wandb.entity }}
+- name: WANDB_ENTITY
+  value: {{ . | quote }}
+{{- end }}
+- name: WANDB_RUN_GROUP
+  value: {{ .root.Release.Name | quote }}
+- name: WANDB_JOB_TYPE
+  value: {{ .stage | quote }}
+- name: WANDB_DIR
+  value: /tmp
+{{- else }}
+- name: WANDB_MODE
+  value: disabled
+{{- end }}
+{{- range $name, $value := $v.env }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- with $stage.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod template of one replica type of a stage's PyTorchJob. */}}
+{{- define "r1-grpo.trainingPodTemplate" -}}
+{{- $v := .root.Values -}}
+{{- $stage := index $v.stages .stage -}}
+{{- $res := $stage.resources | default dict -}}
+{{- $gpu := int ($res.gpu | default 0) -}}
+{{- $placement := include "r1-grpo.placement" . | fromJson -}}
+{{- $module := get (include "r1-grpo.stageModules" . | fromJson) .stage -}}
+metadata:
+  labels:
+    {{- include "r1-grpo.selectorLabels" (dict "root" .root "component" "training") | nindent 4 }}
+    r1-grpo.io/stage: {{ .stage }}
+  annotations:
+    # Security review (checkov): checks that do not apply to a batch training pod.
+    checkov.io/skip-liveness: CKV_K8S_8=A batch training process has no endpoint to probe for liveness; the operator restarts it on exit
+    checkov.io/skip-readiness: CKV_K8S_9=A batch training process serves nothing, so there is no readiness to probe
+    {{- include "r1-grpo.checkovImageSkips" .root | nindent 4 }}
+    {{- include "r1-grpo.checkovNamespaceSkip" .root | nindent 4 }}
+    {{- if $v.wandb.enabled }}
+    checkov.io/skip-secret-env: CKV_K8S_35=wandb reads its API key only from WANDB_API_KEY or a netrc file; the key comes from the existing Secret wandb.existingSecret and never appears in values or manifests
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "r1-grpo.trainerServiceAccountName" .root }}
+  # Training never calls the Kubernetes API.
+  automountServiceAccountToken: false
+  enableServiceLinks: false
+  securityContext:
+    {{- toYaml $v.podSecurityContext | nindent 4 }}
+  {{- with $v.image.pullSecrets }}
+  imagePullSecrets:
+    {{- range . }}
+    - name: {{ . }}
+    {{- end }}
+  {{- end }}
+  {{- with $placement.schedulerName }}
+  schedulerName: {{ . }}
+  {{- end }}
+  {{- with $placement.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $placement.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $placement.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $placement.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: pytorch
+      image: {{ include "r1-grpo.image" .root }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      # The root filesystem is read-only: anything written relative to the working directory goes to /tmp.
+      workingDir: /tmp
+      # torchrun takes the layout from the variables the training operator sets in every pod:
+      # PET_NNODES (replicas), PET_NPROC_PER_NODE (spec.nprocPerNode), PET_NODE_RANK (0 = Master),
+      # MASTER_ADDR / MASTER_PORT (the Master's Service and the pytorchjob-port below).
+      command:
+        - torchrun
+      args:
+        - --nnodes=$(PET_NNODES)
+        - --nproc-per-node=$(PET_NPROC_PER_NODE)
+        - --node-rank=$(PET_NODE_RANK)
+        - --master-addr=$(MASTER_ADDR)
+        - --master-port=$(MASTER_PORT)
+        - --module
+        - {{ $module }}
+        {{- range $flag := include "r1-grpo.stageFlags" . | fromJsonArray }}
+        - {{ $flag | toJson }}
+        {{- end }}
+      ports:
+        - name: pytorchjob-port
+          containerPort: 23456
+          protocol: TCP
+      env:
+        {{- include "r1-grpo.trainingEnv" . | nindent 8 }}
+      resources:
+        requests:
+          cpu: {{ $res.cpu | default "4" | quote }}
+          memory: {{ $res.memory | default "16Gi" | quote }}
+          {{- with $res.ephemeralStorage }}
+          ephemeral-storage: {{ . | quote }}
+          {{- end }}
+          {{- if gt $gpu 0 }}
+          {{ $v.gpuResourceName }}: {{ $gpu | quote }}
+          {{- end }}
+        limits:
+          cpu: {{ $res.cpu | default "4" | quote }}
+          memory: {{ $res.memory | default "16Gi" | quote }}
+          {{- with $res.ephemeralStorage }}
+          ephemeral-storage: {{ . | quote }}
+          {{- end }}
+          {{- if gt $gpu 0 }}
+          {{ $v.gpuResourceName }}: {{ $gpu | quote }}
+          {{- end }}
+      securityContext:
+        {{- toYaml $v.containerSecurityContext | nindent 8 }}
+      volumeMounts:
+        - name: checkpoints
+          mountPath: {{ $v.storage.mountPath }}
+        - name: dshm
+          mountPath: /dev/shm
+        - name: tmp
+          mountPath: /tmp
+        {{- if $v.hub.existingSecret }}
+        - name: hub-token
+          mountPath: /var/run/secrets/huggingface
+          readOnly: true
+        {{- end }}
+  volumes:
+    - name: checkpoints
+      persistentVolumeClaim:
+        claimName: {{ include "r1-grpo.claimName" .root }}
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $v.shmSize | quote }}
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ $v.tmpSize | quote }}
+    {{- with $v.hub.existingSecret }}
+    - name: hub-token
+      secret:
+        secretName: {{ . }}
+        items:
+          - key: {{ $v.hub.secretKey }}
+            path: token
+        # 0440: readable by the pod's group (fsGroup) only.
+        defaultMode: 288
+    {{- end }}
+{{- end -}}
+
+{{/* The complete kubeflow.org/v1 PyTorchJob of a stage, attempt 1 (the controller renames later attempts). */}}
+{{- define "r1-grpo.pytorchJob" -}}
+{{- $v := .root.Values -}}
+{{- $stage := index $v.stages .stage -}}
+{{- $nodes := int ($stage.nodes | default 1) -}}
+apiVersion: kubeflow.org/v1
+kind: PyTorchJob
+metadata:
+  name: {{ printf "%s-%s-1" .root.Release.Name .stage }}
+  labels:
+    {{- include "r1-grpo.labels" (dict "root" .root "component" "training" "managedBy" "r1-grpo-controller") | nindent 4 }}
+    r1-grpo.io/stage: {{ .stage }}
+    r1-grpo.io/attempt: "1"
+    {{- if $v.kueue.enabled }}
+    kueue.x-k8s.io/queue-name: {{ $v.kueue.queueName }}
+    {{- with $v.kueue.priorityClass }}
+    kueue.x-k8s.io/priority-class: {{ . }}
+    {{- end }}
+    {{- end }}
+spec:
+  nprocPerNode: {{ include "r1-grpo.nprocPerNode" . | quote }}
+  runPolicy:
+    backoffLimit: {{ $stage.backoffLimit | default 0 | int }}
+    # Keep finished pods so their logs stay readable (the controller reads a failed pod's log).
+    cleanPodPolicy: None
+    {{- if $v.volcano.enabled }}
+    schedulingPolicy:
+      # Gang scheduling: start the stage only when all its pods can run.
+      minAvailable: {{ $nodes }}
+      {{- with $v.volcano.queue }}
+      queue: {{ . }}
+      {{- end }}
+    {{- end }}
+  pytorchReplicaSpecs:
+    Master:
+      replicas: 1
+      restartPolicy: {{ $stage.restartPolicy | default "OnFailure" }}
+      template:
+        {{- include "r1-grpo.trainingPodTemplate" . | nindent 8 }}
+    {{- if gt $nodes 1 }}
+    Worker:
+      replicas: {{ sub $nodes 1 }}
+      restartPolicy: {{ $stage.restartPolicy | default "OnFailure" }}
+      template:
+        {{- include "r1-grpo.trainingPodTemplate" . | nindent 8 }}
+    {{- end }}
+{{- end -}}
+
+{{/* pipeline.yaml of the stages ConfigMap (docs/contract.md). */}}
+{{- define "r1-grpo.pipeline" -}}
+{{- $stages := list -}}
+{{- range $name := include "r1-grpo.enabledStages" . | fromJsonArray -}}
+{{- $ctx := dict "root" $ "stage" $name -}}
+{{- $stages = append $stages (dict "name" $name "outputDir" (include "r1-grpo.outputDir" $ctx) "modelFrom" (include "r1-grpo.modelFrom" $ctx) "job" (printf "%s.yaml" $name)) -}}
+{{- end -}}
+{{- toYaml (dict "release" .Release.Name "mountPath" .Values.storage.mountPath "stages" $stages) -}}
+{{- end -}}

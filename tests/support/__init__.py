@@ -1,0 +1,1 @@
+"""Test support, also used by bench/controller.py: an in-memory Kubernetes API server and the helm tool."""
