@@ -15,16 +15,22 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
+from tests.controlplane.cluster import ApiError
 from tests.support.e2e import (
     PSA_ENFORCE,
     PodDriver,
     Release,
+    merge,
+    pod_stage_attempt,
+    wait_until,
+    write_checkpoint,
 )
-from trainer.contract.output import MANIFEST_NAME, complete_checkpoints, verify_stage_output
+from trainer.contract.output import MANIFEST_NAME, complete_checkpoints, read_owner, verify_stage_output
 
 GPU_NODES = ("e2e-gpu-0", "e2e-gpu-1")
 
@@ -32,8 +38,6 @@ GPU_NODES = ("e2e-gpu-0", "e2e-gpu-1")
 @pytest.fixture(scope="module")
 def gpu_nodes(control_plane) -> tuple[str, ...]:
     """Two fake 64-GPU nodes (tainted like a GPU pool), shared by this module's tests."""
-    from tests.controlplane.cluster import ApiError
-
     for name in GPU_NODES:
         try:
             control_plane.create_gpu_node(name, gpus=64)
@@ -59,6 +63,8 @@ def release(control_plane, gpu_nodes, request: pytest.FixtureRequest, tmp_path: 
     rel = Release(control_plane, namespace, "r1", tmp_path)
     rel.create_volume()
     yield rel
+    rel.stop_controllers()
+    print(rel.report())  # shown when the test failed
     # Free the fake nodes' GPUs for the next test: delete the namespace (its pods go with it) and the PV.
     with contextlib.suppress(Exception):
         control_plane.request("DELETE", f"/api/v1/namespaces/{namespace}")
@@ -73,6 +79,11 @@ def refused_pods(rel: Release) -> list[str]:
         for e in events
         if e.get("reason") in ("FailedCreate", "FailedCreatePod")
     ]
+
+
+def stage_phase(rel: Release, stage: str) -> str | None:
+    status = rel.status() or {}
+    return next((s["phase"] for s in status.get("stages") or [] if s["name"] == stage), None)
 
 
 # --------------------------------------------------------------------------------------------- the user's run
@@ -125,3 +136,214 @@ def test_helm_install_runs_sft_grpo_eval_with_the_pods_real_commands(release: Re
     assert release.list("/api/v1", "pods", "app.kubernetes.io/component=controller")
     assert MANIFEST_NAME in os.listdir(release.stage_dir("eval"))
     assert json.loads((release.stage_dir("eval") / "metrics.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------- helm upgrade
+
+
+def test_helm_upgrade_mid_run_replaces_the_controller_and_later_stages_take_the_new_args(
+    release: Release,
+) -> None:
+    """Issue 13 item 6: an upgrade that changes the controller Job's pod template (image, retries,
+    resources) and a later stage's args, while sft runs. The new controller resumes; sft is not restarted."""
+    sft_done = threading.Event()
+
+    def policy(pod: dict) -> str | None:
+        stage = pod["metadata"]["labels"]["r1-grpo.io/stage"]
+        if stage == "sft" and not sft_done.is_set():
+            return "hold"
+        return "output"
+
+    release.install()
+    first_job = release.controller_job()
+    # What the hash in the name is for: the API server refuses any change to a Job's pod template.
+    with pytest.raises(ApiError) as refused:
+        release.cp.request(
+            "PATCH",
+            f"/apis/batch/v1/namespaces/{release.namespace}/jobs/{first_job['metadata']['name']}",
+            {"spec": {"template": {"metadata": {"labels": {"try": "1"}}}}},
+        )
+    assert refused.value.status == 422 and "field is immutable" in refused.value.body
+
+    controller = release.start_controller()
+    with PodDriver(release, policy):
+        wait_until("sft running", lambda: stage_phase(release, "sft") == "Running", 120)
+        write_checkpoint(release.stage_dir("sft"), 2)  # what the trainer had saved when the upgrade came
+
+        values = merge(
+            release.values,
+            {
+                "image": {"tag": "dev2"},
+                "controller": {"retries": 3, "resources": {"limits": {"cpu": "600m"}}},
+                "stages": {"grpo": {"args": {"max_steps": 7}}},
+            },
+        )
+        release.upgrade(values)
+        (second_job,) = wait_until(
+            "one controller Job",
+            lambda: len(release.controller_jobs()) == 1 and release.controller_jobs(),
+            60,
+        )
+        assert second_job["metadata"]["name"] != first_job["metadata"]["name"]
+        assert second_job["metadata"]["name"].startswith("r1-controller-")
+
+        # The old Job's pod is deleted with it: its controller gets SIGTERM and stops (143, retryable).
+        assert controller.stop() == 143, controller.log()[-3000:]
+        controller = release.start_controller()
+        assert (
+            "--retries" in controller.proc.args
+            and controller.proc.args[controller.proc.args.index("--retries") + 1] == "3"
+        )
+        sft_done.set()
+        code = controller.wait(300)
+    assert code == 0, controller.log()[-6000:]
+
+    status = release.status()
+    assert status["phase"] == "Succeeded" and status["settings"]["retries"] == 3, status
+    assert [(s["name"], s["attempt"]) for s in status["stages"]] == [("sft", 1), ("grpo", 1), ("eval", 1)]
+    sft = next(s for s in status["stages"] if s["name"] == "sft")
+    assert [a["attempt"] for a in sft["attempts"]] == [1], "sft was restarted by the upgrade"
+    jobs = release.jobs()
+    assert sorted(jobs) == ["r1-eval-1", "r1-grpo-1", "r1-sft-1"]
+    sft_container = jobs["r1-sft-1"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+        "containers"
+    ][0]
+    grpo_container = jobs["r1-grpo-1"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert sft_container["image"] == "r1-grpo-test:dev"  # created before the upgrade
+    assert grpo_container["image"] == "r1-grpo-test:dev2"
+    args = grpo_container["args"]
+    assert args[args.index("--max_steps") + 1] == "7"
+    assert (release.stage_dir("sft") / "checkpoint-2").is_dir()
+
+
+# --------------------------------------------------------------------------------------------- reinstall
+
+
+def test_uninstall_keeps_the_volume_and_a_reinstall_moves_the_old_folders_aside(release: Release) -> None:
+    """`helm uninstall` removes everything but the claim (real garbage collection of the PyTorchJobs, their
+    pods and the status); a new install of the same release must not resume the old install's folders
+    (issue 13 item 4): they are moved aside, never deleted, and the stages start over."""
+    grpo_saved = threading.Event()
+
+    def first(pod: dict) -> str | None:
+        if pod["metadata"]["labels"]["r1-grpo.io/stage"] == "sft":
+            return "output"
+        write_checkpoint(release.stage_dir("grpo"), 1)  # grpo is interrupted by the uninstall
+        grpo_saved.set()
+        return None  # stays running
+
+    release.install()
+    old_uid = release.get("configmaps/r1-stages")["metadata"]["uid"]
+    controller = release.start_controller()
+    with PodDriver(release, first):
+        wait_until(
+            "grpo running with a checkpoint",
+            lambda: grpo_saved.is_set() and stage_phase(release, "grpo") == "Running",
+            120,
+        )
+    old_sft_manifest = (release.stage_dir("sft") / MANIFEST_NAME).read_text()
+
+    release.uninstall()
+    controller.stop()  # its pod went with its Job
+    ns = release.namespace
+    wait_until(
+        "garbage collection of the release",
+        lambda: (
+            not release.jobs()
+            and release.status() is None
+            and not release.list("/api/v1", "pods", "app.kubernetes.io/instance=r1")
+            and not release.controller_jobs()
+        ),
+        120,
+    )
+    pvc = release.get(f"persistentvolumeclaims/{release.claim}")
+    assert (
+        pvc["status"]["phase"] == "Bound"
+        and pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    )
+    for kind, path in (
+        ("ConfigMap", "configmaps/r1-stages"),
+        ("ServiceAccount", "serviceaccounts/r1-controller"),
+    ):
+        with pytest.raises(ApiError) as gone:
+            release.get(path)
+        assert gone.value.status == 404, kind
+    with pytest.raises(ApiError):
+        release.cp.request("GET", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/r1-controller")
+
+    release.install()  # the same release again: Helm adopts the kept claim
+    new_uid = release.get("configmaps/r1-stages")["metadata"]["uid"]
+    assert new_uid != old_uid
+    controller = release.start_controller()
+    with PodDriver(release, lambda pod: "output"):
+        code = controller.wait(300)
+    assert code == 0, controller.log()[-6000:]
+
+    # The old folders are kept beside the new ones, untouched; the new ones belong to the new install.
+    assert (release.stage_dir("sft").with_name("sft.stale-1") / MANIFEST_NAME).read_text() == old_sft_manifest
+    assert (release.stage_dir("grpo").with_name("grpo.stale-1") / "checkpoint-1").is_dir()
+    assert not release.stage_dir("eval").with_name("eval.stale-1").exists()  # it had not started
+    for stage in ("sft", "grpo", "eval"):
+        verify_stage_output(release.stage_dir(stage), stage)
+        assert read_owner(release.stage_dir(stage))["install"] == new_uid
+    assert not complete_checkpoints(release.stage_dir("grpo"))  # started over, not resumed
+
+    status = release.status()
+    assert status["phase"] == "Succeeded"
+    moved = {s["name"]: s["movedAside"] for s in status["stages"]}
+    assert [len(moved["sft"]), len(moved["grpo"]), len(moved["eval"])] == [1, 1, 0], moved
+    assert f"made by another install of release r1 (stages ConfigMap uid {old_uid}" in moved["sft"][0]
+    shown = release.status_command()
+    assert shown.returncode == 0
+    assert "moved aside sft:" in shown.stdout and "/checkpoints/r1/grpo.stale-1" in shown.stdout
+    print(f"\n$ r1-grpo status --release r1 --namespace {ns}\n{shown.stdout}")
+
+
+def test_a_retry_resumes_but_not_after_an_upgrade_changed_its_input(release: Release) -> None:
+    """Within one install a failed attempt's retry resumes from the folder's checkpoints; if a `helm
+    upgrade` changed the stage's input meanwhile, the retry starts over in a fresh folder."""
+    attempts: dict[str, int] = {}
+    upgraded = threading.Event()
+
+    def policy(pod: dict) -> str | None:
+        stage, attempt = pod_stage_attempt(pod)
+        attempts[stage] = attempt
+        if attempt == 1 and stage in ("sft", "grpo"):
+            write_checkpoint(release.stage_dir(stage), 3)
+            if stage == "sft" and not upgraded.is_set():
+                return "hold"
+            return "fail:1"
+        return "output"
+
+    release.install()
+    controller = release.start_controller()
+    with PodDriver(release, policy):
+        wait_until(
+            "sft attempt 1 running",
+            lambda: attempts.get("sft") == 1 and stage_phase(release, "sft") == "Running",
+            120,
+        )
+        release.upgrade(merge(release.values, {"model": {"nameOrPath": "Qwen/Qwen2.5-0.5B-Instruct"}}))
+        upgraded.set()
+        code = controller.wait(300)
+    assert code == 0, controller.log()[-6000:]
+
+    status = release.status()
+    by_stage = {s["name"]: s for s in status["stages"]}
+    assert by_stage["sft"]["attempt"] == 2 and by_stage["grpo"]["attempt"] == 2
+    # sft's input changed under it: the checkpoint of the old base model was moved aside, not resumed.
+    assert (
+        "made from another input ('builtin:tiny'; now 'Qwen/Qwen2.5-0.5B-Instruct')"
+        in by_stage["sft"]["movedAside"][0]
+    )
+    assert (release.stage_dir("sft").with_name("sft.stale-1") / "checkpoint-3").is_dir()
+    assert read_owner(release.stage_dir("sft"))["modelFrom"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    # grpo's input did not change: its retry resumes in place.
+    assert not by_stage["grpo"]["movedAside"]
+    assert [a["resumeFrom"] for a in by_stage["grpo"]["attempts"]] == [
+        None,
+        "/checkpoints/r1/grpo/checkpoint-3",
+    ]
+    assert (release.stage_dir("grpo") / "checkpoint-3").is_dir()

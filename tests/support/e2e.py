@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,7 +49,8 @@ PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
 
 # The values that point the chart at the test cluster: fake GPU nodes (1 GPU per stage, tolerated taint),
 # the pre-bound hostPath volume ("-": no StorageClass), the built-in tiny model and task, and stage args
-# small enough for CPU (the defaults' GPU-only flags dropped with null).
+# small enough for CPU (the defaults' GPU-only flags dropped with null). restartPolicy Never: a failed
+# container fails its pod and the attempt (HostKubelet does not restart containers in place).
 TINY_VALUES: dict[str, Any] = {
     "image": {"repository": "r1-grpo-test", "tag": "dev"},
     "model": {"nameOrPath": "builtin:tiny"},
@@ -57,6 +59,7 @@ TINY_VALUES: dict[str, Any] = {
     "stages": {
         "sft": {
             "resources": {"gpu": 1, "cpu": "1", "memory": "2Gi"},
+            "restartPolicy": "Never",
             "args": {
                 "num_train_epochs": None,
                 "max_steps": 4,
@@ -76,6 +79,7 @@ TINY_VALUES: dict[str, Any] = {
         },
         "grpo": {
             "resources": {"gpu": 1, "cpu": "1", "memory": "2Gi"},
+            "restartPolicy": "Never",
             "args": {
                 "num_train_epochs": None,
                 "max_steps": 2,
@@ -101,6 +105,7 @@ TINY_VALUES: dict[str, Any] = {
         },
         "eval": {
             "resources": {"gpu": 1, "cpu": "1", "memory": "2Gi"},
+            "restartPolicy": "Never",
             "args": {
                 "max_eval_samples": 4,
                 "max_completion_length": 16,
@@ -176,6 +181,7 @@ class Release:
         self.volume.mkdir(parents=True, exist_ok=True)
         self.pv_name = f"{self.namespace}-{self.name}"[:63]
         self._helm_home = self.workdir / "helm-home"
+        self.controllers: list[ControllerProcess] = []
 
     # -- the cluster side of the volume
     @property
@@ -312,9 +318,21 @@ class Release:
             str(self.volume),
             *extra,
         ]
-        return ControllerProcess.start(
+        process = ControllerProcess.start(
             command, self.workdir / f"controller-{time.monotonic_ns()}.log", self.workdir
         )
+        self.controllers.append(process)
+        return process
+
+    def report(self) -> str:
+        """The controllers' log tails and the status, for a failed test's output."""
+        parts = [f"--- controller exit {c.proc.poll()}\n{c.log()[-4000:]}" for c in self.controllers]
+        parts.append(f"--- status\n{json.dumps(self.status(), indent=1)[-4000:]}")
+        return "\n".join(parts)
+
+    def stop_controllers(self) -> None:
+        for c in self.controllers:
+            c.stop()
 
     def status_command(self, *args: str) -> subprocess.CompletedProcess:
         """`r1-grpo status` as the user runs it (their kubeconfig: the cluster admin's)."""
@@ -534,6 +552,12 @@ class HostKubelet:
     def finish(self, pod: dict, exit_code: int, container: str | None = None) -> None:
         """Record the container's exit in the pod status, as the kubelet does: phase Succeeded or Failed."""
         meta = pod["metadata"]
+        policy = pod["spec"].get("restartPolicy", "Always")
+        if exit_code != 0 and policy != "Never":
+            raise NotImplementedError(
+                f"pod {meta['name']}: restartPolicy {policy} restarts a failed container in place (the pod "
+                f"stays Running); this stand-in only ends pods, so use restartPolicy Never"
+            )
         names = [c["name"] for c in pod["spec"]["containers"]]
         now = now_rfc3339()
         statuses = [
@@ -595,6 +619,12 @@ def write_checkpoint(folder: Path, step: int) -> Path:
     return path
 
 
+def pod_stage_attempt(pod: dict) -> tuple[str, int]:
+    """(stage, attempt) of a training pod: its stage label and the number ending its job's name."""
+    job = pod["metadata"]["labels"][JOB_NAME_LABEL]
+    return pod["metadata"]["labels"]["r1-grpo.io/stage"], int(job.rsplit("-", 1)[1])
+
+
 Policy = Callable[[dict], str | None]
 
 
@@ -637,7 +667,8 @@ class PodDriver:
                     if pod["metadata"].get("deletionTimestamp"):
                         continue
                     self.handle(pod)
-            except BaseException as e:  # noqa: BLE001 - reported by __exit__
+            except BaseException as e:  # noqa: BLE001 - raised again by __exit__
+                traceback.print_exc()  # at once: the test may be stuck waiting for what this pod should do
                 self.errors.append(e)
                 return
             self._stop.wait(0.3)

@@ -50,8 +50,11 @@ from trainer.contract.output import (
     StageManifest,
     StageOutputError,
     complete_checkpoints,
+    move_aside,
     prune_checkpoints,
+    read_owner,
     verify_stage_output,
+    write_owner,
 )
 from trainer.executors.kubernetes.cluster import (
     JOB_NAME_LABEL,
@@ -63,6 +66,7 @@ from trainer.executors.kubernetes.decide import (
     Action,
     CreateJob,
     Finish,
+    MoveAside,
     PruneCheckpoints,
     ReportPending,
     Wait,
@@ -72,6 +76,7 @@ from trainer.executors.kubernetes.decide import (
     recorded_phase,
 )
 from trainer.executors.kubernetes.jsonlog import log
+from trainer.executors.kubernetes.ownership import check_folder, owner_record
 from trainer.executors.kubernetes.spec import (
     ATTEMPT_LABEL,
     COMPONENT,
@@ -376,6 +381,8 @@ class Controller:
             rec = previous.stage_record(settled.name)
             if rec is None or rec.phase != SUCCEEDED:
                 outputs[settled.name] = self._output_state(pipeline, settled, SUCCEEDED)
+        for candidate in pipeline.stages[fi : fi + 2]:  # the stages a job may be created for next
+            outputs[candidate.name] = self._ownership(pipeline, candidate, outputs.get(candidate.name))
         pending: list[PendingItem] = []
         log_tails: dict[str, str] = {}
         if job is not None and job.phase not in (SUCCEEDED, FAILED) and not job.deleting:
@@ -404,6 +411,31 @@ class Controller:
             if error:
                 error = error.replace(str(local), spec.output_dir)  # name the path as the user knows it
         return OutputState(steps, latest, manifest, error)
+
+    def _ownership(self, pipeline: Pipeline, spec: StageSpec, out: OutputState | None) -> OutputState:
+        """The output state, marked stale when the folder holds another install's or input's work."""
+        out = out or OutputState()
+        if not pipeline.configmap_uid:  # no install identity to compare (not a real API server)
+            return out
+        expected = owner_record(pipeline, spec, lambda p: self.local_path(pipeline, p))
+        reason, target = check_folder(self.local_path(pipeline, spec.output_dir), expected)
+        if reason is None or target is None:
+            return out
+        return replace(
+            out, stale=reason, stale_target=str(PurePosixPath(spec.output_dir).with_name(target.name))
+        )
+
+    def _claim_folder(self, pipeline: Pipeline, spec: StageSpec) -> None:
+        """Record in the stage folder which install and input it is for, before its job starts."""
+        if not pipeline.configmap_uid:
+            return
+        local = self.local_path(pipeline, spec.output_dir)
+        expected = owner_record(pipeline, spec, lambda p: self.local_path(pipeline, p))
+        if read_owner(local) == expected:
+            return
+        self._write(f"claim {spec.output_dir}")
+        local.mkdir(parents=True, exist_ok=True)
+        write_owner(local, expected)
 
     def _pending_items(self, job: JobState, now: datetime) -> list[PendingItem]:
         timeout = timedelta(seconds=self.config.pending_timeout_seconds)
@@ -475,6 +507,7 @@ class Controller:
             spec = world.pipeline.stage(action.stage)
             body = job_manifest(world.pipeline, spec, action.attempt, cfg.namespace, cfg.stages_configmap)
             name = body["metadata"]["name"]
+            self._claim_folder(world.pipeline, spec)
             self._write(f"create job {name}")
             try:
                 created, existing = self.cluster.create_job(body)
@@ -516,6 +549,22 @@ class Controller:
                     stage=action.stage,
                     attempt=action.attempt,
                 )
+            return []
+        if isinstance(action, MoveAside):
+            spec = world.pipeline.stage(action.stage)
+            self._write(f"move aside {spec.output_dir}")
+            moved = move_aside(
+                self.local_path(world.pipeline, spec.output_dir),
+                self.local_path(world.pipeline, action.target),
+            )
+            log(
+                "warning",
+                "moved a stage folder aside; the stage starts over",
+                stage=action.stage,
+                folder=spec.output_dir,
+                to=str(PurePosixPath(spec.output_dir).with_name(moved.name)),
+                reason=action.reason,
+            )
             return []
         if isinstance(action, PruneCheckpoints):
             spec = world.pipeline.stage(action.stage)

@@ -40,12 +40,21 @@ class Finish:
 
 
 @dataclass(frozen=True)
+class MoveAside:
+    """Rename a stage folder made by another install or from another input before starting the stage."""
+
+    stage: str
+    reason: str
+    target: str  # the new name, as the jobs see the volume
+
+
+@dataclass(frozen=True)
 class Wait:
     deadline: datetime | None = None  # wake up by then even without a watch event
     message: str = ""
 
 
-Action = CreateJob | PruneCheckpoints | ReportPending | Finish | Wait
+Action = CreateJob | PruneCheckpoints | ReportPending | Finish | Wait | MoveAside
 
 ACTIVE, DONE, BROKEN, MISSING, DELETING = "active", "done", "broken", "missing", "deleting"
 
@@ -102,6 +111,16 @@ def attempt_outcome(world: World, stage: str, attempt: int) -> tuple[str, str]:
 
 def decide(world: World, config: ControllerConfig) -> Action:
     """The one action this pass takes. Pure: everything it needs is in `world`."""
+    action = _next_step(world, config)
+    if isinstance(action, CreateJob):
+        # a job must not start in a folder of another install or input (ownership.py): clear it first
+        out = world.outputs.get(action.stage) or OutputState()
+        if out.stale and out.stale_target:
+            return MoveAside(action.stage, out.stale, out.stale_target)
+    return action
+
+
+def _next_step(world: World, config: ControllerConfig) -> Action:
     stages = world.pipeline.stages
     i = frontier(world)
     spec = stages[i]

@@ -17,6 +17,7 @@ from trainer.executors.kubernetes.decide import (
     Action,
     CreateJob,
     Finish,
+    MoveAside,
     PruneCheckpoints,
     ReportPending,
     attempt_outcome,
@@ -97,6 +98,7 @@ class StageRecord:
     message: str = ""
     attempts: list[AttemptRecord] = field(default_factory=list)
     reported: list[str] = field(default_factory=list)  # pending items already reported
+    moved_aside: list[str] = field(default_factory=list)  # stale folders renamed before the stage ran
 
     @classmethod
     def from_json(cls, data: Any) -> StageRecord:
@@ -162,6 +164,7 @@ def render_status(world: World, action: Action, config: ControllerConfig) -> Run
             metrics=dict(old.metrics),
             message=old.message,
             reported=list(old.reported),
+            moved_aside=list(old.moved_aside),
         )
         rec.attempts = _merge_attempts(old, world, spec.name)
         if i < fi and rec.phase != SUCCEEDED:
@@ -172,6 +175,8 @@ def render_status(world: World, action: Action, config: ControllerConfig) -> Run
             rec.phase = PENDING
         if isinstance(action, CreateJob) and action.stage == spec.name:
             _apply_create(rec, world, action)
+        if isinstance(action, MoveAside) and action.stage == spec.name:
+            _apply_move_aside(rec, world, action)
         if rec.attempts:
             rec.start_time = rec.attempts[0].start_time or rec.start_time
         records.append(rec)
@@ -309,6 +314,16 @@ def _apply_create(rec: StageRecord, world: World, action: CreateJob) -> None:
     rec.start_time = rec.start_time or _fmt(world.now)
 
 
+MOVED_ASIDE_KEPT = 5  # notes per stage; each reinstall starts a fresh status, so a few are plenty
+
+
+def _apply_move_aside(rec: StageRecord, world: World, action: MoveAside) -> None:
+    spec = world.pipeline.stage(rec.name)
+    note = f"{_fmt(world.now)} moved {spec.output_dir} aside to {action.target}: {action.reason}"
+    rec.moved_aside = [*rec.moved_aside, note][-MOVED_ASIDE_KEPT:]
+    rec.message = f"moved {spec.output_dir} aside to {action.target}; the stage starts over"
+
+
 @dataclass(frozen=True)
 class StatusEvent:
     type: str  # Normal or Warning
@@ -336,6 +351,12 @@ def status_events(prev: RunStatus, new: RunStatus, action: Action, pruned: list[
         for item in action.items:
             events.append(
                 StatusEvent("Warning", "PendingTooLong", f"{action.stage}: {item.key}: {item.message}")
+            )
+    if isinstance(action, MoveAside):
+        rec = new.stage_record(action.stage)
+        if rec is not None and rec.moved_aside:
+            events.append(
+                StatusEvent("Warning", "StageFolderMovedAside", f"{action.stage}: {rec.moved_aside[-1]}")
             )
     if isinstance(action, PruneCheckpoints) and pruned:
         events.append(
