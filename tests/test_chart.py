@@ -630,7 +630,7 @@ def test_stage_resources_env_and_restart_policy() -> None:
     job = stage_jobs(rendered(values))["sft"]
     spec = job["spec"]["pytorchReplicaSpecs"]["Master"]
     assert spec["restartPolicy"] == "ExitCode"
-    assert job["spec"]["runPolicy"] == {"backoffLimit": 5, "cleanPodPolicy": "None"}
+    assert job["spec"]["runPolicy"] == {"backoffLimit": 5, "cleanPodPolicy": "Running"}
     (container,) = spec["template"]["spec"]["containers"]
     assert container["resources"]["requests"] == {
         "cpu": "24",

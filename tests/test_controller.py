@@ -51,6 +51,7 @@ CONTRACT_ROLE = (
     | {("", "configmaps", v) for v in ("get", "create", "patch")}
     | {
         ("", "events", "create"),
+        ("", "events", "list"),
         ("", "pods", "get"),
         ("", "pods", "list"),
         ("", "pods/log", "get"),
@@ -157,14 +158,17 @@ class FakeCluster:
         return [
             r.name
             for r in self.server.recorded(USER_AGENT)
-            if r.verb == "create" and r.resource == "pytorchjobs" and r.code == code
+            if r.verb == "create"
+            and r.resource == "pytorchjobs"
+            and r.code == code
+            and r.query.get("dryRun") != "All"  # the start-up dry runs create nothing
         ]
 
     def writes(self) -> list[tuple[str, str, str | None]]:
         return [
             (r.verb, r.resource, r.name)
             for r in self.server.recorded(USER_AGENT)
-            if r.verb not in ("get", "list", "watch")
+            if r.verb not in ("get", "list", "watch") and r.query.get("dryRun") != "All"
         ]
 
     def events(self) -> list[dict]:
@@ -548,10 +552,24 @@ def create_conflicts(make) -> None:
     # another controller instance creates the same job between our list and our create: 409 = success
     c = make()
     base = yaml.safe_load(c.stages_cm["data"]["grpo.yaml"])
+    owner = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "name": "r1-stages",
+        "uid": c.stages_cm["metadata"]["uid"],
+    }
+    base["metadata"]["ownerReferences"] = [owner]  # as the other controller instance makes it
     raced: list[bool] = []
 
     def race(req) -> None:
-        if req.verb == "create" and req.name == "r1-grpo-1" and req.user_agent == USER_AGENT and not raced:
+        dry = req.query.get("dryRun") == "All"
+        if (
+            req.verb == "create"
+            and req.name == "r1-grpo-1"
+            and req.user_agent == USER_AGENT
+            and not raced
+            and not dry
+        ):
             raced.append(True)
             c.server.create("pytorchjobs", base, NS, *JOBS)
 

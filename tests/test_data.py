@@ -1,14 +1,30 @@
-"""Tests for trainer.r1.data and trainer.r1.format: sources, schemas, bad rows, DataArgs flags, prompt and completion text."""
+"""Tests for trainer.r1.data and trainer.r1.format: sources, schemas (the public math sets' shapes), bad rows,
+mixtures, DataArgs flags and their pass-through, prompt and completion text."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pytest
 
-from trainer.r1.data import DataArgs, DataError, Example, detect_schema, extract_boxed, load_examples
+from trainer.r1.data import (
+    DataArgs,
+    DataError,
+    Example,
+    Source,
+    detect_schema,
+    extract_boxed,
+    load_examples,
+    mixture_counts,
+    parse_sources,
+)
 from trainer.r1.format import R1_SYSTEM_PROMPT, check_format, format_completion, format_prompt
 from trainer.r1.rewards import reward_function
 
@@ -225,12 +241,35 @@ BAD_ROWS = [
     ("gsm8k", {"question": None, "answer": "x\n#### 5"}, "question", "is missing"),
     ("r1", {"prompt": "p", "solution": "<think>r</think> 5"}, "solution", "exactly one <answer>"),
     ("r1", {"prompt": "p", "solution": "<answer>5</answer>"}, "solution", "exactly one <think>"),
-    ("builtin", {"question": "q", "reasoning": "  ", "answer": "1"}, "reasoning", "is empty"),
+    ("math", {"problem": "p", "solution": "no box", "answer": ""}, "solution", "no complete \\boxed"),
+    ("math", {"problem": "p", "solution": "s", "answer": "notfound"}, "answer", "not a verifiable final"),
+    ("builtin", {"question": "q", "reasoning": "r", "answer": "  "}, "answer", "is empty"),
     (
         "builtin",
         {"question": "q", "reasoning": "r", "answer": "<answer>1</answer>"},
         "answer",
         "reserved tag",
+    ),
+    ("problem_answer", {"problem": "p", "answer": ""}, "answer", "is empty"),
+    ("problem_answer", {"problem": "p", "answer": "proof"}, "answer", "'proof', not a verifiable final"),
+    ("problem_answer", {"problem": None, "answer": "3"}, "problem", "is missing"),
+    (
+        "verl",
+        {
+            "prompt": [{"role": "system", "content": "s"}],
+            "reward_model": {"ground_truth": "1", "style": "rule"},
+        },
+        "prompt",
+        "without a non-empty user message",
+    ),
+    (
+        "verl",
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "reward_model": {"ground_truth": None, "style": "rule"},
+        },
+        "reward_model.ground_truth",
+        "is missing",
     ),
 ]
 GOOD_ROW = {
@@ -238,6 +277,11 @@ GOOD_ROW = {
     "gsm8k": GSM8K_ROWS[0],
     "r1": R1_ROWS[0],
     "builtin": BUILTIN_ROWS[0],
+    "problem_answer": {"problem": "What is 3 * 9?", "answer": "27"},
+    "verl": {
+        "prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+        "reward_model": {"ground_truth": "4", "style": "rule"},
+    },
 }
 
 
@@ -245,14 +289,60 @@ GOOD_ROW = {
 def test_bad_row_error_names_file_split_row_and_field(
     tmp_path: Path, schema: str, bad: dict, field: str, problem: str
 ) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", [GOOD_ROW[schema], GOOD_ROW[schema], bad])
+    good = GOOD_ROW[schema]
+    if "answer" in bad and schema == "math":
+        good = {**good, "answer": "0.75"}  # the same columns in every row
+    path = write_jsonl(tmp_path / "d.jsonl", [good, good, bad])
     with pytest.raises(DataError) as err:
         load_examples(str(path), "train")
     message = str(err.value)
-    assert f"{path}:train:row 2" in message
+    assert f"{path}:train:row 2 ({schema} schema)" in message
     assert f"field '{field}'" in message
     assert problem in message
     assert "--skip_bad_rows" in message
+    examples, report = load_examples(str(path), "train", skip_bad_rows=True)
+    assert (len(examples), report.skipped) == (2, 1)
+
+
+# Rows that GRPO and evaluation can use but SFT cannot: their worked solution is missing or empty.
+NO_SOLUTION_ROWS = [
+    (
+        "builtin",
+        BUILTIN_ROWS[0],
+        {"question": "q", "reasoning": "  ", "answer": "1"},
+        "reasoning",
+        "is empty",
+    ),
+    (
+        "math",
+        {**MATH_ROWS[0], "answer": "0.75"},
+        {"problem": "p", "solution": "", "answer": "3", "level": "Level 1"},
+        "solution",
+        "is empty",
+    ),
+    ("gsm8k", GSM8K_ROWS[0], {"question": "q", "answer": "#### 5"}, "answer", "no reasoning before '####'"),
+    (
+        "r1",
+        R1_ROWS[0],
+        {"prompt": "p", "solution": "<think> </think><answer>5</answer>"},
+        "solution",
+        "empty",
+    ),
+]
+
+
+@pytest.mark.parametrize(("schema", "good", "bad", "field", "problem"), NO_SOLUTION_ROWS)
+def test_rows_without_a_solution_serve_grpo_but_not_sft(
+    tmp_path: Path, schema: str, good: dict, bad: dict, field: str, problem: str
+) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [good, bad])
+    examples, report = load_examples(str(path), "train")
+    assert report.schema == schema and len(examples) == 2 and examples[1].reasoning == ""
+    assert reward_function(f"<think>r</think><answer>{examples[1].answer}</answer>", examples[1].answer) == 10
+    with pytest.raises(DataError) as err:
+        load_examples(str(path), "train", require_solutions=True)
+    assert f"{path}:train:row 1 ({schema} schema): field '{field}'" in str(err.value)
+    assert problem in str(err.value)
 
 
 def test_skip_bad_rows_counts_reasons(tmp_path: Path) -> None:
@@ -321,6 +411,642 @@ def test_data_args_as_flags(tmp_path: Path) -> None:
         parser.parse_args_into_dataclasses(args=["--skip_bad_rows", "true"])  # --dataset_name is required
     with pytest.raises(DataError, match="--max_eval_samples must be a positive integer"):
         DataArgs(dataset_name="builtin:arith", max_eval_samples=-1)
+
+
+def test_data_args_schema_and_column_flags() -> None:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(DataArgs)
+    flags = ["--dataset_name", "a.jsonl:0.7,org/set:0.3", "--dataset_schema", "problem_answer"]
+    flags += ["--problem_column", "question", "--answer_column", "final", "--solution_column", "worked"]
+    (args,) = parser.parse_args_into_dataclasses(args=flags)
+    assert (args.dataset_schema, args.problem_column, args.answer_column, args.solution_column) == (
+        "problem_answer",
+        "question",
+        "final",
+        "worked",
+    )
+    assert DataArgs(dataset_name="x.jsonl").dataset_schema == "auto"
+    with pytest.raises(SystemExit):  # argparse lists the choices
+        parser.parse_args_into_dataclasses(args=["--dataset_name", "x.jsonl", "--dataset_schema", "csv"])
+    with pytest.raises(DataError, match="--dataset_schema must be one of auto, builtin, verl"):
+        DataArgs(dataset_name="x.jsonl", dataset_schema="csv")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="--answer_column must be a column name"):
+        DataArgs(dataset_name="x.jsonl", answer_column=" ")
+    with pytest.raises(DataError, match="every dataset a ':<weight>' or none"):
+        DataArgs(dataset_name="a.jsonl:0.7,b.jsonl")
+
+
+# --------------------------------------------------------------------------------------------------
+# The public math sets' shapes (small files written here, in each set's own columns and types)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shape:
+    file: str  # .jsonl or .parquet, as the set is distributed
+    rows: list[dict[str, Any]]
+    schema: str
+    columns: dict[str, str]
+    answers: list[str]  # Example.answer of each kept row
+    written: list[list[str]]  # answers a model may write for each kept row, all worth 10
+    skip_bad_rows: bool = False
+
+
+SHAPES: dict[str, Shape] = {
+    # AI-MO/aimo-validation-aime (id, problem, solution, answer, url) with the `question` copy of the issue's
+    # file: question + answer must not make it GSM8K; the explicit answer wins over the solution's \boxed.
+    "aime": Shape(
+        "aime.jsonl",
+        [
+            {
+                "id": 60,
+                "problem": "Find the remainder when $2^{10}$ is divided by $1000$.",
+                "solution": "Since $2^{10} = 1024$, the remainder is $\\boxed{024}$.",
+                "answer": "24",
+                "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_1",
+                "question": "Find the remainder when $2^{10}$ is divided by $1000$.",
+            },
+            {
+                "id": 61,
+                "problem": "How many positive divisors does $60$ have?",
+                "solution": "$60 = 2^2 \\cdot 3 \\cdot 5$ has $3 \\cdot 2 \\cdot 2 = \\boxed{12}$ divisors.",
+                "answer": "012",
+                "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_2",
+                "question": "How many positive divisors does $60$ have?",
+            },
+        ],
+        "math",
+        {"problem": "problem", "solution": "solution", "answer": "answer"},
+        ["24", "012"],
+        [["24", "024", "\\boxed{24}"], ["12", "012"]],
+    ),
+    # AI-MO/aimo-validation-amc: a float64 answer and no worked solution.
+    "amc": Shape(
+        "amc.parquet",
+        [
+            {
+                "id": 0,
+                "problem": "What is $3^3$?",
+                "answer": 27.0,
+                "url": "https://artofproblemsolving.com/wiki/index.php/2023_AMC_12A_Problems/Problem_1",
+                "question": "What is $3^3$?",
+            },
+            {
+                "id": 1,
+                "problem": "What is half of one?",
+                "answer": 0.5,
+                "url": "https://artofproblemsolving.com/wiki/index.php/2023_AMC_12A_Problems/Problem_2",
+                "question": "What is half of one?",
+            },
+        ],
+        "problem_answer",
+        {"problem": "problem", "answer": "answer"},
+        ["27", "0.5"],
+        [["27", "27.0", "$27$"], ["0.5", "\\frac{1}{2}", "1/2"]],
+    ),
+    # agentica-org/DeepScaleR-Preview-Dataset: problem, answer, solution (sometimes empty).
+    "deepscaler": Shape(
+        "deepscaler.jsonl",
+        [
+            {"problem": "Simplify $\\frac{6}{8}$.", "answer": "\\frac{3}{4}", "solution": ""},
+            {
+                "problem": "Solve $x + 1 = 7$.",
+                "answer": "6",
+                "solution": "Subtract 1: $x = \\boxed{6}$.",
+            },
+        ],
+        "math",
+        {"problem": "problem", "solution": "solution", "answer": "answer"},
+        ["\\frac{3}{4}", "6"],
+        [["\\frac{3}{4}", "0.75", "3/4"], ["6", "x = 6"]],
+    ),
+    # AI-MO/NuminaMath-CoT: source, problem, solution (answer in \boxed), messages.
+    "numinamath-cot": Shape(
+        "numina_cot.parquet",
+        [
+            {
+                "source": "olympiads",
+                "problem": "Find $\\sin 60^\\circ$.",
+                "solution": "It is $\\boxed{\\frac{\\sqrt{3}}{2}}$.",
+                "messages": [
+                    {"role": "user", "content": "Find $\\sin 60^\\circ$."},
+                    {"role": "assistant", "content": "It is $\\boxed{\\frac{\\sqrt{3}}{2}}$."},
+                ],
+            },
+            {
+                "source": "cn_k12",
+                "problem": "Compute $2 + 3$.",
+                "solution": "$2 + 3 = \\boxed{5}$",
+                "messages": [
+                    {"role": "user", "content": "Compute $2 + 3$."},
+                    {"role": "assistant", "content": "$2 + 3 = \\boxed{5}$"},
+                ],
+            },
+        ],
+        "math",
+        {"problem": "problem", "solution": "solution"},
+        ["\\frac{\\sqrt{3}}{2}", "5"],
+        [["\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}", "\\sqrt{3}/2"], ["5"]],
+    ),
+    # AI-MO/NuminaMath-1.5: an `answer` column that says "proof" where there is no final answer.
+    "numinamath-1.5": Shape(
+        "numina15.jsonl",
+        [
+            {
+                "problem": "Prove that $\\sqrt{2}$ is irrational.",
+                "solution": "Suppose $\\sqrt{2} = p/q$ in lowest terms ...",
+                "answer": "proof",
+                "problem_type": "Number Theory",
+                "question_type": "proof",
+                "problem_is_valid": "Yes",
+                "solution_is_valid": "Yes",
+                "source": "olympiads",
+                "synthetic": False,
+            },
+            {
+                "problem": "What is $3 \\times 4$?",
+                "solution": "$3 \\times 4 = 12$.",
+                "answer": "12",
+                "problem_type": "Algebra",
+                "question_type": "math-word-problem",
+                "problem_is_valid": "Yes",
+                "solution_is_valid": "Yes",
+                "source": "cn_k12",
+                "synthetic": False,
+            },
+        ],
+        "math",
+        {"problem": "problem", "solution": "solution", "answer": "answer"},
+        ["12"],
+        [["12"]],
+        skip_bad_rows=True,
+    ),
+    # open-r1/OpenR1-Math-220k: problem, solution, answer and the generation columns.
+    "openr1-math": Shape(
+        "openr1.parquet",
+        [
+            {
+                "problem": "A coin is tossed twice. What is the probability of two heads?",
+                "solution": "Each toss is heads with probability $\\frac{1}{2}$, so $\\boxed{\\frac{1}{4}}$.",
+                "answer": "\\frac{1}{4}",
+                "problem_type": "Combinatorics",
+                "question_type": "math-word-problem",
+                "source": "olympiads",
+                "uuid": "5d8c2b2e-0000-5000-8000-000000000001",
+                "is_reasoning_complete": [True, True],
+                "generations": ["<think>1/2 * 1/2</think> 1/4", "<think>...</think> 0.25"],
+                "correctness_math_verify": [True, True],
+                "correctness_llama": None,
+                "finish_reasons": ["stop", "stop"],
+                "correctness_count": 2,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": "A coin is tossed twice. What is the probability of two heads?",
+                    },
+                    {"role": "assistant", "content": "<think>1/2 * 1/2</think> 1/4"},
+                ],
+            }
+        ],
+        "math",
+        {"problem": "problem", "solution": "solution", "answer": "answer"},
+        ["\\frac{1}{4}"],
+        [["\\frac{1}{4}", "0.25", "1/4"]],
+    ),
+    # BytedTsinghua-SIA/DAPO-Math-17k: verl's RL parquet layout, the instructions inside the user message.
+    "dapo-math-17k": Shape(
+        "dapo.parquet",
+        [
+            {
+                "data_source": "math_dapo",
+                "prompt": [
+                    {
+                        "content": "Solve the following math problem step by step.\n\nWhat is $17 \\cdot 2$?\n\n"
+                        'Remember to put your answer on its own line after "Answer:".',
+                        "role": "user",
+                    }
+                ],
+                "ability": "MATH",
+                "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"},
+                "extra_info": {"index": "9a9b6eb4-a1cb-49d1-8c1e-62eaf2f74079"},
+            }
+        ],
+        "verl",
+        {"problem": "prompt", "answer": "reward_model"},
+        ["34"],
+        [["34", "\\boxed{34}"]],
+    ),
+    # verl's examples/data_preprocess/gsm8k.py output: a system message too, extra_info with split/index.
+    "verl-gsm8k": Shape(
+        "verl_gsm8k.parquet",
+        [
+            {
+                "data_source": "openai/gsm8k",
+                "prompt": [
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": "Natalia sold 48 clips and 24 more. How many? Let's think."},
+                ],
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": "72"},
+                "extra_info": {"split": "train", "index": 0},
+            }
+        ],
+        "verl",
+        {"problem": "prompt", "answer": "reward_model"},
+        ["72"],
+        [["72", "\\$72"]],
+    ),
+    # verl rows whose ground truth is a list (several answers, as "find all x" asks).
+    "verl-list": Shape(
+        "verl_list.jsonl",
+        [
+            {
+                "data_source": "synthetic",
+                "prompt": [{"role": "user", "content": "Find all $x$ with $(x-3)(x-5)=0$."}],
+                "reward_model": {"ground_truth": [3, 5], "style": "rule"},
+            }
+        ],
+        "verl",
+        {"problem": "prompt", "answer": "reward_model"},
+        ["3, 5"],
+        [["3, 5", "3,5"]],
+    ),
+    "gsm8k": Shape(
+        "gsm8k.jsonl",
+        GSM8K_ROWS,
+        "gsm8k",
+        {"problem": "question", "solution": "answer"},
+        ["72", "2000"],
+        [["72"], ["2000", "2,000"]],
+    ),
+    "competition-math": Shape(
+        "math.parquet",
+        MATH_ROWS,
+        "math",
+        {"problem": "problem", "solution": "solution"},
+        ["\\frac{3}{4}", "\\{1, {2}\\}"],
+        [["\\frac{3}{4}", "0.75"], ["\\{1, {2}\\}"]],
+    ),
+    "r1-guide": Shape(
+        "r1.jsonl",
+        R1_ROWS,
+        "r1",
+        {"problem": "prompt", "solution": "solution"},
+        ["12", "7"],
+        [["12"], ["7"]],
+    ),
+}
+
+
+def write_shape(folder: Path, shape: Shape) -> Path:
+    path = folder / shape.file
+    if path.suffix == ".parquet":
+        datasets.Dataset.from_list(shape.rows).to_parquet(str(path))
+        return path
+    return write_jsonl(path, shape.rows)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_public_math_set_shapes_load_and_their_gold_answers_score_10(tmp_path: Path, name: str) -> None:
+    shape = SHAPES[name]
+    path = write_shape(tmp_path, shape)
+    args = DataArgs(dataset_name=str(path), skip_bad_rows=shape.skip_bad_rows)
+    examples, report = args.load_train()
+    assert (report.schema, report.columns) == (shape.schema, shape.columns)
+    assert [e.answer for e in examples] == shape.answers
+    assert len(args.load_eval()[0]) == len(examples)  # the same path serves evaluation
+    for example, written in zip(examples, shape.written, strict=True):
+        for answer in written:
+            completion = f"<think>\nworking\n</think>\n<answer>{answer}</answer>"
+            assert reward_function(completion, example.answer) == 10.0, (name, answer, example.answer)
+        assert reward_function("<think>w</think><answer>99991</answer>", example.answer) == 1.0
+        assert example.problem and "<answer>" not in example.problem
+    if name == "dapo-math-17k":  # the user message, verbatim: the problem and its instructions
+        assert examples[0].problem == shape.rows[0]["prompt"][0]["content"]
+    if name == "verl-gsm8k":  # the last user message; the system message is not the problem
+        assert examples[0].problem.startswith("Natalia sold 48 clips")
+    if shape.skip_bad_rows:
+        assert report.skipped_reasons == {"field 'answer' is 'proof', not a verifiable final answer": 1}
+
+
+@pytest.mark.parametrize(
+    ("columns", "schema"),
+    [
+        (["id", "problem", "solution", "answer", "url", "question"], "math"),  # AIME: not GSM8K
+        (["id", "problem", "answer", "url", "question"], "problem_answer"),  # AMC
+        (["id", "problem", "solution", "answer", "url", "year"], "math"),  # HuggingFaceH4/aime_2024
+        (["problem", "answer", "solution"], "math"),  # DeepScaleR
+        (["source", "problem", "solution", "messages"], "math"),  # NuminaMath-CoT
+        (["problem", "solution", "answer", "problem_type", "question_type", "source", "uuid"], "math"),
+        (["data_source", "prompt", "ability", "reward_model", "extra_info"], "verl"),  # DAPO-Math-17k
+        (["prompt", "reward_model"], "verl"),
+        (["question", "answer"], "gsm8k"),
+        (["prompt", "solution"], "r1"),
+        (["question", "reasoning", "answer"], "builtin"),
+    ],
+)
+def test_detection_prefers_an_explicit_answer_column(columns: list[str], schema: str) -> None:
+    assert detect_schema(columns) == schema
+
+
+def test_detection_error_lists_every_schema_and_the_column_flags(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", [{"text": "hello", "label": 1}])
+    with pytest.raises(DataError) as err:
+        load_examples(str(path), "train")
+    message = str(err.value)
+    assert "problem_answer: problem, answer" in message and "verl: prompt, reward_model" in message
+    assert "--problem_column" in message
+
+
+QUESTION_ANSWER_ROWS = [  # an evaluation set with question + bare answer (e.g. AMC 2023 copies)
+    {"id": 0, "question": "What is $3^3$?", "answer": "27"},
+    {"id": 1, "question": "What is $2^5$?", "answer": "32"},
+]
+
+
+def test_question_answer_set_needs_the_column_flag(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "amc23.jsonl", QUESTION_ANSWER_ROWS)
+    with pytest.raises(DataError) as err:  # read as GSM8K: the error says how to read it instead
+        load_examples(str(path), "test")
+    assert "no '#### <final answer>' line" in str(err.value)
+    assert "--dataset_schema problem_answer --problem_column question" in str(err.value)
+    for schema in ("auto", "problem_answer"):
+        examples, report = DataArgs(
+            dataset_name=str(path), dataset_schema=schema, problem_column="question"
+        ).load_eval()
+        assert report.schema == "problem_answer" and report.columns == {
+            "problem": "question",
+            "answer": "answer",
+        }
+        assert [(e.problem, e.answer) for e in examples] == [
+            ("What is $3^3$?", "27"),
+            ("What is $2^5$?", "32"),
+        ]
+
+
+def test_column_flags_map_any_column_names(tmp_path: Path) -> None:
+    rows = [{"query": "What is 6 * 7?", "worked": "6 * 7 = 42", "gold": 42, "meta": "x"}]
+    path = write_jsonl(tmp_path / "custom.jsonl", rows)
+    flags = {"problem_column": "query", "solution_column": "worked", "answer_column": "gold"}
+    examples, report = load_examples(str(path), "train", require_solutions=True, **flags)
+    assert report.schema == "math"
+    assert report.columns == {"problem": "query", "solution": "worked", "answer": "gold"}
+    assert (examples[0].problem, examples[0].reasoning, examples[0].answer) == (
+        "What is 6 * 7?",
+        "6 * 7 = 42",
+        "42",
+    )
+    # verl's layout with the messages under another name.
+    verl = [{"messages": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": "1"}}]
+    path = write_jsonl(tmp_path / "verl.jsonl", verl)
+    examples, report = load_examples(str(path), "train", schema="verl", problem_column="messages")
+    assert (report.columns, examples[0].problem, examples[0].answer) == (
+        {"problem": "messages", "answer": "reward_model"},
+        "q",
+        "1",
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"answer_column": "final"}, "--answer_column 'final' is not a column; columns found: answer, id"),
+        ({"schema": "math"}, "--dataset_schema math needs the column(s) problem, solution"),
+        ({"schema": "problem_answer", "solution_column": "answer"}, "problem_answer schema has no solution"),
+        ({"problem_column": "id", "answer_column": "id", "solution_column": "id"}, None),
+        ({"schema": "gsm8k", "answer_column": "answer"}, "the gsm8k schema has no answer field"),
+    ],
+)
+def test_schema_and_column_flag_errors(tmp_path: Path, kwargs: dict, message: str | None) -> None:
+    path = write_jsonl(tmp_path / "qa.jsonl", QUESTION_ANSWER_ROWS)
+    if message is None:  # every field from the id column: valid columns, but no usable text answer
+        examples, report = load_examples(str(path), "train", **kwargs)
+        assert report.schema == "math" and [e.answer for e in examples] == ["0", "1"]
+        return
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_examples(str(path), "train", **kwargs)
+
+
+def test_schema_and_columns_are_logged_once_per_split(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_shape(tmp_path, SHAPES["aime"])
+    args = DataArgs(dataset_name=str(path))
+    with caplog.at_level(logging.INFO, logger="trainer.r1.data"):
+        args.load_train()
+        args.load_eval()
+    lines = [r.getMessage() for r in caplog.records if "schema:" in r.getMessage()]
+    columns = "math schema: problem='problem', solution='solution', answer='answer'"
+    assert lines == [f"{path}:train: {columns}", f"{path}:test: {columns}"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "kwargs", "columns"),
+    [
+        ("amc", {}, "answer, id, problem, question, url"),
+        ("dapo-math-17k", {}, "ability, data_source, extra_info, prompt, reward_model"),
+        ("deepscaler", {"schema": "problem_answer"}, "answer, problem, solution"),
+    ],
+)
+def test_sft_refuses_datasets_without_worked_solutions(
+    tmp_path: Path, shape: str, kwargs: dict, columns: str
+) -> None:
+    path = write_shape(tmp_path, SHAPES[shape])
+    with pytest.raises(DataError) as err:
+        load_examples(str(path), "train", require_solutions=True, **kwargs)
+    assert f"{path}:train: SFT needs worked solutions; this dataset has none: columns {columns}" in str(
+        err.value
+    )
+    with pytest.raises(DataError, match="SFT needs worked solutions"):
+        DataArgs(dataset_name=str(path), dataset_schema=kwargs.get("schema", "auto")).load_train(
+            require_solutions=True
+        )
+    assert load_examples(str(path), "train", **kwargs)[0]  # GRPO and evaluation read it
+
+
+def test_answer_values_numbers_lists_and_bad_types(tmp_path: Path) -> None:
+    rows = [
+        {"problem": "a", "answer": 27.0},
+        {"problem": "b", "answer": -3.0},
+        {"problem": "c", "answer": 2.5},
+        {"problem": "d", "answer": 12},
+    ]
+    examples, _ = load_examples(str(write_jsonl(tmp_path / "n.jsonl", rows)), "train")
+    assert [e.answer for e in examples] == ["27", "-3", "2.5", "12"]
+    lists = [{"problem": "a", "answer": ["1", " 2 "]}, {"problem": "b", "answer": ["x"]}]
+    examples, _ = load_examples(str(write_jsonl(tmp_path / "l.jsonl", lists)), "train")
+    assert [e.answer for e in examples] == ["1, 2", "x"]
+    for bad, problem in [
+        ({"problem": "a", "answer": []}, "is empty"),
+        ({"problem": "a", "answer": [""]}, "is a list with an empty item"),
+        ({"problem": "a", "answer": [["1"]]}, "is a list with an item that is not text or a number"),
+    ]:
+        path = write_jsonl(tmp_path / "bad.jsonl", [bad])
+        with pytest.raises(
+            DataError, match=re.escape(f"{path}:train:row 0 (problem_answer schema): ")
+        ) as err:
+            load_examples(str(path), "train")
+        assert f"field 'answer' {problem}" in str(err.value)
+    path = tmp_path / "inf.parquet"
+    datasets.Dataset.from_list([{"problem": "a", "answer": float("inf")}]).to_parquet(str(path))
+    with pytest.raises(DataError, match=r"field 'answer' is not a finite number \(inf\)"):
+        load_examples(str(path), "train")
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixtures
+# --------------------------------------------------------------------------------------------------
+
+
+def test_parse_sources(tmp_path: Path) -> None:
+    assert parse_sources("openai/gsm8k") == [Source("openai/gsm8k")]
+    assert parse_sources("builtin:arith") == [Source("builtin:arith")]
+    assert parse_sources("data/{split}.jsonl:0.7, org/set:0.3,builtin:arith:1") == [
+        Source("data/{split}.jsonl", Fraction(7, 10)),
+        Source("org/set", Fraction(3, 10)),
+        Source("builtin:arith", Fraction(1)),
+    ]
+    assert parse_sources("a.jsonl,b.jsonl") == [Source("a.jsonl"), Source("b.jsonl")]
+    odd = tmp_path / "v1,v2.jsonl:2"  # an existing path is taken whole
+    odd.write_text("")
+    assert parse_sources(str(odd)) == [Source(str(odd))]
+    for spec, message in [
+        ("a.jsonl:0.7,b.jsonl", "give every dataset a ':<weight>' or none of them"),
+        ("a.jsonl:0,b.jsonl:1", "the weight of 'a.jsonl' must be > 0"),
+        ("a.jsonl,,b.jsonl", "an empty entry"),
+        ("a.jsonl:1,a.jsonl:2", "'a.jsonl' is listed twice"),
+    ]:
+        with pytest.raises(DataError, match=re.escape(message)):
+            parse_sources(spec)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "weights", "limit", "counts"),
+    [
+        ([100, 500], ["0.7", "0.3"], None, [99, 43]),  # the 100 rows bound the mixture at 142
+        ([500, 100], ["0.7", "0.3"], None, [233, 100]),
+        ([10, 10], ["1", "1"], None, [10, 10]),
+        ([3, 5], None, None, [3, 5]),  # no weights: everything
+        ([3, 5], None, 4, [2, 2]),  # a limit is shared by size; ties go to the earlier source
+        ([100, 500], ["1", "1"], 10, [5, 5]),
+        ([100, 500], ["0.999", "0.001"], None, [100, 0]),
+    ],
+)
+def test_mixture_counts(
+    sizes: list[int], weights: list[str] | None, limit: int | None, counts: list[int]
+) -> None:
+    fractions = None if weights is None else [Fraction(w) for w in weights]
+    assert mixture_counts(sizes, fractions, limit) == counts
+
+
+def _numbered_gsm8k(n: int) -> list[dict]:
+    return [{"question": f"g{i}", "answer": f"so\n#### {i}"} for i in range(n)]
+
+
+def _numbered_math(n: int) -> list[dict]:
+    return [{"problem": f"m{i}", "solution": f"$\\boxed{{{i}}}$"} for i in range(n)]
+
+
+def test_weighted_mixture_for_training(tmp_path: Path) -> None:
+    gsm = write_jsonl(tmp_path / "gsm8k.jsonl", _numbered_gsm8k(10))
+    math_ = write_jsonl(tmp_path / "math.jsonl", _numbered_math(10))
+    spec = f"{gsm}:0.7,{math_}:0.3"
+    examples, report = DataArgs(dataset_name=spec).load_train(seed=3)
+    # 10 GSM8K rows bound the mixture at 14: 9.8 -> 10 GSM8K, 4.2 -> 4 MATH, drawn without repeats.
+    by_source = [e.source.rsplit(":", 2)[0] for e in examples]
+    assert (by_source.count(str(gsm)), by_source.count(str(math_))) == (10, 4)
+    assert len({e.source for e in examples}) == 14
+    assert report.mixture == {str(gsm): 10, str(math_): 4} and report.schema == "gsm8k+math"
+    assert (report.rows, report.kept) == (20, 14)
+    assert f"mixture: {gsm} 10 of 10, {math_} 4 of 10" in report.summary()
+    again, _ = DataArgs(dataset_name=spec).load_train(seed=3)
+    other, _ = DataArgs(dataset_name=spec).load_train(seed=4)
+    assert again == examples  # deterministic for a seed (every rank draws the same mixture)
+    assert other != examples and sorted(e.source for e in other) != sorted(e.source for e in examples)
+    assert by_source != sorted(by_source)  # shuffled, not one source after the other
+    for example in examples:
+        assert reward_function(f"<think>r</think><answer>{example.answer}</answer>", example.answer) == 10.0
+    limited, _ = DataArgs(dataset_name=spec, max_train_samples=5).load_train(seed=3)
+    assert sorted(e.source.rsplit(":", 2)[0] for e in limited) == [str(gsm)] * 4 + [str(math_)]
+
+
+def test_mixture_for_evaluation_is_every_source_in_order(tmp_path: Path) -> None:
+    gsm = write_jsonl(tmp_path / "test" / "gsm8k.jsonl", _numbered_gsm8k(3))
+    write_jsonl(tmp_path / "test" / "math.jsonl", _numbered_math(5))
+    spec = f"{gsm}:0.9,{tmp_path}/{{split}}/math.jsonl:0.1"  # weights are for training only
+    examples, report = DataArgs(dataset_name=spec).load_eval()
+    assert [e.problem for e in examples] == ["g0", "g1", "g2", "m0", "m1", "m2", "m3", "m4"]
+    assert report.mixture == {str(gsm): 3, str(tmp_path / "test" / "math.jsonl"): 5}
+    examples, _ = DataArgs(dataset_name=spec, max_eval_samples=4).load_eval()
+    assert [e.problem for e in examples] == ["g0", "g1", "m0", "m1"]  # shared by size: 1.5 + 2.5
+
+
+def test_mixture_row_errors_name_the_source(tmp_path: Path) -> None:
+    gsm = write_jsonl(tmp_path / "gsm8k.jsonl", _numbered_gsm8k(4))
+    bad = write_jsonl(tmp_path / "math.jsonl", [*_numbered_math(3), {"problem": "p", "solution": "no box"}])
+    spec = f"{gsm}:1,{bad}:1"
+    with pytest.raises(DataError, match=re.escape(f"{bad}:train:row 3 (math schema): field 'solution'")):
+        DataArgs(dataset_name=spec).load_train()
+    examples, report = DataArgs(dataset_name=spec, skip_bad_rows=True).load_train()
+    assert len(examples) == 6 and report.skipped == 1
+    assert report.skipped_reasons == {f"{bad}: field 'solution' has no complete \\boxed{{...}} answer": 1}
+    amc = write_shape(tmp_path, SHAPES["amc"])
+    with pytest.raises(DataError, match=re.escape(f"{amc}:train: SFT needs worked solutions")):
+        DataArgs(dataset_name=f"{gsm},{amc}").load_train(require_solutions=True)
+    examples, report = DataArgs(dataset_name=f"{gsm},{amc}").load_train()  # GRPO mixes them
+    assert len(examples) == 6 and report.schema == "gsm8k+problem_answer"
+
+
+# --------------------------------------------------------------------------------------------------
+# The flags pass through the pipeline config and the chart unchanged (stages.<name>.args -> CLI flags)
+# --------------------------------------------------------------------------------------------------
+
+DATA_FLAGS = {
+    "dataset_name": "/data/gsm8k.jsonl:0.7,/data/{split}/math.parquet:0.3",
+    "dataset_schema": "problem_answer",
+    "problem_column": "question",
+    "answer_column": "final",
+    "solution_column": "worked",
+}
+
+
+def _data_args_of(flags: list[str], stage: str) -> DataArgs:
+    from trainer.evaluate import EvalArgs
+    from trainer.grpo import GRPOArgs
+    from trainer.runtime import parse_args
+    from trainer.sft import SFTArgs
+
+    classes = {"sft": SFTArgs, "grpo": GRPOArgs, "eval": EvalArgs}
+    data_args, _ = parse_args((DataArgs, classes[stage]), flags, prog=stage)
+    return data_args
+
+
+def test_local_pipeline_passes_the_data_flags_through() -> None:
+    from trainer.contract.stages import parse_config, plan
+
+    stages = {name: {"args": dict(DATA_FLAGS)} for name in ("sft", "grpo", "eval")}
+    for run in plan(parse_config({"stages": stages}, "test.yaml")):
+        data_args = _data_args_of(run.cli_args(), run.name)
+        assert {key: getattr(data_args, key) for key in DATA_FLAGS} == DATA_FLAGS, run.name
+    assert DataArgs.from_stage_args({**DATA_FLAGS, "learning_rate": 0.1}) == DataArgs(**DATA_FLAGS)
+
+
+def test_chart_passes_the_data_flags_through() -> None:
+    from tests.helmtool import render_chart, stage_jobs
+
+    args = {key: value for key, value in DATA_FLAGS.items() if key != "dataset_name"}
+    values = {
+        "dataset": {"name": DATA_FLAGS["dataset_name"]},
+        "stages": {name: {"args": args} for name in ("sft", "grpo", "eval")},
+    }
+    jobs = stage_jobs(render_chart(values))
+    assert set(jobs) == {"sft", "grpo", "eval"}
+    for stage, job in jobs.items():
+        container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+        flags = container["args"][container["args"].index("--module") + 2 :]
+        data_args = _data_args_of(flags, stage)
+        assert {key: getattr(data_args, key) for key in DATA_FLAGS} == DATA_FLAGS, stage
 
 
 # --------------------------------------------------------------------------------------------------

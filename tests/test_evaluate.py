@@ -216,3 +216,41 @@ def test_eval_run_writes_predictions_metrics_and_manifest(
     assert manifest.metrics == metrics
     assert manifest.inputs["model_name_or_path"] == str(warm_model_dir) and manifest.inputs["split"] == "test"
     assert manifest.inputs["args"]["num_samples_per_problem"] == K
+
+
+def test_eval_on_a_problem_answer_file_reports_pass_at_1_and_maj_at_k(
+    warm_model_dir: Path, stage_runner, tmp_path: Path
+) -> None:
+    """`r1-grpo eval` on an evaluation set with a problem and a final answer only (no worked solution), in
+    the shape of AI-MO/aimo-validation-amc: id, problem, answer stored as a float, url."""
+    import datasets
+
+    pairs = [(1, 2), (3, 4), (5, 2), (2, 6), (4, 4), (7, 1)]
+    rows = [
+        {"id": i, "problem": f"Compute {a} + {b}.", "answer": float(a + b), "url": f"https://example.org/{i}"}
+        for i, (a, b) in enumerate(pairs)
+    ]
+    path = tmp_path / "amc.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    out = tmp_path / "eval"
+    argv = ["eval", "--model_name_or_path", str(warm_model_dir), "--dataset_name", str(path)]
+    argv += ["--output_dir", str(out), "--num_samples_per_problem", str(K), "--temperature", "1.0"]
+    argv += ["--max_completion_length", "24", "--inference_batch_size", "8", "--seed", "5"]
+    result = stage_runner.run_script("r1-grpo", argv)
+    assert result.returncode == 0, result.describe()
+    assert f"{path}:test: problem_answer schema: problem='problem', answer='answer'" in result.output
+
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in records] == [str(a + b) for a, b in pairs]  # 3.0 is the answer 3
+    for rec in records:
+        texts = rec["completions"]
+        assert len(texts) == K and rec["rewards"] == [reward_function(t, rec["answer"]) for t in texts]
+        assert rec["pass@1"] == sum(r == 10.0 for r in rec["rewards"]) / K
+        majority = majority_answer([extract_answer(t) for t in texts])
+        assert rec[f"maj@{K}"] == float(majority is not None and answers_equal(majority, rec["answer"]))
+    assert any(any(rec["format_ok"]) for rec in records)
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = summarize(records, K)
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected)
+    assert {"pass@1", f"pass@{K}", f"maj@{K}"} <= set(metrics) and metrics["num_problems"] == len(pairs)
+    assert contract.verify_stage_output(out, "eval").metrics == metrics

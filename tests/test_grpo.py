@@ -15,6 +15,7 @@ import torch
 from trainer import grpo
 from trainer.contract import output as contract
 from trainer.r1.data import load_examples
+from trainer.rl.rollout import rows_to_train, select_rows
 
 # Fields of a metrics.jsonl record that measure wall-clock time (everything else must repeat exactly).
 TIMING_KEYS = {"time", "generate_s", "score_s", "train_s", "rollout_s", "rollout_tokens_per_s", "runtime_s"}
@@ -141,7 +142,7 @@ def test_resume_is_bit_exact(
     (out / contract.MANIFEST_NAME).unlink()
     result = stage_runner.run("trainer.grpo", grpo_argv(warm_model_dir, arith_jsonl, out), nproc=2)
     assert result.returncode == 0, result.describe()
-    assert f"resumed from {out / 'checkpoint-1'} (step 1," in result.output
+    assert f"resumed from {out / 'checkpoint-1'} (step 1)" in result.output
     contract.verify_stage_output(out, "grpo")
     got, want = _tensors(out), _tensors(reference)
     assert [k for k in want if not torch.equal(got[k], want[k])] == []
@@ -321,23 +322,28 @@ def _rollout_with_advantages(advantages: list[float], group_size: int) -> grpo.R
 
 
 def test_rows_to_train_skips_only_groups_without_advantage() -> None:
-    args = grpo.GRPOArgs(model_name_or_path="m", output_dir="o", num_generations=2, beta=0.0)
+    def rows(rollout: grpo.Rollout, chunk: int, skip: bool = True):
+        return rows_to_train(rollout, chunk, group_size=2, skip_zero_advantage=skip)
+
     # Groups of 2: group 1 and 3 have all-zero advantages; group 2 has one zero row (it is informative).
     rollout = _rollout_with_advantages([1, -1, 0, 0, 0.5, 0, 0, 0], 2)
-    assert grpo.rows_to_train(rollout, args, chunk=2, world_size=1).tolist() == [0, 1, 4, 5]
+    assert rows(rollout, chunk=2).tolist() == [0, 1, 4, 5]
     # Chunks of 4 rows: the 2 informative groups fill one chunk.
-    assert grpo.rows_to_train(rollout, args, chunk=4, world_size=1).tolist() == [0, 1, 4, 5]
+    assert rows(rollout, chunk=4).tolist() == [0, 1, 4, 5]
     # Nothing informative: one group still runs, so the gradients are defined (zeros).
     silent = _rollout_with_advantages([0] * 8, 2)
-    assert grpo.rows_to_train(silent, args, chunk=4, world_size=1).tolist() == [0, 1]
+    assert rows(silent, chunk=4).tolist() == [0, 1]
+    # Another rank needs 2 chunks: this one takes a skipped group along for its second chunk.
+    assert rows_to_train(
+        silent, 4, group_size=2, skip_zero_advantage=True, max_over_ranks=lambda n: max(n, 2)
+    ).tolist() == [0, 1, 2, 3, 4, 5]
     # Everything informative, a KL term, the flag off, or chunks that split groups: every row.
-    assert grpo.rows_to_train(_rollout_with_advantages([1, -1] * 4, 2), args, chunk=4, world_size=1) is None
-    assert grpo.rows_to_train(rollout, args, chunk=3, world_size=1) is None
-    for changed in ({"beta": 0.04}, {"skip_zero_advantage_groups": False}):
-        assert (
-            grpo.rows_to_train(rollout, dataclasses.replace(args, **changed), chunk=2, world_size=1) is None
-        )
-    selected = grpo._select_rows(rollout, torch.tensor([4, 5]))
+    assert rows(_rollout_with_advantages([1, -1] * 4, 2), chunk=4) is None
+    assert rows(rollout, chunk=3) is None
+    assert rows(rollout, chunk=2, skip=False) is None
+    with_kl = dataclasses.replace(rollout, ref_logprobs=torch.zeros(8, 2))
+    assert rows(with_kl, chunk=2) is None
+    selected = select_rows(rollout, torch.tensor([4, 5]))
     assert selected.advantages.tolist() == [0.5, 0.0] and selected.input_ids[:, 0].tolist() == [4, 5]
 
 

@@ -1,4 +1,4 @@
-"""Tests for trainer/objective.py against an independent float64 reference in plain Python.
+"""Tests for trainer/rl/objective.py against an independent float64 reference in plain Python.
 
 The reference functions below use only ``math`` and lists of floats; they never call the code under
 test. Gradients of the reference are analytic and are themselves checked by finite differences.

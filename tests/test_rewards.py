@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from trainer.r1.rewards import (
     format_reward,
     get_reward_funcs,
     normalize_answer,
+    parse_numeral,
     reward_function,
     score,
 )
@@ -116,7 +118,8 @@ def test_extract_answer() -> None:
         ("5.", "5"),
         ("2^{1/2}", "\\sqrt{2}"),  # only math-verify can decide this one
         ("1 + x^2", "x^2+1"),
-        ("\\frac{6}{8}", "\\frac{3}{4}"),
+        ("\\frac{6}{8}", "\\frac{6}{8}"),  # an unreduced truth is matched as written
+        ("6/8", "\\frac{6}{8}"),
         ("Tuesday", " tuesday. "),  # not math: the normalised-string fallback
         ("1/2", "0.5"),
         ("0.333333", "1/3"),  # math-verify's 6-decimal rounding, which the numeric fast path defers to
@@ -148,9 +151,115 @@ def test_answers_equal_different(predicted: str, truth: str) -> None:
 
 def test_normalize_answer() -> None:
     assert normalize_answer(" $1,234,567.5$. ") == "1234567.5"
+    assert normalize_answer("1 234 567") == "1234567"
     assert normalize_answer("(1, 234)") == "(1,234)"  # a tuple keeps its comma
     assert normalize_answer("1, 234") == "1,234"  # a list too: only a lone number loses separators
     assert normalize_answer("ABC D") == "abcd"
+    assert normalize_answer(" 4  2 ") == "4 2"  # digits apart stay apart: not the number 42
+    assert normalize_answer("2 \\pi") == "2\\pi"
+
+
+# Issue 15: a final answer must be a value. Copying the question ("Compute 12 + 30.") or spacing the digits
+# of the answer must not score, and a correct value with a currency sign or a unit word must.
+@pytest.mark.parametrize(
+    ("predicted", "truth"),
+    [
+        ("4 2", "42"),
+        ("4  2", "42"),
+        ("4\\ 2", "42"),
+        ("$4 2$", "42"),
+        ("1 2 3 4", "1234"),
+        ("10 00", "1000"),  # not thousands groups
+        ("12+30", "42"),
+        ("12 + 30", "42"),
+        ("30+12", "42"),
+        ("50-8", "42"),
+        ("6*7", "42"),
+        ("6 \\times 7", "42"),
+        ("84/2", "42"),
+        ("\\frac{84}{2}", "42"),
+        ("42/1", "42"),
+        ("\\boxed{12+30}", "42"),
+        ("x = 12 + 30", "42"),
+        ("12 + 30 = 42", "42"),
+        ("2^3", "8"),
+        ("\\sqrt{64}", "8"),
+        ("8^{1}", "8"),
+        ("\\frac{2}{4}", "0.5"),  # a fraction must be in lowest terms
+        ("2/4", "\\frac{1}{2}"),
+        ("\\frac{6}{8}", "\\frac{3}{4}"),
+        ("7 hundred", "7"),  # words that change the value are not units
+        ("7 squared", "7"),
+        ("7 thirds", "7"),
+        ("7 x", "7"),  # a bare letter could be a variable
+        ("7 dollars", "8"),
+        ("\\$7", "8"),
+        ("seven", "7"),
+    ],
+)
+def test_answers_equal_rejects_what_is_not_the_value(predicted: str, truth: str) -> None:
+    assert answers_equal(predicted, truth) is False
+    assert reward_function(f"<think>r</think><answer>{predicted}</answer>", truth) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("predicted", "truth"),
+    [
+        ("\\$7", "7"),
+        ("$7", "7"),
+        ("\\$7.00", "7"),
+        ("7 dollars", "7"),
+        ("7 dollars.", "7"),
+        ("7\\text{ dollars}", "7"),
+        ("\\text{7 dollars}", "7"),
+        ("\\$7", "\\$7"),
+        ("7", "\\$7"),
+        ("€7", "7"),
+        ("7 cm", "7"),
+        ("7\\,\\text{cm}^2", "7"),
+        ("7 square meters", "7"),
+        ("7 km/h", "7"),
+        ("25\\%", "25"),
+        ("25", "25\\%"),
+        ("90^\\circ", "90"),
+        ("42 000", "42000"),
+        ("42{,}000", "42000"),
+        ("42\\,000", "42000"),
+        ("1/2", "0.5"),  # a reduced fraction against a fractional truth is a value
+        ("\\frac{1}{2}", "0.5"),
+        ("\\dfrac{1}{2}", "\\frac{1}{2}"),
+        ("\\frac12", "0.5"),
+        ("-\\frac{3}{4}", "-0.75"),
+        ("\\frac{-3}{4}", "-3/4"),
+        ("0.5", "\\frac{1}{2}"),
+        ("42.0", "42"),
+        ("27", "27.0"),
+        ("−5", "-5"),
+        ("x = 42", "42"),
+        ("\\boxed{42}", "42"),
+    ],
+)
+def test_answers_equal_accepts_a_value_with_its_sign_or_unit(predicted: str, truth: str) -> None:
+    assert answers_equal(predicted, truth) is True
+    assert reward_function(f"<think>r</think><answer>{predicted}</answer>", truth) == 10.0
+
+
+def test_parse_numeral() -> None:
+    assert parse_numeral("\\$1,234.50").value == Fraction(123450, 100)
+    half = parse_numeral("\\frac{1}{2}")
+    assert half is not None and half.reduced and half.parts == (1, 2) and half.text == "1/2"
+    unreduced = parse_numeral("4/2")
+    assert unreduced is not None and not unreduced.reduced and unreduced.value == 2
+    for text in ("12+30", "4 2", "2^3", "\\sqrt{4}", "3\\pi", "1/0", "", "x", "1, 2", "(7)"):
+        assert parse_numeral(text) is None, text
+    assert parse_numeral("7" * 201) is None  # too long to be a written value
+
+
+def test_symbolic_truths_still_go_to_math_verify() -> None:
+    # Only a ground truth that is a number asks for a value: symbolic truths keep math-verify's equivalence.
+    assert answers_equal("\\sqrt{12}", "2\\sqrt{3}") is True
+    assert answers_equal("4 2x", "42x") is False
+    assert answers_equal("(1, 2)", "(1,2)") is True
 
 
 def test_integer_fast_path_needs_no_helper() -> None:
@@ -303,14 +412,15 @@ def test_helper_that_cannot_start_degrades_to_false(caplog: pytest.LogCaptureFix
 
 
 def test_works_from_worker_threads() -> None:
+    # Symbolic truths: these go through the helper (numeric ones are decided in the caller).
     cases = [
-        ("\\frac{1}{2}", "0.5", True),
+        ("\\sqrt{8}", "2\\sqrt{2}", True),
         ("2^{1/2}", "\\sqrt{2}", True),
-        ("x = 2", "2", True),
-        ("3", "4", False),
+        ("x^2 + 2x + 1", "(x+1)^2", True),
+        ("\\sqrt{3}", "\\sqrt{2}", False),
     ]
     results: list[bool] = []
-    thread = threading.Thread(target=lambda: results.append(answers_equal("\\frac{5}{10}", "0.5")))
+    thread = threading.Thread(target=lambda: results.append(answers_equal("\\frac{\\pi}{2}", "\\pi/2")))
     thread.start()
     thread.join(timeout=60)
     assert results == [True]
@@ -320,11 +430,11 @@ def test_works_from_worker_threads() -> None:
 
 
 def _child_compare(queue: multiprocessing.Queue) -> None:
-    queue.put(answers_equal("\\frac{7}{8}", "0.875"))
+    queue.put(answers_equal("\\sqrt{18}", "3\\sqrt{2}"))
 
 
 def test_forked_child_gets_its_own_helper() -> None:
-    assert answers_equal("\\frac{1}{8}", "0.125") is True  # the parent's helper is running
+    assert answers_equal("\\sqrt{8}", "2\\sqrt{2}") is True  # the parent's helper is running
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_child_compare, args=(queue,))
@@ -334,7 +444,7 @@ def test_forked_child_gets_its_own_helper() -> None:
     finally:
         child.join(timeout=30)
     assert child.exitcode == 0
-    assert answers_equal("\\frac{3}{8}", "0.375") is True  # and the parent's still works
+    assert answers_equal("\\sqrt{27}", "3\\sqrt{3}") is True  # and the parent's still works
 
 
 # --------------------------------------------------------------------------------------------------

@@ -148,7 +148,9 @@ def save_final_model(
     if dist.rank == 0:
         for p in weight_files(output_dir):  # a previous export's shards would be left dangling
             p.unlink()
-    unwrapped = model.unwrap() if hasattr(model, "unwrap") else model
+    from trainer.rl.logprobs import unwrap_model
+
+    unwrapped = unwrap_model(model)
     gathered = output_dir / ".tmp-export"
     if not full_replica:
         if dist.rank == 0:

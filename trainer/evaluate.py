@@ -16,22 +16,16 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as td
 
 from trainer.contract import output as contract
-from trainer.r1.data import DataArgs, DataError, load_examples
+from trainer.lifecycle import barrier, open_stage, run_cli
+from trainer.r1.data import DataArgs
 from trainer.r1.scoring import evaluate_model, summarize
-from trainer.runtime import (
-    ArgsError,
-    init_distributed,
-    load_model_and_tokenizer,
-    parse_args,
-    setup_logging,
-)
+from trainer.runtime import ArgsError, load_model_and_tokenizer
 
 logger = logging.getLogger("r1_grpo.eval")
 
@@ -78,33 +72,16 @@ class EvalArgs:
 
 
 def main(argv: list[str] | None = None) -> int:
-    data_args, args = parse_args((DataArgs, EvalArgs), argv, prog="r1-grpo eval")
-    try:
-        args.validate()
-        return run(data_args, args)
-    except (ArgsError, DataError, contract.StageOutputError) as e:
-        print(f"r1-grpo eval: error: {e}", flush=True)
-        return 2
+    return run_cli("r1-grpo eval", (DataArgs, EvalArgs), argv, run)
 
 
 def run(data_args: DataArgs, args: EvalArgs) -> int:
-    dist, device = init_distributed(args.seed, colossal=False)
-    setup_logging(dist)
-    output_dir = Path(args.output_dir)
-    if dist.rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        contract.invalidate_manifest(output_dir)
+    dist, device, output_dir = open_stage(args.output_dir, args.seed, colossal=False)
     started = time.time()
     model, tokenizer = load_model_and_tokenizer(
         args.model_name_or_path, args, device, dtype=torch.bfloat16 if args.bf16 else None
     )
-    examples, report = load_examples(
-        data_args.dataset_name,
-        data_args.dataset_test_split,
-        config=data_args.dataset_config,
-        skip_bad_rows=data_args.skip_bad_rows,
-        max_samples=data_args.max_eval_samples,
-    )
+    examples, report = data_args.load_eval()
     mine = examples[dist.rank :: dist.world_size]
     result = evaluate_model(
         model,
@@ -146,8 +123,7 @@ def run(data_args: DataArgs, args: EvalArgs) -> int:
         )
         logger.info("eval: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
         print(json.dumps(metrics, indent=2))
-    if td.is_initialized():
-        td.barrier()
+    barrier()
     return 0
 
 

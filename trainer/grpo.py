@@ -16,19 +16,18 @@ One optimizer step, read top to bottom in `train()`:
    where that is cheaper), log-probs at the sampling temperature, aggregated per
    `--loss_type`; a rollout is reused for `--num_iterations` optimizer steps (old log-probs are the
    sampler's, so no extra forward pass is spent on them).
-Checkpoints (`checkpoint-<step>/`, with prompt positions and the sampling generator), resume,
-SIGTERM and the final export + `r1_stage.json` work as in the SFT stage.
+The prompt stream, the rollout batch and the zero-advantage skip live in `trainer/rl/rollout.py`;
+checkpoints (`checkpoint-<step>/`, with prompt positions and the sampling generator), resume, SIGTERM and
+the final export + `r1_stage.json` are the shared stage lifecycle (`trainer/lifecycle.py`).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,34 +35,40 @@ from typing import Any
 import torch
 import torch.distributed as td
 
-from trainer import checkpoint as ckpt
-from trainer.contract import output as contract
-from trainer.r1.data import DataArgs, DataError, Example, load_examples
+from trainer.lifecycle import Stage, run_cli
+from trainer.r1.data import DataArgs, Example
 from trainer.r1.format import format_prompt, stop_sequences
 from trainer.r1.rewards import DEFAULT_REWARD_FUNCS, REWARD_FUNCS, accuracy_reward, format_reward, score
 from trainer.r1.scoring import evaluate_model
-from trainer.rl.logprobs import completion_logprobs
-from trainer.rl.objective import group_advantages, grpo_loss, informative_groups, temperature_at
+from trainer.rl.logprobs import completion_logprobs, unwrap_model
+from trainer.rl.objective import (
+    ADVANTAGE_SCALES,
+    LOSS_TYPES,
+    TEMPERATURE_SCHEDULES,
+    group_advantages,
+    grpo_loss,
+    informative_groups,
+    temperature_at,
+)
+from trainer.rl.rollout import (
+    PromptStream,
+    Rollout,
+    keep_informative,
+    pack_groups,
+    rows_to_train,
+    sample_scored_groups,
+    select_rows,
+)
 from trainer.rl.sampling import sample_groups
 from trainer.runtime import (
     PREEMPTED_EXIT_CODE,
     ArgsError,
-    MetricsLogger,
-    Preemption,
     TrainingArgs,
     all_reduce_,
-    args_dict,
     autocast,
     broadcast_,
-    clip_gradients,
-    init_distributed,
+    drop_records_after,
     load_model_and_tokenizer,
-    make_booster,
-    make_optimizer,
-    make_scheduler,
-    parse_args,
-    progress,
-    setup_logging,
 )
 
 logger = logging.getLogger("r1_grpo.grpo")
@@ -144,16 +149,14 @@ class GRPOArgs(TrainingArgs):
 
     def validate(self) -> None:
         super().validate()
-        for name in (
+        self.require_at_least_one(
             "num_generations",
             "inference_batch_size",
             "logits_forward_batch_size",
             "num_iterations",
             "max_prompt_length",
             "max_completion_length",
-        ):
-            if getattr(self, name) < 1:
-                raise ArgsError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        )
         if not self.max_train_seconds >= 0:
             raise ArgsError(f"--max_train_seconds must be >= 0 (0: no limit), got {self.max_train_seconds}")
         if self.num_generations < 2:
@@ -169,13 +172,13 @@ class GRPOArgs(TrainingArgs):
             or (self.epsilon_high is not None and self.epsilon_high < self.epsilon)
         ):
             raise ArgsError("--beta and --epsilon must be >= 0 and --epsilon_high >= --epsilon")
-        for name, allowed in (
-            ("loss_type", ("grpo", "dapo", "dr_grpo")),
-            ("scale_rewards", ("group", "batch", "none")),
-            ("temperature_schedule", ("linear", "cosine")),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ArgsError(f"--{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        self.require_one_of(
+            {
+                "loss_type": LOSS_TYPES,
+                "scale_rewards": ADVANTAGE_SCALES,
+                "temperature_schedule": TEMPERATURE_SCHEDULES,
+            }
+        )
         unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS]
         if unknown or not self.reward_funcs:
             raise ArgsError(
@@ -187,87 +190,21 @@ class GRPOArgs(TrainingArgs):
             )
 
 
-@dataclass
-class Rollout:
-    """One optimizer step's samples on this rank: rows are grouped consecutively, G per prompt."""
-
-    input_ids: torch.Tensor  # [N, P+T] left-padded prompt + right-padded completion
-    attention_mask: torch.Tensor  # [N, P+T]
-    completion_ids: torch.Tensor  # [N, T]
-    completion_mask: torch.Tensor  # [N, T] float; 0 on padding (and on truncated rows if masked)
-    sample_logprobs: torch.Tensor  # [N, T] from the sampler = old-policy log-probs
-    advantages: torch.Tensor  # [N]
-    rewards: torch.Tensor  # [N]
-    temperature: float
-    texts: list[str]
-    answers: list[str]
-    stats: dict[str, float]
-    ref_logprobs: torch.Tensor | None = None
-
-
-class PromptStream:
-    """This rank's endless, epoch-shuffled stream of prompts; `position` is all resume needs."""
-
-    def __init__(self, examples: list[Example], seed: int, rank: int, world_size: int, position: int = 0):
-        self.examples, self.seed, self.rank, self.world = examples, seed, rank, world_size
-        self.position = position
-        self._order_epoch, self._order = -1, []
-
-    def take(self, n: int) -> list[Example]:
-        out = []
-        for _ in range(n):
-            index = self.position * self.world + self.rank  # interleaved shards of one global order
-            epoch, offset = divmod(index, len(self.examples))
-            if epoch != self._order_epoch:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._order, self._order_epoch = (
-                    torch.randperm(len(self.examples), generator=g).tolist(),
-                    epoch,
-                )
-            out.append(self.examples[self._order[offset]])
-            self.position += 1
-        return out
-
-
 def main(argv: list[str] | None = None) -> int:
-    data_args, args = parse_args((DataArgs, GRPOArgs), argv, prog="r1-grpo grpo")
-    try:
-        args.validate()
-        return train(data_args, args)
-    except (ArgsError, DataError, contract.StageOutputError) as e:
-        print(f"r1-grpo grpo: error: {e}", flush=True)
-        return 2
+    return run_cli("r1-grpo grpo", (DataArgs, GRPOArgs), argv, train)
 
 
 def train(data_args: DataArgs, args: GRPOArgs) -> int:
-    dist, device = init_distributed(args.seed)
-    setup_logging(dist)
-    output_dir = Path(args.output_dir)
-    if dist.rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        contract.invalidate_manifest(output_dir)
-    started = time.time()
-
+    stage = Stage.start("grpo", data_args, args)
+    dist, device = stage.dist, stage.device
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args, device)
     ref_model = None
     if args.beta > 0:  # frozen copy of the starting policy for the KL term
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    train_examples, _ = load_examples(
-        data_args.dataset_name,
-        data_args.dataset_train_split,
-        config=data_args.dataset_config,
-        skip_bad_rows=data_args.skip_bad_rows,
-        max_samples=data_args.max_train_samples,
-    )
+    train_examples, _ = data_args.load_train(seed=args.seed)
     eval_examples: list[Example] = []
     if args.evaluation_strategy != "no":
-        eval_examples, _ = load_examples(
-            data_args.dataset_name,
-            data_args.dataset_test_split,
-            config=data_args.dataset_config,
-            skip_bad_rows=data_args.skip_bad_rows,
-            max_samples=data_args.max_eval_samples,
-        )
+        eval_examples, _ = data_args.load_eval()
 
     prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
     rollouts_per_epoch = len(train_examples) // (prompts_per_step * dist.world_size)
@@ -280,34 +217,33 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
         )
     else:
         total_steps = max(1, int(rollouts_per_epoch * args.num_train_epochs)) * args.num_iterations
-
-    booster, _ = make_booster(args)
-    optimizer = make_optimizer(model, args)
-    scheduler = make_scheduler(optimizer, args, total_steps)
-    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
+    model = stage.boost(model, total_steps)
     generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + dist.rank)
-
-    step, position = 0, 0
-    resume = contract.latest_checkpoint(output_dir)
-    if resume is not None:
-        state = ckpt.load_training_checkpoint(
-            booster, model, optimizer, scheduler, resume, dist, {"sampling": generator}
-        )
-        step, position = state["step"], state["prompt_positions"][dist.rank]
-        logger.info("resumed from %s (step %d, temperature %.4f)", resume, step, state["temperature"])
+    state = stage.resume({"sampling": generator})
+    position = state["prompt_positions"][dist.rank] if state else 0
     stream = PromptStream(train_examples, args.seed, dist.rank, dist.world_size, position)
-    metrics = MetricsLogger(str(output_dir), "grpo", args, dist, args_dict(data_args, args), step)
     if dist.rank == 0:
-        _drop_samples_after(output_dir / "samples.jsonl", step)
-    preemption = Preemption()
-    bar = progress(total_steps, step, "grpo", dist)
+        drop_records_after(stage.output_dir / "samples.jsonl", stage.step)
     prompt_cache: dict[str, list[int]] = {}
     rollout: Rollout | None = None
     last_eval: dict[str, float] = {}
 
+    def trainer_state() -> dict[str, Any]:
+        return {
+            "prompt_positions": stream.all_positions(),
+            "temperature": temperature_at(
+                min(stage.step, total_steps - 1),
+                total_steps,
+                args.initial_temperature,
+                args.final_temperature,
+                args.temperature_schedule,
+            ),
+        }
+
     model.train()
     loop_started = time.time()
-    while step < total_steps:
+    while stage.step < total_steps:
+        step = stage.step
         temperature = temperature_at(
             step - step % args.num_iterations,
             total_steps,
@@ -331,20 +267,12 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
                 prompt_cache,
                 timings,
             )
-            timings["rollout_s"] = (
-                time.time() - t_rollout
-            )  # sampling + scoring + batching (+ reference log-probs)
+            # sampling + scoring + batching (+ reference log-probs)
+            timings["rollout_s"] = time.time() - t_rollout
         assert rollout is not None
         t_train = time.time()
-        train_stats = policy_update(
-            booster, model, optimizer, rollout, args, dist, reuse=step % args.num_iterations != 0
-        )
-        clip_gradients(args, optimizer)
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-        step += 1
-        bar.update(1)
+        train_stats = policy_update(stage, rollout, args, reuse=step % args.num_iterations != 0)
+        step = stage.optimizer_step()
         timings["train_s"] = time.time() - t_train
 
         at_cycle_end = step % args.num_iterations == 0  # checkpoints and the time limit never split a rollout
@@ -353,79 +281,32 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
         )
         if args.evaluation_strategy == "steps" and step % args.eval_steps == 0 and eval_examples:
             last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist)
-            metrics.log(step, last_eval)
+            stage.log(last_eval)
         if step % args.logging_steps == 0 or step == total_steps or out_of_budget:
             record = reduce_step_metrics(rollout, train_stats, timings, dist)
-            record.update(temperature=temperature, learning_rate=scheduler.get_last_lr()[0])
-            metrics.log(step, record)
-            log_samples(output_dir, step, rollout, args.num_completions_to_print, dist)
-            bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}")
+            record.update(temperature=temperature, learning_rate=stage.scheduler.get_last_lr()[0])
+            stage.log(record)
+            log_samples(stage.output_dir, step, rollout, args.num_completions_to_print, dist)
+            stage.bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}")
 
-        preempted = preemption.agreed()
-        if at_cycle_end and (
-            (args.save_steps and step % args.save_steps == 0 and step < total_steps) or preempted
-        ):
-            positions: list[Any] = [None] * dist.world_size
-            if td.is_initialized():
-                td.all_gather_object(positions, stream.position)
-            else:
-                positions = [stream.position]
-            ckpt.save_training_checkpoint(
-                booster,
-                model,
-                optimizer,
-                scheduler,
-                output_dir,
-                step,
-                {
-                    "stage": "grpo",
-                    "prompt_positions": positions,
-                    "total_steps": total_steps,
-                    "temperature": temperature_at(
-                        min(step, total_steps - 1),
-                        total_steps,
-                        args.initial_temperature,
-                        args.final_temperature,
-                        args.temperature_schedule,
-                    ),
-                },
-                dist,
-                {"sampling": generator},
-            )
-            if args.save_total_limit and dist.rank == 0:
-                contract.prune_checkpoints(output_dir, args.save_total_limit)
-            if preempted:
-                logger.warning("preempted at step %d; checkpoint saved, exiting", step)
-                metrics.close()
-                return PREEMPTED_EXIT_CODE
+        if stage.save_if_due(trainer_state, at_boundary=at_cycle_end):
+            return PREEMPTED_EXIT_CODE
         if out_of_budget:
             logger.info(
                 "--max_train_seconds %g reached after %d steps; finishing", args.max_train_seconds, step
             )
             break
-    bar.close()
+    stage.bar.close()
 
     if eval_examples and args.evaluation_strategy != "no":
         last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist)
-    ckpt.save_final_model(booster, model, tokenizer, output_dir, dist, full_replica=args.plugin == "ddp")
-    if dist.rank == 0:
-        final = {**_last_logged(output_dir), **last_eval, "runtime_s": round(time.time() - started, 2)}
-        contract.write_manifest(
-            output_dir,
-            "grpo",
-            steps=step,
-            metrics=final,
-            inputs={
-                "model_name_or_path": args.model_name_or_path,
-                "dataset_name": data_args.dataset_name,
-                "args": args_dict(data_args, args),
-            },
-        )
-        logger.info("grpo done: %d steps, final model and %s in %s", step, contract.MANIFEST_NAME, output_dir)
-    metrics.close()
-    if td.is_initialized():
-        td.barrier()
-    return 0
+
+    def final_metrics(runtime_s: float) -> dict[str, float]:
+        last = stage.metrics.last("reward_mean")
+        logged = {k: last[k] for k in ("reward_mean", "accuracy", "format_rate") if k in last}
+        return {**logged, **last_eval, "runtime_s": runtime_s}
+
+    return stage.finish(tokenizer, final_metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,62 +325,6 @@ def encode_prompt(tokenizer, example: Example, args: GRPOArgs, cache: dict[str, 
     return ids
 
 
-@torch.no_grad()
-def sample_and_score(
-    model,
-    tokenizer,
-    examples: list[Example],
-    temperature: float,
-    args: GRPOArgs,
-    generator,
-    cache: dict[str, list[int]],
-    timings: dict[str, float],
-) -> list[dict[str, Any]]:
-    """G samples for each example, scored; one dict per group (kept as lists so groups can be filtered)."""
-    groups = []
-    G = args.num_generations
-    for start in range(0, len(examples), args.inference_batch_size):
-        chunk = examples[start : start + args.inference_batch_size]
-        prompts = [encode_prompt(tokenizer, ex, args, cache) for ex in chunk]
-        t0 = time.time()
-        out = sample_groups(
-            model,
-            prompts,
-            num_generations=G,
-            max_new_tokens=args.max_completion_length,
-            temperature=temperature,
-            top_p=args.top_p,
-            eos_token_ids=[tokenizer.eos_token_id],
-            stop_sequences=stop_sequences(tokenizer) if args.stop_at_answer_tag else [],
-            pad_token_id=tokenizer.pad_token_id,
-            generator=generator,
-        )
-        t1 = time.time()
-        lengths = out.completion_mask.sum(1).tolist()
-        texts = [
-            tokenizer.decode(out.completion_ids[r, : lengths[r]], skip_special_tokens=True)
-            for r in range(len(lengths))
-        ]
-        answers = [ex.answer for ex in chunk for _ in range(G)]
-        total, _ = score(texts, answers, args.reward_funcs, args.reward_weights)
-        timings["generate_s"] += t1 - t0
-        timings["score_s"] += time.time() - t1
-        for i, _ in enumerate(chunk):
-            rows = slice(i * G, (i + 1) * G)
-            groups.append(
-                {
-                    "prompt": prompts[i],
-                    "completions": [out.completion_ids[r, : lengths[r]] for r in range(i * G, (i + 1) * G)],
-                    "logprobs": [out.logprobs[r, : lengths[r]] for r in range(i * G, (i + 1) * G)],
-                    "truncated": out.truncated[rows].tolist(),
-                    "texts": texts[rows],
-                    "answers": answers[rows],
-                    "rewards": total[rows],
-                }
-            )
-    return groups
-
-
 def make_rollout(
     model,
     ref_model,
@@ -513,30 +338,43 @@ def make_rollout(
     cache: dict[str, list[int]],
     timings: dict[str, float],
 ) -> Rollout:
-    unwrapped = model.unwrap() if hasattr(model, "unwrap") else model
-    groups = sample_and_score(
-        unwrapped, tokenizer, stream.take(n_prompts), temperature, args, generator, cache, timings
-    )
+    unwrapped = unwrap_model(model)
+
+    def sample(prompts: list[list[int]]):
+        return sample_groups(
+            unwrapped,
+            prompts,
+            num_generations=args.num_generations,
+            max_new_tokens=args.max_completion_length,
+            temperature=temperature,
+            top_p=args.top_p,
+            eos_token_ids=[tokenizer.eos_token_id],
+            stop_sequences=stop_sequences(tokenizer) if args.stop_at_answer_tag else [],
+            pad_token_id=tokenizer.pad_token_id,
+            generator=generator,
+        )
+
+    def draw(n: int) -> list[dict[str, Any]]:
+        """The next ``n`` prompts of the stream, G samples each, scored by the reward functions."""
+        examples = stream.take(n)
+        return sample_scored_groups(
+            sample,
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            lambda texts, answers: score(texts, answers, args.reward_funcs, args.reward_weights)[0],
+            [encode_prompt(tokenizer, ex, args, cache) for ex in examples],
+            [ex.answer for ex in examples],
+            group_size=args.num_generations,
+            batch_size=args.inference_batch_size,
+            timings=timings,
+        )
+
+    groups = draw(n_prompts)
     G = args.num_generations
     zero_std = sum(len(set(g["rewards"])) == 1 for g in groups) / len(groups)
     if args.dynamic_sampling:
-        kept = [g for g in groups if len(set(g["rewards"])) > 1]
-        rounds = 0
-        while len(kept) < n_prompts and rounds < args.max_resample_rounds:
-            more = sample_and_score(
-                unwrapped,
-                tokenizer,
-                stream.take(args.inference_batch_size),
-                temperature,
-                args,
-                generator,
-                cache,
-                timings,
-            )
-            kept += [g for g in more if len(set(g["rewards"])) > 1]
-            rounds += 1
-        # Nothing informative at all: train on the original groups (zero advantages, only KL acts).
-        groups = kept[:n_prompts] or groups
+        groups = keep_informative(
+            groups, n_prompts, lambda: draw(args.inference_batch_size), args.max_resample_rounds
+        )
 
     # Groups of similar length share a forward chunk (less padding); the loss does not depend on order.
     groups.sort(key=lambda g: len(g["prompt"]) + sum(len(c) for c in g["completions"]))
@@ -555,62 +393,23 @@ def make_rollout(
         constant = ~informative_groups(rewards, G)[:, None]  # exactly 0 there, as group_advantages does
         advantages = (centered / (std + 1e-4)).masked_fill(constant, 0.0).flatten()
 
-    rows = [
-        (g["prompt"], c, lp, tr)
-        for g in groups
-        for c, lp, tr in zip(g["completions"], g["logprobs"], g["truncated"], strict=True)
-    ]
-    P = max(len(p) for p, _, _, _ in rows)
-    T = max(1, max(len(c) for _, c, _, _ in rows))
-    N = len(rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((N, P + T), pad, dtype=torch.long)
-    attention = torch.zeros((N, P + T), dtype=torch.long)
-    completion_mask = torch.zeros((N, T), dtype=torch.float32)
-    sample_logprobs = torch.zeros((N, T), dtype=torch.float32)
-    for i, (prompt, completion, logprobs, truncated) in enumerate(rows):
-        input_ids[i, P - len(prompt) : P] = torch.tensor(prompt)
-        attention[i, P - len(prompt) : P] = 1
-        n = len(completion)
-        input_ids[i, P : P + n] = completion.cpu()
-        attention[i, P : P + n] = 1
-        sample_logprobs[i, :n] = logprobs.float().cpu()
-        if not (truncated and args.mask_truncated_completions):
-            completion_mask[i, :n] = 1.0
-    completion_ids = input_ids[:, P:]
-    lengths = torch.tensor([len(c) for _, c, _, _ in rows], dtype=torch.float32)
-    texts = [t for g in groups for t in g["texts"]]
-    answers = [a for g in groups for a in g["answers"]]
-    truncated = torch.tensor([tr for _, _, _, tr in rows], dtype=torch.float32)
-    stats = {
-        "reward_sum": float(rewards.sum()),
-        "reward_sq_sum": float((rewards**2).sum()),
-        "rows": float(N),
-        "format_sum": sum(format_reward(t, a) for t, a in zip(texts, answers, strict=True)),
-        "accuracy_sum": sum(accuracy_reward(t, a) for t, a in zip(texts, answers, strict=True)),
-        "length_sum": float(lengths.sum()),
-        "length_max": float(lengths.max()),
-        "truncated_sum": float(truncated.sum()),
-        "zero_std_sum": zero_std,
-        "informative_groups": float(informative_groups(rewards, G).sum()),
-        "groups": float(len(groups)),
-        "entropy_sum": float(-(sample_logprobs * (sample_logprobs != 0)).sum()),
-        "generated_tokens": float(lengths.sum()),
-        "generate_s": timings["generate_s"],
-        "score_s": timings["score_s"],
-    }
-    rollout = Rollout(
-        input_ids.to(device),
-        attention.to(device),
-        completion_ids.to(device),
-        completion_mask.to(device),
-        sample_logprobs.to(device),
-        advantages.to(device),
+    rollout = pack_groups(
+        groups,
         rewards,
+        advantages,
         temperature,
-        texts,
-        answers,
-        stats,
+        group_size=G,
+        pad_token_id=tokenizer.pad_token_id,
+        mask_truncated=args.mask_truncated_completions,
+        device=device,
+    )
+    texts, answers = rollout.texts, rollout.answers
+    rollout.stats.update(
+        format_sum=sum(format_reward(t, a) for t, a in zip(texts, answers, strict=True)),
+        accuracy_sum=sum(accuracy_reward(t, a) for t, a in zip(texts, answers, strict=True)),
+        zero_std_sum=zero_std,
+        generate_s=timings["generate_s"],
+        score_s=timings["score_s"],
     )
     if ref_model is not None:
         with torch.no_grad():
@@ -630,48 +429,9 @@ def make_rollout(
 # 3. Policy update
 
 
-def rows_to_train(rollout: Rollout, args: GRPOArgs, chunk: int, world_size: int) -> torch.Tensor | None:
-    """Row indices the policy update runs forward/backward on (None: every row, in order).
-
-    A group whose advantages are all zero (equal rewards) contributes exactly zero to the loss and the
-    gradient when there is no KL term (beta 0): -min(rho * 0, clip(rho) * 0) = 0 for any ratio rho. Its
-    rows are skipped; the loss keeps its normalisation over all rows, so the update is the same. Every
-    rank runs the same number of chunks (the most any rank needs, at least one), a rank that needs fewer
-    taking skipped groups along (one group per extra chunk), so collective backward passes (DDP's last
-    chunk, ZeRO's reductions) stay matched and the gradients are always defined (zeros when nothing is
-    informative).
-    """
-    G = args.num_generations
-    N = rollout.advantages.numel()
-    if (
-        not args.skip_zero_advantage_groups
-        or args.beta > 0
-        or rollout.ref_logprobs is not None
-        or N % G
-        or chunk % G
-    ):
-        return None
-    informative = rollout.advantages.view(-1, G).ne(0).any(dim=1).cpu()
-    order = torch.cat(
-        [informative.nonzero().flatten(), (~informative).nonzero().flatten()]
-    )  # stable: length order kept
-    informative_rows = int(informative.sum()) * G
-    n_chunks = max(1, -(-informative_rows // chunk))
-    if world_size > 1:
-        n_chunks = int(
-            all_reduce_(torch.tensor([float(n_chunks)], dtype=torch.float64), op=td.ReduceOp.MAX).item()
-        )
-    target = max(informative_rows, (n_chunks - 1) * chunk + G)  # ceil(target / chunk) == n_chunks
-    if target >= N:
-        return None
-    groups = order[: target // G]
-    return (groups[:, None] * G + torch.arange(G)).flatten().to(rollout.advantages.device)
-
-
-def policy_update(
-    booster, model, optimizer, rollout: Rollout, args: GRPOArgs, dist, reuse: bool
-) -> dict[str, float]:
+def policy_update(stage: Stage, rollout: Rollout, args: GRPOArgs, reuse: bool) -> dict[str, float]:
     """Backward of the GRPO loss over the rollout in chunks; gradients are synchronised once, at the end."""
+    model, dist = stage.model, stage.dist
     N = rollout.input_ids.size(0)
     device = rollout.input_ids.device
     totals = all_reduce_(torch.tensor([float(N), float(rollout.completion_mask.sum())], dtype=torch.float64))
@@ -680,9 +440,15 @@ def policy_update(
     chunk = args.logits_forward_batch_size
     if chunk >= args.num_generations:  # whole groups per chunk, so each can run its prompt once
         chunk -= chunk % args.num_generations
-    trained = rows_to_train(rollout, args, chunk, W)
+    trained = rows_to_train(
+        rollout,
+        chunk,
+        group_size=args.num_generations,
+        skip_zero_advantage=args.skip_zero_advantage_groups and args.beta == 0,
+        max_over_ranks=max_over_ranks if W > 1 else None,
+    )
     if trained is not None:
-        rollout = _select_rows(rollout, trained)
+        rollout = select_rows(rollout, trained)
         N = trained.numel()
     sums: dict[str, float] = {}
     token_sum = 0.0
@@ -690,9 +456,7 @@ def policy_update(
         rows = slice(start, min(N, start + chunk))
         last = start + chunk >= N
         # DDP all-reduces on the last chunk only; a world of one has nothing to reduce at all.
-        skip_sync = args.plugin == "ddp" and (not last or W == 1)
-        sync = booster.no_sync(model, optimizer) if skip_sync else nullcontext()
-        with sync:
+        with stage.no_sync(args.plugin == "ddp" and (not last or W == 1)):
             with autocast(args, device):
                 logprobs = completion_logprobs(
                     model,
@@ -722,7 +486,7 @@ def policy_update(
             # Scale chunk losses so their sum, averaged over ranks by DDP, is the whole batch's loss.
             if args.loss_type != "dapo":
                 loss = loss * (n_rows * W / n_global)
-            booster.backward(loss, optimizer)
+            stage.backward(loss)
         tokens = float(stats["num_tokens"])
         token_sum += tokens
         for key, value in stats.items():
@@ -736,17 +500,8 @@ def policy_update(
     return out
 
 
-def _select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
-    """The rollout's training tensors for ``rows`` (whole groups, in the given order)."""
-    return dataclasses.replace(
-        rollout,
-        input_ids=rollout.input_ids[rows],
-        attention_mask=rollout.attention_mask[rows],
-        completion_ids=rollout.completion_ids[rows],
-        completion_mask=rollout.completion_mask[rows],
-        sample_logprobs=rollout.sample_logprobs[rows],
-        advantages=rollout.advantages[rows],
-    )
+def max_over_ranks(value: int) -> int:
+    return int(all_reduce_(torch.tensor([float(value)], dtype=torch.float64), op=td.ReduceOp.MAX).item())
 
 
 def out_of_time(started: float, limit_s: float) -> bool:
@@ -854,7 +609,7 @@ def log_samples(output_dir: Path, step: int, rollout: Rollout, n: int, dist) -> 
 
 def evaluate_sharded(model, tokenizer, examples: list[Example], args: GRPOArgs, dist) -> dict[str, float]:
     """Greedy accuracy on the eval split, each rank a shard, reduced to global means."""
-    unwrapped = model.unwrap() if hasattr(model, "unwrap") else model
+    unwrapped = unwrap_model(model)
     mine = examples[dist.rank :: dist.world_size]
     result = evaluate_model(
         unwrapped,
@@ -874,26 +629,6 @@ def evaluate_sharded(model, tokenizer, examples: list[Example], args: GRPOArgs, 
     )
     total = max(vec[2].item(), 1.0)
     return {"eval_accuracy": vec[0].item() / total, "eval_format_rate": vec[1].item() / total}
-
-
-def _drop_samples_after(path: Path, step: int) -> None:
-    """Samples logged past the checkpoint a run resumes from are logged again; keep one copy (as metrics.jsonl)."""
-    if path.exists():
-        kept = [
-            ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
-        ]
-        contract.atomic_write_text(path, "".join(k + "\n" for k in kept))
-
-
-def _last_logged(output_dir: Path) -> dict[str, float]:
-    path = output_dir / "metrics.jsonl"
-    last: dict[str, float] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if "reward_mean" in rec:
-                last = {k: rec[k] for k in ("reward_mean", "accuracy", "format_rate") if k in rec}
-    return last
 
 
 if __name__ == "__main__":

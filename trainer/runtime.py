@@ -85,17 +85,24 @@ class TrainingArgs:
         default=None, metadata={"help": "eager | sdpa | flash_attention_2 (default: best available)"}
     )
 
+    def require_at_least_one(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ArgsError(f"--{name} must be >= 1, got {getattr(self, name)}")
+
+    def require_one_of(self, choices: dict[str, tuple[str, ...]]) -> None:
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ArgsError(f"--{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+
     def validate(self) -> None:
-        positive = [
+        self.require_at_least_one(
             "per_device_train_batch_size",
             "per_device_eval_batch_size",
             "gradient_accumulation_steps",
             "logging_steps",
             "eval_steps",
-        ]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ArgsError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        )
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise ArgsError("--num_train_epochs must be > 0 (or set --max_steps)")
         if self.learning_rate < 0:
@@ -104,15 +111,14 @@ class TrainingArgs:
             raise ArgsError("--warmup_steps and --save_steps must be >= 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ArgsError("--save_total_limit must be >= 1")
-        choices = {
-            "plugin": PLUGINS,
-            "report_to": REPORT_TO,
-            "evaluation_strategy": ("no", "steps", "epoch"),
-            "lr_scheduler_type": ("cosine", "linear", "constant"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ArgsError(f"--{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        self.require_one_of(
+            {
+                "plugin": PLUGINS,
+                "report_to": REPORT_TO,
+                "evaluation_strategy": ("no", "steps", "epoch"),
+                "lr_scheduler_type": ("cosine", "linear", "constant"),
+            }
+        )
         if self.plugin != "3d" and (self.tp_size != 1 or self.pp_size != 1):
             raise ArgsError("--tp_size/--pp_size need --plugin 3d")
 
@@ -370,15 +376,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop lines past the checkpoint we resume from: they will be re-logged
-            kept = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
-            ]
-            from trainer.contract.output import atomic_write_text
-
-            atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        drop_records_after(self.path, resume_step)
         if args.report_to == "wandb":
             import wandb
 
@@ -405,6 +403,27 @@ class MetricsLogger:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+    def last(self, key: str) -> dict[str, Any]:
+        """The newest record in metrics.jsonl that has ``key`` ({} if none)."""
+        found: dict[str, Any] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                record = json.loads(line)
+                if key in record:
+                    found = record
+        return found
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Keep the records of a `.jsonl` log up to ``step``: a resumed run logs the later steps again."""
+    if path.exists():
+        kept = [
+            ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
+        ]
+        from trainer.contract.output import atomic_write_text
+
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
 class Preemption:

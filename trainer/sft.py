@@ -7,44 +7,29 @@ Loss is next-token cross-entropy on completion tokens only, averaged over every 
 optimizer step (all micro-batches, all ranks), so gradient accumulation and the number of processes
 do not change the objective. Cosine schedule with warmup, gradient clipping, eval loss every
 `--eval_steps`, `checkpoint-<step>/` every `--save_steps`, automatic resume, SIGTERM-safe, and at the end
-the final model plus `r1_stage.json` in `--output_dir`.
+the final model plus `r1_stage.json` in `--output_dir` (the shared stage lifecycle, `trainer/lifecycle.py`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as td
 
-from trainer import checkpoint as ckpt
-from trainer.contract import output as contract
-from trainer.r1.data import DataArgs, DataError, load_examples
+from trainer.lifecycle import Stage, run_cli
+from trainer.r1.data import DataArgs
 from trainer.r1.format import format_completion, format_prompt
 from trainer.runtime import (
     PREEMPTED_EXIT_CODE,
     ArgsError,
-    MetricsLogger,
-    Preemption,
     TrainingArgs,
     all_reduce_,
-    args_dict,
     autocast,
-    clip_gradients,
-    init_distributed,
     load_model_and_tokenizer,
-    make_booster,
-    make_optimizer,
-    make_scheduler,
-    parse_args,
-    progress,
-    setup_logging,
     total_optimizer_steps,
 )
 
@@ -148,43 +133,18 @@ def eval_loss(model, rows: list[TokenizedRow], args: SFTArgs, dist, pad_id: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    data_args, args = parse_args((DataArgs, SFTArgs), argv, prog="r1-grpo sft")
-    try:
-        args.validate()
-        return train(data_args, args)
-    except (ArgsError, DataError, contract.StageOutputError) as e:
-        logging.getLogger("r1_grpo").error("%s", e)
-        print(f"r1-grpo sft: error: {e}", flush=True)
-        return 2
+    return run_cli("r1-grpo sft", (DataArgs, SFTArgs), argv, train)
 
 
 def train(data_args: DataArgs, args: SFTArgs) -> int:
-    dist, device = init_distributed(args.seed)
-    setup_logging(dist)
-    output_dir = Path(args.output_dir)
-    if dist.rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        contract.invalidate_manifest(output_dir)  # a running stage's folder is not trustworthy
-    started = time.time()
-
+    stage = Stage.start("sft", data_args, args)
+    dist, device = stage.dist, stage.device
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args, device)
-    train_examples, report = load_examples(
-        data_args.dataset_name,
-        data_args.dataset_train_split,
-        config=data_args.dataset_config,
-        skip_bad_rows=data_args.skip_bad_rows,
-        max_samples=data_args.max_train_samples,
-    )
+    train_examples, report = data_args.load_train(seed=args.seed, require_solutions=True)
     train_rows, truncated = tokenize_examples(train_examples, tokenizer, args.max_seq_length)
     eval_rows: list[TokenizedRow] = []
     if args.evaluation_strategy != "no":
-        eval_examples, _ = load_examples(
-            data_args.dataset_name,
-            data_args.dataset_test_split,
-            config=data_args.dataset_config,
-            skip_bad_rows=data_args.skip_bad_rows,
-            max_samples=data_args.max_eval_samples,
-        )
+        eval_examples, _ = data_args.load_eval(require_solutions=True)
         eval_rows, _ = tokenize_examples(eval_examples, tokenizer, args.max_seq_length)
     logger.info(
         "train rows: %d (skipped %d bad, truncated %d); eval rows: %d",
@@ -198,28 +158,15 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
     micro_per_epoch = len(train_rows) // global_micro
     total_steps = total_optimizer_steps(args, micro_per_epoch)
     steps_per_epoch = max(1, micro_per_epoch // args.gradient_accumulation_steps)
-
-    booster, _ = make_booster(args)
-    optimizer = make_optimizer(model, args)
-    scheduler = make_scheduler(optimizer, args, total_steps)
-    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
-
-    step = 0
-    resume = contract.latest_checkpoint(output_dir)
-    if resume is not None:
-        state = ckpt.load_training_checkpoint(booster, model, optimizer, scheduler, resume, dist)
-        step = state["step"]
-        logger.info("resumed from %s (step %d)", resume, step)
-    metrics = MetricsLogger(str(output_dir), "sft", args, dist, args_dict(data_args, args), step)
-    preemption = Preemption()
-    bar = progress(total_steps, step, "sft", dist)
+    model = stage.boost(model, total_steps)
+    stage.resume()
     pad_id = tokenizer.pad_token_id
     last_eval = math.nan
     window_loss, window_tokens, window_start = 0.0, 0, time.time()
 
     model.train()
-    while step < total_steps:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+    while stage.step < total_steps:
+        epoch, step_in_epoch = divmod(stage.step, steps_per_epoch)
         order = epoch_order(len(train_rows), args.seed, epoch)
         micro_batches = step_micro_batches(
             order, step_in_epoch, args.gradient_accumulation_steps, global_micro
@@ -231,24 +178,14 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
             local_rows = global_rows[dist.rank :: dist.world_size]
             batch = collate(local_rows, pad_id, device)
             last_micro = micro == len(micro_batches) - 1
-            sync = (
-                booster.no_sync(model, optimizer)
-                if (not last_micro and args.plugin == "ddp")
-                else nullcontext()
-            )
-            with sync:
+            with stage.no_sync(not last_micro and args.plugin == "ddp"):
                 with autocast(args, device):
                     loss_sum = completion_loss_sum(model, batch)
                 # DDP averages gradients over ranks, hence the world-size factor.
-                booster.backward(loss_sum * dist.world_size / step_tokens, optimizer)
+                stage.backward(loss_sum * dist.world_size / step_tokens)
             window_loss += loss_sum.item()
             window_tokens += n_completion_tokens(local_rows)
-        clip_gradients(args, optimizer)
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-        step += 1
-        bar.update(1)
+        step = stage.optimizer_step()
 
         if (
             args.evaluation_strategy == "steps"
@@ -256,83 +193,37 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
             or (args.evaluation_strategy == "epoch" and step % steps_per_epoch == 0)
         ):
             last_eval = eval_loss(model, eval_rows, args, dist, pad_id, device)
-            metrics.log(step, {"eval_loss": last_eval})
+            stage.log({"eval_loss": last_eval})
         if step % args.logging_steps == 0 or step == total_steps:
             stats = all_reduce_(torch.tensor([window_loss, float(window_tokens)], dtype=torch.float64))
             train_loss = float(stats[0] / stats[1].clamp(min=1))
             elapsed = time.time() - window_start
-            metrics.log(
-                step,
+            stage.log(
                 {
                     "loss": train_loss,
-                    "learning_rate": scheduler.get_last_lr()[0],
+                    "learning_rate": stage.scheduler.get_last_lr()[0],
                     "epoch": step / steps_per_epoch,
                     "tokens_per_s": float(stats[1]) / max(elapsed, 1e-9),
-                },
+                }
             )
-            bar.set_postfix(loss=f"{train_loss:.4f}")
+            stage.bar.set_postfix(loss=f"{train_loss:.4f}")
             window_loss, window_tokens, window_start = 0.0, 0, time.time()
-
-        preempted = preemption.agreed()
-        if (args.save_steps and step % args.save_steps == 0 and step < total_steps) or preempted:
-            ckpt.save_training_checkpoint(
-                booster,
-                model,
-                optimizer,
-                scheduler,
-                output_dir,
-                step,
-                {"stage": "sft", "epoch": epoch, "total_steps": total_steps},
-                dist,
-            )
-            if args.save_total_limit and dist.rank == 0:
-                contract.prune_checkpoints(output_dir, args.save_total_limit)
-        if preempted:
-            logger.warning("preempted at step %d; checkpoint saved, exiting", step)
-            metrics.close()
+        if stage.save_if_due(lambda epoch=epoch: {"epoch": epoch}):
             return PREEMPTED_EXIT_CODE
-    bar.close()
+    stage.bar.close()
 
     if args.evaluation_strategy != "no" and eval_rows:
         last_eval = eval_loss(model, eval_rows, args, dist, pad_id, device)
-    final_loss = _last_logged(output_dir, "loss") if dist.rank == 0 else None
-    ckpt.save_final_model(booster, model, tokenizer, output_dir, dist, full_replica=args.plugin == "ddp")
-    if dist.rank == 0:
-        final = {
-            "train_loss": final_loss,
-            "runtime_s": round(time.time() - started, 2),
-            "train_rows": len(train_rows),
-        }
+
+    def final_metrics(runtime_s: float) -> dict[str, float]:
+        final = {"train_loss": stage.metrics.last("loss").get("loss"), "runtime_s": runtime_s}
+        final["train_rows"] = len(train_rows)
         if not math.isnan(last_eval):
             final["eval_loss"] = last_eval
-        metrics.log(step, {k: v for k, v in final.items() if k != "train_rows"})
-        contract.write_manifest(
-            output_dir,
-            "sft",
-            steps=step,
-            metrics=final,
-            inputs={
-                "model_name_or_path": args.model_name_or_path,
-                "dataset_name": data_args.dataset_name,
-                "args": args_dict(data_args, args),
-            },
-        )
-        logger.info("sft done: %d steps, final model and %s in %s", step, contract.MANIFEST_NAME, output_dir)
-    metrics.close()
-    if td.is_initialized():
-        td.barrier()
-    return 0
+        stage.log({k: v for k, v in final.items() if k != "train_rows"})
+        return final
 
-
-def _last_logged(output_dir: Path, key: str):
-    path = output_dir / "metrics.jsonl"
-    value = None
-    if path.exists():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if key in rec:
-                value = rec[key]
-    return value
+    return stage.finish(tokenizer, final_metrics)
 
 
 if __name__ == "__main__":

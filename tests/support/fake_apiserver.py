@@ -25,6 +25,7 @@ same watch events as HTTP writes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -184,10 +185,10 @@ def parse_field_selector(selector: str | None) -> Callable[[dict], bool]:
     for term in _split_selector(selector):
         negate = "!=" in term
         key, value = (s.strip() for s in re.split(r"!=|==?", term, maxsplit=1))
-        if key not in ("metadata.name", "metadata.namespace"):
+        if key not in ("metadata.name", "metadata.namespace", "involvedObject.uid", "involvedObject.name"):
             raise ApiError(400, f'field label not supported: "{key}"')
-        attr = key.split(".", 1)[1]
-        preds.append(lambda o, a=attr, v=value, n=negate: (o.get("metadata", {}).get(a) == v) != n)
+        top, attr = key.split(".", 1)
+        preds.append(lambda o, t=top, a=attr, v=value, n=negate: (str(o.get(t, {}).get(a)) == v) != n)
     return lambda obj: all(p(obj) for p in preds)
 
 
@@ -537,6 +538,10 @@ class FakeApiServer:
         self._record_event(_Event(rv, "DELETED", group, version, namespace, resource, gone))
         if resource == "pods":
             self._logs.pop((namespace, name), None)
+        if resource == "pytorchjobs":  # the garbage collector removes the job's pods (at once, here)
+            pods = self._objects.get(("", "v1", namespace, "pods"), {})
+            for pod in [n for n, p in pods.items() if p["metadata"]["labels"].get(JOB_NAME_LABEL) == name]:
+                self._delete("", "v1", namespace, "pods", pod)
         return gone
 
     def _list(
@@ -676,7 +681,8 @@ class _Handler(BaseHTTPRequestHandler):
         )
         for hook in list(api._hooks):
             hook(rec)
-        injected = self._injected_failure(verb, rec.resource)
+        # injected failures hit real requests only, not the controller's start-up dry runs
+        injected = None if query.get("dryRun") == "All" else self._injected_failure(verb, rec.resource)
         try:
             if injected is not None and not injected[1]:
                 raise ApiError(injected[0], "injected failure")
@@ -735,6 +741,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return 200, self._pod_log(namespace, name, query)
             if method == "GET":
                 return 200, copy.deepcopy(api._existing(group, version, namespace, resource, name))
+            if method == "POST" and name is None and query.get("dryRun") == "All":
+                # the real server runs the whole create path but stores nothing (409 for a taken name)
+                existing = api._objects.get((group, version, namespace, resource), {})
+                if isinstance(body, dict) and (body.get("metadata") or {}).get("name") in existing:
+                    raise ApiError(
+                        409, f'{resource} "{body["metadata"]["name"]}" already exists', "AlreadyExists"
+                    )
+                return 201, copy.deepcopy(body)
             if method == "POST" and name is None:
                 return 201, copy.deepcopy(api._create(group, version, namespace, resource, body))
             if method == "PUT" and name is not None:
@@ -895,6 +909,7 @@ def _with_code(rec: RecordedRequest, code: int) -> RecordedRequest:
 # trainer.contract.output.write_manifest) into a temporary folder that plays the checkpoint volume.
 
 TRAINING_STAGES = ("sft", "grpo")
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
 
 
@@ -1102,6 +1117,11 @@ class FakeTrainingOperator:
         if current is None or current["metadata"]["uid"] != uid:
             raise _JobGone()
 
+    def _pod_phase(self, pod: str, phase: str) -> None:
+        # KeyError: the job (and with it the pod) was deleted meanwhile
+        with contextlib.suppress(KeyError):
+            self.server.update("pods", pod, self.namespace, lambda p: p["status"].update(phase=phase))
+
     def _pod(self, job: dict, phase: str) -> str:
         name = f"{job['metadata']['name']}-master-0"
         template = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
@@ -1196,6 +1216,8 @@ class FakeTrainingOperator:
             lines = [f"[rank0] step {s}: loss 0.{s:03d}" for s in range(1, 80)]
             lines.append("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
             self.server.set_pod_log(self.namespace, pod, "\n".join(lines) + "\n")
+            # restartPolicy Never: the failed trainer's pod stays, Failed (the controller waits for that)
+            self._pod_phase(pod, "Failed")
             self._condition(
                 name,
                 uid,
@@ -1230,6 +1252,7 @@ class FakeTrainingOperator:
             os.remove(os.path.join(output_dir, "r1_stage.json"))
         time.sleep(pause)
         self.server.set_pod_log(self.namespace, pod, f"{stage} finished\n")
+        self._pod_phase(pod, "Succeeded")
         self._condition(name, uid, "Succeeded")
         self.succeeded_at[name] = time.monotonic()
 

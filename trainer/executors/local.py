@@ -65,18 +65,13 @@ def stage_accuracy(model_dir: str, dataset: str, eval_args: dict[str, Any]) -> d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.r1.builtin import resolve_model
-    from trainer.r1.data import load_examples
+    from trainer.r1.data import DataArgs
     from trainer.r1.scoring import evaluate_model
 
     path = resolve_model(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    examples, _ = load_examples(
-        eval_args.get("dataset_name", dataset),
-        eval_args.get("dataset_test_split", "test"),
-        config=eval_args.get("dataset_config"),
-        max_samples=eval_args.get("max_eval_samples"),
-    )
+    examples, _ = DataArgs.from_stage_args({"dataset_name": dataset, **eval_args}).load_eval()
     result = evaluate_model(
         model,
         tokenizer,

@@ -15,11 +15,8 @@ does the parsing and comparison, with
 
 The caller side is thread-safe (requests are serialised on a lock), fork-safe (a forked child starts its
 own helper) and caches results, so the common case is a dictionary hit or one pipe round trip (about a
-millisecond). Plain integers, and plain decimals/fractions that are equal or clearly apart, are decided
-without the helper.
-
-Composable reward functions for GRPO are registered by name in :data:`REWARD_FUNCS` (``r1``, ``format``,
-``accuracy``) and combined with weights by :func:`score`.
+millisecond). Answers whose ground truth is a plain number are decided without the helper unless they are
+within rounding of each other (:func:`trainer.r1.rewards.answers_equal`).
 
 This module imports only the standard library at top level: it is also the helper's entry point
 (``python -P trainer/r1/math_verify.py --math-verify-worker``), which must not import the trainer package

@@ -176,6 +176,21 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (mask.cumsum(dim=-1) - 1).clamp_(min=0)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model (the module with a ``config``) inside Colossal-AI Booster / DDP / Gemini
+    wrappers, through their ``unwrap()`` or ``.module``; the innermost module when none has a config."""
+    current: Any = model
+    for _ in range(8):  # wrappers nest a few levels at most
+        if getattr(current, "config", None) is not None:
+            return current
+        unwrap = getattr(current, "unwrap", None)
+        inner = unwrap() if callable(unwrap) else getattr(current, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        current = inner
+    return current
+
+
 def _forward_parameters(model: nn.Module) -> set[str]:
     """Names the model's forward accepts explicitly, looking through ``*args, **kwargs`` wrappers.
 

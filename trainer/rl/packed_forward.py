@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainer.rl.logprobs import DEFAULT_CHUNK_ROWS, _forward_parameters, _logits_of, token_logprobs
+from trainer.rl.logprobs import (
+    DEFAULT_CHUNK_ROWS,
+    _forward_parameters,
+    _logits_of,
+    token_logprobs,
+    unwrap_model,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Shared-prompt forward: one prompt, G completions, one packed sequence
@@ -47,18 +53,6 @@ class SharedPromptPlan:
         self.split_attention = split_attention  # attention via `_split_attention` (no block mask)
 
 
-def _inner_model(model: nn.Module) -> nn.Module:
-    current: Any = model
-    for _ in range(8):
-        if getattr(current, "config", None) is not None:
-            return current
-        inner = getattr(current, "module", None)
-        if not isinstance(inner, nn.Module):
-            break
-        current = inner
-    return current
-
-
 def _real_lengths(attention_mask: Tensor, t: int) -> tuple[int, int]:
     """Width of the prompt region that any row attends to, and of the completion region likewise."""
     length = attention_mask.shape[1]
@@ -84,7 +78,7 @@ def shared_prompt_plan(
     n, length = input_ids.shape
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or n % group_size:
         return None
-    inner = _inner_model(model)
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     attn = getattr(config, "_attn_implementation", None)
     if attn not in SHARED_PROMPT_ATTENTION or "logits_to_keep" not in _forward_parameters(model):
@@ -148,7 +142,7 @@ def split_attention_supported(model: nn.Module) -> bool:
         return False
     if int(transformers.__version__.split(".")[0]) != 4:
         return False
-    inner = _inner_model(model)
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     if getattr(config, "model_type", None) not in SPLIT_ATTENTION_MODEL_TYPES or getattr(
         inner, "is_gradient_checkpointing", False
@@ -331,7 +325,7 @@ def grouped_completion_logprobs(
     prompt_cols = [
         attention_mask[r, :prompt_region].nonzero().flatten().tolist() for r in range(0, n_rows, G)
     ]
-    inner = _inner_model(model)
+    inner = unwrap_model(model)
     dtype = next(inner.parameters()).dtype
     min_value = torch.finfo(dtype).min
     sdpa = inner.config._attn_implementation == "sdpa"

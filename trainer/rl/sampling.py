@@ -51,6 +51,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trainer.rl.logprobs import unwrap_model
+
 # Rope variants whose cos/sin at a position do not depend on the length of the sequence being run
 # (the "dynamic" and "longrope" variants do, so a KV-cached decode would not equal the full forward).
 
@@ -117,7 +119,7 @@ def sample_groups(
 
     The model is run in eval mode (dropout off) and its training flag is restored afterwards.
     """
-    model = _unwrap(model)
+    model = _hf_model(model)
     vocab_size = _vocab_size(model)
     prompts = _check_inputs(
         prompt_ids,
@@ -170,7 +172,7 @@ def sample_groups(
 
 def lean_path_unsupported_reason(model: nn.Module, max_total_length: int | None = None) -> str | None:
     """Why the lean decoder cannot run ``model`` exactly like its HF forward, or None when it can."""
-    model = _unwrap(model)
+    model = _hf_model(model)
     cfg = getattr(model, "config", None)
     model_type = getattr(cfg, "model_type", None)
     if model_type not in _LEAN_MODEL_TYPES:
@@ -213,17 +215,9 @@ def lean_path_unsupported_reason(model: nn.Module, max_total_length: int | None 
 # --------------------------------------------------------------------------------------------------------
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _hf_model(model: nn.Module) -> nn.Module:
     """The HF model inside Colossal-AI / DDP wrappers (sampling needs its config and submodules)."""
-    for _ in range(8):
-        if hasattr(model, "config") and hasattr(model, "get_input_embeddings"):
-            return model
-        if callable(getattr(model, "unwrap", None)):
-            model = model.unwrap()
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            break
+    model = unwrap_model(model)
     if not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
         raise TypeError(f"model must be a Hugging Face causal LM (got {type(model).__name__})")
     return model

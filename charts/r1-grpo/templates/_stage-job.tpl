@@ -134,6 +134,34 @@ order), `--key value`, lists as repeated values: the same list trainer.contract.
 {{- toJson $out -}}
 {{- end -}}
 
+{{/* Seconds between SIGTERM and SIGKILL of a stage's pods: the stage's own value when set, else the global one. */}}
+{{- define "r1-grpo.gracePeriod" -}}
+{{- $stage := index .root.Values.stages .stage -}}
+{{- if not (kindIs "invalid" $stage.terminationGracePeriodSeconds) -}}
+{{- int $stage.terminationGracePeriodSeconds -}}
+{{- else if not (kindIs "invalid" .root.Values.terminationGracePeriodSeconds) -}}
+{{- int .root.Values.terminationGracePeriodSeconds -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The training container's securityContext: containerSecurityContext, plus capabilities.add [IPC_LOCK] when
+ipcLock is set (drop ALL stays).
+*/}}
+{{- define "r1-grpo.trainingSecurityContext" -}}
+{{- $ctx := deepCopy .Values.containerSecurityContext -}}
+{{- if .Values.ipcLock -}}
+{{- $caps := $ctx.capabilities | default dict -}}
+{{- $add := $caps.add | default list -}}
+{{- if not (has "IPC_LOCK" $add) -}}
+{{- $add = append $add "IPC_LOCK" -}}
+{{- end -}}
+{{- $_ := set $caps "add" $add -}}
+{{- $_ := set $ctx "capabilities" $caps -}}
+{{- end -}}
+{{- toYaml $ctx -}}
+{{- end -}}
+
 {{/* Environment of a training container (global NCCL/torch defaults, caches, wandb, hub token, stage env). */}}
 {{- define "r1-grpo.trainingEnv" -}}
 {{- $v := .root.Values -}}
@@ -190,6 +218,11 @@ order), `--key value`, lists as repeated values: the same list trainer.contract.
 {{- $stage := index $v.stages .stage -}}
 {{- $res := $stage.resources | default dict -}}
 {{- $gpu := int ($res.gpu | default 0) -}}
+{{- $extra := $res.extra | default dict -}}
+{{- if hasKey $extra $v.gpuResourceName -}}
+{{- fail (printf "stages.%s.resources.extra: %s is requested by stages.%s.resources.gpu, not here" .stage $v.gpuResourceName .stage) -}}
+{{- end -}}
+{{- $grace := include "r1-grpo.gracePeriod" . -}}
 {{- $placement := include "r1-grpo.placement" . | fromJson -}}
 {{- $module := get (include "r1-grpo.stageModules" . | fromJson) .stage -}}
 metadata:
@@ -210,6 +243,9 @@ spec:
   # Training never calls the Kubernetes API.
   automountServiceAccountToken: false
   enableServiceLinks: false
+  {{- with $grace }}
+  terminationGracePeriodSeconds: {{ . }}
+  {{- end }}
   securityContext:
     {{- toYaml $v.podSecurityContext | nindent 4 }}
   {{- with $v.image.pullSecrets }}
@@ -274,6 +310,9 @@ spec:
           {{- if gt $gpu 0 }}
           {{ $v.gpuResourceName }}: {{ $gpu | quote }}
           {{- end }}
+          {{- range $name, $count := $extra }}
+          {{ $name }}: {{ include "r1-grpo.cliValue" $count | quote }}
+          {{- end }}
         limits:
           cpu: {{ $res.cpu | default "4" | quote }}
           memory: {{ $res.memory | default "16Gi" | quote }}
@@ -283,8 +322,11 @@ spec:
           {{- if gt $gpu 0 }}
           {{ $v.gpuResourceName }}: {{ $gpu | quote }}
           {{- end }}
+          {{- range $name, $count := $extra }}
+          {{ $name }}: {{ include "r1-grpo.cliValue" $count | quote }}
+          {{- end }}
       securityContext:
-        {{- toYaml $v.containerSecurityContext | nindent 8 }}
+        {{- include "r1-grpo.trainingSecurityContext" .root | nindent 8 }}
       volumeMounts:
         - name: checkpoints
           mountPath: {{ $v.storage.mountPath }}
@@ -325,6 +367,7 @@ spec:
 {{- $v := .root.Values -}}
 {{- $stage := index $v.stages .stage -}}
 {{- $nodes := int ($stage.nodes | default 1) -}}
+{{- $restart := $stage.restartPolicy | default "Never" -}}
 apiVersion: kubeflow.org/v1
 kind: PyTorchJob
 metadata:
@@ -342,9 +385,14 @@ metadata:
 spec:
   nprocPerNode: {{ include "r1-grpo.nprocPerNode" . | quote }}
   runPolicy:
+    {{- if ne $restart "Never" }}
+    # In-place restarts before the job fails (restartPolicy Never has none; the controller retries stages).
     backoffLimit: {{ $stage.backoffLimit | default 0 | int }}
-    # Keep finished pods so their logs stay readable (the controller reads a failed pod's log).
-    cleanPodPolicy: None
+    {{- end }}
+    # When the job has finished: delete the pods still running (a Worker, a crash-looping OnFailure pod),
+    # so no old trainer writes on into the stage's folder once the controller starts the next attempt,
+    # and keep the failed ones, whose logs the controller reads (values.yaml: stages).
+    cleanPodPolicy: Running
     {{- if $v.volcano.enabled }}
     schedulingPolicy:
       # Gang scheduling: start the stage only when all its pods can run.
@@ -352,17 +400,21 @@ spec:
       {{- with $v.volcano.queue }}
       queue: {{ . }}
       {{- end }}
+      {{- with (include "r1-grpo.placement" . | fromJson).priorityClassName }}
+      # The PodGroup's priority (Volcano orders and preempts gangs by it, not by the pods' priority).
+      priorityClass: {{ . }}
+      {{- end }}
     {{- end }}
   pytorchReplicaSpecs:
     Master:
       replicas: 1
-      restartPolicy: {{ $stage.restartPolicy | default "OnFailure" }}
+      restartPolicy: {{ $restart }}
       template:
         {{- include "r1-grpo.trainingPodTemplate" . | nindent 8 }}
     {{- if gt $nodes 1 }}
     Worker:
       replicas: {{ sub $nodes 1 }}
-      restartPolicy: {{ $stage.restartPolicy | default "OnFailure" }}
+      restartPolicy: {{ $restart }}
       template:
         {{- include "r1-grpo.trainingPodTemplate" . | nindent 8 }}
     {{- end }}

@@ -219,9 +219,31 @@ def format_status(status: RunStatus) -> str:
             lines.append(
                 f"metrics {s.name}: " + ", ".join(f"{k}={_num(v)}" for k, v in sorted(s.metrics.items()))
             )
+    for s in status.stages:
+        folded = s.earlier_attempts
+        if folded:
+            phases = ", ".join(f"{n} {phase}" for phase, n in sorted((folded.get("phases") or {}).items()))
+            lines.append(
+                f"{s.name}: attempts {folded.get('from')}-{folded.get('to')} not listed ({phases})"
+                + (
+                    f"; the last of them: {_one_line(folded['lastMessage'])}"
+                    if folded.get("lastMessage")
+                    else ""
+                )
+            )
     if status.log_tail:
         lines.append("log tail of the failed attempt's master pod:")
         lines.extend("  | " + line for line in status.log_tail.rstrip("\n").splitlines())
+    elif status.phase != SUCCEEDED:
+        # a stage being retried: why its last attempt failed
+        current = next((s for s in status.stages if s.name == status.stage), None)
+        failed = [a for a in (current.attempts if current else []) if a.phase == FAILED and a.log_tail]
+        if current is not None and failed:
+            last = failed[-1]
+            lines.append(
+                f"log tail of {current.name} attempt {last.attempt} (failed: {_one_line(last.message)}):"
+            )
+            lines.extend("  | " + line for line in last.log_tail.rstrip("\n").splitlines())
     return "\n".join(lines)
 
 

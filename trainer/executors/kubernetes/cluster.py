@@ -3,19 +3,23 @@
 `Cluster` is the controller's only door to the API server: one method per (verb, resource) pair of the
 controller's Role in docs/contract.md, nothing more, so the RBAC surface is visible in one place:
 
-    kubeflow.org pytorchjobs: get, list, watch, create
+    kubeflow.org pytorchjobs: get, list, watch, create (dry runs are creates too)
     "" configmaps: get, create, patch
-    "" events: create
+    "" events: create, list
     "" pods: get, list; pods/log: get
     "" persistentvolumeclaims: get
 
 Objects come back as plain dicts in API (camelCase) form, whether the typed CoreV1Api or the untyped
-CustomObjectsApi produced them, so the controller handles one shape.
+CustomObjectsApi produced them, so the controller handles one shape. `classify_api_error` reads the
+`Status` body of a failed call, because a 403 has several causes that call for different reactions.
 """
 
 from __future__ import annotations
 
+import codecs
+import json
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,18 +82,72 @@ def default_namespace(kubeconfig: str | None = None, context: str | None = None)
     return ((active or {}).get("context") or {}).get("namespace") or "default"
 
 
-def api_error_summary(err: ApiException) -> str:
-    """`409 AlreadyExists: pytorchjobs.kubeflow.org "x" already exists` from an ApiException."""
-    import json
-
-    message = err.reason or ""
+def api_error_body(err: ApiException) -> dict:
+    """The `Status` object of a failed call ({} when the body is not one)."""
     try:
         body = json.loads(err.body) if err.body else {}
-        if isinstance(body, dict) and body.get("message"):
-            message = f"{body.get('reason') or err.reason}: {body['message']}"
     except (ValueError, TypeError):
-        pass
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def api_error_summary(err: ApiException) -> str:
+    """`409 AlreadyExists: pytorchjobs.kubeflow.org "x" already exists` from an ApiException."""
+    message = err.reason or ""
+    body = api_error_body(err)
+    if body.get("message"):
+        message = f"{body.get('reason') or err.reason}: {body['message']}"
     return f"{err.status} {message}".strip()
+
+
+# What a refused call (401/403) means; the apiserver gives them all reason Forbidden, so the message and
+# the causes decide.
+DENIED_RBAC = "rbac"  # authentication or authorization: the credentials or the Role are wrong
+DENIED_QUOTA = "quota"  # a ResourceQuota is full (or not computed yet): capacity may come, wait
+DENIED_TERMINATING = "terminating"  # the namespace is being deleted: nothing here will run again
+DENIED_ADMISSION = "admission"  # an admission webhook or policy rejected the object: a configuration error
+
+
+def classify_api_error(err: ApiException) -> str | None:
+    """One of the DENIED_* kinds for a 401/403, else None.
+
+    Messages, as kube-apiserver 1.36 and controller-runtime write them:
+      RBAC:        `... is forbidden: User "system:serviceaccount:ns:sa" cannot create resource "pytorchjobs"
+                   in API group "kubeflow.org" in the namespace "ns"`
+      quota:       `... is forbidden: exceeded quota: q, requested: ..., used: ..., limited: ...` (or
+                   `status unknown for quota: q` before the quota controller has counted)
+      terminating: `... is forbidden: unable to create new content in namespace ns because it is being
+                   terminated`, cause reason NamespaceTerminating
+      admission:   `admission webhook "name" denied the request: ...` (controller-runtime's Denied is a
+                   403), or `ValidatingAdmissionPolicy 'p' with binding 'b' denied request: ...`
+    Any other 403 counts as RBAC: refusing to guess is safer than retrying forever.
+    """
+    if err.status == 401:
+        return DENIED_RBAC
+    if err.status != 403:
+        return None
+    body = api_error_body(err)
+    message = str(body.get("message") or err.reason or "")
+    causes = (body.get("details") or {}).get("causes") or []
+    if any(c.get("reason") == "NamespaceTerminating" for c in causes if isinstance(c, dict)) or (
+        "because it is being terminated" in message
+    ):
+        return DENIED_TERMINATING
+    if "exceeded quota" in message or "status unknown for quota" in message:
+        return DENIED_QUOTA
+    if re.search(r'admission webhook "[^"]*" denied the request', message) or re.search(
+        r"ValidatingAdmissionPolicy '[^']*' with binding '[^']*' denied request", message
+    ):
+        return DENIED_ADMISSION
+    return DENIED_RBAC
+
+
+def decode_tail(data: bytes) -> str:
+    """UTF-8 text of the end of a byte stream that may start inside a character."""
+    start = 0
+    while start < min(len(data), 3) and (data[start] & 0xC0) == 0x80:  # continuation bytes
+        start += 1
+    return codecs.decode(data[start:], "utf-8", errors="replace")
 
 
 @dataclass(frozen=True)
@@ -142,10 +200,14 @@ class Cluster:
                 return None
             raise
 
-    def create_job(self, body: dict) -> tuple[bool, dict | None]:
+    def create_job(self, body: dict, dry_run: bool = False) -> tuple[bool, dict | None]:
         """Create-if-absent: (True, created) or (False, existing) when the name is taken (409).
 
-        The existing object is read back so the caller can check it really is the job it meant to create.
+        Strict field validation: an unknown or duplicate field is a 400 naming it, where the default (Warn)
+        would prune it and only send a warning header the client never shows. The existing object is read
+        back so the caller can check it really is the job it meant to create. `dry_run`: the server runs
+        decoding, schema validation and admission (webhooks, quota) but stores nothing; a 409 then only
+        says that the name is taken, and (False, None) comes back without a read.
         """
         try:
             created = self.custom.create_namespaced_custom_object(
@@ -154,12 +216,16 @@ class Cluster:
                 self.namespace,
                 PYTORCHJOB_PLURAL,
                 body,
+                field_validation="Strict",
                 _request_timeout=self.request_timeout,
+                **({"dry_run": "All"} if dry_run else {}),
             )
             return True, created
         except ApiException as err:
             if err.status != 409:
                 raise
+        if dry_run:
+            return False, None
         return False, self.get_job(body["metadata"]["name"])
 
     def watch_jobs(self, label_selector: str, resource_version: str, timeout_seconds: int) -> Iterator[dict]:
@@ -255,6 +321,15 @@ class Cluster:
         )
         self.core.create_namespaced_event(self.namespace, body, _request_timeout=self.request_timeout)
 
+    def list_events(self, involved_uid: str) -> list[dict]:
+        """Events about one object (by uid, so a same-named object of an earlier install does not count)."""
+        out = self.core.list_namespaced_event(
+            self.namespace,
+            field_selector=f"involvedObject.uid={involved_uid}",
+            _request_timeout=self.request_timeout,
+        )
+        return list(self._plain(out).get("items") or [])
+
     # -- pods: get, list; pods/log: get
     def list_pods(self, label_selector: str) -> list[dict]:
         out = self.core.list_namespaced_pod(
@@ -272,17 +347,30 @@ class Cluster:
                 return None
             raise
 
-    def read_pod_log(self, name: str, container: str | None, tail_lines: int, limit_bytes: int) -> str:
-        # limit_bytes only guards against a huge transfer (e.g. one endless progress-bar line); callers keep
-        # the end of what comes back
+    def read_pod_log(self, name: str, container: str | None, tail_lines: int, max_bytes: int) -> str:
+        """The END of the last `tail_lines` lines, at most `max_bytes` of it.
+
+        No `limitBytes`: the kubelet applies it to the front of the selected tail (it stops writing after
+        N bytes), so one long progress-bar line would push the traceback out. The response is streamed
+        instead and only its last `max_bytes` are kept, so memory stays bounded however long the lines.
+        """
         kwargs: dict[str, Any] = {
             "tail_lines": tail_lines,
-            "limit_bytes": limit_bytes,
+            "_preload_content": False,
             "_request_timeout": self.request_timeout,
         }
         if container:
             kwargs["container"] = container
-        return self.core.read_namespaced_pod_log(name, self.namespace, **kwargs)
+        response = self.core.read_namespaced_pod_log(name, self.namespace, **kwargs)
+        kept = bytearray()
+        try:
+            for chunk in response.stream(64 * 1024):
+                kept += chunk
+                if len(kept) > 2 * max_bytes:
+                    del kept[: len(kept) - max_bytes]
+        finally:
+            response.release_conn()
+        return decode_tail(bytes(kept[-max_bytes:]))
 
     # -- persistentvolumeclaims: get
     def get_pvc(self, name: str) -> dict | None:

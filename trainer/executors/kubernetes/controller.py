@@ -10,15 +10,26 @@ volume mounted) and is built to be boring and restart-safe:
   timeout and on 410 Gone). Nothing is remembered only in process memory, so killing the controller at any
   moment and starting it again gives the same outcome.
 * No duplicates. Job names are deterministic (`<release>-<stage>-<attempt>`), creation is create-if-absent,
-  and 409 AlreadyExists counts as success after checking the existing job carries this stage's labels.
+  and 409 AlreadyExists counts as success after checking the existing job carries this stage's labels and
+  is owned by this install's stages ConfigMap (by uid: a job of an earlier install of the release, still
+  waiting for the garbage collector, is waited out, never adopted).
+* Checked before anything runs. When it starts (and whenever the stages ConfigMap changes) the controller
+  creates every stage's job as a server-side dry run with strict field validation: an unknown field, a
+  schema error or an admission webhook's refusal fails the run at once, naming the stage and the field,
+  instead of when that stage's turn comes hours later.
 * Honest hand-off. A stage is done only when its job Succeeded *and* `verify_stage_output` accepts its
   folder (the same check the local pipeline uses); a Succeeded job with a missing or corrupt manifest is a
   failed attempt with the verification error as its reason.
 * Failures. A failed attempt is retried (new attempt, same output folder, so the trainer resumes from its
   last complete checkpoint) up to `--retries` times; then the run is Failed with the job's last condition
-  message and the tail of the master pod's log. Pods (or a job no operator picked up) pending longer than
-  `--pending-timeout-seconds` are reported in the status and as a Warning event, once each; the controller
-  keeps waiting, because capacity may still arrive (an autoscaler), but the user sees why nothing moves.
+  message and the tail of the master pod's log. One trainer per output folder: the next attempt is created
+  only once every pod of the failed one has stopped (the chart's jobs use restartPolicy Never, so the
+  operator never restarts a trainer in place, and cleanPodPolicy Running, so it deletes the pods still
+  running when the job fails and keeps the failed ones with their logs). Pods (or a job no operator picked
+  up, or a job whose pods the API refuses) pending longer than `--pending-timeout-seconds` are reported in
+  the status and as a Warning event, once each, with the reason the API gave; the controller keeps
+  waiting, because capacity may still arrive (an autoscaler), but the user sees why nothing moves. So does
+  a job the API refuses for a full ResourceQuota.
 * A job deleted by hand while its stage is current is recreated under the *same* attempt number (the
   deletion is not the training's fault, so it does not use up a retry); the trainer resumes from the last
   complete checkpoint. A job deleted after its stage finished is not re-run: the status remembers the stage
@@ -26,9 +37,11 @@ volume mounted) and is built to be boring and restart-safe:
 
 Status: ConfigMap `<release>-status` (key `status.json`), Events on it, JSON-lines logs on stderr. Exit codes:
 0 run succeeded, 1 run failed, 2 configuration error (flags, stages ConfigMap, volume not mounted, a foreign
-job holding one of our names), 3 the API refused our credentials (401/403), 4 the controller crashed (a bug;
-the traceback is logged), 143 stopped by SIGTERM before the run finished (non-zero so the Job controller
-starts the controller again).
+job holding one of our names, a stage job the API server or an admission webhook rejects), 3 the API
+refused our credentials or the Role lacks a permission (401, or a 403 that is neither quota, a
+terminating namespace nor an admission webhook), 4 the controller crashed (a bug; the traceback is
+logged), 143 stopped before the run finished: SIGTERM, or the namespace is being deleted (non-zero so the
+Job controller starts the controller again, if there still is one).
 """
 
 from __future__ import annotations
@@ -57,19 +70,27 @@ from trainer.contract.output import (
     write_owner,
 )
 from trainer.executors.kubernetes.cluster import (
+    DENIED_ADMISSION,
+    DENIED_QUOTA,
+    DENIED_TERMINATING,
     JOB_NAME_LABEL,
     Cluster,
     WatchExpired,
     api_error_summary,
+    classify_api_error,
 )
 from trainer.executors.kubernetes.decide import (
+    BROKEN,
+    MISSING,
     Action,
+    CreateBlocked,
     CreateJob,
     Finish,
     MoveAside,
     PruneCheckpoints,
     ReportPending,
     Wait,
+    attempt_outcome,
     current_attempt,
     decide,
     frontier,
@@ -87,6 +108,8 @@ from trainer.executors.kubernetes.spec import (
     EXIT_SUCCEEDED,
     FAILED,
     INSTANCE_LABEL,
+    LOG_READ_MAX_BYTES,
+    LOG_TAIL_MAX_BYTES,
     LOG_TAIL_MAX_CHARS,
     NAME_LABEL,
     STAGE_LABEL,
@@ -96,11 +119,18 @@ from trainer.executors.kubernetes.spec import (
     ConfigError,
     ControllerConfig,
     Pipeline,
+    StageRejected,
     StageSpec,
     job_manifest,
     parse_pipeline,
 )
-from trainer.executors.kubernetes.status import RunStatus, _to_json, render_status, status_events
+from trainer.executors.kubernetes.status import (
+    RunStatus,
+    _to_json,
+    encode_status,
+    render_status,
+    status_events,
+)
 from trainer.executors.kubernetes.world import (
     JobState,
     OutputState,
@@ -109,7 +139,10 @@ from trainer.executors.kubernetes.world import (
     _fmt,
     _ts,
     describe_pending_pod,
+    owner_uids,
     parse_job,
+    pod_is_live,
+    tail_text,
 )
 
 logger = logging.getLogger("trainer.controller")
@@ -188,6 +221,7 @@ class Controller:
         self.in_wait = False  # the SIGTERM handler may interrupt only waits
         self._verifier = _OutputVerifier()
         self._pipeline: tuple[tuple, Pipeline] | None = None
+        self._validated: tuple | None = None  # the stages ConfigMap version whose jobs passed the dry run
         self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
 
     # -- control
@@ -217,10 +251,16 @@ class Controller:
                 except ConfigError as e:
                     return self._config_failure(str(e))
                 except ApiException as e:
-                    if e.status in (401, 403):
+                    denied = classify_api_error(e)
+                    if denied == DENIED_ADMISSION:
+                        return self._config_failure(f"an admission webhook refused: {api_error_summary(e)}")
+                    if denied == DENIED_TERMINATING:
+                        return self._namespace_terminating(api_error_summary(e))
+                    if denied is not None and denied != DENIED_QUOTA:
                         log(
                             "error",
-                            "the API server refused the controller's credentials",
+                            "the API server refused the controller's credentials or its Role lacks a "
+                            "permission",
                             error=api_error_summary(e),
                         )
                         return RunResult(EXIT_FORBIDDEN, api_error_summary(e))
@@ -252,22 +292,37 @@ class Controller:
         """One pass: observe, decide, act, publish, then wait if there is nothing to do. Returns a result when
         the run is finished."""
         world, resource_version = self.observe()
+        try:
+            self.validate_jobs(world.pipeline)
+        except StageRejected as e:
+            log("error", "configuration error", stage=e.stage, error=str(e))
+            rejected = Finish(FAILED, str(e), e.stage)
+            self.publish(render_status(world, rejected, self.config), rejected, [])
+            return RunResult(EXIT_CONFIG, str(e))
         action = decide(world, self.config)
-        new_status = render_status(world, action, self.config)
         log(
             "info",
             "decided",
             action=type(action).__name__,
             **{k: v for k, v in _to_json(action).items() if k not in ("items", "deadline")},
         )
-        pruned = self.execute(action, world)
-        self.publish(new_status, action, pruned)
+        pruned, blocked = self.execute(action, world)
+        if blocked is not None:  # the create was refused for now; the status says why
+            action = blocked
+            log(
+                "warning",
+                "job not created yet",
+                stage=blocked.stage,
+                attempt=blocked.attempt,
+                why=blocked.message,
+            )
+        self.publish(render_status(world, action, self.config), action, pruned)
         if isinstance(action, Finish):
             code = EXIT_SUCCEEDED if action.phase == SUCCEEDED else EXIT_FAILED
             log("info", "run finished", phase=action.phase, message=action.message, exit_code=code)
             return RunResult(code, action.message)
-        if isinstance(action, Wait) and not self.stopping:
-            self.wait(resource_version, action.deadline)
+        if isinstance(action, Wait | CreateBlocked) and not self.stopping:
+            self.wait(resource_version, getattr(action, "deadline", None))
         return None
 
     # -- reading the world
@@ -290,7 +345,7 @@ class Controller:
                         "app.kubernetes.io/managed-by": COMPONENT,
                     },
                 },
-                "data": {STATUS_KEY: json.dumps(fresh.to_json(), indent=1)},
+                "data": {STATUS_KEY: encode_status(fresh)},
             }
             if stages_cm and (stages_cm.get("metadata") or {}).get("uid"):
                 # garbage-collected with the stages ConfigMap on `helm uninstall`
@@ -392,9 +447,13 @@ class Controller:
             arec = rec.attempt_record(attempt) if rec else None
             if arec is None or arec.log_tail is None:
                 log_tails[job.name] = self.master_log_tail(job.name)
-        return replace(
-            world, outputs=outputs, pending=tuple(pending), log_tails=log_tails
-        ), listed.resource_version
+        world = replace(world, outputs=outputs, pending=tuple(pending), log_tails=log_tails)
+        lingering: list[PendingItem] = []
+        if attempt > 0:
+            outcome, _ = attempt_outcome(world, spec.name, attempt)
+            if outcome == MISSING or (outcome == BROKEN and attempt <= cfg.retries):
+                lingering = self._lingering_pods(pipeline, spec, attempt, job)
+        return replace(world, lingering=tuple(lingering)), listed.resource_version
 
     def local_path(self, pipeline: Pipeline, job_path: str) -> Path:
         """Where this pod sees a path the jobs use (the volume may be mounted elsewhere here)."""
@@ -437,18 +496,37 @@ class Controller:
         local.mkdir(parents=True, exist_ok=True)
         write_owner(local, expected)
 
+    def _lingering_pods(
+        self, pipeline: Pipeline, spec: StageSpec, attempt: int, job: JobState | None
+    ) -> list[PendingItem]:
+        """Pods of an attempt that is over but may still run a trainer in the stage's folder."""
+        name = job.name if job is not None else f"{pipeline.release}-{spec.name}-{attempt}"
+        items = []
+        for pod in self.cluster.list_pods(f"{JOB_NAME_LABEL}={name}"):
+            if not pod_is_live(pod):
+                continue  # a failed pod stays for its log; nothing runs in it
+            meta, phase = pod.get("metadata") or {}, (pod.get("status") or {}).get("phase")
+            deleting = _ts(meta.get("deletionTimestamp"))
+            since = (
+                deleting or (job.end_time if job is not None else None) or _ts(meta.get("creationTimestamp"))
+            )
+            items.append(
+                PendingItem(
+                    f"pod/{meta.get('name')}/{str(meta.get('uid', ''))[:8]}/stopping",
+                    since or self.clock(),
+                    f"pod {meta.get('name')} is still {phase}" + (" (being deleted)" if deleting else ""),
+                )
+            )
+        return items
+
     def _pending_items(self, job: JobState, now: datetime) -> list[PendingItem]:
         timeout = timedelta(seconds=self.config.pending_timeout_seconds)
         items: list[PendingItem] = []
-        if job.phase == SUBMITTED and job.created is not None:
-            items.append(
-                PendingItem(
-                    f"job/{job.name}",
-                    job.created,
-                    f"job {job.name} has no status yet: is the Kubeflow training operator "
-                    f"running and watching this namespace?",
-                )
-            )
+        pods = self.cluster.list_pods(f"{JOB_NAME_LABEL}={job.name}")
+        if job.phase != "Suspended" and len(pods) < job.replicas:
+            item = self._missing_pods_item(job, len(pods), now)
+            if item is not None:
+                items.append(item)
         if job.phase == "Suspended" and job.phase_since is not None:
             items.append(
                 PendingItem(
@@ -458,7 +536,7 @@ class Controller:
                     + (f": {job.message}" if job.message else ""),
                 )
             )
-        for pod in self.cluster.list_pods(f"{JOB_NAME_LABEL}={job.name}"):
+        for pod in pods:
             meta, status = pod.get("metadata") or {}, pod.get("status") or {}
             if status.get("phase") != "Pending" or _ts(meta.get("creationTimestamp")) is None:
                 continue
@@ -469,6 +547,61 @@ class Controller:
                 message += self._claims_report(pod)  # only worth the API calls once the pod is overdue
             items.append(PendingItem(key, since, message))
         return items
+
+    def _missing_pods_item(self, job: JobState, have: int, now: datetime) -> PendingItem | None:
+        """A job with fewer pods than replicas. Before any pod ran (no status yet, or Created) it is
+        missing them since its creation; the reason is in the training operator's FailedCreatePod events
+        (quota, PodSecurity, a webhook, a missing ServiceAccount), the only place it says why: a refused
+        pod create ends its reconcile before it writes any status. A running job misses a pod only
+        briefly, between deleting and recreating it, unless those events say its creates are refused."""
+        timeout = timedelta(seconds=self.config.pending_timeout_seconds)
+        what = f"job {job.name} has {have} of {job.replicas} pods"
+        if job.phase in (SUBMITTED, "Created"):
+            if job.created is None:
+                return None
+            key = f"job/{job.name}"
+            if now - job.created < timeout:  # the events are only worth the API call once overdue
+                return PendingItem(key, job.created, what)
+            refused = self._refused_pod_creates(job)
+            if refused:
+                return PendingItem(key, job.created, f"{what}: {refused}")
+            if job.phase == SUBMITTED:
+                return PendingItem(
+                    key,
+                    job.created,
+                    f"job {job.name} has no status yet: is the Kubeflow training operator running and "
+                    f"watching this namespace?" + self._events_report(job),
+                )
+            return PendingItem(key, job.created, f"{what}: the training operator has not created them")
+        refused_events = self._refused_pod_create_events(job)
+        if not refused_events:
+            return None
+        last = refused_events[-1]
+        since = max(
+            t for t in (job.phase_since, _ts(last.get("firstTimestamp")), job.created) if t is not None
+        )
+        return PendingItem(
+            f"job/{job.name}/pods", since, f"{what}: {last.get('reason')}: {last.get('message')}"
+        )
+
+    def _refused_pod_create_events(self, job: JobState) -> list[dict]:
+        if not job.uid:
+            return []
+        events = [e for e in self.cluster.list_events(job.uid) if e.get("reason") == "FailedCreatePod"]
+        return sorted(events, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+
+    def _refused_pod_creates(self, job: JobState) -> str:
+        events = self._refused_pod_create_events(job)
+        return f"{events[-1].get('reason')}: {events[-1].get('message')}" if events else ""
+
+    def _events_report(self, job: JobState) -> str:
+        warnings = (
+            [e for e in self.cluster.list_events(job.uid) if e.get("type") == "Warning"] if job.uid else []
+        )
+        if not warnings:
+            return ""
+        last = max(warnings, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+        return f"; its latest Warning event: {last.get('reason')}: {last.get('message')}"
 
     def _claims_report(self, pod: dict) -> str:
         notes = []
@@ -489,19 +622,59 @@ class Controller:
         pod = self.cluster.get_pod(name)
         if pod is None:
             return (
-                f"(no log: pod {name} not found; keep failed pods with the PyTorchJob's "
-                f"runPolicy.cleanPodPolicy: None)"
+                f"(no log: pod {name} not found. With runPolicy.cleanPodPolicy: Running the training "
+                f"operator deletes the pods still running when a job fails; a crash-looping pod of "
+                f"restartPolicy OnFailure counts as running. With restartPolicy Never, the chart's default, "
+                f"the failed pod and its log are kept)"
             )
         containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
         container = "pytorch" if "pytorch" in containers else (containers[0] if containers else None)
         try:
-            text = self.cluster.read_pod_log(name, container, self.config.log_tail_lines, 1 << 20)
+            text = self.cluster.read_pod_log(name, container, self.config.log_tail_lines, LOG_READ_MAX_BYTES)
         except ApiException as e:
             return f"(no log from pod {name}: {api_error_summary(e)})"
-        return text[-LOG_TAIL_MAX_CHARS:]
+        return tail_text(text, LOG_TAIL_MAX_CHARS, LOG_TAIL_MAX_BYTES)
+
+    def validate_jobs(self, pipeline: Pipeline) -> None:
+        """Create every stage's attempt-1 job as a server-side dry run (strict field validation), once per
+        version of the stages ConfigMap: what the API server or an admission webhook would reject fails the
+        run now, not when that stage's turn comes."""
+        key = self._pipeline[0] if self._pipeline else None
+        if key is not None and all(key) and self._validated == key:
+            return
+        cfg = self.config
+        for spec in pipeline.stages:
+            body = job_manifest(pipeline, spec, 1, cfg.namespace, cfg.stages_configmap)
+            name = body["metadata"]["name"]
+            try:
+                self.cluster.create_job(body, dry_run=True)  # 409: the name exists, so it once passed
+            except ApiException as e:
+                denied = classify_api_error(e)
+                where = (
+                    f"stage {spec.name}: PyTorchJob {name} (ConfigMap {cfg.stages_configmap} key "
+                    f"{spec.job_key}) is rejected by"
+                )
+                if e.status in (400, 422):
+                    raise StageRejected(f"{where} the API server: {api_error_summary(e)}", spec.name) from e
+                if denied == DENIED_ADMISSION:
+                    raise StageRejected(
+                        f"{where} an admission webhook: {api_error_summary(e)}", spec.name
+                    ) from e
+                if e.status == 404:
+                    raise ConfigError(
+                        f"{where} the API server: {api_error_summary(e)} - is the Kubeflow training operator "
+                        f"(kubeflow.org/v1 PyTorchJob CRD) installed?"
+                    ) from e
+                if denied == DENIED_QUOTA:  # quota is checked after the schema and the webhooks
+                    log("info", "dry run stopped at a ResourceQuota; the job itself is valid", job=name)
+                    continue
+                raise
+        self._validated = key
+        log("info", "stage jobs pass a server-side dry run", stages=[s.name for s in pipeline.stages])
 
     # -- acting
-    def execute(self, action: Action, world: World) -> list[str]:
+    def execute(self, action: Action, world: World) -> tuple[list[str], CreateBlocked | None]:
+        """Carry out the action: (checkpoint folders pruned, what became of a refused CreateJob)."""
         cfg = self.config
         if isinstance(action, CreateJob):
             spec = world.pipeline.stage(action.stage)
@@ -512,12 +685,18 @@ class Controller:
             try:
                 created, existing = self.cluster.create_job(body)
             except ApiException as e:
-                if e.status in (400, 404, 422):  # retrying cannot help: the job or the CRD is wrong
+                denied = classify_api_error(e)
+                if e.status in (400, 404, 422) or denied == DENIED_ADMISSION:
+                    # retrying cannot help: the job or the CRD is wrong, or a webhook refuses it
                     raise ConfigError(
-                        f"the API server rejected PyTorchJob {name} (from ConfigMap key "
+                        f"stage {action.stage}: the API server rejected PyTorchJob {name} (from ConfigMap key "
                         f"{spec.job_key}): {api_error_summary(e)}"
                         + (" - is the Kubeflow training operator installed?" if e.status == 404 else "")
                     ) from e
+                if denied == DENIED_QUOTA:
+                    return [], CreateBlocked(
+                        action.stage, action.attempt, action.reason, api_error_summary(e)
+                    )
                 raise
             if created:
                 log(
@@ -542,6 +721,28 @@ class Controller:
                         f"PyTorchJob {cfg.namespace}/{name} already exists but is not this "
                         f"release's job (labels {labels}); delete or rename it"
                     )
+                uid = world.pipeline.configmap_uid
+                if uid and uid not in owner_uids(existing):
+                    refs = (existing.get("metadata") or {}).get("ownerReferences") or []
+                    earlier = [
+                        r
+                        for r in refs
+                        if r.get("kind") == "ConfigMap" and r.get("name") == cfg.stages_configmap
+                    ]
+                    if earlier:  # its owner is gone, so the garbage collector will delete it
+                        return [], CreateBlocked(
+                            action.stage,
+                            action.attempt,
+                            action.reason,
+                            f"PyTorchJob {name} of an earlier install of this release (owner ConfigMap "
+                            f"{cfg.stages_configmap} uid {earlier[0].get('uid')}, this install's is {uid}) "
+                            f"still exists; waiting for the garbage collector to delete it",
+                        )
+                    raise ConfigError(
+                        f"PyTorchJob {cfg.namespace}/{name} already exists but is not owned by this "
+                        f"install's ConfigMap {cfg.stages_configmap} (uid {uid}; its owners: "
+                        f"{[(r.get('kind'), r.get('name'), r.get('uid')) for r in refs]}); delete or rename it"
+                    )
                 log(
                     "info",
                     "job already exists (409); adopting it",
@@ -549,7 +750,7 @@ class Controller:
                     stage=action.stage,
                     attempt=action.attempt,
                 )
-            return []
+            return [], None
         if isinstance(action, MoveAside):
             spec = world.pipeline.stage(action.stage)
             self._write(f"move aside {spec.output_dir}")
@@ -565,25 +766,25 @@ class Controller:
                 to=str(PurePosixPath(spec.output_dir).with_name(moved.name)),
                 reason=action.reason,
             )
-            return []
+            return [], None
         if isinstance(action, PruneCheckpoints):
             spec = world.pipeline.stage(action.stage)
             self._write(f"prune {spec.output_dir}")
             removed = prune_checkpoints(self.local_path(world.pipeline, spec.output_dir), action.keep)
             names = [p.name for p in removed]
             log("info", "pruned checkpoints", stage=action.stage, removed=names, keep=action.keep)
-            return names
+            return names, None
         if isinstance(action, ReportPending):
             for item in action.items:
                 log("warning", "pending too long", stage=action.stage, item=item.key, detail=item.message)
-        return []
+        return [], None
 
     def publish(self, status: RunStatus, action: Action, pruned: list[str]) -> None:
         prev = self.status or RunStatus(self.config.release, self.config.namespace)
         if not status.same_as(prev):
             self._write("patch status")
             self._status_cm = self.cluster.patch_configmap_data(
-                self.config.status_configmap, {STATUS_KEY: json.dumps(status.to_json(), indent=1)}
+                self.config.status_configmap, {STATUS_KEY: encode_status(status)}
             )
             log("info", "status", phase=status.phase, stage=status.stage, message=status.message)
         self.status = status
@@ -608,12 +809,29 @@ class Controller:
             try:
                 self._write("patch status")
                 self.cluster.patch_configmap_data(
-                    self.config.status_configmap, {STATUS_KEY: json.dumps(failed.to_json(), indent=1)}
+                    self.config.status_configmap, {STATUS_KEY: encode_status(failed)}
                 )
                 self.status = failed
             except (ApiException, urllib3.exceptions.HTTPError) as e:
                 log("warning", "could not record the configuration error in the status", error=str(e))
         return RunResult(EXIT_CONFIG, message)
+
+    def _namespace_terminating(self, error: str) -> RunResult:
+        """The namespace is being deleted (creates are refused; updates of existing objects still work):
+        nothing of the run can go on. Say so in the status if it still exists, and stop."""
+        message = f"stopped: namespace {self.config.namespace} is being deleted ({error})"
+        log("warning", "namespace is being deleted; stopping", error=error)
+        if self.status is not None:
+            stopped = replace(self.status, message=message, updated_at=_fmt(self.clock()))
+            try:
+                self._write("patch status")
+                self.cluster.patch_configmap_data(
+                    self.config.status_configmap, {STATUS_KEY: encode_status(stopped)}
+                )
+                self.status = stopped
+            except (ApiException, urllib3.exceptions.HTTPError) as e:
+                log("warning", "could not record the stop in the status", error=str(e))
+        return RunResult(EXIT_SIGTERM, message)
 
     # -- waiting
     def wait(self, resource_version: str, deadline: datetime | None) -> None:

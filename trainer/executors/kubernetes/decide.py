@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from trainer.executors.kubernetes.spec import FAILED, SUCCEEDED, ControllerConfig, job_name
+from trainer.executors.kubernetes.spec import (
+    FAILED,
+    LINGER_POLL_SECONDS,
+    SUCCEEDED,
+    ControllerConfig,
+    job_name,
+)
 from trainer.executors.kubernetes.world import OutputState, PendingItem, World
 
 # --------------------------------------------------------------------------------------------- decisions
@@ -49,12 +55,24 @@ class MoveAside:
 
 
 @dataclass(frozen=True)
+class CreateBlocked:
+    """Not a decision but what became of a CreateJob the API refused for a reason that may pass: a full
+    ResourceQuota, or a job of an earlier install still holding the name. The status says so; the
+    controller tries again after the next wait."""
+
+    stage: str
+    attempt: int
+    reason: str  # the CreateJob's reason
+    message: str
+
+
+@dataclass(frozen=True)
 class Wait:
     deadline: datetime | None = None  # wake up by then even without a watch event
     message: str = ""
 
 
-Action = CreateJob | PruneCheckpoints | ReportPending | Finish | Wait | MoveAside
+Action = CreateJob | PruneCheckpoints | ReportPending | Finish | Wait | CreateBlocked | MoveAside
 
 ACTIVE, DONE, BROKEN, MISSING, DELETING = "active", "done", "broken", "missing", "deleting"
 
@@ -130,6 +148,17 @@ def _next_step(world: World, config: ControllerConfig) -> Action:
     outcome, reason = attempt_outcome(world, spec.name, attempt)
     out = world.outputs.get(spec.name) or OutputState()
     too_many = len(out.checkpoints) > config.keep_checkpoints
+    replacing = outcome == MISSING or (outcome == BROKEN and attempt <= config.retries)
+    if replacing and world.lingering:
+        # one trainer per output folder: the next attempt starts only when this one's pods have stopped
+        # (no watch event says when a pod is gone: look again soon)
+        action = _report_or_wait(world, config, spec.name, world.lingering)
+        if isinstance(action, Wait):
+            poll = world.now + timedelta(seconds=LINGER_POLL_SECONDS)
+            return Wait(
+                min(action.deadline or poll, poll), "waiting for the pods of the last attempt to stop"
+            )
+        return action
     if outcome == MISSING:
         return CreateJob(spec.name, attempt, "recreate", reason)
     if outcome == DELETING:
@@ -152,12 +181,19 @@ def _next_step(world: World, config: ControllerConfig) -> Action:
     # ACTIVE: housekeeping and reporting while the job runs
     if too_many:
         return PruneCheckpoints(spec.name, config.keep_checkpoints)
-    rec = world.previous.stage_record(spec.name)
+    return _report_or_wait(world, config, spec.name, world.pending)
+
+
+def _report_or_wait(
+    world: World, config: ControllerConfig, stage: str, items: tuple[PendingItem, ...]
+) -> Action:
+    """Report the items overdue and not yet reported, else wait until the next one falls due."""
+    rec = world.previous.stage_record(stage)
     reported = set(rec.reported) if rec else set()
     timeout = timedelta(seconds=config.pending_timeout_seconds)
-    fresh = [p for p in world.pending if p.key not in reported]
+    fresh = [p for p in items if p.key not in reported]
     overdue = tuple(p for p in fresh if world.now - p.since >= timeout)
     if overdue:
-        return ReportPending(spec.name, overdue)
+        return ReportPending(stage, overdue)
     deadlines = [p.since + timeout for p in fresh]
     return Wait(min(deadlines) if deadlines else None)

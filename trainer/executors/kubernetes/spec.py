@@ -25,7 +25,17 @@ STATUS_KEY = "status.json"
 PIPELINE_KEY = "pipeline.yaml"
 
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_CONFIG, EXIT_FORBIDDEN, EXIT_CRASH, EXIT_SIGTERM = 0, 1, 2, 3, 4, 143
-LOG_TAIL_MAX_CHARS = 8000  # per attempt; the status ConfigMap must stay far below the 1 MiB object limit
+# The status ConfigMap must stay far below the 1 MiB object limit however many attempts a run makes: a log
+# tail is capped in characters and in UTF-8 bytes, a stage keeps its first attempt and its newest ones in
+# full (the rest are summarised in one line), and only the newest failed attempts keep their log tails.
+LOG_TAIL_MAX_CHARS = 8000
+LOG_TAIL_MAX_BYTES = 16 * 1024
+LOG_READ_MAX_BYTES = 256 * 1024  # raw bytes kept from the end of the log stream before rendering
+ATTEMPTS_SHOWN = 5  # per stage: the first attempt and the newest ATTEMPTS_SHOWN - 1
+LOG_TAILS_KEPT = 2  # per stage: log tails of the newest attempts only
+MESSAGE_MAX_CHARS = 2000  # condition messages, causes and stage messages
+STATUS_MAX_BYTES = 256 * 1024  # a last guard when encoding; the caps above keep the status well below
+LINGER_POLL_SECONDS = 5.0  # how often to look whether a finished attempt's pods have stopped (no watch)
 MAX_NAME_LEN = 63  # the operator names services `<job>-master-0`; services need DNS-1035 labels
 
 # Run and stage phases shown in the status.
@@ -35,6 +45,14 @@ JOB_PHASE_PRIORITY = ("Failed", "Succeeded", "Suspended", "Restarting", "Running
 
 class ConfigError(Exception):
     """Input the controller cannot run with; the message names the flag, ConfigMap key or object."""
+
+
+class StageRejected(ConfigError):
+    """A stage's job that the API server or an admission webhook refuses (found by the start-up dry run)."""
+
+    def __init__(self, message: str, stage: str):
+        super().__init__(message)
+        self.stage = stage
 
 
 # --------------------------------------------------------------------------------------------- configuration

@@ -4,6 +4,7 @@ Records, their camelCase JSON, and `render_status`, which like `decide` is a pur
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
@@ -15,6 +16,7 @@ from trainer.executors.kubernetes.decide import (
     DONE,
     MISSING,
     Action,
+    CreateBlocked,
     CreateJob,
     Finish,
     MoveAside,
@@ -25,9 +27,13 @@ from trainer.executors.kubernetes.decide import (
     frontier,
 )
 from trainer.executors.kubernetes.spec import (
+    ATTEMPTS_SHOWN,
     FAILED,
+    LOG_TAILS_KEPT,
+    MESSAGE_MAX_CHARS,
     PENDING,
     RUNNING,
+    STATUS_MAX_BYTES,
     SUBMITTED,
     SUCCEEDED,
     ControllerConfig,
@@ -74,7 +80,7 @@ class AttemptRecord:
     end_time: str | None = None
     message: str = ""  # the job's latest condition message (or why the attempt counts as failed)
     cause: str = ""  # why this attempt was created: first attempt, retry after ..., recreated after ...
-    log_tail: str | None = None  # None: not fetched yet
+    log_tail: str | None = None  # None: not fetched yet, or dropped for an older attempt (status size)
     resume_from: str | None = None  # newest complete checkpoint when the attempt was created
 
     @classmethod
@@ -98,6 +104,9 @@ class StageRecord:
     message: str = ""
     attempts: list[AttemptRecord] = field(default_factory=list)
     reported: list[str] = field(default_factory=list)  # pending items already reported
+    # attempts folded out of `attempts` to bound the status size: {"from": 2, "to": 15, "phases":
+    # {"Failed": 14}, "lastMessage": "..."}; empty while every attempt is listed
+    earlier_attempts: dict = field(default_factory=dict)
     moved_aside: list[str] = field(default_factory=list)  # stale folders renamed before the stage ran
 
     @classmethod
@@ -164,6 +173,7 @@ def render_status(world: World, action: Action, config: ControllerConfig) -> Run
             metrics=dict(old.metrics),
             message=old.message,
             reported=list(old.reported),
+            earlier_attempts=dict(old.earlier_attempts),
             moved_aside=list(old.moved_aside),
         )
         rec.attempts = _merge_attempts(old, world, spec.name)
@@ -175,10 +185,15 @@ def render_status(world: World, action: Action, config: ControllerConfig) -> Run
             rec.phase = PENDING
         if isinstance(action, CreateJob) and action.stage == spec.name:
             _apply_create(rec, world, action)
+        if isinstance(action, CreateBlocked) and action.stage == spec.name:
+            name = job_name(world.pipeline.release, spec.name, action.attempt)
+            rec.phase = PENDING
+            rec.message = f"job {name} (attempt {action.attempt}) not created yet: {action.message}"
         if isinstance(action, MoveAside) and action.stage == spec.name:
             _apply_move_aside(rec, world, action)
         if rec.attempts:
             rec.start_time = rec.attempts[0].start_time or rec.start_time
+        _compact(rec)
         records.append(rec)
 
     status = RunStatus(
@@ -202,6 +217,10 @@ def render_status(world: World, action: Action, config: ControllerConfig) -> Run
         if action.phase == FAILED and action.stage:
             arec = (status.stage_record(action.stage) or StageRecord("")).attempt_record(action.attempt)
             status.log_tail = arec.log_tail if arec else None
+        if action.phase == FAILED and action.stage and not action.attempt:  # refused before it ever ran
+            rejected = status.stage_record(action.stage)
+            if rejected is not None:
+                rejected.phase, rejected.message = FAILED, _cap(action.message)
     else:
         started = any(world.jobs.values()) or isinstance(action, CreateJob) or any(r.attempt for r in records)
         status.phase = RUNNING if started else PENDING
@@ -211,9 +230,44 @@ def render_status(world: World, action: Action, config: ControllerConfig) -> Run
     return status
 
 
+def _cap(text: str, limit: int = MESSAGE_MAX_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _compact(rec: StageRecord) -> None:
+    """Bound a stage's share of the status: the first attempt and the newest ATTEMPTS_SHOWN - 1 stay
+    listed (the ones between are counted in `earlier_attempts`), log tails stay on the newest
+    LOG_TAILS_KEPT attempts only, and messages are capped."""
+    if len(rec.attempts) > ATTEMPTS_SHOWN:
+        keep_from = len(rec.attempts) - (ATTEMPTS_SHOWN - 1)
+        folded = rec.attempts[1:keep_from]
+        summary = dict(rec.earlier_attempts) or {"from": folded[0].attempt, "to": 0, "phases": {}}
+        phases = dict(summary.get("phases") or {})
+        for a in folded:
+            phases[a.phase] = phases.get(a.phase, 0) + 1
+        summary.update(
+            {
+                "from": min(int(summary.get("from") or folded[0].attempt), folded[0].attempt),
+                "to": max(int(summary.get("to") or 0), folded[-1].attempt),
+                "phases": phases,
+                "lastMessage": _cap(folded[-1].message, 500),
+            }
+        )
+        rec.earlier_attempts = summary
+        rec.attempts = [rec.attempts[0], *rec.attempts[keep_from:]]
+    for i, a in enumerate(rec.attempts):
+        if i < len(rec.attempts) - LOG_TAILS_KEPT:
+            a.log_tail = None
+        a.message, a.cause = _cap(a.message), _cap(a.cause)
+    rec.message = _cap(rec.message)
+
+
 def _merge_attempts(old: StageRecord, world: World, stage: str) -> list[AttemptRecord]:
     by_attempt = {a.attempt: replace(a) for a in old.attempts}
+    folded = old.earlier_attempts
     for attempt, job in sorted(world.jobs.get(stage, {}).items()):
+        if folded and int(folded.get("from", 0)) <= attempt <= int(folded.get("to", -1)):
+            continue  # already counted in earlier_attempts
         rec = by_attempt.get(attempt)
         if rec is None:  # created by a controller that stopped before recording it
             before = by_attempt.get(attempt - 1)
@@ -257,28 +311,34 @@ def _render_current_stage(rec: StageRecord, world: World, action: Action, config
     rec.attempt, rec.job = attempt, job_name(world.pipeline.release, rec.name, attempt)
     outcome, reason = attempt_outcome(world, rec.name, attempt)
     arec = rec.attempt_record(attempt)
+    if isinstance(action, ReportPending):
+        rec.reported = sorted(set(rec.reported) | {p.key for p in action.items})
+    waiting = ""
+    if world.lingering and (outcome == MISSING or (outcome == BROKEN and attempt <= config.retries)):
+        waiting = (
+            f"; attempt {attempt + (outcome == BROKEN)} starts once the pods of attempt {attempt} have "
+            "stopped (one trainer per output folder): " + "; ".join(p.message for p in world.lingering)
+        )
     if outcome == DONE:
         rec.phase, rec.message = SUCCEEDED, ""
         rec.steps = out.manifest.steps if out.manifest else rec.steps
         rec.metrics = dict(out.manifest.metrics) if out.manifest else rec.metrics
         rec.end_time = arec.end_time if arec else rec.end_time
     elif outcome == BROKEN:
-        rec.phase, rec.message = FAILED, reason
+        rec.phase, rec.message = FAILED, reason + waiting
         rec.end_time = arec.end_time if arec else rec.end_time
         if arec:
             arec.phase, arec.message = FAILED, reason
     elif outcome == DELETING:
         rec.phase, rec.message = "Deleting", reason
     elif outcome == MISSING:
-        rec.phase, rec.message = "Missing", reason
+        rec.phase, rec.message = "Missing", reason + waiting
     else:
         job = world.jobs[rec.name][attempt]
         rec.phase, rec.end_time = job.phase, None
         rec.message = job.message if job.phase in ("Restarting", "Suspended") else ""
         timeout = timedelta(seconds=config.pending_timeout_seconds)
         overdue = [p for p in world.pending if world.now - p.since >= timeout]
-        if isinstance(action, ReportPending):
-            rec.reported = sorted(set(rec.reported) | {p.key for p in action.items})
         if overdue:
             rec.message = f"pending for more than {_duration(config.pending_timeout_seconds)}: " + "; ".join(
                 p.message for p in overdue
@@ -314,6 +374,21 @@ def _apply_create(rec: StageRecord, world: World, action: CreateJob) -> None:
     rec.start_time = rec.start_time or _fmt(world.now)
 
 
+def encode_status(status: RunStatus) -> str:
+    """status.json as stored: UTF-8 as is (`ensure_ascii` would write most non-ASCII characters as 6-byte
+    escapes). Should the record caps ever not suffice, log tails go first: the status must stay writable."""
+    text = json.dumps(status.to_json(), indent=1, ensure_ascii=False)
+    if len(text.encode("utf-8")) <= STATUS_MAX_BYTES:
+        return text
+    slim = RunStatus.from_json(status.to_json())
+    for rec in slim.stages:
+        rec.message = _cap(rec.message, 500)
+        for a in rec.attempts:
+            a.log_tail, a.message, a.cause = None, _cap(a.message, 500), _cap(a.cause, 500)
+    slim.message = _cap(slim.message, 500)
+    return json.dumps(slim.to_json(), indent=1, ensure_ascii=False)
+
+
 MOVED_ASIDE_KEPT = 5  # notes per stage; each reinstall starts a fresh status, so a few are plenty
 
 
@@ -341,6 +416,9 @@ def status_events(prev: RunStatus, new: RunStatus, action: Action, pruned: list[
             kind = "Normal" if action.reason == "start" else "Warning"
             text = f"{rec.name}: created job {rec.job} (attempt {rec.attempt})"
             events.append(StatusEvent(kind, reason, text + (f"; {rec.message}" if rec.message else "")))
+        elif isinstance(action, CreateBlocked) and action.stage == rec.name:
+            if rec.message != old.message:
+                events.append(StatusEvent("Warning", "JobCreateBlocked", f"{rec.name}: {rec.message}"))
         elif rec.phase != old.phase:
             kind = "Warning" if rec.phase in (FAILED, "Restarting", "Missing", "Deleting") else "Normal"
             text = f"{rec.name}: {rec.phase} (job {rec.job}, attempt {rec.attempt})"

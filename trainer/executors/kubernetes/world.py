@@ -43,6 +43,7 @@ class JobState:
     deleting: bool = False
     uid: str = ""
     phase_since: datetime | None = None  # lastTransitionTime of the condition that gives the phase
+    replicas: int = 1  # pods the job should have (Master + Workers)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class World:
     pending: tuple[PendingItem, ...]  # for the current stage's current job
     log_tails: dict[str, str]  # job name -> master log tail, for failed jobs whose tail is not yet recorded
     previous: RunStatus  # what the controller recorded last (its only memory; lives in the status ConfigMap)
+    # Pods of the current attempt that still run although the attempt is over (failed, or its job gone):
+    # the next attempt writes to the same folder, so it waits until they have stopped.
+    lingering: tuple[PendingItem, ...] = ()
 
 
 def _ts(value: Any) -> datetime | None:
@@ -98,8 +102,22 @@ def job_phase(conditions: list[dict]) -> tuple[str, str, datetime | None]:
     return SUBMITTED, "", None
 
 
+def owner_uids(obj: dict) -> list[str]:
+    return [str(ref.get("uid")) for ref in (obj.get("metadata") or {}).get("ownerReferences") or []]
+
+
+def replica_count(obj: dict) -> int:
+    specs = ((obj.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values()
+    return sum(int((s or {}).get("replicas", 1) or 0) for s in specs) or 1
+
+
 def parse_job(obj: dict, pipeline: Pipeline) -> JobState | None:
-    """A JobState for one of our jobs, or None (logged) for an object that only looks like one."""
+    """A JobState for one of our jobs, or None (logged) for an object that only looks like one.
+
+    Ours means: this release's labels and name, and (when the stages ConfigMap has a uid) owned by that
+    ConfigMap. A job of an earlier install of the release carries the same labels and names but the old
+    ConfigMap's uid; it is waiting for the garbage collector and is no attempt of this run.
+    """
     meta = obj.get("metadata") or {}
     labels = meta.get("labels") or {}
     stage, attempt_label, name = labels.get(STAGE_LABEL), labels.get(ATTEMPT_LABEL, ""), meta.get("name")
@@ -113,6 +131,12 @@ def parse_job(obj: dict, pipeline: Pipeline) -> JobState | None:
         logger.warning(
             "ignoring job that is not one of this release's stage jobs",
             extra={"fields": {"job": name, "stage": stage, "attempt": attempt}},
+        )
+        return None
+    if pipeline.configmap_uid and pipeline.configmap_uid not in owner_uids(obj):
+        logger.warning(
+            "ignoring job owned by something other than this install's stages ConfigMap",
+            extra={"fields": {"job": name, "owners": owner_uids(obj), "stages_uid": pipeline.configmap_uid}},
         )
         return None
     status = obj.get("status") or {}
@@ -130,7 +154,28 @@ def parse_job(obj: dict, pipeline: Pipeline) -> JobState | None:
         bool(meta.get("deletionTimestamp")),
         meta.get("uid", ""),
         since,
+        replica_count(obj),
     )
+
+
+POD_TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+def pod_is_live(pod: dict) -> bool:
+    """Whether a pod may still run a container: every phase but the terminal ones (Pending counts, it may
+    start any moment; a pod being deleted counts until it is gone or terminal)."""
+    return (pod.get("status") or {}).get("phase") not in POD_TERMINAL_PHASES
+
+
+def tail_text(text: str, max_chars: int, max_bytes: int) -> str:
+    """The end of a log as a terminal shows it: each line's text after its last carriage return (progress
+    bars redraw their line that way), then at most `max_chars` characters and `max_bytes` UTF-8 bytes."""
+    lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    out = "\n".join(lines)[-max_chars:]
+    encoded = out.encode("utf-8")
+    if len(encoded) > max_bytes:
+        out = encoded[-max_bytes:].decode("utf-8", errors="ignore")
+    return out
 
 
 def describe_pending_pod(pod: dict) -> str:
