@@ -16,9 +16,11 @@ import hashlib
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.controlplane.cluster import ApiError
 from tests.support.e2e import (
@@ -31,6 +33,7 @@ from tests.support.e2e import (
     write_checkpoint,
 )
 from trainer.contract.output import MANIFEST_NAME, complete_checkpoints, read_owner, verify_stage_output
+from trainer.executors.kubernetes.spec import EXIT_FORBIDDEN
 
 GPU_NODES = ("e2e-gpu-0", "e2e-gpu-1")
 
@@ -347,3 +350,132 @@ def test_a_retry_resumes_but_not_after_an_upgrade_changed_its_input(release: Rel
         "/checkpoints/r1/grpo/checkpoint-3",
     ]
     assert (release.stage_dir("grpo") / "checkpoint-3").is_dir()
+
+
+# --------------------------------------------------------------------------------------------- the Role
+
+# The chart's Role, verb by verb (templates/controller-role.yaml); test_the_run_needs_every_rule_of_the_role
+# holds this list equal to the installed Role.
+ROLE_VERBS = [
+    *(("kubeflow.org", "pytorchjobs", v) for v in ("get", "list", "watch", "create")),
+    *(("", "configmaps", v) for v in ("get", "create", "patch")),
+    *(("", "events", v) for v in ("create", "list")),
+    *(("", "pods", v) for v in ("get", "list")),
+    ("", "pods/log", "get"),
+    ("", "persistentvolumeclaims", "get"),
+]
+POOL_LABEL = "r1-grpo.test/pool"
+HOLD_FINALIZER = "r1-grpo.test/hold"
+
+
+def role_scenario(release: Release, drop: tuple[str, str, str] | None = None) -> tuple[int, str]:
+    """A run that makes every call the Role allows, with `drop` (group, resource, verb) taken out of the
+    installed Role first. Returns the controller's exit code and its log.
+
+    The calls and what provokes them: the status ConfigMap is created and patched, events are created; a
+    job of an earlier install still holds sft's name (409: the controller reads it back, sees another owner
+    and waits until the garbage collector has deleted it); a ResourceQuota refuses
+    its pod (the job's missing pods are overdue after 1 s: the operator's FailedCreatePod events are
+    listed); its attempt 1 fails (the master pod and its log are read) and attempt 2 succeeds; grpo's pod
+    stays Pending (no node matches its nodeSelector yet: the claim is checked); jobs are listed and
+    watched, pods listed, throughout."""
+    ns, cp = release.namespace, release.cp
+    cp.request(
+        "POST",
+        f"/api/v1/namespaces/{ns}/resourcequotas",
+        {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "gpus"},
+         "spec": {"hard": {"requests.nvidia.com/gpu": "0"}}},
+    )  # fmt: skip
+    values = merge(
+        release.values,
+        {
+            "controller": {"pendingTimeoutSeconds": 1},
+            "stages": {"grpo": {"placement": {"nodeSelector": {POOL_LABEL: ns}}}},
+        },
+    )
+    release.install(values)
+    if drop is not None:
+        role_path = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/r1-controller"
+        role = cp.request("GET", role_path)
+        group, resource, verb = drop
+        rules = []
+        for rule in role["rules"]:
+            if group in rule["apiGroups"] and resource in rule["resources"]:
+                rule = {**rule, "verbs": [v for v in rule["verbs"] if v != verb]}
+            if rule["verbs"]:
+                rules.append(rule)
+        cp.request("PATCH", role_path, {"rules": rules})
+    # sft's job name is still held by an earlier install's job, which the garbage collector is deleting
+    # (its owner is gone) but a finalizer keeps for now.
+    job = yaml.safe_load(release.get("configmaps/r1-stages")["data"]["sft.yaml"])
+    job["metadata"]["ownerReferences"] = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "name": "r1-stages",
+            "uid": "0e4d2a3c-0000-4000-8000-000000000001",
+        }
+    ]
+    job["metadata"]["finalizers"] = [HOLD_FINALIZER]
+    jobs_path = f"/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
+    cp.request("POST", jobs_path, job)
+
+    def policy(pod: dict) -> str:
+        return "fail:1" if pod_stage_attempt(pod) == ("sft", 1) else "output"
+
+    def message(stage: str) -> str:
+        status = release.status() or {}
+        return next((s["message"] for s in status.get("stages") or [] if s["name"] == stage), "")
+
+    controller = release.start_controller()
+    held, quota, pool = True, True, False
+    with PodDriver(release, policy):
+        deadline = time.monotonic() + 240
+        while controller.proc.poll() is None and time.monotonic() < deadline:
+            if held and "of an earlier install" in message("sft"):
+                cp.request("PATCH", f"{jobs_path}/r1-sft-1", {"metadata": {"finalizers": None}})
+                held = False
+            if quota and message("sft").startswith("pending for more than"):
+                cp.request("DELETE", f"/api/v1/namespaces/{ns}/resourcequotas/gpus")
+                quota = False
+            if not pool and message("grpo").startswith("pending for more than"):
+                node = GPU_NODES[1]
+                cp.request("PATCH", f"/api/v1/nodes/{node}", {"metadata": {"labels": {POOL_LABEL: ns}}})
+                pool = True
+            time.sleep(0.3)
+        code = controller.wait(30)
+    return code, controller.log()
+
+
+def test_the_run_needs_every_rule_of_the_role(release: Release) -> None:
+    """With the chart's Role the run succeeds; the Role is exactly the verbs listed in ROLE_VERBS, each of
+    which the next test removes in turn."""
+    code, log = role_scenario(release)
+    assert code == 0, log[-6000:]
+    status = release.status()
+    assert status["phase"] == "Succeeded"
+    sft = next(s for s in status["stages"] if s["name"] == "sft")
+    assert sft["attempt"] == 2 and sft["attempts"][0]["logTail"] is not None
+    role = release.cp.request(
+        "GET", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{release.namespace}/roles/r1-controller"
+    )
+    installed = sorted(
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    )
+    assert installed == sorted(ROLE_VERBS)
+
+
+@pytest.mark.parametrize("rule", ROLE_VERBS, ids=[f"{r}-{v}" for _, r, v in ROLE_VERBS])
+def test_without_any_one_verb_of_the_role_the_controller_exits_3_naming_it(
+    release: Release, rule: tuple[str, str, str]
+) -> None:
+    group, resource, verb = rule
+    code, log = role_scenario(release, drop=rule)
+    assert code == EXIT_FORBIDDEN, log[-6000:]
+    errors = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    said = [e.get("error", "") for e in errors if e.get("level") == "error"]
+    assert any(f'cannot {verb} resource "{resource}"' in text for text in said), said

@@ -78,6 +78,7 @@ from trainer.executors.kubernetes.cluster import (
     WatchExpired,
     api_error_summary,
     classify_api_error,
+    role_lacks_rule,
 )
 from trainer.executors.kubernetes.decide import (
     BROKEN,
@@ -632,6 +633,8 @@ class Controller:
         try:
             text = self.cluster.read_pod_log(name, container, self.config.log_tail_lines, LOG_READ_MAX_BYTES)
         except ApiException as e:
+            if role_lacks_rule(e):
+                raise  # the kubelet may fail to serve a log; the Role must not lack the rule
             return f"(no log from pod {name}: {api_error_summary(e)})"
         return tail_text(text, LOG_TAIL_MAX_CHARS, LOG_TAIL_MAX_BYTES)
 
@@ -799,7 +802,9 @@ class Controller:
                     COMPONENT,
                     self._instance,
                 )
-            except (ApiException, urllib3.exceptions.HTTPError) as e:  # events are best effort
+            except (ApiException, urllib3.exceptions.HTTPError) as e:  # events are best effort...
+                if isinstance(e, ApiException) and role_lacks_rule(e):
+                    raise  # ...but a Role without the rule is a broken install: exit 3 like any call
                 log("warning", "could not create event", reason=ev.reason, error=str(e))
 
     def _config_failure(self, message: str) -> RunResult:
