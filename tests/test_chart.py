@@ -160,6 +160,15 @@ def pod_specs(docs: list[dict]) -> dict[str, dict]:
     return out
 
 
+def controller_job(docs: list[dict], release: str = "r1-grpo") -> dict:
+    """The controller Job, `<release>-controller-<8 hex digits of its spec's hash>` (_controller-job.tpl)."""
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    assert re.fullmatch(rf"{release}-controller-[0-9a-f]{{8}}", job["metadata"]["name"]), job["metadata"][
+        "name"
+    ]
+    return job
+
+
 def _release_of(docs: list[dict]) -> str:
     return next(d for d in docs if d["kind"] == "ConfigMap")["metadata"]["labels"][
         "app.kubernetes.io/instance"
@@ -346,7 +355,7 @@ def test_validators_reject_unknown_fields(crd_validator: jsonschema.protocols.Va
     assert any("backoffLimit: expected int" in e for e in sdk), sdk
     crd = crd_errors(crd_validator, job)
     assert any("gpus" in e for e in crd) and any("backoffLimit" in e for e in crd), crd
-    controller = find_doc(rendered(), "Job", "r1-grpo-controller")
+    controller = controller_job(rendered())
     controller["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
     assert k8s_errors(controller)
 
@@ -651,7 +660,7 @@ def test_placement_global_with_per_stage_override() -> None:
     assert evaluation["nodeSelector"] == {"pool": "cpu"}
     assert "tolerations" not in evaluation  # the stage's empty list replaces the global GPU toleration
     assert evaluation["priorityClassName"] == "training"
-    controller = find_doc(docs, "Job", "r1-grpo-controller")["spec"]["template"]["spec"]
+    controller = controller_job(docs)["spec"]["template"]["spec"]
     assert controller["nodeSelector"] == {"pool": "system"} and "tolerations" not in controller
 
 
@@ -692,7 +701,7 @@ def test_pvc_created_kept_or_existing() -> None:
 
 def test_controller_job_runs_the_contract_command() -> None:
     docs = rendered(release="exp7")
-    job = find_doc(docs, "Job", "exp7-controller")
+    job = controller_job(docs, "exp7")
     spec = job["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     assert container["image"] == "ghcr.io/your-org/r1-grpo:0.1.0"
@@ -724,10 +733,8 @@ def test_controller_job_runs_the_contract_command() -> None:
     }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "exp7-controller"}]
     find_doc(docs, "ServiceAccount", "exp7-controller")
-    custom = find_doc(
-        rendered({"controller": {"retries": 5, "keepCheckpoints": 1, "pendingTimeoutSeconds": 600}}),
-        "Job",
-        "r1-grpo-controller",
+    custom = controller_job(
+        rendered({"controller": {"retries": 5, "keepCheckpoints": 1, "pendingTimeoutSeconds": 600}})
     )
     args = custom["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--retries") + 1] == "5" and args[args.index("--keep-checkpoints") + 1] == "1"
@@ -737,7 +744,7 @@ def test_controller_job_runs_the_contract_command() -> None:
 def test_controller_job_fails_fast_on_terminal_exit_codes() -> None:
     from trainer.executors.kubernetes import spec as controller
 
-    job = find_doc(rendered(), "Job", "r1-grpo-controller")
+    job = controller_job(rendered())
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert [r.get("onPodConditions") for r in rules if r["action"] == "FailJob"] == [[]]
@@ -792,7 +799,7 @@ def test_kueue_labels_only_the_training_jobs() -> None:
         assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue", stage
         assert labels["kueue.x-k8s.io/priority-class"] == "high", stage
         assert "suspend" not in job["spec"]["runPolicy"]  # Kueue's webhook suspends on creation
-    controller = find_doc(docs, "Job", "r1-grpo-controller")
+    controller = controller_job(docs)
     assert "kueue.x-k8s.io/queue-name" not in controller["metadata"]["labels"]
     plain = stage_jobs(rendered())["sft"]
     assert not [k for k in plain["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]
@@ -868,10 +875,8 @@ def test_image_reference_tag_digest_and_pull_secrets() -> None:
         assert container["image"] == "ghcr.io/your-org/r1-grpo@sha256:" + "ab" * 32, where
         assert container["imagePullPolicy"] == "Always", where
         assert spec["imagePullSecrets"] == [{"name": "regcred"}], where
-    tagged = find_doc(
-        rendered({"image": {"repository": "registry.local:5000/ml/r1", "tag": "sha-abc1234"}}),
-        "Job",
-        "r1-grpo-controller",
+    tagged = controller_job(
+        rendered({"image": {"repository": "registry.local:5000/ml/r1", "tag": "sha-abc1234"}})
     )
     assert (
         tagged["spec"]["template"]["spec"]["containers"][0]["image"]

@@ -15,10 +15,11 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.support.helmtool import HelmError, find_doc, render_chart_text, run_helm, stage_jobs
+from tests.support.helmtool import HelmError, render_chart_text, run_helm, stage_jobs
 from tests.test_chart import (
     DEFAULTS,
     GPU,
+    controller_job,
     crd_errors,
     crd_validator,  # noqa: F401 (a fixture)
     helm,  # noqa: F401 (a fixture)
@@ -140,7 +141,7 @@ def test_volcano_pod_group_priority_follows_the_stage_priority_class() -> None:
 
 def test_controller_queue_label_only_on_the_controller_job() -> None:
     docs = rendered(ALL_ON)
-    controller = find_doc(docs, "Job", "r1-grpo-controller")
+    controller = controller_job(docs)
     assert controller["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "controllers"
     # Kueue reads the Job's label; the pod template (immutable on upgrade) is not touched.
     assert "kueue.x-k8s.io/queue-name" not in controller["spec"]["template"]["metadata"]["labels"]
@@ -150,10 +151,7 @@ def test_controller_queue_label_only_on_the_controller_job() -> None:
     both = rendered(
         {"kueue": {"enabled": True, "queueName": "gpu"}, "controller": {"queueName": "controllers"}}
     )
-    assert (
-        find_doc(both, "Job", "r1-grpo-controller")["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
-        == "controllers"
-    )
+    assert controller_job(both)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "controllers"
     assert all(
         j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu" for j in stage_jobs(both).values()
     )

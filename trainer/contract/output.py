@@ -11,6 +11,7 @@ Layout (docs/contract.md):
             trainer_state.json    step, data position, ... (written last inside the temp folder)
         config.json, *.safetensors, tokenizer files     the final model (from_pretrained-loadable)
         r1_stage.json             written last, atomically; nothing trusts the folder without it
+        r1_owner.json             on a cluster: the install (and input) the folder was started for
 
 Only rank 0 renames and writes manifests; every rank writes its own shards and RNG file.
 """
@@ -35,6 +36,7 @@ from trainer.contract.stages import STAGES, TRAINING_STAGES
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "r1_stage.json"
+OWNER_NAME = "r1_owner.json"  # which install and input a stage folder belongs to (the controller writes it)
 MANIFEST_SCHEMA_VERSION = 1
 TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -240,6 +242,52 @@ def invalidate_manifest(output_dir: str | os.PathLike) -> None:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ownership: which run a folder belongs to, and moving a stale folder aside
+
+
+def read_owner(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """`r1_owner.json` of a stage folder; None when absent or unreadable (an unknown owner)."""
+    try:
+        data = json.loads((Path(folder) / OWNER_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_owner(folder: str | os.PathLike, owner: Mapping[str, Any]) -> None:
+    atomic_write_json(Path(folder) / OWNER_NAME, dict(owner))
+
+
+def holds_work(folder: str | os.PathLike) -> bool:
+    """Whether a folder holds anything a stage made (its owner record alone is nothing to keep)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(p.name != OWNER_NAME for p in folder.iterdir())
+
+
+def stale_name(folder: str | os.PathLike) -> Path:
+    """Where `move_aside` would put `folder`: `<name>.stale-<n>`, n the lowest unused number."""
+    folder = Path(folder)
+    n = 1
+    while folder.with_name(f"{folder.name}.stale-{n}").exists():
+        n += 1
+    return folder.with_name(f"{folder.name}.stale-{n}")
+
+
+def move_aside(folder: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
+    """Rename a stage folder that must not be trusted or resumed to `target` (default: `stale_name`).
+
+    Nothing is deleted: the folder may hold the only copy of days of training.
+    """
+    folder = Path(folder)
+    target = Path(target) if target is not None else stale_name(folder)
+    if target.exists():  # named by an earlier pass, taken since: take the next free name
+        target = stale_name(folder)
+    os.rename(folder, target)
+    _fsync_dir(folder.parent)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------

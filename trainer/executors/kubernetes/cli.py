@@ -212,6 +212,9 @@ def format_status(status: RunStatus) -> str:
     if lineage:
         lines.append("lineage: " + "; ".join(lineage))
     for s in status.stages:
+        for note in s.moved_aside:
+            lines.append(f"moved aside {s.name}: {note}")
+    for s in status.stages:
         if s.metrics:
             lines.append(
                 f"metrics {s.name}: " + ", ".join(f"{k}={_num(v)}" for k, v in sorted(s.metrics.items()))

@@ -142,6 +142,17 @@ def classify_api_error(err: ApiException) -> str | None:
     return DENIED_RBAC
 
 
+def role_lacks_rule(err: ApiException) -> bool:
+    """Whether the authorizer itself refused the call (`cannot <verb> resource "<resource>"`): the Role
+    lacks a rule. Unlike classify_api_error, which counts any unexplained 403 as RBAC, this needs the
+    authorizer's own words; it decides that a best-effort call (an event, a log read) must not fail
+    quietly, or a Role missing that rule would go unnoticed."""
+    if err.status != 403:
+        return False
+    message = str(api_error_body(err).get("message") or err.reason or "")
+    return re.search(r'cannot [a-z]+ resource "[^"]+"', message) is not None
+
+
 def decode_tail(data: bytes) -> str:
     """UTF-8 text of the end of a byte stream that may start inside a character."""
     start = 0

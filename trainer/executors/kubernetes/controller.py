@@ -63,8 +63,11 @@ from trainer.contract.output import (
     StageManifest,
     StageOutputError,
     complete_checkpoints,
+    move_aside,
     prune_checkpoints,
+    read_owner,
     verify_stage_output,
+    write_owner,
 )
 from trainer.executors.kubernetes.cluster import (
     DENIED_ADMISSION,
@@ -75,6 +78,7 @@ from trainer.executors.kubernetes.cluster import (
     WatchExpired,
     api_error_summary,
     classify_api_error,
+    role_lacks_rule,
 )
 from trainer.executors.kubernetes.decide import (
     BROKEN,
@@ -83,6 +87,7 @@ from trainer.executors.kubernetes.decide import (
     CreateBlocked,
     CreateJob,
     Finish,
+    MoveAside,
     PruneCheckpoints,
     ReportPending,
     Wait,
@@ -93,6 +98,7 @@ from trainer.executors.kubernetes.decide import (
     recorded_phase,
 )
 from trainer.executors.kubernetes.jsonlog import log
+from trainer.executors.kubernetes.ownership import check_folder, owner_record
 from trainer.executors.kubernetes.spec import (
     ATTEMPT_LABEL,
     COMPONENT,
@@ -431,6 +437,8 @@ class Controller:
             rec = previous.stage_record(settled.name)
             if rec is None or rec.phase != SUCCEEDED:
                 outputs[settled.name] = self._output_state(pipeline, settled, SUCCEEDED)
+        for candidate in pipeline.stages[fi : fi + 2]:  # the stages a job may be created for next
+            outputs[candidate.name] = self._ownership(pipeline, candidate, outputs.get(candidate.name))
         pending: list[PendingItem] = []
         log_tails: dict[str, str] = {}
         if job is not None and job.phase not in (SUCCEEDED, FAILED) and not job.deleting:
@@ -463,6 +471,31 @@ class Controller:
             if error:
                 error = error.replace(str(local), spec.output_dir)  # name the path as the user knows it
         return OutputState(steps, latest, manifest, error)
+
+    def _ownership(self, pipeline: Pipeline, spec: StageSpec, out: OutputState | None) -> OutputState:
+        """The output state, marked stale when the folder holds another install's or input's work."""
+        out = out or OutputState()
+        if not pipeline.configmap_uid:  # no install identity to compare (not a real API server)
+            return out
+        expected = owner_record(pipeline, spec, lambda p: self.local_path(pipeline, p))
+        reason, target = check_folder(self.local_path(pipeline, spec.output_dir), expected)
+        if reason is None or target is None:
+            return out
+        return replace(
+            out, stale=reason, stale_target=str(PurePosixPath(spec.output_dir).with_name(target.name))
+        )
+
+    def _claim_folder(self, pipeline: Pipeline, spec: StageSpec) -> None:
+        """Record in the stage folder which install and input it is for, before its job starts."""
+        if not pipeline.configmap_uid:
+            return
+        local = self.local_path(pipeline, spec.output_dir)
+        expected = owner_record(pipeline, spec, lambda p: self.local_path(pipeline, p))
+        if read_owner(local) == expected:
+            return
+        self._write(f"claim {spec.output_dir}")
+        local.mkdir(parents=True, exist_ok=True)
+        write_owner(local, expected)
 
     def _lingering_pods(
         self, pipeline: Pipeline, spec: StageSpec, attempt: int, job: JobState | None
@@ -600,6 +633,8 @@ class Controller:
         try:
             text = self.cluster.read_pod_log(name, container, self.config.log_tail_lines, LOG_READ_MAX_BYTES)
         except ApiException as e:
+            if role_lacks_rule(e):
+                raise  # the kubelet may fail to serve a log; the Role must not lack the rule
             return f"(no log from pod {name}: {api_error_summary(e)})"
         return tail_text(text, LOG_TAIL_MAX_CHARS, LOG_TAIL_MAX_BYTES)
 
@@ -648,6 +683,7 @@ class Controller:
             spec = world.pipeline.stage(action.stage)
             body = job_manifest(world.pipeline, spec, action.attempt, cfg.namespace, cfg.stages_configmap)
             name = body["metadata"]["name"]
+            self._claim_folder(world.pipeline, spec)
             self._write(f"create job {name}")
             try:
                 created, existing = self.cluster.create_job(body)
@@ -718,6 +754,22 @@ class Controller:
                     attempt=action.attempt,
                 )
             return [], None
+        if isinstance(action, MoveAside):
+            spec = world.pipeline.stage(action.stage)
+            self._write(f"move aside {spec.output_dir}")
+            moved = move_aside(
+                self.local_path(world.pipeline, spec.output_dir),
+                self.local_path(world.pipeline, action.target),
+            )
+            log(
+                "warning",
+                "moved a stage folder aside; the stage starts over",
+                stage=action.stage,
+                folder=spec.output_dir,
+                to=str(PurePosixPath(spec.output_dir).with_name(moved.name)),
+                reason=action.reason,
+            )
+            return [], None
         if isinstance(action, PruneCheckpoints):
             spec = world.pipeline.stage(action.stage)
             self._write(f"prune {spec.output_dir}")
@@ -750,7 +802,9 @@ class Controller:
                     COMPONENT,
                     self._instance,
                 )
-            except (ApiException, urllib3.exceptions.HTTPError) as e:  # events are best effort
+            except (ApiException, urllib3.exceptions.HTTPError) as e:  # events are best effort...
+                if isinstance(e, ApiException) and role_lacks_rule(e):
+                    raise  # ...but a Role without the rule is a broken install: exit 3 like any call
                 log("warning", "could not create event", reason=ev.reason, error=str(e))
 
     def _config_failure(self, message: str) -> RunResult:

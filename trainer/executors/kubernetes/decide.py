@@ -46,6 +46,15 @@ class Finish:
 
 
 @dataclass(frozen=True)
+class MoveAside:
+    """Rename a stage folder made by another install or from another input before starting the stage."""
+
+    stage: str
+    reason: str
+    target: str  # the new name, as the jobs see the volume
+
+
+@dataclass(frozen=True)
 class CreateBlocked:
     """Not a decision but what became of a CreateJob the API refused for a reason that may pass: a full
     ResourceQuota, or a job of an earlier install still holding the name. The status says so; the
@@ -63,7 +72,7 @@ class Wait:
     message: str = ""
 
 
-Action = CreateJob | PruneCheckpoints | ReportPending | Finish | Wait | CreateBlocked
+Action = CreateJob | PruneCheckpoints | ReportPending | Finish | Wait | CreateBlocked | MoveAside
 
 ACTIVE, DONE, BROKEN, MISSING, DELETING = "active", "done", "broken", "missing", "deleting"
 
@@ -120,6 +129,16 @@ def attempt_outcome(world: World, stage: str, attempt: int) -> tuple[str, str]:
 
 def decide(world: World, config: ControllerConfig) -> Action:
     """The one action this pass takes. Pure: everything it needs is in `world`."""
+    action = _next_step(world, config)
+    if isinstance(action, CreateJob):
+        # a job must not start in a folder of another install or input (ownership.py): clear it first
+        out = world.outputs.get(action.stage) or OutputState()
+        if out.stale and out.stale_target:
+            return MoveAside(action.stage, out.stale, out.stale_target)
+    return action
+
+
+def _next_step(world: World, config: ControllerConfig) -> Action:
     stages = world.pipeline.stages
     i = frontier(world)
     spec = stages[i]

@@ -19,6 +19,7 @@ from trainer.executors.kubernetes.decide import (
     CreateBlocked,
     CreateJob,
     Finish,
+    MoveAside,
     PruneCheckpoints,
     ReportPending,
     attempt_outcome,
@@ -106,6 +107,7 @@ class StageRecord:
     # attempts folded out of `attempts` to bound the status size: {"from": 2, "to": 15, "phases":
     # {"Failed": 14}, "lastMessage": "..."}; empty while every attempt is listed
     earlier_attempts: dict = field(default_factory=dict)
+    moved_aside: list[str] = field(default_factory=list)  # stale folders renamed before the stage ran
 
     @classmethod
     def from_json(cls, data: Any) -> StageRecord:
@@ -172,6 +174,7 @@ def render_status(world: World, action: Action, config: ControllerConfig) -> Run
             message=old.message,
             reported=list(old.reported),
             earlier_attempts=dict(old.earlier_attempts),
+            moved_aside=list(old.moved_aside),
         )
         rec.attempts = _merge_attempts(old, world, spec.name)
         if i < fi and rec.phase != SUCCEEDED:
@@ -186,6 +189,8 @@ def render_status(world: World, action: Action, config: ControllerConfig) -> Run
             name = job_name(world.pipeline.release, spec.name, action.attempt)
             rec.phase = PENDING
             rec.message = f"job {name} (attempt {action.attempt}) not created yet: {action.message}"
+        if isinstance(action, MoveAside) and action.stage == spec.name:
+            _apply_move_aside(rec, world, action)
         if rec.attempts:
             rec.start_time = rec.attempts[0].start_time or rec.start_time
         _compact(rec)
@@ -384,6 +389,16 @@ def encode_status(status: RunStatus) -> str:
     return json.dumps(slim.to_json(), indent=1, ensure_ascii=False)
 
 
+MOVED_ASIDE_KEPT = 5  # notes per stage; each reinstall starts a fresh status, so a few are plenty
+
+
+def _apply_move_aside(rec: StageRecord, world: World, action: MoveAside) -> None:
+    spec = world.pipeline.stage(rec.name)
+    note = f"{_fmt(world.now)} moved {spec.output_dir} aside to {action.target}: {action.reason}"
+    rec.moved_aside = [*rec.moved_aside, note][-MOVED_ASIDE_KEPT:]
+    rec.message = f"moved {spec.output_dir} aside to {action.target}; the stage starts over"
+
+
 @dataclass(frozen=True)
 class StatusEvent:
     type: str  # Normal or Warning
@@ -414,6 +429,12 @@ def status_events(prev: RunStatus, new: RunStatus, action: Action, pruned: list[
         for item in action.items:
             events.append(
                 StatusEvent("Warning", "PendingTooLong", f"{action.stage}: {item.key}: {item.message}")
+            )
+    if isinstance(action, MoveAside):
+        rec = new.stage_record(action.stage)
+        if rec is not None and rec.moved_aside:
+            events.append(
+                StatusEvent("Warning", "StageFolderMovedAside", f"{action.stage}: {rec.moved_aside[-1]}")
             )
     if isinstance(action, PruneCheckpoints) and pruned:
         events.append(

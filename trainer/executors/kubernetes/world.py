@@ -59,6 +59,8 @@ class OutputState:
     latest_checkpoint: str | None = None  # as the jobs see it
     manifest: StageManifest | None = None
     error: str | None = None  # why the folder is not trusted (only when verification was needed)
+    stale: str | None = None  # why the folder must be moved aside before a job starts in it (ownership.py)
+    stale_target: str | None = None  # where to, as the jobs see it
 
 
 @dataclass(frozen=True)

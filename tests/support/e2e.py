@@ -1,0 +1,708 @@
+"""The chart as a user runs it, on the real control plane of tests/controlplane.
+
+* `Release`: `helm install|upgrade|uninstall|test` of charts/r1-grpo into a namespace of the control plane,
+  with a hostPath PersistentVolume bound to the chart's claim. The PV's directory on this machine is the
+  checkpoint volume.
+* The controller runs as a host process: `r1-grpo controller` with the flags of the controller Job that Helm
+  created (read back from the API server), authenticated with a token of the chart's own ServiceAccount
+  (TokenRequest API), so the chart's Role decides every call. `--mount-path` points at the PV's directory.
+* `HostKubelet`: kwok runs no containers, so this stands in for the kubelet of one pod: it runs the pod's
+  container command on this machine, with the pod's env (including what the training operator added), its
+  args and working directory, paths under the pod's volume mounts translated to host directories, and
+  then writes the container's exit code into the pod status (pods/status), which the training operator and
+  the Job controller act on. What it cannot honour is said where it is done (rendezvous address, threads).
+* `PodDriver`: a thread that gives every new Running pod of a namespace to a policy (run it, write its
+  stage output directly, fail it, or leave it running).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.helmtool import CHART_DIR, default_helm
+from trainer.contract.output import write_manifest
+from trainer.contract.stages import TRAINING_STAGES
+
+VENV_BIN = Path(sys.executable).parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
+
+# The values that point the chart at the test cluster: fake GPU nodes (1 GPU per stage, tolerated taint),
+# the pre-bound hostPath volume ("-": no StorageClass), the built-in tiny model and task, and stage args
+# small enough for CPU (the defaults' GPU-only flags dropped with null). restartPolicy Never: a failed
+# container fails its pod and the attempt (HostKubelet does not restart containers in place).
+TINY_VALUES: dict[str, Any] = {
+    "image": {"repository": "r1-grpo-test", "tag": "dev"},
+    "model": {"nameOrPath": "builtin:tiny"},
+    "dataset": {"name": "builtin:arith", "config": ""},
+    "storage": {"storageClass": "-", "size": "1Gi"},
+    "stages": {
+        "sft": {
+            "resources": {"gpu": 1, "cpu": "1", "memory": "2Gi"},
+            "restartPolicy": "Never",
+            "args": {
+                "num_train_epochs": None,
+                "max_steps": 4,
+                "per_device_train_batch_size": 8,
+                "gradient_accumulation_steps": 1,
+                "learning_rate": 0.003,
+                "warmup_steps": 0,
+                "logging_steps": 2,
+                "save_steps": 2,
+                "evaluation_strategy": "no",
+                "eval_steps": None,
+                "gradient_checkpointing": None,
+                "bf16": None,
+                "tf32": None,
+                "plugin": "ddp",
+            },
+        },
+        "grpo": {
+            "resources": {"gpu": 1, "cpu": "1", "memory": "2Gi"},
+            "restartPolicy": "Never",
+            "args": {
+                "num_train_epochs": None,
+                "max_steps": 2,
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 1,
+                "learning_rate": 0.0003,
+                "warmup_steps": 0,
+                "logging_steps": 1,
+                "save_steps": 1,
+                "evaluation_strategy": "no",
+                "eval_steps": None,
+                "gradient_checkpointing": None,
+                "bf16": None,
+                "tf32": None,
+                "plugin": "ddp",
+                "num_generations": 2,
+                "inference_batch_size": 4,
+                "logits_forward_batch_size": 4,
+                "beta": 0.0,
+                "max_prompt_length": 64,
+                "max_completion_length": 16,
+            },
+        },
+        "eval": {
+            "resources": {"gpu": 1, "cpu": "1", "memory": "2Gi"},
+            "restartPolicy": "Never",
+            "args": {
+                "max_eval_samples": 4,
+                "max_completion_length": 16,
+                "inference_batch_size": 4,
+                "bf16": None,
+            },
+        },
+    },
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Helm's merge of values: maps merge, anything else replaces (None stays: it deletes a chart default)."""
+    out = json.loads(json.dumps(base))
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = json.loads(json.dumps(value))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.3) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` (and the last error) on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - kept for the failure message
+            last = e
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last})" if last else "")
+    )
+
+
+# --------------------------------------------------------------------------------------------- helm releases
+
+
+class HelmFailed(AssertionError):
+    def __init__(self, command: list[str], proc: subprocess.CompletedProcess):
+        super().__init__(f"$ {' '.join(command)}\nexit {proc.returncode}\n{proc.stdout}{proc.stderr}")
+        self.returncode = proc.returncode
+        self.output = proc.stdout + proc.stderr
+
+
+@dataclass
+class Release:
+    """One Helm release of the chart in one namespace, with its checkpoint volume on this machine."""
+
+    cp: Any  # tests.controlplane.cluster.ControlPlane
+    namespace: str
+    name: str
+    workdir: Path
+    values: dict = field(default_factory=lambda: json.loads(json.dumps(TINY_VALUES)))
+    helm_binary: Path = field(default_factory=default_helm)
+
+    def __post_init__(self) -> None:
+        self.volume = self.workdir / "volume"
+        self.volume.mkdir(parents=True, exist_ok=True)
+        self.pv_name = f"{self.namespace}-{self.name}"[:63]
+        self._helm_home = self.workdir / "helm-home"
+        self.controllers: list[ControllerProcess] = []
+
+    # -- the cluster side of the volume
+    @property
+    def claim(self) -> str:
+        return f"{self.name}-checkpoints"
+
+    def create_volume(self) -> None:
+        """A hostPath PV pre-bound to the chart's claim (the chart asks for no StorageClass)."""
+        self.cp.create_hostpath_pv(
+            self.pv_name, self.volume, capacity="1Gi", claim=(self.namespace, self.claim)
+        )
+
+    def delete_volume(self) -> None:
+        with contextlib.suppress(Exception):
+            self.cp.request("DELETE", f"/api/v1/persistentvolumes/{self.pv_name}")
+
+    # -- helm
+    def helm(self, *args: str, values: dict | None = None, timeout: float = 180) -> str:
+        command = [
+            str(self.helm_binary),
+            *args,
+            "--namespace",
+            self.namespace,
+            "--kubeconfig",
+            str(self.cp.kubeconfig_path),
+        ]
+        if values is not None:
+            path = self.workdir / f"values-{time.monotonic_ns()}.yaml"
+            path.write_text(yaml.safe_dump(values, sort_keys=True))
+            command += ["--values", str(path)]
+        env = {
+            **os.environ,
+            "HELM_CONFIG_HOME": str(self._helm_home / "config"),
+            "HELM_CACHE_HOME": str(self._helm_home / "cache"),
+            "HELM_DATA_HOME": str(self._helm_home / "data"),
+        }
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+        if proc.returncode != 0:
+            raise HelmFailed(command, proc)
+        return proc.stdout
+
+    def install(self, values: dict | None = None) -> str:
+        if values is not None:
+            self.values = values
+        return self.helm("install", self.name, str(CHART_DIR), values=self.values)
+
+    def upgrade(self, values: dict) -> str:
+        self.values = values
+        return self.helm("upgrade", self.name, str(CHART_DIR), values=values)
+
+    def uninstall(self) -> str:
+        return self.helm("uninstall", self.name)
+
+    # -- reading objects back
+    def get(self, path: str) -> dict:
+        return self.cp.request("GET", f"/api/v1/namespaces/{self.namespace}/{path}")
+
+    def list(self, api: str, resource: str, selector: str = "") -> list[dict]:
+        query = f"?labelSelector={selector}" if selector else ""
+        return (
+            self.cp.request("GET", f"{api}/namespaces/{self.namespace}/{resource}{query}").get("items") or []
+        )
+
+    def jobs(self) -> dict[str, dict]:
+        items = self.list("/apis/kubeflow.org/v1", "pytorchjobs", f"app.kubernetes.io/instance={self.name}")
+        return {j["metadata"]["name"]: j for j in items}
+
+    def controller_jobs(self) -> list[dict]:
+        return self.list(
+            "/apis/batch/v1",
+            "jobs",
+            f"app.kubernetes.io/instance={self.name},app.kubernetes.io/component=controller",
+        )
+
+    def controller_job(self) -> dict:
+        (job,) = self.controller_jobs()
+        return job
+
+    def status(self) -> dict | None:
+        try:
+            cm = self.get(f"configmaps/{self.name}-status")
+        except Exception:  # noqa: BLE001 - not written yet
+            return None
+        return json.loads((cm.get("data") or {}).get("status.json") or "null")
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.volume / self.name / stage
+
+    # -- the chart's ServiceAccount and the controller as a host process
+    def service_account_kubeconfig(self, account: str, path: Path | None = None) -> Path:
+        """A kubeconfig holding a fresh token of `account` (TokenRequest), as a pod would have mounted."""
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.cp.api_client())
+        request = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=7200)
+        )
+        token = core.create_namespaced_service_account_token(account, self.namespace, request).status.token
+        config = json.loads(Path(self.cp.kubeconfig_path).read_text())
+        cluster_name = config["clusters"][0]["name"]
+        config["users"] = [{"name": account, "user": {"token": token}}]
+        config["contexts"] = [
+            {
+                "name": account,
+                "context": {"cluster": cluster_name, "user": account, "namespace": self.namespace},
+            }
+        ]
+        config["current-context"] = account
+        path = path or self.workdir / f"{account}.kubeconfig"
+        path.write_text(json.dumps(config))
+        path.chmod(0o600)
+        return path
+
+    def controller_argv(self) -> list[str]:
+        """The controller Job's container command and args, $(VAR) references resolved as the kubelet would."""
+        job = self.controller_job()
+        spec = job["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        env = resolve_env(container.get("env") or [], {"namespace": self.namespace, "name": "controller"})
+        return [expand(a, env) for a in [*container["command"], *container.get("args", [])]]
+
+    def start_controller(self, *extra: str, account: str | None = None) -> ControllerProcess:
+        argv = self.controller_argv()
+        account = account or self.controller_job()["spec"]["template"]["spec"]["serviceAccountName"]
+        kubeconfig = self.service_account_kubeconfig(account)
+        executable = shutil.which(argv[0], path=str(VENV_BIN))
+        assert executable, f"{argv[0]} (the controller Job's command) is not installed in {VENV_BIN}"
+        command = [
+            executable,
+            *argv[1:],
+            "--kubeconfig",
+            str(kubeconfig),
+            "--mount-path",
+            str(self.volume),
+            *extra,
+        ]
+        process = ControllerProcess.start(
+            command, self.workdir / f"controller-{time.monotonic_ns()}.log", self.workdir
+        )
+        self.controllers.append(process)
+        return process
+
+    def report(self) -> str:
+        """The controllers' log tails and the status, for a failed test's output."""
+        parts = [f"--- controller exit {c.proc.poll()}\n{c.log()[-4000:]}" for c in self.controllers]
+        parts.append(f"--- status\n{json.dumps(self.status(), indent=1)[-4000:]}")
+        return "\n".join(parts)
+
+    def stop_controllers(self) -> None:
+        for c in self.controllers:
+            c.stop()
+
+    def status_command(self, *args: str) -> subprocess.CompletedProcess:
+        """`r1-grpo status` as the user runs it (their kubeconfig: the cluster admin's)."""
+        return subprocess.run(
+            [str(VENV_BIN / "r1-grpo"), "status", "--release", self.name, "--namespace", self.namespace,
+             "--kubeconfig", str(self.cp.kubeconfig_path), *args],
+            capture_output=True, text=True, timeout=120, env=host_env(), cwd=self.workdir,
+        )  # fmt: skip
+
+
+@dataclass
+class ControllerProcess:
+    proc: subprocess.Popen
+    log_path: Path
+
+    @classmethod
+    def start(cls, command: list[str], log_path: Path, cwd: Path) -> ControllerProcess:
+        log = open(log_path, "wb")  # noqa: SIM115 - closed by the child's exit; the file stays for reading
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=host_env(), cwd=cwd)
+        log.close()
+        return cls(proc, log_path)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"controller still running after {timeout:.0f} s; log:\n{self.log()[-6000:]}"
+            ) from None
+
+    def stop(self) -> int | None:
+        """SIGTERM, as the kubelet sends when the controller pod is deleted."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def records(self) -> list[dict]:
+        out = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+
+def host_env() -> dict[str, str]:
+    """This interpreter's environment for host processes: the worktree first on PYTHONPATH, no KUBECONFIG."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    for name in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+        env.pop(name, None)
+    return env
+
+
+# --------------------------------------------------------------------------------------------- pods
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in command, args and env values: defined names expand, `$$` is `$`."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _VAR_REF.sub(sub, text)
+
+
+def resolve_env(entries: list[dict], pod_meta: dict[str, str]) -> dict[str, str]:
+    """A container's env as the kubelet builds it (values, $(VAR) of earlier entries, downward API fields)."""
+    env: dict[str, str] = {}
+    for entry in entries:
+        name = entry["name"]
+        if "value" in entry:
+            env[name] = expand(entry["value"], env)
+        elif "valueFrom" in entry:
+            ref = entry["valueFrom"].get("fieldRef")
+            if ref and ref.get("fieldPath") in ("metadata.namespace", "metadata.name"):
+                env[name] = pod_meta[ref["fieldPath"].split(".")[1]]
+            else:
+                raise NotImplementedError(
+                    f"env {name}: only metadata.name/namespace fieldRefs are supported here"
+                )
+        else:
+            env[name] = ""
+    return env
+
+
+@dataclass
+class PodRun:
+    """One container of one pod, set up to run on this machine."""
+
+    pod: dict
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    mounts: dict[str, Path]  # mountPath in the pod -> directory here
+
+    @property
+    def name(self) -> str:
+        return self.pod["metadata"]["name"]
+
+    def host_path(self, pod_path: str) -> Path:
+        return Path(translate(pod_path, self.mounts))
+
+    def arg(self, flag: str) -> str | None:
+        """The value of `--flag value` among the container's args (host paths already translated)."""
+        return self.argv[self.argv.index(flag) + 1] if flag in self.argv else None
+
+
+def translate(value: str, mounts: dict[str, Path]) -> str:
+    """A path (or `--flag=path`) under one of the pod's mount paths, as the same file on this machine."""
+    prefix, sep, rest = value.partition("=") if value.startswith("--") else ("", "", value)
+    for mount in sorted(mounts, key=len, reverse=True):
+        if rest == mount or rest.startswith(mount.rstrip("/") + "/"):
+            rest = str(mounts[mount]) + rest[len(mount.rstrip("/")) :]
+            break
+    return f"{prefix}{sep}{rest}"
+
+
+class HostKubelet:
+    """Runs pods' containers on this machine, the way the kubelet of their node would start them."""
+
+    def __init__(self, cp: Any, namespace: str, workdir: Path):
+        self.cp = cp
+        self.namespace = namespace
+        self.workdir = workdir
+
+    def claim_dir(self, claim: str) -> Path:
+        """The host directory behind a PVC: its bound PV's hostPath, as the API server records the binding."""
+        pvc = self.cp.request("GET", f"/api/v1/namespaces/{self.namespace}/persistentvolumeclaims/{claim}")
+        volume = (pvc.get("spec") or {}).get("volumeName")
+        assert volume, f"PersistentVolumeClaim {claim} is not bound: {pvc.get('status')}"
+        pv = self.cp.request("GET", f"/api/v1/persistentvolumes/{volume}")
+        return Path(pv["spec"]["hostPath"]["path"])
+
+    def prepare(self, pod: dict, container: str | None = None) -> PodRun:
+        spec = pod["spec"]
+        c = next(c for c in spec["containers"] if container in (None, c["name"]))
+        meta = pod["metadata"]
+        scratch = self.workdir / "pods" / f"{meta['name']}-{meta['uid'][:8]}"
+        volumes = {v["name"]: v for v in spec.get("volumes") or []}
+        mounts: dict[str, Path] = {}
+        for m in c.get("volumeMounts") or []:
+            v = volumes[m["name"]]
+            if "persistentVolumeClaim" in v:
+                mounts[m["mountPath"]] = self.claim_dir(v["persistentVolumeClaim"]["claimName"])
+            elif "emptyDir" in v:
+                path = scratch / m["name"]
+                path.mkdir(parents=True, exist_ok=True)
+                mounts[m["mountPath"]] = path
+            else:
+                raise NotImplementedError(
+                    f"pod {meta['name']}: volume {m['name']} ({sorted(v)}) has no host stand-in"
+                )
+        env = resolve_env(c.get("env") or [], {"namespace": meta["namespace"], "name": meta["name"]})
+        env = {k: translate(v, mounts) for k, v in env.items()}
+        # Stand-ins for what only a real node has: the Master's Service name does not resolve here (loopback
+        # and a free port instead), and the shared 2-core test machine runs one thread per process.
+        port = str(free_port())
+        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("PET_MASTER_ADDR", "127.0.0.1"),
+                            ("MASTER_PORT", port), ("PET_MASTER_PORT", port), ("OMP_NUM_THREADS", "1")):  # fmt: skip
+            if name in env or name == "OMP_NUM_THREADS":
+                env[name] = value
+        argv = [
+            translate(expand(a, env), mounts) for a in [*(c.get("command") or []), *(c.get("args") or [])]
+        ]
+        base = host_env()
+        full_env = {
+            **{
+                k: base[k]
+                for k in ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "R1_GRPO_CACHE", "TMPDIR")
+                if k in base
+            },
+            **env,
+        }
+        executable = shutil.which(argv[0], path=full_env["PATH"])
+        assert executable, f"pod {meta['name']}: command {argv[0]!r} not found on this machine"
+        argv[0] = executable
+        cwd = Path(translate(c.get("workingDir") or str(scratch), mounts))
+        cwd.mkdir(parents=True, exist_ok=True)
+        return PodRun(pod, argv, full_env, cwd, mounts)
+
+    def start(self, run: PodRun, log_path: Path) -> subprocess.Popen:
+        log = open(log_path, "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            run.argv, env=run.env, cwd=run.cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        return proc
+
+    def run(self, run: PodRun, timeout: float = 900) -> tuple[int, str]:
+        log_path = self.workdir / f"{run.name}-{time.monotonic_ns()}.log"
+        proc = self.start(run, log_path)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(
+                f"pod {run.name} ran longer than {timeout:.0f} s:\n{log_path.read_text()[-4000:]}"
+            ) from None
+        return code, log_path.read_text(errors="replace")
+
+    def finish(self, pod: dict, exit_code: int, container: str | None = None) -> None:
+        """Record the container's exit in the pod status, as the kubelet does: phase Succeeded or Failed."""
+        meta = pod["metadata"]
+        policy = pod["spec"].get("restartPolicy", "Always")
+        if exit_code != 0 and policy != "Never":
+            raise NotImplementedError(
+                f"pod {meta['name']}: restartPolicy {policy} restarts a failed container in place (the pod "
+                f"stays Running); this stand-in only ends pods, so use restartPolicy Never"
+            )
+        names = [c["name"] for c in pod["spec"]["containers"]]
+        now = now_rfc3339()
+        statuses = [
+            {
+                "name": n,
+                "image": next(c["image"] for c in pod["spec"]["containers"] if c["name"] == n),
+                "imageID": "",
+                "ready": False,
+                "started": False,
+                "restartCount": 0,
+                "state": {
+                    "terminated": {
+                        "exitCode": exit_code if container in (None, n) else 0,
+                        "reason": "Completed" if exit_code == 0 else "Error",
+                        "startedAt": (pod.get("status") or {}).get("startTime") or now,
+                        "finishedAt": now,
+                    }
+                },
+            }
+            for n in names
+        ]
+        body = {
+            "status": {
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
+                "conditions": [
+                    {"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now},
+                    {
+                        "type": "ContainersReady",
+                        "status": "False",
+                        "reason": "PodCompleted",
+                        "lastTransitionTime": now,
+                    },
+                ],
+                "containerStatuses": statuses,
+            }
+        }
+        self.cp.request(
+            "PATCH",
+            f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
+            body,
+            content_type="application/strategic-merge-patch+json",
+        )
+
+
+def write_stage_output(folder: Path, stage: str, *, steps: int = 1, note: str = "") -> None:
+    """A complete stage output without training: a weight file for training stages and `r1_stage.json`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if stage in TRAINING_STAGES:
+        (folder / "model.safetensors").write_bytes(os.urandom(256))
+    metrics = {"accuracy": 0.5} if stage == "eval" else {"loss": 1.0}
+    write_manifest(folder, stage, steps=steps, inputs={"note": note}, metrics=metrics)
+
+
+def write_checkpoint(folder: Path, step: int) -> Path:
+    """A complete checkpoint-<step>/ as far as the contract looks (its trainer_state.json written last)."""
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+    return path
+
+
+def pod_stage_attempt(pod: dict) -> tuple[str, int]:
+    """(stage, attempt) of a training pod: its stage label and the number ending its job's name."""
+    job = pod["metadata"]["labels"][JOB_NAME_LABEL]
+    return pod["metadata"]["labels"]["r1-grpo.io/stage"], int(job.rsplit("-", 1)[1])
+
+
+Policy = Callable[[dict], str | None]
+
+
+class PodDriver:
+    """Hands each new Running pod of the namespace (selector: training pods) to `policy`, one at a time.
+
+    The policy returns "run" (run the container here and record its exit code), "output" (write the
+    stage's output directly, then succeed), "fail:<code>" (exit with that code), "hold" (leave it running;
+    asked again next time) or None (leave it running, never ask again).
+    """
+
+    def __init__(self, release: Release, policy: Policy, selector: str = JOB_NAME_LABEL):
+        self.release = release
+        self.kubelet = HostKubelet(release.cp, release.namespace, release.workdir)
+        self.policy = policy
+        self.selector = selector
+        self.handled: dict[str, str] = {}  # pod uid -> what was done
+        self.runs: list[tuple[str, int, str]] = []  # (pod name, exit code, log) of "run" pods
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pod-driver", daemon=True)
+
+    def __enter__(self) -> PodDriver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+        if self.errors and exc[0] is None:
+            raise self.errors[0]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for pod in self.release.list("/api/v1", "pods", self.selector):
+                    uid = pod["metadata"]["uid"]
+                    if uid in self.handled or (pod.get("status") or {}).get("phase") != "Running":
+                        continue
+                    if pod["metadata"].get("deletionTimestamp"):
+                        continue
+                    self.handle(pod)
+            except BaseException as e:  # noqa: BLE001 - raised again by __exit__
+                traceback.print_exc()  # at once: the test may be stuck waiting for what this pod should do
+                self.errors.append(e)
+                return
+            self._stop.wait(0.3)
+
+    def handle(self, pod: dict) -> None:
+        uid = pod["metadata"]["uid"]
+        what = self.policy(pod)
+        if what == "hold":
+            return
+        self.handled[uid] = what or "left"
+        if what is None:
+            return
+        if what == "run":
+            run = self.kubelet.prepare(pod)
+            code, log = self.kubelet.run(run)
+            self.runs.append((run.name, code, log))
+            self.kubelet.finish(pod, code)
+        elif what == "output":
+            run = self.kubelet.prepare(pod)
+            stage = pod["metadata"]["labels"]["r1-grpo.io/stage"]
+            out = run.arg("--output_dir")
+            assert out, f"pod {run.name} has no --output_dir"
+            write_stage_output(Path(out), stage, note=f"written for pod {run.name}")
+            self.kubelet.finish(pod, 0)
+        elif what.startswith("fail:"):
+            self.kubelet.finish(pod, int(what.split(":", 1)[1]))
+        else:
+            raise ValueError(f"policy answered {what!r}")
+
+
+@contextlib.contextmanager
+def temporary_dir(prefix: str) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
