@@ -21,11 +21,11 @@ _SHARED_PREFIX_MIN_SAVED_BYTES_CPU = 5 << 20
 _SHARED_PREFIX_MIN_SAVED_BYTES = 128 << 20
 # Per-row K/V caches on CPU are stored in chunks of this many positions ([chunks, rows, KV, chunk, hd]), so
 # that each complete chunk is one contiguous block across all rows: the attention then streams it instead
-# of reading a short run per (row, kv head) out of a wide buffer, which ran at under half the memory
-# bandwidth (bench/rollout.py). The chunk being filled lives in a position-major staging buffer
-# ([chunk, rows, KV, hd]) so that each step's new K/V is one contiguous write (scattered 256-byte writes
-# into the cache cost as much as reading it), and is copied into the cache once complete. Elsewhere the
-# cache is one chunk written in place (fewer kernel launches).
+# of reading a short run per (row, kv head) out of a wide buffer, which wastes memory bandwidth. The
+# chunk being filled lives in a position-major staging buffer ([chunk, rows, KV, hd]) so that each step's
+# new K/V is one contiguous write (scattered small writes into the cache are costly), and is copied into the
+# cache once complete. Elsewhere the cache is one chunk written in place (fewer kernel launches).
+# Measurements: docs/log.md.
 _KV_CHUNK_CPU = 32
 
 
@@ -74,12 +74,10 @@ def _prefer_shared_prefix(
     """Cache layout choice: share the prompt's K/V across a group or copy it into each of the G rows.
 
     Sharing saves reading (G - 1) copies of the prompt's K/V per layer and step but costs about ten more
-    small ops per layer and step. On CPU (bench/rollout.py --compare-layouts, 2 threads, against the
-    one-SDPA-call expanded layout) the expanded layout won by 4-9% at 1.8-3.7 MB saved per layer-step
-    (4 and 8 prompts of 64 tokens, G = 8, hidden 256) and by 17% for the benchmarks' tiny model (1.2 MB),
-    sharing by 7% at 7.3 MB (16 prompts) and more for longer prompts; on GPUs the extra
-    kernel launches cost more relative to memory traffic, so the threshold there is set higher (an
-    estimate: ~10 launches of ~5 us against HBM at ~2-3 TB/s).
+    small ops per layer and step, so it pays only above a number of bytes saved per layer-step: measured on
+    CPU with `bench/rollout.py --compare-layouts` (docs/log.md); on GPUs the extra kernel launches cost
+    more relative to memory traffic, so the threshold there is set higher (an estimate: ~10 launches of
+    ~5 us against HBM at ~2-3 TB/s).
     """
     if num_generations < 2:
         return False
@@ -126,8 +124,8 @@ class _LeanDecoder(_Decoder):
             share_prefix = _prefer_shared_prefix(self.device, len(prompts), num_generations, self.P, kv_bytes)
         self.shared = bool(share_prefix) and num_generations > 1
 
-        # On CPU, torch.mm with a [in, out] weight is 5-25% faster than F.linear with [out, in] for these
-        # skinny shapes, so the weights are copied transposed (a few MB per call for the models trained
+        # On CPU, torch.mm with a [in, out] weight is faster than F.linear with [out, in] for these
+        # skinny shapes (docs/log.md), so the weights are copied transposed (a few MB per call for the models trained
         # on CPU). Elsewhere the HF weights are used as they are, except the fused q/k/v and gate/up.
         self.transposed = self.device.type == "cpu" if transpose_weights is None else transpose_weights
 
