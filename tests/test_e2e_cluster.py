@@ -25,6 +25,7 @@ import yaml
 from tests.controlplane.cluster import ApiError
 from tests.support.e2e import (
     PSA_ENFORCE,
+    HelmFailed,
     PodDriver,
     Release,
     merge,
@@ -36,14 +37,20 @@ from trainer.contract.output import MANIFEST_NAME, complete_checkpoints, read_ow
 from trainer.executors.kubernetes.spec import EXIT_FORBIDDEN
 
 GPU_NODES = ("e2e-gpu-0", "e2e-gpu-1")
+# An untainted node without GPUs for the pods that do not tolerate the GPU pools' taint, when a test places
+# them there (controller.nodeSelector); kwok completes pods owned by a Job at once.
+CPU_NODE, SYSTEM_POOL = "e2e-cpu-0", {"r1-grpo.test/role": "system"}
 
 
 @pytest.fixture(scope="module")
 def gpu_nodes(control_plane) -> tuple[str, ...]:
-    """Two fake 64-GPU nodes (tainted like a GPU pool), shared by this module's tests."""
-    for name in GPU_NODES:
+    """Two fake 64-GPU nodes (tainted like a GPU pool) and a CPU node, shared by this module's tests."""
+    for name, kwargs in [
+        *((n, {"gpus": 64}) for n in GPU_NODES),
+        (CPU_NODE, {"gpus": 0, "taint": False, "labels": SYSTEM_POOL}),
+    ]:
         try:
-            control_plane.create_gpu_node(name, gpus=64)
+            control_plane.create_gpu_node(name, **kwargs)
         except ApiError as e:
             if e.status != 409:
                 raise
@@ -479,3 +486,28 @@ def test_without_any_one_verb_of_the_role_the_controller_exits_3_naming_it(
     errors = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     said = [e.get("error", "") for e in errors if e.get("level") == "error"]
     assert any(f'cannot {verb} resource "{resource}"' in text for text in said), said
+
+
+# --------------------------------------------------------------------------------------------- helm test
+
+
+def test_helm_test_fails_before_the_status_exists_and_passes_once_the_run_succeeded(release: Release) -> None:
+    """`helm test` runs `r1-grpo status` in a pod of the controller's account (the token it would mount is
+    given to the host process as a kubeconfig): exit 2 and a failed test before the controller wrote a
+    status, a passed test after the run succeeded."""
+    release.install(merge(release.values, {"controller": {"nodeSelector": SYSTEM_POOL}}))
+    tests = PodDriver(release, lambda pod: "run", selector="app.kubernetes.io/component=test")
+    with tests:
+        with pytest.raises(HelmFailed) as early:
+            release.helm("test", "r1", "--timeout", "120s")
+        assert "r1-test-status" in early.value.output and "Failed" in early.value.output
+        ((name, code, log),) = tests.runs
+        assert name == "r1-test-status" and code == 2 and "ConfigMap" in log and "not found" in log
+
+        controller = release.start_controller()
+        with PodDriver(release, lambda pod: "output"):
+            assert controller.wait(300) == 0, controller.log()[-4000:]
+        out = release.helm("test", "r1", "--timeout", "120s")
+    assert "Phase:          Succeeded" in out or "Succeeded" in out, out
+    assert [code for _, code, _ in tests.runs] == [2, 0]
+    assert "release r1" in tests.runs[1][2] and "Succeeded" in tests.runs[1][2]

@@ -271,29 +271,10 @@ class Release:
         return self.volume / self.name / stage
 
     # -- the chart's ServiceAccount and the controller as a host process
-    def service_account_kubeconfig(self, account: str, path: Path | None = None) -> Path:
-        """A kubeconfig holding a fresh token of `account` (TokenRequest), as a pod would have mounted."""
-        from kubernetes import client
-
-        core = client.CoreV1Api(self.cp.api_client())
-        request = client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=7200)
+    def service_account_kubeconfig(self, account: str) -> Path:
+        return service_account_kubeconfig(
+            self.cp, self.namespace, account, self.workdir / f"{account}.kubeconfig"
         )
-        token = core.create_namespaced_service_account_token(account, self.namespace, request).status.token
-        config = json.loads(Path(self.cp.kubeconfig_path).read_text())
-        cluster_name = config["clusters"][0]["name"]
-        config["users"] = [{"name": account, "user": {"token": token}}]
-        config["contexts"] = [
-            {
-                "name": account,
-                "context": {"cluster": cluster_name, "user": account, "namespace": self.namespace},
-            }
-        ]
-        config["current-context"] = account
-        path = path or self.workdir / f"{account}.kubeconfig"
-        path.write_text(json.dumps(config))
-        path.chmod(0o600)
-        return path
 
     def controller_argv(self) -> list[str]:
         """The controller Job's container command and args, $(VAR) references resolved as the kubelet would."""
@@ -383,6 +364,29 @@ class ControllerProcess:
             with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
         return out
+
+
+def service_account_kubeconfig(cp: Any, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig holding a fresh token of `account` (TokenRequest API): what a pod of that account has
+    mounted, for a process on this machine."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(cp.api_client())
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=7200)
+    )
+    token = core.create_namespaced_service_account_token(account, namespace, request).status.token
+    config = json.loads(Path(cp.kubeconfig_path).read_text())
+    cluster_name = config["clusters"][0]["name"]
+    config["users"] = [{"name": account, "user": {"token": token}}]
+    config["contexts"] = [
+        {"name": account, "context": {"cluster": cluster_name, "user": account, "namespace": namespace}}
+    ]
+    config["current-context"] = account
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+    path.chmod(0o600)
+    return path
 
 
 def host_env() -> dict[str, str]:
@@ -496,6 +500,8 @@ class HostKubelet:
                 path = scratch / m["name"]
                 path.mkdir(parents=True, exist_ok=True)
                 mounts[m["mountPath"]] = path
+            elif any("serviceAccountToken" in src for src in (v.get("projected") or {}).get("sources") or []):
+                continue  # the API token volume: given to the process as KUBECONFIG below
             else:
                 raise NotImplementedError(
                     f"pod {meta['name']}: volume {m['name']} ({sorted(v)}) has no host stand-in"
@@ -521,6 +527,12 @@ class HostKubelet:
             },
             **env,
         }
+        if spec.get("automountServiceAccountToken", True):
+            # the token a pod would find mounted, as a kubeconfig (no in-cluster paths on this machine)
+            account = spec.get("serviceAccountName") or "default"
+            full_env["KUBECONFIG"] = str(
+                service_account_kubeconfig(self.cp, meta["namespace"], account, scratch / "kubeconfig")
+            )
         executable = shutil.which(argv[0], path=full_env["PATH"])
         assert executable, f"pod {meta['name']}: command {argv[0]!r} not found on this machine"
         argv[0] = executable
