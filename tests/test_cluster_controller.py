@@ -8,8 +8,8 @@ operator makes the pods, kwok marks them Running, and the test writes a stage's 
 volume folder and sets a pod's phase and container exit code through the pods/status subresource, which
 moves the PyTorchJob along exactly as a real trainer's exit would.
 
-What kwok cannot show: pods run no containers, so `pods/log` answers 500 (no kubelet to proxy to); the
-log-tail logic is tested in tests/test_controller_unit.py against the kubelet's semantics.
+Pods run no containers: a test gives a pod its log through kwok's kubelet API (`set_pod_log`); the
+log-tail logic is also tested in tests/test_controller_unit.py against the kubelet's semantics.
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ def node(control_plane: ControlPlane) -> str:
             raise
         control_plane.create_gpu_node(NODE)
     return NODE
+
+
+TRAINER_LOG = "step 1/10\nTraceback (most recent call last):\nRuntimeError: the trainer failed on purpose"
 
 
 class Scenario:
@@ -274,6 +277,8 @@ def test_next_attempt_starts_only_after_the_failed_attempts_pods_have_stopped(sc
 
     s.running("r1-sft-1-worker-0")
     s.patch(f"/api/v1/namespaces/{s.ns}/pods/r1-sft-1-worker-0", {"metadata": {"finalizers": [HOLD]}})
+    s.running("r1-sft-1-master-0")
+    s.cp.set_pod_log(s.ns, "r1-sft-1-master-0", TRAINER_LOG, container="pytorch")
     s.exit("r1-sft-1-master-0", 1)
 
     s.wait("job r1-sft-1 Failed", lambda: job_condition(s.job("r1-sft-1"), "Failed"))
@@ -304,8 +309,8 @@ def test_next_attempt_starts_only_after_the_failed_attempts_pods_have_stopped(sc
         first.phase == "Failed"
         and first.message == "PyTorchJob r1-sft-1 is failed because 1 Master replica(s) failed."
     )
-    # kwok has no kubelet to serve logs: the real cluster shows the controller's fallback text
-    assert first.log_tail.startswith("(no log from pod r1-sft-1-master-0: 500")
+    # the failed attempt's log tail ends with the trainer's error (served by kwok's kubelet API)
+    assert first.log_tail.rstrip().endswith(TRAINER_LOG.splitlines()[-1])
     print("\n" + format_status(s.status()))
 
     s.write_outputs("sft")
@@ -331,6 +336,8 @@ def test_an_onfailure_trainer_crash_looping_at_its_backoff_limit_is_stopped_befo
     job1 = yaml.safe_load(s.stages_cm["data"]["sft.yaml"])
     assert job1["spec"]["runPolicy"] == {"backoffLimit": 1, "cleanPodPolicy": "Running"}
     s.start(retries=1)
+    s.running("r1-sft-1-master-0")
+    s.cp.set_pod_log(s.ns, "r1-sft-1-master-0", TRAINER_LOG, container="pytorch")
     pod = s.running("r1-sft-1-master-0")
     s.patch(f"/api/v1/namespaces/{s.ns}/pods/r1-sft-1-master-0", {"metadata": {"finalizers": [HOLD]}})
     # the kubelet restarted the trainer once: the pod stays Running with restartCount 1
@@ -354,8 +361,8 @@ def test_an_onfailure_trainer_crash_looping_at_its_backoff_limit_is_stopped_befo
     assert s.jobs() == ["r1-sft-1"]
     s.patch(f"/api/v1/namespaces/{s.ns}/pods/r1-sft-1-master-0", {"metadata": {"finalizers": None}})
     s.wait("attempt 2", lambda: s.job("r1-sft-2"))
-    # read while our finalizer still held the pod; kwok serves no logs
-    assert s.stage("sft").attempt_record(1).log_tail.startswith("(no log from pod r1-sft-1-master-0: 500")
+    # read while our finalizer still held the pod
+    assert s.stage("sft").attempt_record(1).log_tail.rstrip().endswith(TRAINER_LOG.splitlines()[-1])
 
 
 # ============================================================================================ item 2
