@@ -181,7 +181,7 @@ class Scenario:
         items = self.cp.request("GET", f"/api/v1/namespaces/{self.ns}/events")["items"]
         return [e for e in items if e.get("reason") == reason]
 
-    def wait(self, what: str, ready: Callable[[], Any], timeout: float = 60.0) -> Any:
+    def wait(self, what: str, ready: Callable[[], Any], timeout: float = 180.0) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for _, thread, out in self.threads:
