@@ -1033,7 +1033,7 @@ def test_local_pipeline_passes_the_data_flags_through() -> None:
 
 
 def test_chart_passes_the_data_flags_through() -> None:
-    from tests.helmtool import render_chart, stage_jobs
+    from tests.support.helmtool import render_chart, stage_jobs
 
     args = {key: value for key, value in DATA_FLAGS.items() if key != "dataset_name"}
     values = {
