@@ -584,11 +584,12 @@ def assert_same_run(c: StageCluster, reference: dict, what: object) -> None:
 
 # Runs of sft -> grpo -> eval in the kill test: one reference, one per budget (every controller instance of
 # the run is stopped before its budget+1-th write, so budget 1 restarts the controller at every write of
-# the run), the rest with `r1-grpo controller` processes killed by SIGKILL at random moments.
-KILL_TEST_RUNS = 20
+# the run), one timed `r1-grpo controller` process, then runs whose first process is killed by SIGKILL at a
+# random moment within the timed run's length, until RANDOM_KILLS kills happened (a process that finishes
+# before its kill time still has its run checked; MAX_RANDOM_RUNS bounds the loop).
 WRITE_BUDGETS = (1, 2, 3)
-KILLS_PER_RANDOM_RUN = 1
-KILL_WITHIN_SECONDS = 2.5  # after the process's first request reached the server (the run takes ~2 s)
+RANDOM_KILLS = 16
+MAX_RANDOM_RUNS = 48
 
 
 @scenario
@@ -600,10 +601,8 @@ def killed_and_restarted(make) -> None:
     assert ref.run().exit_code == EXIT_SUCCEEDED
     reference = normalized(ref.status())
     ref.close()
-    runs = 1
     for budget in WRITE_BUDGETS:
         c = make()
-        runs += 1
         # the first instance is stopped before any write at all
         killed = c.run(c.controller(max_writes=0))
         assert killed.budget_spent and c.status_cm() is None
@@ -623,34 +622,47 @@ def killed_and_restarted(make) -> None:
         assert (len(kill_points) - 1) * budget >= 9, kill_points
         c.close()
 
+    def first_request(c: StageCluster, before: int, proc: subprocess.Popen) -> None:
+        wait_for(
+            lambda: len(c.requests(stage=None)) > before or proc.poll() is not None,
+            what="the controller's first request",
+        )
+
+    # how long one controller process takes here, from its first request to its exit: kill times are drawn
+    # within it, so the kills land mid-run on a fast machine as on a slow one
+    c = make()
+    before = len(c.requests(stage=None))
+    proc = c.spawn("--resync-seconds", "1")
+    first_request(c, before, proc)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    run_seconds = time.monotonic() - started
+    assert proc.returncode == EXIT_SUCCEEDED, err[-3000:]
+    assert_same_run(c, reference, "timed")
+    c.close()
+
     rng = random.Random(12)
-    kills = 0
-    while runs < KILL_TEST_RUNS:
-        c = make()
+    kills = runs = 0
+    while kills < RANDOM_KILLS:
         runs += 1
-        for attempt in range(KILLS_PER_RANDOM_RUN + 1):
+        assert runs <= MAX_RANDOM_RUNS, (kills, runs, run_seconds)
+        c = make()
+        before = len(c.requests(stage=None))
+        proc = c.spawn("--resync-seconds", "1")
+        first_request(c, before, proc)
+        try:
+            proc.wait(timeout=rng.uniform(0, run_seconds))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            kills += 1
             before = len(c.requests(stage=None))
-            proc = c.spawn("--resync-seconds", "1")
-            if attempt == KILLS_PER_RANDOM_RUN:
-                break  # the last one runs to the end
-            wait_for(
-                lambda c=c, before=before, proc=proc: (
-                    len(c.requests(stage=None)) > before or proc.poll() is not None
-                ),
-                what="the controller's first request",
-            )
-            try:
-                proc.wait(timeout=rng.uniform(0, KILL_WITHIN_SECONDS))
-                break  # finished before its kill time
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-                kills += 1
+            proc = c.spawn("--resync-seconds", "1")  # the restarted controller runs to the end
+            first_request(c, before, proc)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == EXIT_SUCCEEDED, err[-3000:]
         assert_same_run(c, reference, ("random", runs))
         c.close()
-    assert kills >= KILL_TEST_RUNS - 1 - len(WRITE_BUDGETS), kills
 
 
 @scenario
