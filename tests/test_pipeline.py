@@ -113,8 +113,8 @@ def test_interrupted_stage_resumes_and_later_stages_start_over(pipeline) -> None
     assert f"resumed from {grpo / 'checkpoint-2'} (step 2" in again.output, again.describe()
     assert verify_stage_output(grpo, "grpo").steps == 4
     # eval had judged the old grpo model: it is moved aside and run again on the new one.
-    assert f"[eval] older than its input stage's output: moved to {release / 'eval.stale'}" in again.output
-    assert read_manifest(release / "eval.stale").created_at == eval_before.created_at
+    assert f"[eval] older than its input stage's output: moved to {release / 'eval.stale-1'}" in again.output
+    assert read_manifest(release / "eval.stale-1").created_at == eval_before.created_at
     assert verify_stage_output(release / "eval", "eval").created_at >= read_manifest(grpo).created_at
 
 
@@ -129,3 +129,32 @@ def test_bad_config_is_a_clear_error(stage_runner, tmp_path: Path) -> None:
         result.describe()
     )
     assert os.listdir(tmp_path) == ["p.yaml"]  # nothing was started
+
+
+def test_same_seed_twice_gives_the_same_run_and_another_seed_starts_over(pipeline) -> None:
+    """`--seed` reaches every stage (data order, init, sampling): two runs with one seed on one machine
+    make the same weights and the same summary; a finished stage of another seed is moved aside."""
+    release, _, run = pipeline
+    root = release.parent
+    for name in ("seed-a", "seed-b"):
+        result = run("--release", name, "--seed", "7")
+        assert result.returncode == 0, result.describe()
+    a, b = root / "seed-a", root / "seed-b"
+    summaries = [json.loads((r / "summary.json").read_text()) for r in (a, b)]
+    assert summaries[0]["seed"] == 7
+    assert summaries[0]["stages"] == summaries[1]["stages"]
+    assert summaries[0]["eval"] == summaries[1]["eval"]
+    assert set(summaries[0]["stage_wall_s"]) == {"sft", "grpo", "eval"}
+    for stage in ("sft", "grpo", "eval"):
+        first, second = read_manifest(a / stage), read_manifest(b / stage)
+        assert first.inputs["args"]["seed"] == 7
+        assert first.weights == second.weights, stage  # sha256 of every weight file
+    # seed 3 (the config's own) made other weights than seed 7
+    assert read_manifest(a / "sft").weights != read_manifest(release / "sft").weights
+
+    again = run("--release", "seed-a", "--seed", "8", "--skip_summary")
+    assert again.returncode == 0, again.describe()
+    assert f"[sft] run with other settings (--seed 7 → 8): moved to {a / 'sft.stale-1'}" in again.output
+    assert read_manifest(a / "sft.stale-1").weights == read_manifest(b / "sft").weights
+    assert read_manifest(a / "sft").inputs["args"]["seed"] == 8
+    assert read_manifest(a / "eval").inputs["args"]["seed"] == 8

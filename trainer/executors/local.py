@@ -13,15 +13,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from trainer.contract.output import StageManifest, StageOutputError, atomic_write_json, verify_stage_output
-from trainer.contract.stages import STAGE_MODULES, TRAINING_STAGES, ConfigError, StagePlan, load_config, plan
+from trainer.contract.output import (
+    StageManifest,
+    StageOutputError,
+    atomic_write_json,
+    move_aside,
+    verify_stage_output,
+)
+from trainer.contract.stages import (
+    STAGE_MODULES,
+    TRAINING_STAGES,
+    ConfigError,
+    StagePlan,
+    args_to_cli,
+    load_config,
+    plan,
+)
 
 
 def torchrun_command(run: StagePlan) -> list[str]:
@@ -57,6 +70,20 @@ def run_stage(run: StagePlan, log: Any) -> StageManifest:
 
 class StageFailed(RuntimeError):
     pass
+
+
+def changed_args(manifest: StageManifest, planned: dict[str, Any]) -> list[str]:
+    """The planned flags a finished stage was run with other values of (`--seed 3 → 5`), as the CLI
+    renders them; flags its manifest does not record are not compared."""
+    recorded = manifest.inputs.get("args") or {}
+    changes = []
+    for key in sorted(planned):
+        if key not in recorded:
+            continue
+        was, now = args_to_cli({key: recorded[key]})[1:], args_to_cli({key: planned[key]})[1:]
+        if was != now:
+            changes.append(f"--{key} {' '.join(was) or 'unset'} → {' '.join(now) or 'unset'}")
+    return changes
 
 
 def stage_accuracy(model_dir: str, dataset: str, eval_args: dict[str, Any]) -> dict[str, float]:
@@ -159,22 +186,31 @@ def cmd_run(opts: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"r1-grpo pipeline: error: {e}", file=sys.stderr)
         return 2
+    if opts.seed is not None:
+        for run in runs:  # every stage: data order, init, sampling
+            run.args["seed"] = opts.seed
     started = time.time()
+    stage_wall: dict[str, float] = {}  # stages run now (skipped ones are absent)
     upstream_finished, upstream_ran = "", False  # the previous stage: its manifest's created_at, run now?
     for run in runs:
         try:
             manifest = verify_stage_output(run.output_dir, run.name)
         except StageOutputError:
             manifest = None
+        changes = changed_args(manifest, run.args) if manifest is not None else []
         if run.output_dir.exists() and (
-            upstream_ran or manifest is not None and manifest.created_at < upstream_finished
+            upstream_ran or manifest is not None and manifest.created_at < upstream_finished or changes
         ):
-            # Made from an older version of its input stage's output: that output and any checkpoints
-            # belong to the old input, so the stage must start over, not be trusted or resumed.
-            stale = run.output_dir.with_name(f"{run.output_dir.name}.stale")
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(run.output_dir, stale)
-            log(f"[{run.name}] older than its input stage's output: moved to {stale}, re-running")
+            # Made from an older version of its input stage's output, or with other settings: that output
+            # and any checkpoints belong to another run, so the stage must start over, not be trusted or
+            # resumed. Moved aside, never deleted.
+            why = (
+                f"run with other settings ({', '.join(changes)})"
+                if changes
+                else "older than its input stage's output"
+            )
+            stale = move_aside(run.output_dir)
+            log(f"[{run.name}] {why}: moved to {stale}, re-running")
         elif manifest is not None:
             log(f"[{run.name}] complete ({run.output_dir}/r1_stage.json verified): skipped")
             upstream_finished = manifest.created_at
@@ -182,7 +218,9 @@ def cmd_run(opts: argparse.Namespace) -> int:
         try:
             if run.model_from_stage is not None:
                 verify_stage_output(run.model_name_or_path, run.model_from_stage)
+            stage_started = time.time()
             upstream_finished = run_stage(run, log).created_at
+            stage_wall[run.name] = round(time.time() - stage_started, 1)
         except (StageFailed, StageOutputError) as e:
             print(f"r1-grpo pipeline: {e}", file=sys.stderr)
             return 1
@@ -206,7 +244,9 @@ def cmd_run(opts: argparse.Namespace) -> int:
     png = plot_grpo(root / "grpo", root / "grpo_curves.png", start_accuracy=before_grpo)
     summary = {
         "stages": {stage: m for stage, _, m in rows},
+        "seed": opts.seed,
         "wall_s": round(time.time() - started, 1),
+        "stage_wall_s": stage_wall,
         "eval": json.loads((root / "eval" / "metrics.json").read_text())
         if (root / "eval" / "metrics.json").exists()
         else None,
@@ -227,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", help="pipeline YAML (default: the built-in trainer/pipeline.yaml)")
     run.add_argument("--root", help="override the config's root folder")
     run.add_argument("--release", help="override the config's release name")
+    run.add_argument(
+        "--seed",
+        type=int,
+        help="seed of every stage (data order, initialisation, sampling); overrides the stages' own `seed`",
+    )
     run.add_argument(
         "--skip_summary", action="store_true", help="do not evaluate each stage for the summary table"
     )
