@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup controlplane demo test lint bench bench-trl bench-learning manifests clean
+.PHONY: setup controlplane demo test lint bench bench-demo bench-trl bench-learning manifests clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ endif
 
 test: setup lint controlplane
 	$(BIN)/pytest -q
+
+# The main job for seeds 1 2 3 (bench/demo.py --help): one table of SFT/GRPO accuracy, gain and stage times.
+bench-demo: setup
+	$(BIN)/python bench/demo.py $(BENCH_DEMO_ARGS)
 
 bench: setup controlplane
 	$(BIN)/python bench/rollout.py

@@ -100,6 +100,15 @@ def sft_run(tiny_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path_fact
     return out, result
 
 
+def test_two_process_run_shows_no_third_party_notices(sft_run) -> None:
+    """Colossal-AI's import-time notices (TensorNVMe, Apex, kernel choice) say nothing to a user of this
+    trainer and were printed once per rank; our own log and progress bar stay."""
+    _, result = sft_run
+    for notice in ("tensornvme", "apex", "More than one kernel"):
+        assert notice.lower() not in result.output.lower(), result.describe()
+    assert "[rank0] INFO train rows:" in result.output and "sft:" in result.output, result.describe()
+
+
 def test_two_process_run_produces_checkpoints_model_and_manifest(sft_run, tiny_model_dir: Path) -> None:
     out, result = sft_run
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -28,6 +28,7 @@ from typing import Any
 
 from trainer import checkpoint as ckpt
 from trainer.contract import output as contract
+from trainer.quiet import silence_notices
 from trainer.r1.data import DataArgs, DataError
 from trainer.runtime import (
     ArgsError,
@@ -51,6 +52,7 @@ from trainer.runtime import (
 def run_cli(prog: str, arg_types: tuple[type, ...], argv: list[str] | None, body: Callable[..., int]) -> int:
     """Parse and validate the flags, run ``body(*parsed)``; a bad input (flag, dataset, stage folder) is
     one line ``<prog>: error: <what, naming the input>`` and exit code 2."""
+    silence_notices()
     parsed = parse_args(arg_types, argv, prog=prog)
     try:
         parsed[-1].validate()

@@ -88,6 +88,9 @@ def changed_args(manifest: StageManifest, planned: dict[str, Any]) -> list[str]:
 
 def stage_accuracy(model_dir: str, dataset: str, eval_args: dict[str, Any]) -> dict[str, float]:
     """Greedy accuracy/format rate of a model folder on the eval split (in-process, for the table)."""
+    from trainer.quiet import silence_notices
+
+    silence_notices()  # before transformers loads
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
