@@ -25,6 +25,7 @@ from trainer.rl.objective import (
     group_advantages,
     grpo_loss,
     informative_groups,
+    rollout_temperature,
     temperature_at,
     zero_std_fraction,
 )
@@ -254,6 +255,35 @@ def test_temperature_argument_errors(kwargs: dict, name: str) -> None:
     args = {"step": 0, "total_steps": 10, "initial": 1.0, "final": 0.7, "schedule": "linear"} | kwargs
     with pytest.raises(ValueError, match=name):
         temperature_at(**args)
+
+
+def test_rollout_temperature_reaches_the_final_temperature_with_reused_rollouts() -> None:
+    # 6 steps, each rollout reused for 2: three rollouts, the last one sampled at the final temperature.
+    values = [rollout_temperature(s, 6, 2, 1.0, 0.5) for s in range(6)]
+    assert values == [1.0, 1.0, 0.75, 0.75, 0.5, 0.5]
+    # A step count that is not a multiple of mu: the last rollout (trained on once) is the final one.
+    assert [rollout_temperature(s, 5, 2, 1.0, 0.5, "cosine") for s in range(5)] == [1.0, 1.0, 0.75, 0.75, 0.5]
+    # mu = 1 is the schedule over optimizer steps.
+    assert [rollout_temperature(s, 7, 1, 1.3, 0.3) for s in range(7)] == [
+        temperature_at(s, 7, 1.3, 0.3) for s in range(7)
+    ]
+    assert rollout_temperature(0, 3, 4, 0.9, 0.2) == 0.9  # a single rollout: the initial temperature
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_iterations": 0}, "num_iterations"),
+        ({"num_iterations": True}, "num_iterations"),
+        ({"step": 6}, "step"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"final": 0.0}, "final"),
+    ],
+)
+def test_rollout_temperature_argument_errors(kwargs: dict, name: str) -> None:
+    args = {"step": 0, "total_steps": 6, "num_iterations": 2, "initial": 1.0, "final": 0.5} | kwargs
+    with pytest.raises(ValueError, match=name):
+        rollout_temperature(**args)
 
 
 # --------------------------------------------------------------------------------------------------
