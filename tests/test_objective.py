@@ -923,3 +923,29 @@ def test_shared_prompt_forward_checks_the_model_kept_the_asked_logits() -> None:
         completion_logprobs(
             IgnoresLogitsToKeep(model), input_ids, attention_mask, input_ids[:, -6:], 1.0, 6, group_size=3
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampler-vs-trainer log-prob gap
+# --------------------------------------------------------------------------------------------------
+def test_logprob_gap_sums_and_metrics() -> None:
+    from trainer.rl.metrics import add_gap_sums, gap_metrics, logprob_gap_sums
+
+    sampler = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.25, 0.0]])
+    # Gaps 0.005, 0.02, (masked: 7.0) | 0.0, 0.3, (masked padding). exp(0.02) - 1 > 1 %, exp(0.005) - 1 not.
+    trainer = torch.tensor([[-1.005, -1.98, 4.0], [-0.5, -0.55, -9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    sums = logprob_gap_sums(sampler, trainer, mask)
+    assert sums["gap_tokens"] == 4 and sums["gap_off_count"] == 2
+    assert sums["gap_abs_sum"] == pytest.approx(0.325, abs=1e-12) and sums["gap_max"] == pytest.approx(0.3)
+    half = logprob_gap_sums(sampler[:1], trainer[:1], mask[:1])
+    both = add_gap_sums(add_gap_sums({}, half), logprob_gap_sums(sampler[1:], trainer[1:], mask[1:]))
+    assert both == pytest.approx(sums)
+    metrics = gap_metrics(both)
+    assert metrics == pytest.approx(
+        {"logprob_gap_mean": 0.325 / 4, "logprob_gap_max": 0.3, "logprob_gap_off_fraction": 0.5}
+    )
+    nothing = logprob_gap_sums(sampler, trainer, torch.zeros_like(mask))
+    assert nothing["gap_max"] == 0.0 and gap_metrics(nothing) == {}  # no valid token: no metric, no NaN
+    with pytest.raises(ValueError, match="same"):
+        logprob_gap_sums(sampler, trainer[:, :2], mask)

@@ -464,13 +464,14 @@ def reference_model(initial, policy):
     ref = initial.eval().requires_grad_(False)
     # Tensor by tensor, buffers too: a cast model's float32 rotary frequencies may or may not stay float32.
     params = {name: p.dtype for name, p in policy.named_parameters()}
+    compute = next((d for d in params.values() if d.is_floating_point), torch.float32)
     for name, p in ref.named_parameters():
-        p.data = p.data.to(params[name])
+        p.data = p.data.to(params.get(name, compute))
     buffers = {name: b.dtype for name, b in policy.named_buffers()}
     for prefix, module in ref.named_modules():
         for name, b in module._buffers.items():
             if b is not None:
-                module._buffers[name] = b.to(buffers[f"{prefix}.{name}" if prefix else name])
+                module._buffers[name] = b.to(buffers.get(f"{prefix}.{name}" if prefix else name, b.dtype))
     attn = policy.config._attn_implementation
     if hasattr(ref, "set_attn_implementation"):  # transformers 5
         ref.set_attn_implementation(attn)
