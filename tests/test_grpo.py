@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -447,12 +448,12 @@ def test_resume_refuses_a_checkpoint_of_another_max_steps(
     shutil.copytree(reference / "checkpoint-1", out / "checkpoint-1")
     argv = grpo_argv(warm_model_dir, arith_jsonl, out)
     argv[argv.index("--max_steps") + 1] = "3"
-    result = stage_runner.run("trainer.grpo", argv)
-    assert result.returncode == 2, result.describe()
-    assert (
-        f"r1-grpo grpo: error: --max_steps: {out / 'checkpoint-1'} belongs to a run of 2 steps, this run has 3"
-        in result.output
-    )
+    result = stage_runner.run("trainer.grpo", argv, nproc=2)  # same world size: only the total differs
+    # torchrun exits 1 when a worker fails; every worker exited 2 (bad input) with the message.
+    assert result.returncode != 0, result.describe()
+    assert set(re.findall(r"exitcode\s*: (-?\d+)", result.output)) == {"2"}, result.describe()
+    message = f"r1-grpo grpo: error: --max_steps: {out / 'checkpoint-1'} belongs to a run of 2 steps, this run has 3"
+    assert message in result.output
     assert not (out / "model.safetensors").exists()
 
 

@@ -125,8 +125,13 @@ class Stage:
         state = None
         latest = contract.latest_checkpoint(self.output_dir)
         if latest is not None:
-            saved_total = ckpt.read_trainer_state(latest).get("total_steps", self.total_steps)
-            if saved_total != self.total_steps:
+            saved = ckpt.read_trainer_state(latest)
+            saved_total = saved.get("total_steps", self.total_steps)
+            # Another world size is refused by the load, naming that cause (it changes the total too).
+            if (
+                saved.get("world_size", self.dist.world_size) == self.dist.world_size
+                and saved_total != self.total_steps
+            ):
                 # The learning-rate (and GRPO temperature) schedules are functions of the total: a
                 # different one would silently bend them at the resumed step.
                 raise ArgsError(
