@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
+import gpu_check  # noqa: E402
 import grpo_bench  # noqa: E402
 
 TOY = [
@@ -184,3 +185,72 @@ def test_learning_bench_same_budget_and_held_out_accuracy(
         assert 0 <= run["accuracy"] <= 1
     assert (tmp_path / "learning.png").stat().st_size > 10_000
     assert "gain r1-grpo - TRL:" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/gpu_check.py: what runs without a GPU
+
+
+def test_gpu_check_flags_are_the_stages_own(tmp_path: Path) -> None:
+    from trainer.grpo import GRPOArgs
+    from trainer.r1.data import DataArgs
+    from trainer.runtime import parse_args
+    from trainer.sft import SFTArgs
+
+    args = gpu_check.parse_args(["--device", "cpu", "--plugins", "ddp"])
+    assert args.attn == "sdpa" and args.plugins == ["ddp"]
+    model, out = tmp_path / "m", tmp_path / "o"
+    _, sft = parse_args((DataArgs, SFTArgs), gpu_check.sft_flags(args, "zero2", model, out), prog="sft")
+    _, grpo = parse_args((DataArgs, GRPOArgs), gpu_check.grpo_flags(args, "zero2", model, out), prog="grpo")
+    for parsed in (sft, grpo):
+        assert parsed.bf16 and parsed.plugin == "zero2" and parsed.attn_implementation == "sdpa"
+    assert grpo.beta > 0 and grpo.num_iterations == 2 and grpo.old_logprobs == "trainer"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "cpu"], "--plugins zero2 needs CUDA"),
+        (["--device", "cpu", "--plugins", "ddp", "--grpo_steps", "3"], "--grpo_steps must be even"),
+        (["--device", "cpu", "--plugins", "ddp", "--new_tokens", "0"], "--new_tokens must be >= 1"),
+    ],
+)
+def test_gpu_check_bad_flags(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        gpu_check.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_check_rollout_measurement_on_cpu(tiny_model_dir: Path) -> None:
+    """The in-process part on CPU: the sampler and generate make the same tokens; bf16 weights give a gap."""
+    result = gpu_check.measure_rollout(
+        tiny_model_dir, "cpu", "sdpa", prompts=2, generations=2, prompt_len=8, new_tokens=6, repeats=1
+    )
+    assert result["tokens_per_run"] == 24
+    assert result["sampler_tokens_per_s"] > 0 and result["generate_tokens_per_s"] > 0
+    assert 0 < result["bf16_weights_logprob_gap_mean"] <= result["bf16_weights_logprob_gap_max"]
+    assert "gpu_memory_peak_gib" not in result
+
+
+def test_gpu_check_reads_the_grpo_metrics(tmp_path: Path) -> None:
+    records = [
+        {"step": 1, "reward_mean": 0.5, "kl": 0.0, "logprob_gap_mean": 0.002, "logprob_gap_max": 0.05,
+         "logprob_gap_off_fraction": 0.1, "rollout_tokens_per_s": 900.0, "gpu_memory_peak_gib": 1.5,
+         "ratio_mean": 1.0},
+        {"step": 2, "reward_mean": 0.5, "kl": 0.0, "ratio_mean": 1.0003, "clip_ratio": 0.0,
+         "rollout_tokens_per_s": 900.0, "gpu_memory_peak_gib": 1.75},
+        {"step": 2, "eval_accuracy": 0.1},
+    ]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = gpu_check.grpo_summary(tmp_path)
+    assert summary == {
+        "kl_step0": 0.0,
+        "logprob_gap_mean": 0.002,
+        "logprob_gap_max": 0.05,
+        "logprob_gap_off_fraction": 0.1,
+        "rollout_tokens_per_s": 900.0,
+        "gpu_memory_peak_gib": 1.75,
+        "ratio_mean_pass2": 1.0003,
+        "clip_ratio_pass2": 0.0,
+    }
+    assert gpu_check.grpo_summary(tmp_path / "missing") == {}

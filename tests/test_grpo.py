@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from trainer import grpo
 from trainer.contract import output as contract
 from trainer.r1.data import load_examples
-from trainer.rl.rollout import rows_to_train, select_rows
+from trainer.rl.rollout import plan_chunks, rows_to_train, select_rows
 
 # Fields of a metrics.jsonl record that measure wall-clock time (everything else must repeat exactly).
 TIMING_KEYS = {"time", "generate_s", "score_s", "train_s", "rollout_s", "rollout_tokens_per_s", "runtime_s"}
@@ -333,10 +334,6 @@ def test_rows_to_train_skips_only_groups_without_advantage() -> None:
     # Nothing informative: one group still runs, so the gradients are defined (zeros).
     silent = _rollout_with_advantages([0] * 8, 2)
     assert rows(silent, chunk=4).tolist() == [0, 1]
-    # Another rank needs 2 chunks: this one takes a skipped group along for its second chunk.
-    assert rows_to_train(
-        silent, 4, group_size=2, skip_zero_advantage=True, max_over_ranks=lambda n: max(n, 2)
-    ).tolist() == [0, 1, 2, 3, 4, 5]
     # Everything informative, a KL term, the flag off, or chunks that split groups: every row.
     assert rows(_rollout_with_advantages([1, -1] * 4, 2), chunk=4) is None
     assert rows(rollout, chunk=3) is None
@@ -410,3 +407,153 @@ def test_skipping_zero_advantage_groups_gives_the_same_update(
     )
     for k in start:
         torch.testing.assert_close(skipped[k], full[k], rtol=1e-5, atol=1e-7)
+
+
+def test_plan_chunks_matches_the_rank_that_needs_most() -> None:
+    assert plan_chunks(8, 4) == 2 and plan_chunks(9, 4) == 3 and plan_chunks(1, 4) == 1
+    # Another rank needs 3 chunks: this one runs 3 (the extra one with zero weight), never fewer.
+    assert plan_chunks(4, 4, max_over_ranks=lambda n: max(n, 3)) == 3
+    assert plan_chunks(12, 4, max_over_ranks=lambda n: max(n, 1)) == 3
+    for bad in ({"n_rows": 0, "chunk": 4}, {"n_rows": 4, "chunk": 0}, {"n_rows": 4.0, "chunk": 4}):
+        with pytest.raises(ValueError, match="n_rows|chunk"):
+            plan_chunks(**bad)
+
+
+def test_reference_model_takes_the_policys_dtype_and_attention(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+    # What the ZeRO plugin under --bf16 leaves (module.to(bfloat16): buffers too), and a model loaded in
+    # bfloat16 (its rotary frequencies stay float32); each with another attention than the copy's.
+    zero_cast = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, torch_dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
+    for policy in (zero_cast.to(torch.bfloat16), loaded):
+        initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+        ref = grpo.reference_model(initial, policy)
+        assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+        assert [b.dtype for b in ref.buffers()] == [b.dtype for b in policy.buffers()]
+        assert ref.config._attn_implementation == "sdpa"
+        assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+        with torch.no_grad():
+            assert torch.equal(ref(ids).logits, policy(ids).logits)  # same weights, dtypes and kernels
+
+
+def test_resume_refuses_a_checkpoint_of_another_max_steps(
+    grpo_run, warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path
+) -> None:
+    reference, _ = grpo_run
+    out = tmp_path / "grpo"
+    shutil.copytree(reference / "checkpoint-1", out / "checkpoint-1")
+    argv = grpo_argv(warm_model_dir, arith_jsonl, out)
+    argv[argv.index("--max_steps") + 1] = "3"
+    result = stage_runner.run("trainer.grpo", argv, nproc=2)  # same world size: only the total differs
+    # torchrun exits 1 when a worker fails; every worker exited 2 (bad input) with the message.
+    assert result.returncode != 0, result.describe()
+    assert set(re.findall(r"exitcode\s*: (-?\d+)", result.output)) == {"2"}, result.describe()
+    message = f"r1-grpo grpo: error: --max_steps: {out / 'checkpoint-1'} belongs to a run of 2 steps, this run has 3"
+    assert message in result.output
+    assert not (out / "model.safetensors").exists()
+
+
+def _bf16_argv(model: Path, data: Path, out: Path, old_logprobs: str) -> list[str]:
+    return [
+        "--model_name_or_path",
+        str(model),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "2",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "24",
+        "--max_steps",
+        "2",
+        "--num_iterations",
+        "2",
+        "--save_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "0",  # the weights stay the initial ones: step 2 re-scores exactly the first pass's policy
+        "--beta",
+        "0.04",
+        "--bf16",
+        "--old_logprobs",
+        old_logprobs,
+        "--report_to",
+        "none",
+        "--plugin",
+        "ddp",
+        "--seed",
+        "5",
+    ]
+
+
+def test_bf16_kl_is_zero_at_step_0_and_old_logprobs_are_the_trainers(
+    warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path
+) -> None:
+    runs = {}
+    for old in ("trainer", "sampler"):
+        out = tmp_path / old
+        result = stage_runner.run("trainer.grpo", _bf16_argv(warm_model_dir, arith_jsonl, out, old))
+        assert result.returncode == 0, result.describe()
+        runs[old] = [r for r in _records(out) if "reward_mean" in r]
+    for records in runs.values():
+        first, second = records
+        # The reference is the policy's own forward (same dtype, attention, autocast): KL exactly 0.
+        assert first["kl"] == 0.0 and second["kl"] == 0.0, records
+        assert first["ratio_mean"] == 1.0 and first["clip_ratio"] == 0.0  # on-policy first pass
+        # The sampler's bf16 log-probs are not the trainer's; both passes log the rollout's gap.
+        assert 0 < first["logprob_gap_mean"] <= first["logprob_gap_max"], first
+        assert 0 <= first["logprob_gap_off_fraction"] <= 1
+        assert second["logprob_gap_mean"] == first["logprob_gap_mean"]
+        assert first["rank_chunks_min"] == first["rank_chunks_max"] >= 1
+    # Unchanged weights: the first pass's own log-probs give ratio 1 exactly; the sampler's give noise.
+    assert runs["trainer"][1]["ratio_mean"] == 1.0 and runs["trainer"][1]["clip_ratio"] == 0.0
+    assert runs["sampler"][1]["ratio_mean"] != 1.0
+    assert runs["sampler"][0]["logprob_gap_mean"] == runs["trainer"][0]["logprob_gap_mean"]  # same samples
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--beta", "0.04"],
+        ["--beta", "0", "--skip_zero_advantage_groups", "true"],
+        ["--beta", "0", "--skip_zero_advantage_groups", "false"],
+    ],
+    ids=["kl", "beta0-skip", "beta0-noskip"],
+)
+def test_dynamic_sampling_runs_equal_chunks_on_every_rank(
+    extra: list[str], warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path
+) -> None:
+    """No refill rounds: each rank trains on the informative groups it drew, so their row counts differ;
+    every rank must still run the same number of forward/backward chunks (ZeRO and Gemini would hang)."""
+    out = tmp_path / "grpo"
+    argv = grpo_argv(warm_model_dir, arith_jsonl, out)
+    settings = {
+        "--per_device_train_batch_size": "8",
+        "--inference_batch_size": "8",
+        "--max_steps": "3",
+        "--save_steps": "0",
+        "--evaluation_strategy": "no",
+        "--beta": extra[1],
+    }
+    for flag, value in settings.items():
+        argv[argv.index(flag) + 1] = value
+    argv += ["--reward_funcs", "format", "--max_resample_rounds", "0", "--logits_forward_batch_size", "4"]
+    argv += extra[2:]
+    result = stage_runner.run("trainer.grpo", argv, nproc=2, timeout=420)
+    assert result.returncode == 0, result.describe()
+    steps = [r for r in _records(out) if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [r["rank_chunks_min"] for r in steps] == [r["rank_chunks_max"] for r in steps], steps
+    assert any(r["rank_trained_rows_min"] != r["rank_trained_rows_max"] for r in steps), (
+        "the ranks trained on equal row counts at every step: the test shows nothing",
+        steps,
+    )

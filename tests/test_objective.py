@@ -25,6 +25,7 @@ from trainer.rl.objective import (
     group_advantages,
     grpo_loss,
     informative_groups,
+    rollout_temperature,
     temperature_at,
     zero_std_fraction,
 )
@@ -254,6 +255,35 @@ def test_temperature_argument_errors(kwargs: dict, name: str) -> None:
     args = {"step": 0, "total_steps": 10, "initial": 1.0, "final": 0.7, "schedule": "linear"} | kwargs
     with pytest.raises(ValueError, match=name):
         temperature_at(**args)
+
+
+def test_rollout_temperature_reaches_the_final_temperature_with_reused_rollouts() -> None:
+    # 6 steps, each rollout reused for 2: three rollouts, the last one sampled at the final temperature.
+    values = [rollout_temperature(s, 6, 2, 1.0, 0.5) for s in range(6)]
+    assert values == [1.0, 1.0, 0.75, 0.75, 0.5, 0.5]
+    # A step count that is not a multiple of mu: the last rollout (trained on once) is the final one.
+    assert [rollout_temperature(s, 5, 2, 1.0, 0.5, "cosine") for s in range(5)] == [1.0, 1.0, 0.75, 0.75, 0.5]
+    # mu = 1 is the schedule over optimizer steps.
+    assert [rollout_temperature(s, 7, 1, 1.3, 0.3) for s in range(7)] == [
+        temperature_at(s, 7, 1.3, 0.3) for s in range(7)
+    ]
+    assert rollout_temperature(0, 3, 4, 0.9, 0.2) == 0.9  # a single rollout: the initial temperature
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_iterations": 0}, "num_iterations"),
+        ({"num_iterations": True}, "num_iterations"),
+        ({"step": 6}, "step"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"final": 0.0}, "final"),
+    ],
+)
+def test_rollout_temperature_argument_errors(kwargs: dict, name: str) -> None:
+    args = {"step": 0, "total_steps": 6, "num_iterations": 2, "initial": 1.0, "final": 0.5} | kwargs
+    with pytest.raises(ValueError, match=name):
+        rollout_temperature(**args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -893,3 +923,29 @@ def test_shared_prompt_forward_checks_the_model_kept_the_asked_logits() -> None:
         completion_logprobs(
             IgnoresLogitsToKeep(model), input_ids, attention_mask, input_ids[:, -6:], 1.0, 6, group_size=3
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampler-vs-trainer log-prob gap
+# --------------------------------------------------------------------------------------------------
+def test_logprob_gap_sums_and_metrics() -> None:
+    from trainer.rl.metrics import add_gap_sums, gap_metrics, logprob_gap_sums
+
+    sampler = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.25, 0.0]])
+    # Gaps 0.005, 0.02, (masked: 7.0) | 0.0, 0.3, (masked padding). exp(0.02) - 1 > 1 %, exp(0.005) - 1 not.
+    trainer = torch.tensor([[-1.005, -1.98, 4.0], [-0.5, -0.55, -9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    sums = logprob_gap_sums(sampler, trainer, mask)
+    assert sums["gap_tokens"] == 4 and sums["gap_off_count"] == 2
+    assert sums["gap_abs_sum"] == pytest.approx(0.325, abs=1e-12) and sums["gap_max"] == pytest.approx(0.3)
+    half = logprob_gap_sums(sampler[:1], trainer[:1], mask[:1])
+    both = add_gap_sums(add_gap_sums({}, half), logprob_gap_sums(sampler[1:], trainer[1:], mask[1:]))
+    assert both == pytest.approx(sums)
+    metrics = gap_metrics(both)
+    assert metrics == pytest.approx(
+        {"logprob_gap_mean": 0.325 / 4, "logprob_gap_max": 0.3, "logprob_gap_off_fraction": 0.5}
+    )
+    nothing = logprob_gap_sums(sampler, trainer, torch.zeros_like(mask))
+    assert nothing["gap_max"] == 0.0 and gap_metrics(nothing) == {}  # no valid token: no metric, no NaN
+    with pytest.raises(ValueError, match="same"):
+        logprob_gap_sums(sampler, trainer[:, :2], mask)

@@ -106,6 +106,11 @@ def save_training_checkpoint(
     return final
 
 
+def read_trainer_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's `trainer_state.json` (step, world size, total steps, the recipe's own fields)."""
+    return json.loads((Path(checkpoint_dir) / TRAINER_STATE_NAME).read_text())
+
+
 def load_training_checkpoint(
     booster: Any,
     model: Any,
@@ -119,7 +124,7 @@ def load_training_checkpoint(
     import torch
 
     checkpoint_dir = Path(checkpoint_dir)
-    state = json.loads((checkpoint_dir / TRAINER_STATE_NAME).read_text())
+    state = read_trainer_state(checkpoint_dir)
     if state.get("world_size", dist.world_size) != dist.world_size:
         raise StageOutputError(
             f"{checkpoint_dir}: saved with world size {state['world_size']}, resuming with {dist.world_size}; "

@@ -14,8 +14,10 @@ One optimizer step, read top to bottom in `train()`:
 3. train    — the clipped surrogate (+ `--beta` x k3 KL to the frozen initial model) on chunks of
    `--logits_forward_batch_size` rows (each group's prompt run once, its G completions packed behind it,
    where that is cheaper), log-probs at the sampling temperature, aggregated per
-   `--loss_type`; a rollout is reused for `--num_iterations` optimizer steps (old log-probs are the
-   sampler's, so no extra forward pass is spent on them).
+   `--loss_type`; a rollout is reused for `--num_iterations` optimizer steps (old log-probs of the later
+   passes: the first pass's own, detached, with `--old_logprobs trainer`; or the sampler's). Every rank
+   runs the same number of chunks (zero-weight ones where it has fewer rows), so collectives stay matched.
+   The temperature schedule runs over rollouts, so the last one is sampled at `--final_temperature`.
 The prompt stream, the rollout batch and the zero-advantage skip live in `trainer/rl/rollout.py`;
 checkpoints (`checkpoint-<step>/`, with prompt positions and the sampling generator), resume, SIGTERM and
 the final export + `r1_stage.json` are the shared stage lifecycle (`trainer/lifecycle.py`).
@@ -42,6 +44,7 @@ from trainer.r1.lengths import prompt_ids
 from trainer.r1.rewards import DEFAULT_REWARD_FUNCS, REWARD_FUNCS, accuracy_reward, format_reward, score
 from trainer.r1.scoring import evaluate_model
 from trainer.rl.logprobs import completion_logprobs, unwrap_model
+from trainer.rl.metrics import GAP_SUM_KEYS, add_gap_sums, gap_metrics, logprob_gap_sums
 from trainer.rl.objective import (
     ADVANTAGE_SCALES,
     LOSS_TYPES,
@@ -49,13 +52,14 @@ from trainer.rl.objective import (
     group_advantages,
     grpo_loss,
     informative_groups,
-    temperature_at,
+    rollout_temperature,
 )
 from trainer.rl.rollout import (
     PromptStream,
     Rollout,
     keep_informative,
     pack_groups,
+    plan_chunks,
     rows_to_train,
     sample_scored_groups,
     select_rows,
@@ -74,6 +78,8 @@ from trainer.runtime import (
 )
 
 logger = logging.getLogger("r1_grpo.grpo")
+
+OLD_LOGPROBS: tuple[str, ...] = ("trainer", "sampler")
 
 
 @dataclass
@@ -110,6 +116,13 @@ class GRPOArgs(TrainingArgs):
         default="group", metadata={"help": "group | batch | none: divide advantages by this std"}
     )
     num_iterations: int = field(default=1, metadata={"help": "Optimizer steps per rollout batch (mu)"})
+    old_logprobs: str = field(
+        default="trainer",
+        metadata={
+            "help": "Old-policy log-probs of passes 2..mu over a rollout: trainer (the first pass's own, "
+            "detached, as TRL and verl) | sampler (the sampler's, computed by other kernels)"
+        },
+    )
     max_prompt_length: int = field(
         default=512,
         metadata={
@@ -182,6 +195,7 @@ class GRPOArgs(TrainingArgs):
                 "loss_type": LOSS_TYPES,
                 "scale_rewards": ADVANTAGE_SCALES,
                 "temperature_schedule": TEMPERATURE_SCHEDULES,
+                "old_logprobs": OLD_LOGPROBS,
             }
         )
         unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS]
@@ -203,9 +217,8 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
     stage = Stage.start("grpo", data_args, args)
     dist, device = stage.dist, stage.device
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args, device)
-    ref_model = None
-    if args.beta > 0:  # frozen copy of the starting policy for the KL term
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    # The KL term's frozen copy of the starting policy, taken before the Booster wraps (and may cast) it.
+    initial = copy.deepcopy(model) if args.beta > 0 else None
     # Every prompt tokenized and length-checked now, the same on every rank, not when first sampled.
     limits = dict(max_prompt_length=args.max_prompt_length, skip=data_args.skip_bad_rows)
     train_examples, report = data_args.load_train(seed=args.seed)
@@ -230,6 +243,8 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
         total_steps = max(1, int(rollouts_per_epoch * args.num_train_epochs)) * args.num_iterations
     agree_on_setup()
     model = stage.boost(model, total_steps)
+    ref_model = None if initial is None else reference_model(initial, unwrap_model(model))
+    del initial
     generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + dist.rank)
     state = stage.resume({"sampling": generator})
     position = state["prompt_positions"][dist.rank] if state else 0
@@ -242,9 +257,10 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
     def trainer_state() -> dict[str, Any]:
         return {
             "prompt_positions": stream.all_positions(),
-            "temperature": temperature_at(
+            "temperature": rollout_temperature(
                 min(stage.step, total_steps - 1),
                 total_steps,
+                args.num_iterations,
                 args.initial_temperature,
                 args.final_temperature,
                 args.temperature_schedule,
@@ -255,9 +271,10 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
     loop_started = time.time()
     while stage.step < total_steps:
         step = stage.step
-        temperature = temperature_at(
-            step - step % args.num_iterations,
+        temperature = rollout_temperature(
+            step,
             total_steps,
+            args.num_iterations,
             args.initial_temperature,
             args.final_temperature,
             args.temperature_schedule,
@@ -296,6 +313,8 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
         if step % args.logging_steps == 0 or step == total_steps or out_of_budget:
             record = reduce_step_metrics(rollout, train_stats, timings, dist)
             record.update(temperature=temperature, learning_rate=stage.scheduler.get_last_lr()[0])
+            if device.type == "cuda":
+                record["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             stage.log(record)
             log_samples(stage.output_dir, step, rollout, args.num_completions_to_print, dist)
             stage.bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}")
@@ -423,17 +442,50 @@ def make_rollout(
         score_s=timings["score_s"],
     )
     if ref_model is not None:
-        with torch.no_grad():
+        # The policy's forward exactly (autocast, chunking), so the KL is 0 while the weights are equal.
+        with torch.no_grad(), autocast(args, device):
             rollout.ref_logprobs = completion_logprobs(
                 ref_model,
                 rollout.input_ids,
                 rollout.attention_mask,
                 rollout.completion_ids,
                 temperature,
-                args.logits_forward_batch_size,
+                train_chunk(args),
                 group_size=args.num_generations,
-            )
+            ).float()
     return rollout
+
+
+def reference_model(initial, policy):
+    """The frozen reference of the KL term: ``initial`` (a copy of the starting weights) in the dtype and
+    attention implementation of ``policy`` (the boosted model, unwrapped). The Booster casts the policy
+    under --bf16 (ZeRO, Gemini); a float32 reference would then differ from it at step 0 and, with
+    flash-attention, which takes only fp16/bf16, fail on its first forward."""
+    ref = initial.eval().requires_grad_(False)
+    # Tensor by tensor, buffers too: a cast model's float32 rotary frequencies may or may not stay float32.
+    params = {name: p.dtype for name, p in policy.named_parameters()}
+    compute = next((d for d in params.values() if d.is_floating_point), torch.float32)
+    for name, p in ref.named_parameters():
+        p.data = p.data.to(params.get(name, compute))
+    buffers = {name: b.dtype for name, b in policy.named_buffers()}
+    for prefix, module in ref.named_modules():
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.to(buffers.get(f"{prefix}.{name}" if prefix else name, b.dtype))
+    attn = policy.config._attn_implementation
+    if hasattr(ref, "set_attn_implementation"):  # transformers 5
+        ref.set_attn_implementation(attn)
+    else:
+        ref.config._attn_implementation = attn
+    return ref
+
+
+def train_chunk(args: GRPOArgs) -> int:
+    """Rows per forward/backward chunk: whole groups when a chunk holds one, so each runs its prompt once."""
+    chunk = args.logits_forward_batch_size
+    if chunk >= args.num_generations:
+        chunk -= chunk % args.num_generations
+    return chunk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,34 +493,41 @@ def make_rollout(
 
 
 def policy_update(stage: Stage, rollout: Rollout, args: GRPOArgs, reuse: bool) -> dict[str, float]:
-    """Backward of the GRPO loss over the rollout in chunks; gradients are synchronised once, at the end."""
+    """Backward of the GRPO loss over the rollout in chunks; gradients are synchronised once, at the end.
+
+    The first pass (``reuse`` False) is on-policy (ratio 1 exactly); it keeps its log-probs (detached) as
+    ``rollout.train_logprobs`` and the sampler-vs-trainer gap sums in ``rollout.stats``. The later passes
+    take their old log-probs from ``--old_logprobs``."""
     model, dist = stage.model, stage.dist
+    full = rollout
     N = rollout.input_ids.size(0)
-    device = rollout.input_ids.device
     totals = all_reduce_(torch.tensor([float(N), float(rollout.completion_mask.sum())], dtype=torch.float64))
     n_global, tokens_global = totals.tolist()
     W = dist.world_size
-    chunk = args.logits_forward_batch_size
-    if chunk >= args.num_generations:  # whole groups per chunk, so each can run its prompt once
-        chunk -= chunk % args.num_generations
+    G = args.num_generations
+    chunk = train_chunk(args)
     trained = rows_to_train(
-        rollout,
-        chunk,
-        group_size=args.num_generations,
-        skip_zero_advantage=args.skip_zero_advantage_groups and args.beta == 0,
-        max_over_ranks=max_over_ranks if W > 1 else None,
+        rollout, chunk, group_size=G, skip_zero_advantage=args.skip_zero_advantage_groups and args.beta == 0
     )
     if trained is not None:
         rollout = select_rows(rollout, trained)
         N = trained.numel()
+    n_chunks = plan_chunks(N, chunk, max_over_ranks if W > 1 else None)
+    keep_old = not reuse and args.num_iterations > 1 and args.old_logprobs == "trainer"
+    first_pass_logprobs = torch.zeros_like(rollout.sample_logprobs) if keep_old else None
+    gap: dict[str, float] = {}
     sums: dict[str, float] = {}
     token_sum = 0.0
-    for start in range(0, N, chunk):
-        rows = slice(start, min(N, start + chunk))
-        last = start + chunk >= N
+    for k in range(n_chunks):
+        start = k * chunk
+        padding = start >= N  # this rank is out of rows: a zero-weight chunk keeps collectives matched
+        rows = (
+            slice(0, min(N, G if chunk >= G else chunk)) if padding else slice(start, min(N, start + chunk))
+        )
+        last = k == n_chunks - 1
         # DDP all-reduces on the last chunk only; a world of one has nothing to reduce at all.
         with stage.no_sync(args.plugin == "ddp" and (not last or W == 1)):
-            with autocast(args, device):
+            with autocast(args, device=rollout.input_ids.device):
                 logprobs = completion_logprobs(
                     model,
                     rollout.input_ids[rows],
@@ -476,13 +535,16 @@ def policy_update(stage: Stage, rollout: Rollout, args: GRPOArgs, reuse: bool) -
                     rollout.completion_ids[rows],
                     rollout.temperature,
                     chunk,
-                    group_size=args.num_generations,
-                )
-            # First pass over a rollout is on-policy (ratio 1 exactly); later passes use the sampler's log-probs.
-            old = rollout.sample_logprobs[rows] if reuse else None
+                    group_size=G,
+                ).float()
+            old = None
+            if reuse:
+                old = (rollout.train_logprobs if args.old_logprobs == "trainer" else rollout.sample_logprobs)[
+                    rows
+                ]
             n_rows = rows.stop - rows.start
             loss, stats = grpo_loss(
-                logprobs.float(),
+                logprobs,
                 old,
                 rollout.advantages[rows],
                 rollout.completion_mask[rows],
@@ -495,19 +557,37 @@ def policy_update(stage: Stage, rollout: Rollout, args: GRPOArgs, reuse: bool) -
                 num_items_in_batch=max(tokens_global, 1.0) / W if args.loss_type == "dapo" else None,
             )
             # Scale chunk losses so their sum, averaged over ranks by DDP, is the whole batch's loss.
-            if args.loss_type != "dapo":
+            if padding:
+                loss = loss * 0.0
+            elif args.loss_type != "dapo":
                 loss = loss * (n_rows * W / n_global)
             stage.backward(loss)
+        if padding:
+            continue
+        if not reuse:
+            sample = rollout.sample_logprobs[rows]
+            gap = add_gap_sums(gap, logprob_gap_sums(sample, logprobs, rollout.completion_mask[rows]))
+            if first_pass_logprobs is not None:
+                first_pass_logprobs[rows] = logprobs.detach()
         tokens = float(stats["num_tokens"])
         token_sum += tokens
         for key, value in stats.items():
             if key != "num_tokens":
                 sums[key] = sums.get(key, 0.0) + float(value) * tokens
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+    if not reuse:
+        full.stats.update(gap)
+    if first_pass_logprobs is not None:
+        if trained is None:
+            full.train_logprobs = first_pass_logprobs
+        else:  # the later passes select the same rows (rows_to_train depends on the rollout alone)
+            full.train_logprobs = torch.zeros_like(full.sample_logprobs)
+            full.train_logprobs[trained] = first_pass_logprobs
     out = {k: v / max(token_sum, 1.0) for k, v in sums.items() if k != "loss"}
     out["loss"] = sums.get("loss", 0.0)
     out["tokens"] = token_sum
     out["trained_rows"] = float(N)
+    out["chunks"] = float(n_chunks)
     return out
 
 
@@ -541,10 +621,11 @@ def reduce_step_metrics(
         "groups",
         "entropy_sum",
         "generated_tokens",
+        *GAP_SUM_KEYS,
     ]
     weighted = ["kl", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "ratio_mean"]
     vec = torch.tensor(
-        [s[k] for k in keys]
+        [s.get(k, 0.0) for k in keys]
         + [train_stats.get(k, 0.0) * train_stats["tokens"] for k in weighted]
         + [train_stats["tokens"], train_stats["loss"], train_stats["trained_rows"]],
         dtype=torch.float64,
@@ -556,11 +637,17 @@ def reduce_step_metrics(
             s["score_s"],
             timings.get("train_s", 0.0),
             timings.get("rollout_s", 0.0),
+            s.get("gap_max", 0.0),
+            train_stats["chunks"],
+            train_stats["trained_rows"],
         ],
         dtype=torch.float64,
     )
+    # Per-rank counts that differ between ranks under dynamic sampling (rows) and must not (chunks).
+    mins = torch.tensor([train_stats["chunks"], train_stats["trained_rows"]], dtype=torch.float64)
     all_reduce_(vec)
     all_reduce_(maxes, op=td.ReduceOp.MAX)
+    all_reduce_(mins, op=td.ReduceOp.MIN)
     v = dict(zip(keys + weighted + ["tokens", "loss", "trained_rows"], vec.tolist(), strict=True))
     n = max(v["rows"], 1.0)
     mean = v["reward_sum"] / n
@@ -580,7 +667,12 @@ def reduce_step_metrics(
         "train_s": maxes[3].item(),
         "rollout_s": maxes[4].item(),
         "trained_fraction": v["trained_rows"] / n,  # rows the update ran forward/backward on (rows_to_train)
+        "rank_chunks_min": mins[0].item(),
+        "rank_chunks_max": maxes[6].item(),
+        "rank_trained_rows_min": mins[1].item(),
+        "rank_trained_rows_max": maxes[7].item(),
     }
+    out.update(gap_metrics({**{k: v[k] for k in GAP_SUM_KEYS}, "gap_max": maxes[5].item()}))
     out["rollout_tokens_per_s"] = (
         v["generated_tokens"] / max(out["generate_s"], 1e-9) if out["generate_s"] > 0 else 0.0
     )

@@ -155,7 +155,30 @@ def temperature_at(
     return min(max(value, min(initial, final)), max(initial, final))
 
 
-# --------------------------------------------------------------------------------------------------
+def rollout_temperature(
+    step: int,
+    total_steps: int,
+    num_iterations: int,
+    initial: float,
+    final: float,
+    schedule: TemperatureSchedule = "linear",
+) -> float:
+    """Sampling temperature of the rollout that optimizer step ``step`` (0-based) trains on.
+
+    A rollout is sampled every ``num_iterations`` (mu) steps and reused until the next, so the schedule
+    runs over rollouts, not steps: rollout ``k = step // mu`` of ``K = ceil(total_steps / mu)`` gets
+    ``temperature_at(k, K, initial, final, schedule)``. The last rollout is sampled at exactly ``final``
+    (a schedule over steps would stop one rollout short of it: 6 steps, mu = 2, 1.0 -> 0.5 gives
+    1.0, 1.0, 0.75, 0.75, 0.5, 0.5 here).
+    """
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 1:
+        raise ValueError(f"num_iterations must be an int >= 1, got {num_iterations!r}")
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < total_steps:
+        raise ValueError(f"step must be in [0, total_steps - 1] = [0, {total_steps - 1}], got {step!r}")
+    rollouts = -(-total_steps // num_iterations)
+    return temperature_at(step // num_iterations, rollouts, initial, final, schedule)
 
 
 # --------------------------------------------------------------------------------------------------

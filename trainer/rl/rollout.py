@@ -61,7 +61,9 @@ class Rollout:
     attention_mask: torch.Tensor  # [N, P+T]
     completion_ids: torch.Tensor  # [N, T]
     completion_mask: torch.Tensor  # [N, T] float; 0 on padding (and on truncated rows if masked)
-    sample_logprobs: torch.Tensor  # [N, T] from the sampler = old-policy log-probs
+    sample_logprobs: (
+        torch.Tensor
+    )  # [N, T] from the sampler (old-policy log-probs with --old_logprobs sampler)
     advantages: torch.Tensor  # [N]
     rewards: torch.Tensor  # [N]
     temperature: float
@@ -69,6 +71,8 @@ class Rollout:
     answers: list[str]
     stats: dict[str, float]
     ref_logprobs: torch.Tensor | None = None
+    # [N, T] the first training pass's own log-probs (detached): old-policy log-probs of the later passes
+    train_logprobs: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -207,6 +211,7 @@ def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
         completion_mask=rollout.completion_mask[rows],
         sample_logprobs=rollout.sample_logprobs[rows],
         advantages=rollout.advantages[rows],
+        train_logprobs=None if rollout.train_logprobs is None else rollout.train_logprobs[rows],
     )
 
 
@@ -216,7 +221,6 @@ def rows_to_train(
     *,
     group_size: int,
     skip_zero_advantage: bool,
-    max_over_ranks: Callable[[int], int] | None = None,
 ) -> torch.Tensor | None:
     """Row indices the policy update runs forward/backward on, ``chunk`` rows at a time (None: every row,
     in order).
@@ -224,25 +228,31 @@ def rows_to_train(
     A group whose advantages are all zero (equal rewards) contributes exactly zero to the loss and the
     gradient when there is no KL term (``skip_zero_advantage``: beta 0): -min(rho * 0, clip(rho) * 0) = 0
     for any ratio rho. Its rows are skipped; the loss keeps its normalisation over all rows, so the update
-    is the same. Every rank runs the same number of chunks (``max_over_ranks``: the most any rank needs,
-    at least one), a rank that needs fewer taking skipped groups along (one group per extra chunk), so
-    collective backward passes (DDP's last chunk, ZeRO's reductions) stay matched and the gradients are
-    always defined (zeros when nothing is informative).
+    is the same. At least one group is kept, so the gradients are always defined (zeros when nothing is
+    informative). The ranks' chunk counts are matched afterwards by :func:`plan_chunks`.
     """
     G = group_size
     N = rollout.advantages.numel()
     if not skip_zero_advantage or rollout.ref_logprobs is not None or N % G or chunk % G:
         return None
     informative = rollout.advantages.view(-1, G).ne(0).any(dim=1).cpu()
-    order = torch.cat(
-        [informative.nonzero().flatten(), (~informative).nonzero().flatten()]
-    )  # stable: length order kept
-    informative_rows = int(informative.sum()) * G
-    n_chunks = max(1, -(-informative_rows // chunk))
-    if max_over_ranks is not None:
-        n_chunks = max_over_ranks(n_chunks)
-    target = max(informative_rows, (n_chunks - 1) * chunk + G)  # ceil(target / chunk) == n_chunks
-    if target >= N:
+    groups = informative.nonzero().flatten()  # in order: the length order is kept
+    if groups.numel() == informative.numel():
         return None
-    groups = order[: target // G]
+    if groups.numel() == 0:
+        groups = torch.tensor([0])
     return (groups[:, None] * G + torch.arange(G)).flatten().to(rollout.advantages.device)
+
+
+def plan_chunks(n_rows: int, chunk: int, max_over_ranks: Callable[[int], int] | None = None) -> int:
+    """How many forward/backward chunks of ``chunk`` rows this rank runs over its ``n_rows`` rows: its own
+    ``ceil(n_rows / chunk)`` (at least 1), raised to the most any rank needs (``max_over_ranks``, a
+    collective every rank calls). Ranks' row counts differ (dynamic sampling keeps what each drew, the
+    zero-advantage skip what each can skip), but every backward pass of ZeRO and Gemini is a collective: a
+    rank with fewer chunks of its own runs the rest as zero-weight chunks, so none waits forever."""
+    if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 1:
+        raise ValueError(f"n_rows must be a positive int, got {n_rows!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    n_chunks = -(-n_rows // chunk)
+    return n_chunks if max_over_ranks is None else max(n_chunks, max_over_ranks(n_chunks))
