@@ -385,10 +385,8 @@ def test_a_deleted_training_pod_saves_on_sigterm_and_the_next_pod_resumes(releas
     until its containers have stopped, so no replacement could start before; the replacement is held
     here until the old process has exited, the order a real node guarantees."""
     steps = 1500  # long enough to still be training when the deletion lands
-    values = merge(
-        release.values,
-        {"stages": {"sft": {"args": {"max_steps": steps, "save_steps": 10 * steps, "logging_steps": 1}}}},
-    )
+    sft_args = {"max_steps": steps, "save_steps": 0, "logging_steps": 1}  # save_steps 0: SIGTERM's save only
+    values = merge(release.values, {"stages": {"sft": {"args": sft_args}}})
     sft_dir = release.stage_dir("sft")
     kubelet = HostKubelet(release.cp, release.namespace, release.workdir)
     first: dict = {}

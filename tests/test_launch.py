@@ -141,6 +141,26 @@ def test_workers_still_running_after_the_wait_are_killed(tmp_path: Path) -> None
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
+@pytest.mark.parametrize(("on_sigterm_exit", "launcher_exit"), [(143, 143), (1, 143), (0, 0)])
+def test_a_command_without_workers_gets_the_sigterm_itself(
+    tmp_path: Path, on_sigterm_exit: int, launcher_exit: int
+) -> None:
+    """Before torchrun has started its workers there is nothing to save: the SIGTERM goes to torchrun. The
+    launcher exits 143 after a SIGTERM unless the command succeeded (a stage that finished just then)."""
+    script = (
+        "import os, signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda s, f: os._exit({on_sigterm_exit}))\n"
+        "open('ready-0', 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    pod = Pod(launch_argv(600) + [sys.executable, "-c", script], tmp_path / "c", nproc=1)
+    (pid,) = pod.wait_ready()
+    stopped = pod.wait(pod.sigterm())
+    assert stopped.returncode == launcher_exit, stopped.log
+    assert f"SIGTERM: passed on to {sys.executable} (no workers yet)" in stopped.log
+    assert f"{sys.executable} exited {on_sigterm_exit} " in stopped.log and stopped.seconds < 30
+
+
 @pytest.mark.parametrize(
     ("script", "code"),
     [
