@@ -378,19 +378,19 @@ def _trained_steps(folder: Path) -> list[int]:
 def test_a_deleted_training_pod_saves_on_sigterm_and_the_next_pod_resumes(release: Release) -> None:
     """Issue 13 item 8: `kubectl delete pod` of the sft pod while it trains. The pod's first process is the
     chart's `r1-grpo launch -- torchrun …` (grace 600 s); the stand-in kubelet sends it SIGTERM when the API
-    shows the deletion, as a kubelet does; the trainer saves a checkpoint and exits 143; the pod the
-    training operator or the controller starts next resumes from that checkpoint and finishes the stage.
+    shows the deletion, as a kubelet does; the trainer saves a checkpoint and exits 143; the pod is then
+    Failed (exit 143) and gone, the job fails, and the controller's next attempt resumes from the checkpoint.
 
-    kwok removes a deleted pod's object at once (its pod-delete stage), where a kubelet keeps it Terminating
-    until its containers have stopped, so no replacement could start before; the replacement is held
-    here until the old process has exited, the order a real node guarantees."""
+    kwok removes a deleted pod's object at once (kwok v0.8.0 stage pod/fast/pod-delete: `delete: true`),
+    where a kubelet keeps it Terminating until its containers have stopped; a finalizer held by the test
+    keeps it until the process has exited, and the test then writes the container's exit code and lets
+    it go, the kubelet's order."""
     steps = 1500  # long enough to still be training when the deletion lands
     sft_args = {"max_steps": steps, "save_steps": 0, "logging_steps": 1}  # save_steps 0: SIGTERM's save only
     values = merge(release.values, {"stages": {"sft": {"args": sft_args}}})
     sft_dir = release.stage_dir("sft")
     kubelet = HostKubelet(release.cp, release.namespace, release.workdir)
     first: dict = {}
-    stopped = threading.Event()
 
     def policy(pod: dict) -> str | None:
         stage, _ = pod_stage_attempt(pod)
@@ -401,7 +401,9 @@ def test_a_deleted_training_pod_saves_on_sigterm_and_the_next_pod_resumes(releas
             first.update(pod=pod, run=run, log=release.workdir / "deleted-pod.log")
             first["proc"] = kubelet.start(run, first["log"])
             return None  # left running: the test stops it below, as the kubelet does on deletion
-        return "run" if stopped.is_set() else "hold"
+        # One writer per folder: the next pod may start only once the deleted one's trainer has exited.
+        first.setdefault("next_started_while_running", first["proc"].poll() is None)
+        return "run"
 
     def deletion_seen(pod: dict) -> bool:
         try:
@@ -421,21 +423,16 @@ def test_a_deleted_training_pod_saves_on_sigterm_and_the_next_pod_resumes(releas
             launches_torchrun(pod["spec"]["containers"][0])
             and pod["spec"]["terminationGracePeriodSeconds"] == 600
         )
-        release.cp.request("DELETE", f"/api/v1/namespaces/{release.namespace}/pods/{pod['metadata']['name']}")
+        pod_path = f"/api/v1/namespaces/{release.namespace}/pods/{pod['metadata']['name']}"
+        release.cp.request("PATCH", pod_path, {"metadata": {"finalizers": [HOLD_FINALIZER]}})
+        release.cp.request("DELETE", pod_path)
         wait_until("the pod's deletion", lambda: deletion_seen(pod), 60)
         proc.send_signal(signal.SIGTERM)  # to the container's first process only
         rc = proc.wait(300)
         log = first["log"].read_text(errors="replace")
         saved = latest_checkpoint(sft_dir)
-        try:  # an object still there gets the kubelet's last status (kwok has usually removed it)
-            still_there = (
-                release.get(f"pods/{pod['metadata']['name']}")["metadata"]["uid"] == pod["metadata"]["uid"]
-            )
-        except ApiError:
-            still_there = False
-        if still_there:
-            kubelet.finish(pod, rc)
-        stopped.set()
+        kubelet.finish(pod, rc)  # the container's exit code, then the object may go
+        release.cp.request("PATCH", pod_path, {"metadata": {"finalizers": None}})
         code = controller.wait(900)
     assert rc == 143, log[-6000:]
     assert "r1-grpo launch: SIGTERM: passed on to workers" in log, log[-6000:]
@@ -446,8 +443,13 @@ def test_a_deleted_training_pod_saves_on_sigterm_and_the_next_pod_resumes(releas
     sft_runs = [(name, c, text) for name, c, text in driver.runs if "-sft-" in name]
     assert [c for _, c, _ in sft_runs] == [0], [(n, c, t[-3000:]) for n, c, t in sft_runs]
     assert f"resumed from {saved} (step {step})" in sft_runs[0][2], sft_runs[0][2][-6000:]
+    assert first["next_started_while_running"] is False
     assert verify_stage_output(sft_dir, "sft").steps == steps
     sft_status = next(s for s in release.status()["stages"] if s["name"] == "sft")
+    # The job failed with its pod (exit 143); the controller's retry was created once the pod had stopped,
+    # so it saw the checkpoint and says it resumes from it.
+    assert [(a["attempt"], a["phase"]) for a in sft_status["attempts"]] == [(1, "Failed"), (2, "Succeeded")]
+    assert sft_status["attempts"][1]["resumeFrom"] == f"/checkpoints/r1/sft/{saved.name}", sft_status
     print(f"sft: deleted at step {step}; resumed by {sft_runs[0][0]}; status attempt {sft_status['attempt']}")
 
 
