@@ -61,6 +61,16 @@ def _replicas(job: dict) -> dict[str, dict]:
     return {name: spec["template"]["spec"] for name, spec in job["spec"]["pytorchReplicaSpecs"].items()}
 
 
+def _launcher_grace(spec: dict) -> int:
+    """The grace period the pod's first process, `r1-grpo launch`, gives the trainers (trainer/launch.py)."""
+    (container,) = spec["containers"]
+    launcher, flag, end, torchrun = container["command"][:2], *container["command"][2:]
+    assert [launcher, end, torchrun] == [["r1-grpo", "launch"], "--", "torchrun"], container["command"]
+    name, _, value = flag.partition("=")
+    assert name == "--termination-grace-period-seconds", flag
+    return int(value)
+
+
 def test_default_grace_period_is_on_every_training_pod_and_only_there() -> None:
     docs = rendered()
     specs = pod_specs(docs)
@@ -70,6 +80,7 @@ def test_default_grace_period_is_on_every_training_pod_and_only_there() -> None:
         assert spec["terminationGracePeriodSeconds"] == DEFAULTS["terminationGracePeriodSeconds"] == 600, (
             where
         )
+        assert _launcher_grace(spec) == 600, where
     # The controller stops after its current step within Kubernetes' default 30 s; it keeps that.
     for where, spec in specs.items():
         if not where.startswith("PyTorchJob/"):
@@ -79,11 +90,11 @@ def test_default_grace_period_is_on_every_training_pod_and_only_there() -> None:
 def test_grace_period_global_with_per_stage_override() -> None:
     jobs = stage_jobs(rendered(ALL_ON))
     for replica, spec in _replicas(jobs["sft"]).items():
-        assert spec["terminationGracePeriodSeconds"] == 1800, replica
+        assert spec["terminationGracePeriodSeconds"] == _launcher_grace(spec) == 1800, replica
     assert set(_replicas(jobs["sft"])) == {"Master", "Worker"}
     for stage in ("grpo", "eval"):
         (spec,) = _replicas(jobs[stage]).values()
-        assert spec["terminationGracePeriodSeconds"] == 900, stage
+        assert spec["terminationGracePeriodSeconds"] == _launcher_grace(spec) == 900, stage
     # null globally: the field is left out (Kubernetes' 30 s), a stage can still set its own.
     jobs = stage_jobs(
         rendered(
@@ -91,7 +102,11 @@ def test_grace_period_global_with_per_stage_override() -> None:
         )
     )
     assert "terminationGracePeriodSeconds" not in _replicas(jobs["sft"])["Master"]
+    assert (
+        _launcher_grace(_replicas(jobs["sft"])["Master"]) == 30
+    )  # Kubernetes' default, told to the launcher
     assert _replicas(jobs["eval"])["Master"]["terminationGracePeriodSeconds"] == 0
+    assert _launcher_grace(_replicas(jobs["eval"])["Master"]) == 0
 
 
 def test_extra_resources_in_requests_and_limits_of_every_pod() -> None:
@@ -167,13 +182,19 @@ def test_all_options_on_validate_strictly(crd_validator: jsonschema.protocols.Va
 
 
 def test_options_off_render_byte_identical_to_the_defaults() -> None:
-    """Setting every new option to its off value changes nothing; the grace period is the only new default."""
+    """Setting every new option to its off value changes nothing; the grace period is the only new default
+    (the pods' field, and the launcher's flag, which says Kubernetes' 30 s without it)."""
     default = render_chart_text(None)
     assert render_chart_text(ALL_OFF) == default
     without_grace = render_chart_text({"terminationGracePeriodSeconds": None})
     added = [line for line in default.splitlines() if line not in without_grace.splitlines()]
-    assert [line.strip() for line in added] == ["terminationGracePeriodSeconds: 600"] * 3, added
-    assert sorted(default.splitlines()) == sorted(without_grace.splitlines() + added)
+    removed = [line for line in without_grace.splitlines() if line not in default.splitlines()]
+    assert sorted(line.strip() for line in added) == sorted(
+        ["- --termination-grace-period-seconds=600", "terminationGracePeriodSeconds: 600"] * 3
+    ), added
+    assert [line.strip() for line in removed] == ["- --termination-grace-period-seconds=30"] * 3, removed
+    kept = [line for line in without_grace.splitlines() if line not in removed]
+    assert sorted(default.splitlines()) == sorted(kept + added)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.controlplane.cluster import ApiError
 from tests.support.e2e import (
     PSA_ENFORCE,
     HelmFailed,
+    HostKubelet,
     PodDriver,
     Release,
     merge,
@@ -33,7 +35,14 @@ from tests.support.e2e import (
     wait_until,
     write_checkpoint,
 )
-from trainer.contract.output import MANIFEST_NAME, complete_checkpoints, read_owner, verify_stage_output
+from tests.support.helmtool import launches_torchrun
+from trainer.contract.output import (
+    MANIFEST_NAME,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_owner,
+    verify_stage_output,
+)
 from trainer.executors.kubernetes.spec import EXIT_FORBIDDEN
 
 GPU_NODES = ("e2e-gpu-0", "e2e-gpu-1")
@@ -113,15 +122,15 @@ def test_helm_install_runs_sft_grpo_eval_with_the_pods_real_commands(release: Re
         ("r1-eval-1-master-0", 0),
     ], [log[-3000:] for _, _, log in driver.runs]
 
-    # The pods ran what the chart rendered: torchrun with the operator's layout variables, the stage module
-    # and the chain of output folders on the volume.
+    # The pods ran what the chart rendered: torchrun under `r1-grpo launch` with the operator's layout
+    # variables, the stage module and the chain of output folders on the volume.
     jobs = release.jobs()
     assert sorted(jobs) == ["r1-eval-1", "r1-grpo-1", "r1-sft-1"]
     for stage, module in (("sft", "trainer.sft"), ("grpo", "trainer.grpo"), ("eval", "trainer.evaluate")):
         (container,) = jobs[f"r1-{stage}-1"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
             "containers"
         ]
-        assert container["command"] == ["torchrun"] and module in container["args"]
+        assert launches_torchrun(container) and module in container["args"]
         assert container["args"][container["args"].index("--output_dir") + 1] == f"/checkpoints/r1/{stage}"
         manifest = verify_stage_output(release.stage_dir(stage), stage)
         assert manifest.status == "completed"
@@ -357,6 +366,91 @@ def test_a_retry_resumes_but_not_after_an_upgrade_changed_its_input(release: Rel
         "/checkpoints/r1/grpo/checkpoint-3",
     ]
     assert (release.stage_dir("grpo") / "checkpoint-3").is_dir()
+
+
+def _trained_steps(folder: Path) -> list[int]:
+    """Steps with a train loss in metrics.jsonl so far (the last line may still be being written)."""
+    path = folder / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [r["step"] for r in map(json.loads, filter(None, lines)) if "loss" in r]
+
+
+def test_a_deleted_training_pod_saves_on_sigterm_and_the_next_pod_resumes(release: Release) -> None:
+    """Issue 13 item 8: `kubectl delete pod` of the sft pod while it trains. The pod's first process is the
+    chart's `r1-grpo launch -- torchrun …` (grace 600 s); the stand-in kubelet sends it SIGTERM when the API
+    shows the deletion, as a kubelet does; the trainer saves a checkpoint and exits 143; the pod is then
+    Failed (exit 143) and gone, the job fails, and the controller's next attempt resumes from the checkpoint.
+
+    kwok removes a deleted pod's object at once (kwok v0.8.0 stage pod/fast/pod-delete: `delete: true`),
+    where a kubelet keeps it Terminating until its containers have stopped; a finalizer held by the test
+    keeps it until the process has exited, and the test then writes the container's exit code and lets
+    it go, the kubelet's order."""
+    steps = 1500  # long enough to still be training when the deletion lands
+    sft_args = {"max_steps": steps, "save_steps": 0, "logging_steps": 1}  # save_steps 0: SIGTERM's save only
+    values = merge(release.values, {"stages": {"sft": {"args": sft_args}}})
+    sft_dir = release.stage_dir("sft")
+    kubelet = HostKubelet(release.cp, release.namespace, release.workdir)
+    first: dict = {}
+
+    def policy(pod: dict) -> str | None:
+        stage, _ = pod_stage_attempt(pod)
+        if stage != "sft":
+            return "output"
+        if not first:
+            run = kubelet.prepare(pod)
+            first.update(pod=pod, run=run, log=release.workdir / "deleted-pod.log")
+            first["proc"] = kubelet.start(run, first["log"])
+            return None  # left running: the test stops it below, as the kubelet does on deletion
+        # One writer per folder: the next pod may start only once the deleted one's trainer has exited.
+        first.setdefault("next_started_while_running", first["proc"].poll() is None)
+        return "run"
+
+    def deletion_seen(pod: dict) -> bool:
+        try:
+            now = release.get(f"pods/{pod['metadata']['name']}")
+        except ApiError as e:
+            return e.status == 404
+        return (
+            bool(now["metadata"].get("deletionTimestamp")) or now["metadata"]["uid"] != pod["metadata"]["uid"]
+        )
+
+    release.install(values)
+    controller = release.start_controller()
+    with PodDriver(release, policy) as driver:
+        wait_until("sft training", lambda: first and _trained_steps(sft_dir), 300)
+        pod, proc = first["pod"], first["proc"]
+        assert (
+            launches_torchrun(pod["spec"]["containers"][0])
+            and pod["spec"]["terminationGracePeriodSeconds"] == 600
+        )
+        pod_path = f"/api/v1/namespaces/{release.namespace}/pods/{pod['metadata']['name']}"
+        release.cp.request("PATCH", pod_path, {"metadata": {"finalizers": [HOLD_FINALIZER]}})
+        release.cp.request("DELETE", pod_path)
+        wait_until("the pod's deletion", lambda: deletion_seen(pod), 60)
+        proc.send_signal(signal.SIGTERM)  # to the container's first process only
+        rc = proc.wait(300)
+        log = first["log"].read_text(errors="replace")
+        saved = latest_checkpoint(sft_dir)
+        kubelet.finish(pod, rc)  # the container's exit code, then the object may go
+        release.cp.request("PATCH", pod_path, {"metadata": {"finalizers": None}})
+        code = controller.wait(900)
+    assert rc == 143, log[-6000:]
+    assert "r1-grpo launch: SIGTERM: passed on to workers" in log, log[-6000:]
+    assert saved is not None, log[-6000:]
+    step = int(saved.name.split("-")[1])
+    assert 1 <= step < steps and f"preempted at step {step}; checkpoint saved" in log, log[-6000:]
+    assert code == 0, controller.log()[-6000:]
+    sft_runs = [(name, c, text) for name, c, text in driver.runs if "-sft-" in name]
+    assert [c for _, c, _ in sft_runs] == [0], [(n, c, t[-3000:]) for n, c, t in sft_runs]
+    assert f"resumed from {saved} (step {step})" in sft_runs[0][2], sft_runs[0][2][-6000:]
+    assert first["next_started_while_running"] is False
+    assert verify_stage_output(sft_dir, "sft").steps == steps
+    sft_status = next(s for s in release.status()["stages"] if s["name"] == "sft")
+    # The job failed with its pod (exit 143); the controller's retry was created once the pod had stopped,
+    # so it saw the checkpoint and says it resumes from it.
+    assert [(a["attempt"], a["phase"]) for a in sft_status["attempts"]] == [(1, "Failed"), (2, "Succeeded")]
+    assert sft_status["attempts"][1]["resumeFrom"] == f"/checkpoints/r1/sft/{saved.name}", sft_status
+    print(f"sft: deleted at step {step}; resumed by {sft_runs[0][0]}; status attempt {sft_status['attempt']}")
 
 
 # --------------------------------------------------------------------------------------------- the Role

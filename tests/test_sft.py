@@ -165,9 +165,11 @@ def test_resume_after_sigterm_is_bit_exact(
     reference, _ = sft_run
     out = tmp_path / "sft"
     log_path = tmp_path / "killed.log"
-    cmd = stage_runner.command("trainer.sft", guide_argv(tiny_model_dir, arith_jsonl, out), nproc=2)
+    # As in a pod: `r1-grpo launch` runs torchrun (tests/test_launch.py) and, on SIGTERM to it (PID 1
+    # there), passes it on to the workers and gives them the pod's grace period.
+    launch = [str(stage_runner.bin / "r1-grpo"), "launch", "--termination-grace-period-seconds=600", "--"]
+    cmd = launch + stage_runner.command("trainer.sft", guide_argv(tiny_model_dir, arith_jsonl, out), nproc=2)
     with log_path.open("w") as log:
-        # As in a pod: SIGTERM goes to torchrun (PID 1 there), which forwards it to the workers.
         proc = subprocess.Popen(
             cmd,
             cwd=stage_runner.workdir,
@@ -191,7 +193,8 @@ def test_resume_after_sigterm_is_bit_exact(
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     killed_log = log_path.read_text()
-    assert rc != 0, f"the run finished before SIGTERM took effect:\n{killed_log[-4000:]}"
+    assert rc == 143, f"the run finished before SIGTERM took effect:\n{killed_log[-4000:]}"
+    assert "r1-grpo launch: SIGTERM: passed on to workers" in killed_log
     m = next((line for line in killed_log.splitlines() if "preempted at step" in line), None)
     assert m is not None, killed_log[-4000:]
     saved = contract.latest_checkpoint(out)

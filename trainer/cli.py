@@ -20,6 +20,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "grpo": (STAGE_MODULES["grpo"], "main", "GRPO stage (HF-style flags; run under torchrun)"),
     "eval": (STAGE_MODULES["eval"], "main", "evaluation stage: pass@1 / pass@k / maj@k"),
+    "launch": (
+        "trainer.launch",
+        "main",
+        "run torchrun in a stage pod so that SIGTERM gives the trainers the pod's grace period to save",
+    ),
     "pipeline": (
         "trainer.executors.local",
         "main",

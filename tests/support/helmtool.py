@@ -248,6 +248,13 @@ def stage_jobs(docs: list[dict], release: str = DEFAULT_RELEASE) -> dict[str, di
     return {stage["name"]: yaml.safe_load(configmap["data"][stage["job"]]) for stage in pipeline["stages"]}
 
 
+def launches_torchrun(container: dict) -> bool:
+    """A stage container's command: torchrun under `r1-grpo launch`, which gives the trainers the pod's
+    grace period on SIGTERM (trainer/launch.py; tests/test_chart_gpu_options.py checks the number)."""
+    command = container["command"]
+    return command[:2] == ["r1-grpo", "launch"] and command[3:] == ["--", "torchrun"]
+
+
 def find_doc(docs: list[dict], kind: str, name: str) -> dict:
     for doc in docs:
         if doc.get("kind") == kind and doc.get("metadata", {}).get("name") == name:

@@ -278,10 +278,16 @@ spec:
       imagePullPolicy: {{ $v.image.pullPolicy }}
       # The root filesystem is read-only: anything written relative to the working directory goes to /tmp.
       workingDir: /tmp
-      # torchrun takes the layout from the variables the training operator sets in every pod:
-      # PET_NNODES (replicas), PET_NPROC_PER_NODE (spec.nprocPerNode), PET_NODE_RANK (0 = Master),
-      # MASTER_ADDR / MASTER_PORT (the Master's Service and the pytorchjob-port below).
+      # `r1-grpo launch` runs torchrun and, on SIGTERM, gives the trainers the pod's grace period to save
+      # (torchrun alone kills them 30 s after SIGTERM; trainer/launch.py). torchrun takes the layout from
+      # the variables the training operator sets in every pod: PET_NNODES (replicas), PET_NPROC_PER_NODE
+      # (spec.nprocPerNode), PET_NODE_RANK (0 = Master), MASTER_ADDR / MASTER_PORT (the Master's Service
+      # and the pytorchjob-port below).
       command:
+        - r1-grpo
+        - launch
+        - --termination-grace-period-seconds={{ $grace | default 30 }}
+        - --
         - torchrun
       args:
         - --nnodes=$(PET_NNODES)
