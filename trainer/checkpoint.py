@@ -27,7 +27,7 @@ from trainer.contract.output import (
     atomic_write_json,
     weight_files,
 )
-from trainer.runtime import Dist
+from trainer.runtime import ArgsError, Dist
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +106,6 @@ def save_training_checkpoint(
     return final
 
 
-def read_trainer_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's `trainer_state.json` (step, world size, total steps, the recipe's own fields)."""
-    return json.loads((Path(checkpoint_dir) / TRAINER_STATE_NAME).read_text())
-
-
 def load_training_checkpoint(
     booster: Any,
     model: Any,
@@ -119,16 +114,27 @@ def load_training_checkpoint(
     checkpoint_dir: str | os.PathLike,
     dist: Dist,
     generators: Mapping[str, Any] | None = None,
+    total_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns `trainer_state.json`."""
+    """Restore model, optimizer, scheduler and this rank's RNG; returns `trainer_state.json`. Refused
+    (nothing loaded) when the checkpoint's world size, or its total steps, differ from this run's."""
     import torch
 
     checkpoint_dir = Path(checkpoint_dir)
-    state = read_trainer_state(checkpoint_dir)
+    state = json.loads((checkpoint_dir / TRAINER_STATE_NAME).read_text())
     if state.get("world_size", dist.world_size) != dist.world_size:
         raise StageOutputError(
             f"{checkpoint_dir}: saved with world size {state['world_size']}, resuming with {dist.world_size}; "
             "bit-exact resume needs the same number of processes"
+        )
+    saved_total = state.get("total_steps", total_steps)
+    if total_steps is not None and saved_total != total_steps:
+        # The learning-rate (and GRPO temperature) schedules are functions of the total: a different one
+        # would silently bend them at the resumed step.
+        raise ArgsError(
+            f"--max_steps: {checkpoint_dir} belongs to a run of {saved_total} steps, this run has "
+            f"{total_steps}; resume with the same --max_steps (and epochs, batch sizes and processes), or "
+            "use a new --output_dir"
         )
     booster.load_model(model, str(checkpoint_dir / "model"))
     unsharded = checkpoint_dir / "optimizer" / UNSHARDED_OPTIMIZER_NAME

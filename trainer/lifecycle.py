@@ -127,22 +127,15 @@ class Stage:
         state = None
         latest = contract.latest_checkpoint(self.output_dir)
         if latest is not None:
-            saved = ckpt.read_trainer_state(latest)
-            saved_total = saved.get("total_steps", self.total_steps)
-            # Another world size is refused by the load, naming that cause (it changes the total too).
-            if (
-                saved.get("world_size", self.dist.world_size) == self.dist.world_size
-                and saved_total != self.total_steps
-            ):
-                # The learning-rate (and GRPO temperature) schedules are functions of the total: a
-                # different one would silently bend them at the resumed step.
-                raise ArgsError(
-                    f"--max_steps: {latest} belongs to a run of {saved_total} steps, this run has "
-                    f"{self.total_steps}; resume with the same --max_steps (and epochs, batch sizes and "
-                    "processes), or use a new --output_dir"
-                )
             state = ckpt.load_training_checkpoint(
-                self.booster, self.model, self.optimizer, self.scheduler, latest, self.dist, generators
+                self.booster,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                latest,
+                self.dist,
+                generators,
+                total_steps=self.total_steps,
             )
             self.step = state["step"]
             self.log_to.info("resumed from %s (step %d)", latest, self.step)

@@ -61,9 +61,8 @@ class Rollout:
     attention_mask: torch.Tensor  # [N, P+T]
     completion_ids: torch.Tensor  # [N, T]
     completion_mask: torch.Tensor  # [N, T] float; 0 on padding (and on truncated rows if masked)
-    sample_logprobs: (
-        torch.Tensor
-    )  # [N, T] from the sampler (old-policy log-probs with --old_logprobs sampler)
+    # [N, T] from the sampler (old-policy log-probs with --old_logprobs sampler)
+    sample_logprobs: torch.Tensor
     advantages: torch.Tensor  # [N]
     rewards: torch.Tensor  # [N]
     temperature: float
