@@ -43,15 +43,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def torch_capability(kernels: str) -> str:
-    """The kernel path torch really uses under `kernels` (it falls back when the CPU lacks one)."""
+def kernel_env(kernels: str) -> dict[str, str]:
+    """This process's environment with torch's CPU kernel path set to `kernels` (`native`: torch's choice)."""
     env = dict(os.environ)
     env.pop("ATEN_CPU_CAPABILITY", None)
     if kernels != "native":
         env["ATEN_CPU_CAPABILITY"] = kernels
+    return env
+
+
+def torch_capability(kernels: str) -> str:
+    """The kernel path torch really uses under `kernels` (it falls back when the CPU lacks one)."""
     probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
     return subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", probe], env=kernel_env(kernels), capture_output=True, text=True, check=True
     ).stdout.strip()
 
 
@@ -59,10 +64,6 @@ def run_pipeline(root: Path, release: str, seed: int, kernels: str, fresh: bool,
     folder = root / release
     if fresh and folder.exists():
         print(f"moved {folder} to {move_aside(folder)}", flush=True)
-    env = dict(os.environ)
-    env.pop("ATEN_CPU_CAPABILITY", None)
-    if kernels != "native":
-        env["ATEN_CPU_CAPABILITY"] = kernels
     cli = Path(sys.executable).with_name("r1-grpo")
     cmd = [str(cli), "pipeline", "run", "--root", str(root), "--release", release, "--seed", str(seed)]
     cmd += ["--config", config] if config else []
@@ -71,7 +72,7 @@ def run_pipeline(root: Path, release: str, seed: int, kernels: str, fresh: bool,
         flush=True,
     )
     started = time.time()
-    proc = subprocess.run(cmd, env=env, cwd=REPO)
+    proc = subprocess.run(cmd, env=kernel_env(kernels), cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"bench/demo.py: the pipeline for seed {seed} ({kernels}) exited {proc.returncode}")
     summary = json.loads((folder / "summary.json").read_text())

@@ -206,11 +206,11 @@ def measure_rollout(
     repeats: int,
 ) -> dict[str, Any]:
     import torch
+    from rollout import generate_exactly, sample_exactly  # bench/rollout.py: the same two ways to sample
     from transformers import AutoModelForCausalLM
 
     from trainer.rl.logprobs import completion_logprobs
     from trainer.rl.metrics import gap_metrics, logprob_gap_sums
-    from trainer.rl.sampling import sample_groups
 
     dev = torch.device(device)
     model = AutoModelForCausalLM.from_pretrained(
@@ -224,32 +224,10 @@ def measure_rollout(
         torch.cuda.reset_peak_memory_stats(dev)
 
     def sampler():
-        return sample_groups(
-            model,
-            ids.tolist(),
-            num_generations=G,
-            max_new_tokens=N,
-            temperature=1.0,
-            eos_token_ids=[],
-            pad_token_id=0,
-            generator=torch.Generator(device=dev).manual_seed(2),
-        )
+        return sample_exactly(model, ids, G, N, torch.Generator(device=dev).manual_seed(2))
 
     def generate() -> int:
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            num_return_sequences=G,
-            max_new_tokens=N,
-            min_new_tokens=N,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        return (out.shape[1] - P) * out.shape[0]
+        return generate_exactly(model, ids, G, N)
 
     def timed(fn) -> tuple[float, Any]:
         if dev.type == "cuda":

@@ -105,6 +105,40 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     )
 
 
+def generate_exactly(model, prompts: torch.Tensor, G: int, N: int) -> int:
+    """`model.generate` sampling G completions of exactly N tokens per prompt (no EOS, temperature 1,
+    full distribution): the baseline; returns the number of tokens generated (B * G * N)."""
+    out = model.generate(
+        input_ids=prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        num_return_sequences=G,
+        max_new_tokens=N,
+        min_new_tokens=N,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return (out.shape[1] - prompts.shape[1]) * out.shape[0]
+
+
+def sample_exactly(model, prompts: torch.Tensor, G: int, N: int, generator: torch.Generator, **options):
+    """`sample_groups` under the same conditions as :func:`generate_exactly` (no EOS: B * G * N tokens)."""
+    return sample_groups(
+        model,
+        prompts.tolist(),
+        num_generations=G,
+        max_new_tokens=N,
+        temperature=1.0,
+        eos_token_ids=[],
+        pad_token_id=0,
+        generator=generator,
+        **options,
+    )
+
+
 def build_model(cfg: BenchConfig) -> LlamaForCausalLM:
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(
@@ -173,34 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     flops_per_token = 2 * non_embed + 2 * cfg.hidden * cfg.vocab
 
     def run_generate() -> int:
-        out = model.generate(
-            input_ids=prompts,
-            attention_mask=torch.ones_like(prompts),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            num_return_sequences=G,
-            max_new_tokens=N,
-            min_new_tokens=N,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        return (out.shape[1] - P) * out.shape[0]
+        return generate_exactly(model, prompts, G, N)
 
     def run_sampler(share_prefix: bool | None) -> int:
-        batch = sample_groups(
-            model,
-            prompts.tolist(),
-            num_generations=G,
-            max_new_tokens=N,
-            temperature=1.0,
-            eos_token_ids=[],
-            pad_token_id=0,
-            generator=torch.Generator().manual_seed(cfg.seed + 2),
-            share_prefix=share_prefix,
-        )
-        return batch.num_generated_tokens
+        generator = torch.Generator().manual_seed(cfg.seed + 2)
+        return sample_exactly(model, prompts, G, N, generator, share_prefix=share_prefix).num_generated_tokens
 
     methods = [] if cfg.skip_generate else [Method("HF generate", run_generate, [])]
     methods.append(Method("sample_groups", lambda: run_sampler(None), []))
