@@ -120,6 +120,7 @@ def test_summarize_nothing() -> None:
         (["--temperature", "-1"], "--temperature must be >= 0"),
         (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
         (["--max_completion_length", "0"], "--inference_batch_size and --max_completion_length must be >= 1"),
+        (["--report_to", "tensorboard"], "--report_to 'tensorboard': expected one of none, jsonl, wandb"),
     ],
 )
 def test_bad_flag_values(

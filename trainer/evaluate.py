@@ -26,7 +26,7 @@ from trainer.lifecycle import barrier, open_stage, run_cli
 from trainer.r1.data import DataArgs
 from trainer.r1.lengths import prompt_ids
 from trainer.r1.scoring import evaluate_model, summarize
-from trainer.runtime import ArgsError, agree_on_setup, load_model_and_tokenizer
+from trainer.runtime import REPORT_TO, ArgsError, agree_on_setup, load_model_and_tokenizer
 
 logger = logging.getLogger("r1_grpo.eval")
 
@@ -79,6 +79,8 @@ class EvalArgs:
             )
         if not 0 < self.top_p <= 1:
             raise ArgsError("--top_p must be in (0, 1]")
+        if self.report_to not in REPORT_TO:
+            raise ArgsError(f"--report_to {self.report_to!r}: expected one of {', '.join(REPORT_TO)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +130,12 @@ def run(data_args: DataArgs, args: EvalArgs) -> int:
             output_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records)
         )
         contract.atomic_write_json(output_dir / "metrics.json", metrics)
+        if args.report_to == "wandb":
+            from trainer.tracking import open_run
+
+            run = open_run(output_dir, "eval", None, {**vars(data_args), **vars(args)})
+            run.log(metrics)
+            run.finish()
         contract.write_manifest(
             output_dir,
             "eval",

@@ -420,18 +420,9 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         drop_records_after(self.path, resume_step)
         if args.report_to == "wandb":
-            import wandb
+            from trainer.tracking import open_run
 
-            if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-                os.environ["WANDB_MODE"] = "offline"  # no key, no network: keep the run on disk
-            self.wandb = wandb.init(
-                project=os.environ.get("WANDB_PROJECT", "r1-grpo"),
-                name=args.run_name,
-                dir=output_dir,
-                config=config,
-                job_type=stage,
-                resume="allow",
-            )
+            self.wandb = open_run(output_dir, stage, args.run_name, config)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
