@@ -37,6 +37,8 @@ MAX_ITEMS = 16
 
 _OPEN, _CLOSE = "([{", ")]}"
 _DELIMITERS_RE = re.compile(r"(?<!\\)\$|\\\(|\\\)|\\\[|\\\]|\\displaystyle")
+# "(pounds)" after a number, "$" or "}" ("\\log (xy)" keeps its argument).
+_LABEL_TAIL_RE = re.compile(r"(?<=[\d$}])\s+\([A-Za-z][A-Za-z '.-]+\)\s*$")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _GREEK = (
     "alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi pi rho "
@@ -52,8 +54,9 @@ _EQUALS_RE = re.compile(r"(?<![<>!=\\])=(?![=<>])")
 
 
 def _strip_box(s: str) -> str:
-    """``s`` without math delimiters and a ``\\boxed{}`` around the whole of it."""
-    s = _DELIMITERS_RE.sub("", s).strip()
+    """``s`` without math delimiters, a trailing label in parentheses after a value or ``$`` (``$Q=5$
+    (pounds)``) and a ``\\boxed{}`` around the whole of it."""
+    s = _DELIMITERS_RE.sub("", _LABEL_TAIL_RE.sub("", s)).strip()
     m = _BOXED_RE.match(s)
     if m and s.endswith("}") and _closing(s, m.end() - 1) == len(s) - 1:
         s = s[m.end() : -1].strip()
@@ -121,7 +124,7 @@ def _fraction_ok(x: Numeral, y: Numeral) -> bool:
     """A fraction is a value in lowest terms against a non-integer (or written as the other side is)."""
     if x.parts is None or x.parts == y.parts:
         return True
-    return x.reduced and y.value.denominator > 1
+    return x.reduced and any(value.denominator > 1 for value in y.readings())
 
 
 def numerals_equal(x: Numeral, y: Numeral) -> bool:

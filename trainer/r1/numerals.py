@@ -114,9 +114,8 @@ def _strip_unit(s: str) -> tuple[str, str]:
     m = _UNIT_RE.search(s)
     if not m or m.start() == 0 or s[m.start() - 1] == "\\":  # "\pi" is not the unit "pi"
         return s, ""
-    if m["paren"] is not None:  # a label in parentheses: letters only, no math ("(x)" is a variable)
-        names = re.findall(r"[A-Za-z]+", m["paren"])
-        if len("".join(names)) < 2 or not _LABEL_RE.fullmatch(m["paren"]):
+    if m["paren"] is not None:  # a label in parentheses, letters only: "9 (apples)", "350 (g)"
+        if not _LABEL_RE.fullmatch(m["paren"]):
             return s, ""
         return s[: m.start()], m["paren"]
     words = m["text"] if m["text"] is not None else m["word"]
