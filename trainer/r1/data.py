@@ -13,7 +13,11 @@ Sources (``--dataset_name``), tried in this order:
 * Several of the above, comma-separated, each optionally followed by ``:<weight>``:
   ``gsm8k.jsonl:0.7,math.jsonl:0.3`` (see *Mixtures* below).
 
-Schemas (``--dataset_schema``; ``auto`` detects them from the column names, the first match in this order):
+Schemas (``--dataset_schema``; ``auto`` detects them, see :mod:`trainer.r1.schemas`): column names are
+matched case-insensitively under the names published sets use (problem: ``problem``, ``question``,
+``input``, ``content``, ``query``, ``prompt``; solution: ``solution``, ``solutions``, ``steps``,
+``rationale``; answer: ``answer``, ``final_answer``, ``target``, ``ground_truth``, ``gt``), and a ``body``
+column is joined before the question (``Body+Question``). In this order:
 
 ================== ================================== ================================================
 schema             columns (problem / solution /      fields
@@ -23,38 +27,38 @@ schema             columns (problem / solution /      fields
                    ``answer``
 ``verl``           ``prompt`` / - /                   verl's RL parquet layout: ``prompt`` is a chat
                    ``reward_model``                   message list, the answer is
-                                                      ``reward_model.ground_truth``; ``data_source``,
-                                                      ``ability``, ``extra_info`` are not used
-``r1``             ``prompt`` / ``solution`` / -      solution holds ``<think>R</think><answer>A</answer>``:
-                                                      reasoning = R, answer = A
-``math``           ``problem`` / ``solution`` /       reasoning = solution; answer = the ``answer``
-                   ``answer`` (optional)              column when present and non-empty, else the
-                                                      content of the last ``\\boxed{...}`` /
-                                                      ``\\fbox{...}`` (nested braces allowed)
-``problem_answer`` ``problem`` / - / ``answer``       no worked solution: GRPO and evaluation only
-``gsm8k``          ``question`` / ``answer`` / -      the ``answer`` column is the solution: answer =
-                                                      text after the last ``####`` (thousands commas
+                                                      ``reward_model.ground_truth``
+``r1``             ``prompt`` / ``solution`` / -      (when a solution holds ``<think>``) solution is
+                                                      ``<think>R</think><answer>A</answer>``
+``gsm8k``          ``question`` / ``answer`` / -      (when the answers carry ``#### N``) answer = text
+                                                      after the last ``####`` (thousands commas
                                                       removed); reasoning = text before it, without
                                                       the ``<<48/2=24>>`` calculator annotations
+``math``           problem / solution / answer        reasoning = the solution (of a list of them, the
+                   (optional)                         first); answer = the answer column when present
+                                                      and non-empty, else the content of the last
+                                                      ``\\boxed{...}`` / ``\\fbox{...}``
+``problem_answer`` problem / - / answer               no worked solution: GRPO and evaluation only
 ================== ================================== ================================================
 
-So the public math sets load as they are: GSM8K (``gsm8k``); competition_math/MATH, NuminaMath-CoT
-(``problem, solution, messages``), AIME/AIMO sets (``id, problem, solution, answer, url``), OpenR1-Math-220k
-and NuminaMath-1.5 (``problem, solution, answer, ...``), DeepScaleR (``problem, answer, solution``) (all
-``math``: an explicit ``answer`` column wins over ``\\boxed{}``, and a row needs a solution only for SFT);
-AMC sets (``id, problem, answer, url``) (``problem_answer``); DAPO-Math-17k and other verl parquet files
-(``data_source, prompt, ability, reward_model, extra_info``) (``verl``). A problem given as a chat message
-list (``prompt`` of ``r1``/``verl``, or any problem column) is its last user message, verbatim.
+So the public math sets load as they are: GSM8K (``gsm8k``); competition_math/MATH, NuminaMath-CoT,
+AIME/AIMO sets, OpenR1-Math-220k, NuminaMath-1.5, DeepScaleR, OlympiadBench (``question``, list-valued
+``solution`` and ``final_answer``), CARP-en (``content``, ``steps``, ``answer``) (all ``math``); AMC sets,
+college_math and gaokao2023en (``question``, ``answer``), SVAMP (``Body`` + ``Question``, ``Answer``),
+ASDiv (``body`` + ``question``, ``answer`` such as ``9 (apples)``), MAWPS (``input``, ``target``)
+(``problem_answer``); DAPO-Math-17k and other verl parquet files (``verl``). A solution column with no
+value in the first rows is no solution. A problem given as a chat message list is its last user message,
+verbatim.
 
 Answers may be text, numbers (``27.0`` becomes ``27``; NaN/inf are bad rows) or lists (``[3, 5]`` becomes
 ``3, 5``). The placeholders NuminaMath-1.5 uses for rows without a final answer (``proof``, ``notfound``)
 make a row bad.
 
-``--problem_column`` / ``--solution_column`` / ``--answer_column`` name the columns holding those fields.
-With ``--dataset_schema auto`` they select the generic layout: ``math`` when there is a solution column,
-else ``problem_answer`` (e.g. ``--problem_column question`` for a question/answer evaluation set, which
-would otherwise be read as GSM8K). With a named schema they replace that schema's columns. The schema and
-columns used are logged once per split and kept in :class:`LoadReport`.
+``--problem_column`` / ``--solution_column`` / ``--answer_column`` name the columns holding those fields
+(case-insensitively; ``--problem_column Body+Question`` joins columns). With ``--dataset_schema auto``
+they select the generic layout: ``math`` when there is a solution column, else ``problem_answer``. With a
+named schema they replace that schema's columns. The schema and columns used are logged once per split
+and kept in :class:`LoadReport`; ``r1-grpo data inspect`` prints them with the first prompts.
 
 Schemas without a solution (``problem_answer``, ``verl``, or ``math`` without its solution column) serve
 GRPO and evaluation; a loader asked for worked solutions (``require_solutions``, the SFT stage) refuses
@@ -62,7 +66,9 @@ them with "SFT needs worked solutions; this dataset has none: columns ...".
 
 A bad row (missing or empty field, no extractable answer, an R1 tag inside the reasoning or answer) raises
 :class:`DataError` naming ``<dataset>:<split>:row <i>`` (``i`` is the 0-based row index in that split) and
-the field; with ``skip_bad_rows`` it is skipped and counted in the :class:`LoadReport`. ``max_samples``
+the field, and the flags of another layout that reads the first rows when there is one; with
+``skip_bad_rows`` it is skipped and counted in the :class:`LoadReport`, and when every row is refused the
+error names the schema, the first row's reason and those flags. ``max_samples``
 keeps the first N *good* examples (reading stops there, so later bad rows are not looked at).
 
 Mixtures: ``a.jsonl:0.7,b.jsonl:0.3`` (a name that exists as a file or folder is never split, and hub ids,
