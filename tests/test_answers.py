@@ -3,11 +3,12 @@ verdict whichever side is the gold. The real math-verify helper decides the symb
 
 from __future__ import annotations
 
+import time
 from fractions import Fraction
 
 import pytest
 
-from trainer.r1.answers import answers_equal, numerals_equal, split_items
+from trainer.r1.answers import ITEMS_BUDGET_S, MAX_ITEMS, answers_equal, numerals_equal, split_items
 from trainer.r1.math_verify import MathVerifier, default_verifier
 from trainer.r1.numerals import parse_numeral
 from trainer.r1.rewards import reward_function
@@ -167,3 +168,14 @@ def test_the_helper_verdict_is_symmetric_and_exact() -> None:
         assert verifier.stats.errors == 0 and verifier.stats.soft_timeouts == 0
     finally:
         verifier.close()
+
+
+def test_many_slow_items_are_bounded() -> None:
+    # Items that each make math-verify work to its deadline: the matching stops at its budget.
+    verifier = default_verifier()
+    assert verifier.warm_up() is True
+    slow = ", ".join(f"2^{{2^{{2^{{2^{{2^{{{n}}}}}}}}}}}" for n in range(2, 2 + MAX_ITEMS))
+    gold = ", ".join(f"\\sqrt{{{n}}}" for n in range(2, 2 + MAX_ITEMS))
+    start = time.monotonic()
+    assert answers_equal(slow, gold) is False
+    assert time.monotonic() - start < ITEMS_BUDGET_S + 2 * verifier.timeout_s + 5.0

@@ -6,7 +6,8 @@ The rules, in order (each is symmetric in its two arguments):
    equals nothing.
 2. Items: an answer is split at its top-level commas (``1, 3`` or ``d=5, M=(1,2)``; not inside brackets,
    and not a lone number with thousands separators). Both sides need as many items, and every item of one
-   must equal its own item of the other: one item of a multi-item gold never scores.
+   must equal its own item of the other: one item of a multi-item gold never scores. (At most
+   :data:`MAX_ITEMS` items, matched within :data:`ITEMS_BUDGET_S` seconds.)
 3. Equations: a leading lone variable is dropped (``x = 2`` is ``2``; ``x = 2`` against ``y = 2`` is
    not equal). Any other equation (``2x = \\sqrt{3}``) only equals another equation.
 4. Numbers: when either side is a numeral (:func:`~trainer.r1.numerals.parse_numeral`), both must be,
@@ -25,6 +26,7 @@ Standard library only in the caller.
 from __future__ import annotations
 
 import re
+import time
 from fractions import Fraction
 
 from trainer.r1.math_verify import default_verifier
@@ -33,7 +35,10 @@ from trainer.r1.numerals import MAX_NUMERAL_CHARS, Numeral, normalize_answer, pa
 # A decimal this precise may stand for a value it rounds (0.333333 for 1/3); shorter ones are exact.
 ROUNDED_DIGITS = 6
 # More items than this is a list, not an answer; compared as a whole string only.
-MAX_ITEMS = 16
+MAX_ITEMS = 12
+# Matching the items of two multi-item answers stops (not equal) past this many seconds: each symbolic pair
+# may take the helper's deadline, and a completion must not cost minutes.
+ITEMS_BUDGET_S = 6.0
 
 _OPEN, _CLOSE = "([{", ")]}"
 _DELIMITERS_RE = re.compile(r"(?<!\\)\$|\\\(|\\\)|\\\[|\\\]|\\displaystyle")
@@ -184,9 +189,16 @@ def answers_equal(predicted: str, ground_truth: str) -> bool:
         return False
     if len(gold_items) == 1:
         return _item_equal(pred_items[0], gold_items[0])
+    deadline = time.monotonic() + ITEMS_BUDGET_S
     unmatched = list(gold_items)
-    for item in pred_items:  # every item matched to its own item of the other side
-        match = next((i for i, other in enumerate(unmatched) if _item_equal(item, other)), None)
+    for item in pred_items:  # every item matched to its own item of the other side, cheap pairs first
+        norm = normalize_answer(item)
+        match = next((i for i, other in enumerate(unmatched) if normalize_answer(other) == norm), None)
+        for i, other in enumerate(unmatched):
+            if match is not None or time.monotonic() > deadline:
+                break
+            if _item_equal(item, other):
+                match = i
         if match is None:
             return False
         unmatched.pop(match)
