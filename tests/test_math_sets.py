@@ -204,3 +204,22 @@ def test_bench_table_on_the_fixture_rows() -> None:
     )
     assert "| 3 | 2 | 66.7% |" in lines["gaokao2023en"]
     assert "failing: gaokao2023en" in out.stderr
+
+
+def test_data_inspect_formats_with_a_real_tokenizers_chat_template() -> None:
+    from tests.support.real_tokenizers import tokenizer_dir
+
+    folder = tokenizer_dir("qwen3")
+    out = run_cli(
+        "data",
+        "inspect",
+        "--dataset_name",
+        path_of("mawps"),
+        "--num_examples",
+        "1",
+        "--tokenizer_name_or_path",
+        str(folder),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "prompts: the tokenizer's chat template" in out.stdout
+    assert "<|im_start|>user\nJoan found 70 seashells" in out.stdout and "--- gold answer: 43" in out.stdout

@@ -196,8 +196,9 @@ class _Columns:
     def find(self, name: str) -> str | None:
         if name in self.names:
             return name
-        if JOIN in name and all(self.find(p) == p for p in name.split(JOIN)):
-            return name  # an explicit join of existing columns
+        if JOIN in name and name.lower() not in self.lower:  # a join of existing columns: Body+Question
+            parts = [self.find(part.strip()) for part in name.split(JOIN)]
+            return JOIN.join(parts) if all(parts) else None  # type: ignore[arg-type]
         return self.lower.get(name.lower())
 
     def first(self, names: Sequence[str]) -> str | None:
