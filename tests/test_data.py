@@ -366,9 +366,23 @@ def test_skip_bad_rows_counts_reasons(tmp_path: Path) -> None:
 
 
 def test_all_rows_bad_is_an_error(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "none"}])
+    path = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": ""}])
     with pytest.raises(DataError, match="no usable examples"):
         load_examples(str(path), "train", skip_bad_rows=True)
+
+
+def test_a_schema_refusing_every_row_names_itself_the_reason_and_the_flags(tmp_path: Path) -> None:
+    # Question + final answer read as GSM8K on purpose: with --skip_bad_rows every row is refused, and the
+    # error says which schema refused them, why (the first row) and the flags that read the file.
+    path = write_jsonl(tmp_path / "qa.jsonl", QUESTION_ANSWER_ROWS)
+    for skip in (True, False):
+        with pytest.raises(DataError) as err:
+            load_examples(str(path), "test", schema="gsm8k", skip_bad_rows=skip)
+        message = str(err.value)
+        assert "gsm8k schema" in message and "no '#### <final answer>' line" in message
+        assert "--dataset_schema problem_answer --problem_column question --answer_column answer" in message
+        if skip:
+            assert "refused every row, first row 0: field 'answer'" in message
 
 
 def test_max_samples_keeps_first_good_examples(tmp_path: Path) -> None:
@@ -765,15 +779,12 @@ QUESTION_ANSWER_ROWS = [  # an evaluation set with question + bare answer (e.g. 
 ]
 
 
-def test_question_answer_set_needs_the_column_flag(tmp_path: Path) -> None:
+def test_question_answer_set_is_read_by_its_values(tmp_path: Path) -> None:
+    # question + answer without GSM8K's "#### N" line is a question with its final answer.
     path = write_jsonl(tmp_path / "amc23.jsonl", QUESTION_ANSWER_ROWS)
-    with pytest.raises(DataError) as err:  # read as GSM8K: the error says how to read it instead
-        load_examples(str(path), "test")
-    assert "no '#### <final answer>' line" in str(err.value)
-    assert "--dataset_schema problem_answer --problem_column question" in str(err.value)
-    for schema in ("auto", "problem_answer"):
+    for schema, column in (("auto", None), ("auto", "question"), ("problem_answer", "question")):
         examples, report = DataArgs(
-            dataset_name=str(path), dataset_schema=schema, problem_column="question"
+            dataset_name=str(path), dataset_schema=schema, problem_column=column
         ).load_eval()
         assert report.schema == "problem_answer" and report.columns == {
             "problem": "question",
@@ -812,7 +823,7 @@ def test_column_flags_map_any_column_names(tmp_path: Path) -> None:
     ("kwargs", "message"),
     [
         ({"answer_column": "final"}, "--answer_column 'final' is not a column; columns found: answer, id"),
-        ({"schema": "math"}, "--dataset_schema math needs the column(s) problem, solution"),
+        ({"schema": "math"}, "--dataset_schema math needs the column(s) solution; columns found: answer, id"),
         ({"schema": "problem_answer", "solution_column": "answer"}, "problem_answer schema has no solution"),
         ({"problem_column": "id", "answer_column": "id", "solution_column": "id"}, None),
         ({"schema": "gsm8k", "answer_column": "answer"}, "the gsm8k schema has no answer field"),

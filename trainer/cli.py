@@ -40,6 +40,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "status_main",
         "print a release's run status from a kubeconfig",
     ),
+    "data": (
+        "trainer.r1.data_inspect",
+        "main",
+        "`r1-grpo data inspect --dataset_name …`: schema, columns, load report and formatted prompts",
+    ),
     "build-tiny": ("trainer.r1.builtin", "main", "build the tiny built-in model into a folder"),
 }
 

@@ -13,7 +13,11 @@ Sources (``--dataset_name``), tried in this order:
 * Several of the above, comma-separated, each optionally followed by ``:<weight>``:
   ``gsm8k.jsonl:0.7,math.jsonl:0.3`` (see *Mixtures* below).
 
-Schemas (``--dataset_schema``; ``auto`` detects them from the column names, the first match in this order):
+Schemas (``--dataset_schema``; ``auto`` detects them, see :mod:`trainer.r1.schemas`): column names are
+matched case-insensitively under the names published sets use (problem: ``problem``, ``question``,
+``input``, ``content``, ``query``, ``prompt``; solution: ``solution``, ``solutions``, ``steps``,
+``rationale``; answer: ``answer``, ``final_answer``, ``target``, ``ground_truth``, ``gt``), and a ``body``
+column is joined before the question (``Body+Question``). In this order:
 
 ================== ================================== ================================================
 schema             columns (problem / solution /      fields
@@ -23,38 +27,38 @@ schema             columns (problem / solution /      fields
                    ``answer``
 ``verl``           ``prompt`` / - /                   verl's RL parquet layout: ``prompt`` is a chat
                    ``reward_model``                   message list, the answer is
-                                                      ``reward_model.ground_truth``; ``data_source``,
-                                                      ``ability``, ``extra_info`` are not used
-``r1``             ``prompt`` / ``solution`` / -      solution holds ``<think>R</think><answer>A</answer>``:
-                                                      reasoning = R, answer = A
-``math``           ``problem`` / ``solution`` /       reasoning = solution; answer = the ``answer``
-                   ``answer`` (optional)              column when present and non-empty, else the
-                                                      content of the last ``\\boxed{...}`` /
-                                                      ``\\fbox{...}`` (nested braces allowed)
-``problem_answer`` ``problem`` / - / ``answer``       no worked solution: GRPO and evaluation only
-``gsm8k``          ``question`` / ``answer`` / -      the ``answer`` column is the solution: answer =
-                                                      text after the last ``####`` (thousands commas
+                                                      ``reward_model.ground_truth``
+``r1``             ``prompt`` / ``solution`` / -      (when a solution holds ``<think>``) solution is
+                                                      ``<think>R</think><answer>A</answer>``
+``gsm8k``          ``question`` / ``answer`` / -      (when the answers carry ``#### N``) answer = text
+                                                      after the last ``####`` (thousands commas
                                                       removed); reasoning = text before it, without
                                                       the ``<<48/2=24>>`` calculator annotations
+``math``           problem / solution / answer        reasoning = the solution (of a list of them, the
+                   (optional)                         first); answer = the answer column when present
+                                                      and non-empty, else the content of the last
+                                                      ``\\boxed{...}`` / ``\\fbox{...}``
+``problem_answer`` problem / - / answer               no worked solution: GRPO and evaluation only
 ================== ================================== ================================================
 
-So the public math sets load as they are: GSM8K (``gsm8k``); competition_math/MATH, NuminaMath-CoT
-(``problem, solution, messages``), AIME/AIMO sets (``id, problem, solution, answer, url``), OpenR1-Math-220k
-and NuminaMath-1.5 (``problem, solution, answer, ...``), DeepScaleR (``problem, answer, solution``) (all
-``math``: an explicit ``answer`` column wins over ``\\boxed{}``, and a row needs a solution only for SFT);
-AMC sets (``id, problem, answer, url``) (``problem_answer``); DAPO-Math-17k and other verl parquet files
-(``data_source, prompt, ability, reward_model, extra_info``) (``verl``). A problem given as a chat message
-list (``prompt`` of ``r1``/``verl``, or any problem column) is its last user message, verbatim.
+So the public math sets load as they are: GSM8K (``gsm8k``); competition_math/MATH, NuminaMath-CoT,
+AIME/AIMO sets, OpenR1-Math-220k, NuminaMath-1.5, DeepScaleR, OlympiadBench (``question``, list-valued
+``solution`` and ``final_answer``), CARP-en (``content``, ``steps``, ``answer``) (all ``math``); AMC sets,
+college_math and gaokao2023en (``question``, ``answer``), SVAMP (``Body`` + ``Question``, ``Answer``),
+ASDiv (``body`` + ``question``, ``answer`` such as ``9 (apples)``), MAWPS (``input``, ``target``)
+(``problem_answer``); DAPO-Math-17k and other verl parquet files (``verl``). A solution column with no
+value in the first rows is no solution. A problem given as a chat message list is its last user message,
+verbatim.
 
 Answers may be text, numbers (``27.0`` becomes ``27``; NaN/inf are bad rows) or lists (``[3, 5]`` becomes
 ``3, 5``). The placeholders NuminaMath-1.5 uses for rows without a final answer (``proof``, ``notfound``)
 make a row bad.
 
-``--problem_column`` / ``--solution_column`` / ``--answer_column`` name the columns holding those fields.
-With ``--dataset_schema auto`` they select the generic layout: ``math`` when there is a solution column,
-else ``problem_answer`` (e.g. ``--problem_column question`` for a question/answer evaluation set, which
-would otherwise be read as GSM8K). With a named schema they replace that schema's columns. The schema and
-columns used are logged once per split and kept in :class:`LoadReport`.
+``--problem_column`` / ``--solution_column`` / ``--answer_column`` name the columns holding those fields
+(case-insensitively; ``--problem_column Body+Question`` joins columns). With ``--dataset_schema auto``
+they select the generic layout: ``math`` when there is a solution column, else ``problem_answer``. With a
+named schema they replace that schema's columns. The schema and columns used are logged once per split
+and kept in :class:`LoadReport`; ``r1-grpo data inspect`` prints them with the first prompts.
 
 Schemas without a solution (``problem_answer``, ``verl``, or ``math`` without its solution column) serve
 GRPO and evaluation; a loader asked for worked solutions (``require_solutions``, the SFT stage) refuses
@@ -62,7 +66,9 @@ them with "SFT needs worked solutions; this dataset has none: columns ...".
 
 A bad row (missing or empty field, no extractable answer, an R1 tag inside the reasoning or answer) raises
 :class:`DataError` naming ``<dataset>:<split>:row <i>`` (``i`` is the 0-based row index in that split) and
-the field; with ``skip_bad_rows`` it is skipped and counted in the :class:`LoadReport`. ``max_samples``
+the field, and the flags of another layout that reads the first rows when there is one; with
+``skip_bad_rows`` it is skipped and counted in the :class:`LoadReport`, and when every row is refused the
+error names the schema, the first row's reason and those flags. ``max_samples``
 keeps the first N *good* examples (reading stops there, so later bad rows are not looked at).
 
 Mixtures: ``a.jsonl:0.7,b.jsonl:0.3`` (a name that exists as a file or folder is never split, and hub ids,
@@ -80,29 +86,44 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
-from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-from trainer.r1.builtin import BUILTIN_PREFIX
-from trainer.r1.format import ANSWER_CLOSE, ANSWER_OPEN, FORMAT_TAGS, THINK_CLOSE, THINK_OPEN, extract_answer
+from trainer.r1.fields import DataError, RowError, extract_boxed
+from trainer.r1.schemas import (
+    SAMPLE_ROWS,
+    SCHEMA_NAMES,
+    SCHEMAS,
+    choose_schema,
+    column_overrides,
+    describe,
+    detect_schema,
+    suggest_flags,
+)
+from trainer.r1.sources import FILE_SUFFIXES, Source, open_split, parse_sources
+
+__all__ = [
+    "FILE_SUFFIXES",
+    "SCHEMAS",
+    "SCHEMA_NAMES",
+    "DataArgs",
+    "DataError",
+    "Example",
+    "LoadReport",
+    "Source",
+    "detect_schema",
+    "extract_boxed",
+    "load_examples",
+    "mixture_counts",
+    "parse_sources",
+]
 
 logger = logging.getLogger(__name__)
 
-FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
 SchemaName = Literal["auto", "builtin", "verl", "r1", "math", "problem_answer", "gsm8k"]
-SCHEMA_NAMES: tuple[str, ...] = get_args(SchemaName)
-ROLES = ("problem", "solution", "answer")
-
-
-class DataError(ValueError):
-    """A dataset cannot be read or one of its rows is unusable; the message names where."""
 
 
 @dataclass
@@ -214,7 +235,7 @@ class DataArgs:
             raise DataError(
                 f"--dataset_schema must be one of {', '.join(SCHEMA_NAMES)}, got {self.dataset_schema!r}"
             )
-        _column_overrides(self.problem_column, self.solution_column, self.answer_column)
+        column_overrides(self.problem_column, self.solution_column, self.answer_column)
         _optional_positive("--max_train_samples", self.max_train_samples)
         _optional_positive("--max_eval_samples", self.max_eval_samples)
 
@@ -255,448 +276,6 @@ class DataArgs:
         return self._load(self.dataset_test_split, self.max_eval_samples, require_solutions=require_solutions)
 
 
-# --------------------------------------------------------------------------------------------------
-# Field extraction
-# --------------------------------------------------------------------------------------------------
-
-
-class _RowError(Exception):
-    def __init__(self, field_name: str, problem: str) -> None:
-        super().__init__(f"field '{field_name}' {problem}")
-        self.reason = f"field '{field_name}' {problem}"
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``) in ``text``, stripped.
-
-    Braces nest; escaped braces (``\\{``) do not count. ``None`` when there is none or it is unbalanced.
-    """
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
-    if i < len(text) and text[i] == " ":  # "\boxed 5": the argument is the next token
-        token = re.match(r"\s*([^\s$]+)", text[i:])
-        return token.group(1) if token else None
-    if i >= len(text) or text[i] != "{":
-        return None
-    depth = 0
-    j = i
-    while j < len(text):
-        ch = text[j]
-        if ch == "\\":
-            j += 2  # an escaped character (\{, \}, \\) never opens or closes a group
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-        j += 1
-    return None
-
-
-_CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
-_THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-# NuminaMath-1.5 writes these where a problem has no final answer (proofs, answers it could not find).
-NO_ANSWER_PLACEHOLDERS = frozenset({"proof", "notfound"})
-
-
-def _text(row: Mapping[str, Any], name: str) -> str:
-    """A required text field, stripped; numbers are accepted and turned into text."""
-    if name not in row or row[name] is None:
-        raise _RowError(name, "is missing")
-    value = row[name]
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise _RowError(name, f"must be text, got {type(value).__name__}")
-    text = str(value).strip()
-    if not text:
-        raise _RowError(name, "is empty")
-    return text
-
-
-def _present(row: Mapping[str, Any], name: str | None) -> bool:
-    """Whether an optional text field has a non-empty value."""
-    if name is None:
-        return False
-    value = row.get(name)
-    return value is not None and not (isinstance(value, str) and not value.strip())
-
-
-def _no_tags(name: str, text: str) -> str:
-    for tag in FORMAT_TAGS:
-        if tag in text:
-            raise _RowError(name, f"contains the reserved tag {tag}")
-    return text
-
-
-def _number_text(name: str, value: int | float) -> str:
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise _RowError(name, f"is not a finite number ({value})")
-        if value.is_integer() and abs(value) < 2**53:  # 27.0 -> "27": the answer a model writes
-            return str(int(value))
-        return repr(value)
-    return str(value)
-
-
-def _answer_text(name: str, value: Any) -> str:
-    """A final answer from text, a number or a list of those (``[3, 5]`` -> ``"3, 5"``)."""
-    if value is None:
-        raise _RowError(name, "is missing")
-    if isinstance(value, bool):
-        raise _RowError(name, "must be text, a number or a list, got bool")
-    if isinstance(value, int | float):
-        text = _number_text(name, value)
-    elif isinstance(value, str):
-        text = value.strip()
-    elif isinstance(value, list | tuple):
-        items = []
-        for item in value:
-            if item is None or isinstance(item, bool) or not isinstance(item, str | int | float):
-                raise _RowError(name, f"is a list with an item that is not text or a number: {item!r}")
-            items.append(item.strip() if isinstance(item, str) else _number_text(name, item))
-        if not all(items):
-            raise _RowError(name, "is a list with an empty item")
-        text = ", ".join(items)
-    else:
-        raise _RowError(name, f"must be text, a number or a list, got {type(value).__name__}")
-    if not text:
-        raise _RowError(name, "is empty")
-    if text.lower() in NO_ANSWER_PLACEHOLDERS:
-        raise _RowError(name, f"is {text!r}, not a verifiable final answer")
-    return _no_tags(name, text)
-
-
-def _problem_text(row: Mapping[str, Any], name: str) -> str:
-    """The problem: text, or a chat message list ``[{"role", "content"}, ...]`` (its last user message)."""
-    value = row.get(name)
-    if isinstance(value, list):
-        users = [m.get("content") for m in value if isinstance(m, Mapping) and m.get("role") == "user"]
-        if not users or not isinstance(users[-1], str) or not users[-1].strip():
-            raise _RowError(name, "is a message list without a non-empty user message")
-        return users[-1].strip()
-    return _text(row, name)
-
-
-def _reasoning(row: Mapping[str, Any], name: str | None, need: bool) -> str:
-    """A worked solution used as the reasoning: required when ``need`` (SFT), else optional."""
-    if need or _present(row, name):
-        assert name is not None  # schemas without a solution column are refused before reading rows
-        return _no_tags(name, _text(row, name))
-    return ""
-
-
-# A row converter: (row, role -> column, whether a worked solution is required) -> (problem, reasoning, answer).
-Converter = Callable[[Mapping[str, Any], Mapping[str, str | None], bool], tuple[str, str, str]]
-
-
-def _row_builtin(row: Mapping[str, Any], cols: Mapping[str, str | None], need: bool) -> tuple[str, str, str]:
-    return (
-        _problem_text(row, cols["problem"]),
-        _reasoning(row, cols["solution"], need),
-        _answer_text(cols["answer"], row.get(cols["answer"])),
-    )
-
-
-def _row_gsm8k(row: Mapping[str, Any], cols: Mapping[str, str | None], need: bool) -> tuple[str, str, str]:
-    question = _problem_text(row, cols["problem"])
-    name = cols["solution"]
-    text = _text(row, name)
-    if "####" not in text:
-        raise _RowError(name, "has no '#### <final answer>' line")
-    before, _, final = text.rpartition("####")
-    final = final.strip().rstrip(".").strip()
-    if _THOUSANDS_RE.fullmatch(final):
-        final = final.replace(",", "")
-    if not final:
-        raise _RowError(name, "has nothing after '####'")
-    reasoning = _CALCULATOR_RE.sub("", before).strip()
-    if need and not reasoning:
-        raise _RowError(name, "has no reasoning before '####'")
-    return question, _no_tags(name, reasoning), _answer_text(name, final)
-
-
-def _row_r1(row: Mapping[str, Any], cols: Mapping[str, str | None], need: bool) -> tuple[str, str, str]:
-    problem = _problem_text(row, cols["problem"])
-    name = cols["solution"]
-    solution = _text(row, name)
-    if solution.count(THINK_OPEN) != 1 or solution.count(THINK_CLOSE) != 1:
-        raise _RowError(name, f"needs exactly one {THINK_OPEN}...{THINK_CLOSE} block")
-    start, end = solution.find(THINK_OPEN) + len(THINK_OPEN), solution.find(THINK_CLOSE)
-    if end < start:
-        raise _RowError(name, f"has {THINK_CLOSE} before {THINK_OPEN}")
-    reasoning = solution[start:end].strip()
-    answer = extract_answer(solution)
-    if answer is None:
-        raise _RowError(name, f"needs exactly one {ANSWER_OPEN}...{ANSWER_CLOSE} block")
-    if need and not reasoning:
-        raise _RowError(name, f"has an empty {THINK_OPEN} block")
-    if not answer:
-        raise _RowError(name, f"has an empty {ANSWER_OPEN} block")
-    return problem, _no_tags(name, reasoning), _no_tags(name, answer)
-
-
-def _row_math(row: Mapping[str, Any], cols: Mapping[str, str | None], need: bool) -> tuple[str, str, str]:
-    problem = _problem_text(row, cols["problem"])
-    solution_col, answer_col = cols["solution"], cols["answer"]
-    assert solution_col is not None  # required by the schema
-    reasoning = _reasoning(row, solution_col, need)
-    if answer_col is not None and _present(row, answer_col):  # an explicit answer wins over \boxed{}
-        return problem, reasoning, _answer_text(answer_col, row[answer_col])
-    solution = reasoning or _text(row, solution_col)
-    answer = extract_boxed(solution)
-    if answer is None:
-        raise _RowError(solution_col, "has no complete \\boxed{...} answer")
-    if not answer:
-        raise _RowError(solution_col, "has an empty \\boxed{} answer")
-    return problem, reasoning, _answer_text(solution_col, answer)
-
-
-def _row_problem_answer(
-    row: Mapping[str, Any], cols: Mapping[str, str | None], need: bool
-) -> tuple[str, str, str]:
-    del need  # refused before any row is read
-    answer_col = cols["answer"]
-    assert answer_col is not None
-    return _problem_text(row, cols["problem"]), "", _answer_text(answer_col, row.get(answer_col))
-
-
-def _row_verl(row: Mapping[str, Any], cols: Mapping[str, str | None], need: bool) -> tuple[str, str, str]:
-    del need
-    problem = _problem_text(row, cols["problem"])
-    name = cols["answer"]
-    assert name is not None
-    value = row.get(name)
-    if isinstance(value, Mapping):  # reward_model = {"ground_truth": ..., "style": "rule"}
-        name, value = f"{name}.ground_truth", value.get("ground_truth")
-    return problem, "", _answer_text(name, value)
-
-
-@dataclass(frozen=True)
-class _Schema:
-    name: str
-    columns: Mapping[str, str]  # role (problem / solution / answer) -> default column
-    convert: Converter
-    optional: frozenset[str] = frozenset()  # roles whose column may be absent
-    hint: str = ""  # appended to row errors: the likely fix when the guess was wrong
-
-    def required(self, cols: Mapping[str, str | None]) -> set[str]:
-        return {c for role, c in cols.items() if role not in self.optional and c is not None}
-
-
-SCHEMAS: tuple[_Schema, ...] = (
-    _Schema("builtin", {"problem": "question", "solution": "reasoning", "answer": "answer"}, _row_builtin),
-    _Schema("verl", {"problem": "prompt", "answer": "reward_model"}, _row_verl),
-    _Schema("r1", {"problem": "prompt", "solution": "solution"}, _row_r1),
-    _Schema(
-        "math",
-        {"problem": "problem", "solution": "solution", "answer": "answer"},
-        _row_math,
-        optional=frozenset({"answer"}),
-    ),
-    _Schema("problem_answer", {"problem": "problem", "answer": "answer"}, _row_problem_answer),
-    _Schema(
-        "gsm8k",
-        {"problem": "question", "solution": "answer"},
-        _row_gsm8k,
-        hint="if 'answer' holds only the final answer, pass --dataset_schema problem_answer "
-        "--problem_column question",
-    ),
-)
-_BY_NAME = {s.name: s for s in SCHEMAS}
-# The layout the column flags describe when no schema is named: problem + solution (+ answer), or problem + answer.
-_GENERIC = (_BY_NAME["math"], _BY_NAME["problem_answer"])
-
-
-def _column_overrides(
-    problem: str | None = None, solution: str | None = None, answer: str | None = None
-) -> dict[str, str]:
-    out = {}
-    for role, value in zip(ROLES, (problem, solution, answer), strict=True):
-        if value is None:
-            continue
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(f"--{role}_column must be a column name, got {value!r}")
-        out[role] = value.strip()
-    return out
-
-
-def _describe(schema: _Schema, cols: Mapping[str, str | None]) -> str:
-    return f"{schema.name} schema: " + ", ".join(f"{r}={c!r}" for r, c in cols.items() if c is not None)
-
-
-def _choose_schema(
-    columns: Iterable[str], where: str, schema: str = "auto", overrides: Mapping[str, str] | None = None
-) -> tuple[_Schema, dict[str, str | None]]:
-    """The schema for these columns and the column of each of its fields (None: an absent optional one)."""
-    present = set(columns)
-    overrides = dict(overrides or {})
-    found = ", ".join(sorted(present)) or "(none)"
-    for role, col in overrides.items():
-        if col not in present:
-            raise DataError(f"{where}: --{role}_column {col!r} is not a column; columns found: {found}")
-    if schema == "auto":
-        candidates = _GENERIC if overrides else SCHEMAS
-    elif schema in _BY_NAME:
-        candidates = (_BY_NAME[schema],)
-        extra = sorted(set(overrides) - set(candidates[0].columns))
-        if extra:
-            raise DataError(
-                f"{where}: the {schema} schema has no {extra[0]} field (--{extra[0]}_column); "
-                f"its fields: {', '.join(candidates[0].columns)}"
-            )
-    else:
-        raise DataError(f"--dataset_schema must be one of {', '.join(SCHEMA_NAMES)}, got {schema!r}")
-    for candidate in candidates:
-        cols: dict[str, str | None] = {role: overrides.get(role, c) for role, c in candidate.columns.items()}
-        if candidate.required(cols) <= present:
-            return candidate, {r: c if c in present else None for r, c in cols.items()}
-    if schema != "auto":
-        (only,) = candidates
-        cols = {role: overrides.get(role, c) for role, c in only.columns.items()}
-        missing = sorted(only.required(cols) - present)
-        raise DataError(
-            f"{where}: --dataset_schema {schema} needs the column(s) {', '.join(missing)}; columns found: "
-            f"{found}; name yours with --problem_column / --solution_column / --answer_column"
-        )
-    if overrides:
-        raise DataError(
-            f"{where}: the column flags give {', '.join(f'{r}={c!r}' for r, c in overrides.items())}, which "
-            f"is neither problem + solution nor problem + answer; columns found: {found}"
-        )
-    known = "; ".join(
-        f"{s.name}: {', '.join(c for r, c in s.columns.items() if r not in s.optional)}" for s in SCHEMAS
-    )
-    raise DataError(
-        f"{where}: unknown schema, columns found: {found}; known schemas (required columns): {known}; "
-        "or name the columns with --problem_column / --solution_column / --answer_column"
-    )
-
-
-def detect_schema(columns: Iterable[str], dataset: str = "dataset") -> str:
-    """The name of the schema ``auto`` picks for these columns; :class:`DataError` when none fits."""
-    return _choose_schema(columns, dataset)[0].name
-
-
-# --------------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Source:
-    name: str
-    weight: Fraction | None = None
-
-
-_WEIGHTED_RE = re.compile(r"(?P<name>.+):(?P<weight>\d+(?:\.\d*)?|\.\d+)")
-
-
-def _exists(name: str) -> bool:
-    return Path(os.path.expanduser(name)).exists()
-
-
-def parse_sources(dataset_name: str) -> list[Source]:
-    """``--dataset_name`` as a list of sources: ``a.jsonl:0.7,b.jsonl:0.3`` or a single name.
-
-    A name that exists as a file or folder is taken whole (commas or a ``:<number>`` tail included).
-    """
-    spec = dataset_name.strip()
-    if not spec:
-        raise DataError("--dataset_name must not be empty")
-    if _exists(spec):
-        return [Source(spec)]
-    sources: list[Source] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            raise DataError(f"--dataset_name {spec!r}: an empty entry in the comma-separated list")
-        m = _WEIGHTED_RE.fullmatch(part)
-        if m and not _exists(part):
-            weight = Fraction(m["weight"])
-            if weight <= 0:
-                raise DataError(f"--dataset_name {spec!r}: the weight of {m['name']!r} must be > 0")
-            sources.append(Source(m["name"].strip(), weight))
-        else:
-            sources.append(Source(part))
-    if len({s.weight is None for s in sources}) > 1:
-        raise DataError(f"--dataset_name {spec!r}: give every dataset a ':<weight>' or none of them")
-    names = [s.name for s in sources]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise DataError(f"--dataset_name {spec!r}: {duplicates[0]!r} is listed twice")
-    return sources
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or Path(name).suffix.lower() in FILE_SUFFIXES
-
-
-def _wrap_load_error(label: str, split: str, config: str | None, e: Exception) -> DataError:
-    where = f"split {split!r}" + (f", config {config!r}" if config else "")
-    return DataError(f"cannot load dataset {label} ({where}): {type(e).__name__}: {e}")
-
-
-def _open(
-    dataset_name: str, split: str, config: str | None
-) -> tuple[str, Iterable[Mapping[str, Any]], list[str]]:
-    """(label for messages, rows, column names) of one split."""
-    if dataset_name.startswith(BUILTIN_PREFIX):
-        from trainer.r1.builtin import builtin_rows
-
-        task = dataset_name[len(BUILTIN_PREFIX) :]
-        try:
-            rows = builtin_rows(task, split)
-        except ValueError as e:
-            raise DataError(f"{dataset_name}: {e}") from e
-        columns = sorted({key for row in rows[:1] for key in row})
-        return dataset_name, rows, columns
-
-    import datasets
-
-    name = dataset_name.replace("{split}", split)
-    path = Path(os.path.expanduser(name))
-    if path.is_file():
-        builder = FILE_SUFFIXES.get(path.suffix.lower())
-        if builder is None:
-            raise DataError(
-                f"{name}: unsupported file type {path.suffix!r}; expected one of {', '.join(FILE_SUFFIXES)}"
-            )
-        if "{split}" not in dataset_name:
-            logger.info(
-                "%s is a single file: it serves split %r (use '{split}' in the path for per-split files)",
-                name,
-                split,
-            )
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as e:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ...)
-            raise _wrap_load_error(name, split, None, e) from e
-        return name, ds, list(ds.column_names)
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except Exception as e:
-            raise _wrap_load_error(name, split, None, e) from e
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise DataError(f"{name}: no split {split!r}; splits: {', '.join(loaded) or '(none)'}")
-            loaded = loaded[split]
-        return name, loaded, list(loaded.column_names)
-    if not path.exists() and _looks_like_path(name):
-        raise DataError(f"{name}: no such file or folder")
-    # A plain folder or a hub id: the hub path proper.
-    try:
-        ds = datasets.load_dataset(str(path) if path.is_dir() else name, config, split=split)
-    except Exception as e:
-        raise _wrap_load_error(name, split, config, e) from e
-    if not isinstance(ds, datasets.Dataset):  # e.g. an IterableDataset from a custom builder
-        raise DataError(f"{name}: split {split!r} did not load as a datasets.Dataset ({type(ds).__name__})")
-    return name, ds, list(ds.column_names)
-
-
 def load_examples(
     dataset_name: str,
     split: str,
@@ -723,7 +302,7 @@ def load_examples(
     if not isinstance(split, str) or not split.strip():
         raise DataError(f"{dataset_name}: the split name must not be empty")
     _optional_positive("max_samples", max_samples)
-    overrides = _column_overrides(problem_column, solution_column, answer_column)
+    overrides = column_overrides(problem_column, solution_column, answer_column)
     options = dict(
         config=config,
         skip_bad_rows=skip_bad_rows,
@@ -752,19 +331,27 @@ def _load_one(
     overrides: Mapping[str, str],
     require_solutions: bool,
 ) -> tuple[list[Example], LoadReport]:
-    label, rows, columns = _open(dataset_name, split, config)
-    chosen, cols = _choose_schema(columns, f"{label}:{split}", schema, overrides)
+    label, rows, columns = open_split(dataset_name, split, config)
+    sample = [row for _, row in zip(range(SAMPLE_ROWS), rows, strict=False)]
+    chosen, cols = choose_schema(columns, f"{label}:{split}", schema, overrides, sample)
     if require_solutions and cols.get("solution") is None:
         raise DataError(
             f"{label}:{split}: SFT needs worked solutions; this dataset has none: columns "
-            f"{', '.join(sorted(columns))} (read as the {_describe(chosen, cols)}); use it for GRPO or "
+            f"{', '.join(sorted(columns))} (read as the {describe(chosen, cols)}); use it for GRPO or "
             "evaluation, or name its solution column with --solution_column"
         )
-    logger.info("%s:%s: %s", label, split, _describe(chosen, cols))
+    logger.info("%s:%s: %s", label, split, describe(chosen, cols))
     report = LoadReport(
         dataset=label, split=split, schema=chosen.name, columns={r: c for r, c in cols.items() if c}
     )
+
+    def fix() -> str:
+        """What would read this dataset instead, for the messages of a refused row."""
+        flags = suggest_flags(columns, sample, chosen, require_solutions)
+        return f"; it reads as another layout with {flags}" if flags else ""
+
     examples: list[Example] = []
+    first_refusal = ""
     for i, row in enumerate(rows):
         if max_samples is not None and len(examples) >= max_samples:
             break
@@ -772,20 +359,23 @@ def _load_one(
         where = f"{label}:{split}:row {i}"
         try:
             problem, reasoning, answer = chosen.convert(row, cols, require_solutions)
-        except _RowError as e:
+        except RowError as e:
             if not skip_bad_rows:
-                hint = f"; {chosen.hint}" if chosen.hint else ""
                 raise DataError(
                     f"{where} ({chosen.name} schema): {e.reason} (pass --skip_bad_rows true to skip such "
-                    f"rows{hint})"
+                    f"rows{fix()})"
                 ) from None
+            first_refusal = first_refusal or f"row {i}: {e.reason}"
             report.skipped += 1
             report.skipped_reasons[e.reason] = report.skipped_reasons.get(e.reason, 0) + 1
             continue
         examples.append(Example(problem=problem, reasoning=reasoning, answer=answer, source=where))
     report.kept = len(examples)
     if not examples:
-        raise DataError(f"{label}:{split}: no usable examples ({report.summary()})")
+        refused = (
+            f"; the {chosen.name} schema refused every row, first {first_refusal}" if first_refusal else ""
+        )
+        raise DataError(f"{label}:{split}: no usable examples ({report.summary()}){refused}{fix()}")
     if report.skipped:
         logger.warning("%s", report.summary())
     return examples, report

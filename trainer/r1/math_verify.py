@@ -15,8 +15,9 @@ does the parsing and comparison, with
 
 The caller side is thread-safe (requests are serialised on a lock), fork-safe (a forked child starts its
 own helper) and caches results, so the common case is a dictionary hit or one pipe round trip (about a
-millisecond). Answers whose ground truth is a plain number are decided without the helper unless they are
-within rounding of each other (:func:`trainer.r1.rewards.answers_equal`).
+millisecond). Answers that are plain numbers are decided without the helper
+(:func:`trainer.r1.answers.answers_equal`). The helper's verdict is symmetric (math-verify asked both ways
+round) and exact for numeric values (math-verify alone rounds to 6 decimals).
 
 This module imports only the standard library at top level: it is also the helper's entry point
 (``python -P trainer/r1/math_verify.py --math-verify-worker``), which must not import the trainer package
@@ -141,7 +142,8 @@ class MathVerifier:
     # -- public -----------------------------------------------------------------------------------
 
     def equal(self, predicted: str, ground_truth: str) -> bool:
-        """math-verify's verdict on ``predicted`` against the gold ``ground_truth`` (False if undecided)."""
+        """math-verify's verdict on the two answers, asked both ways round and with numeric values exactly
+        equal (False if undecided); :func:`trainer.r1.answers.answers_equal` passes them in a fixed order."""
         for text in (predicted, ground_truth):
             if len(text) > self.max_chars or _nesting_depth(text, self.max_nesting) > self.max_nesting:
                 with self._lock:
@@ -350,6 +352,7 @@ def _worker_main(soft_timeout_s: float, hard_timeout_s: float, memory_limit_mb: 
         pass
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    import sympy
     from math_verify import parse, verify
 
     class _Deadline(BaseException):  # BaseException: math-verify swallows Exception
@@ -371,19 +374,45 @@ def _worker_main(soft_timeout_s: float, hard_timeout_s: float, memory_limit_mb: 
 
     parse_gold = functools.lru_cache(maxsize=4096)(parse_answer)
 
-    def compare(pred: str, gold: str) -> bool:
+    def exact(first: list, second: list) -> bool:
+        """Two numeric values must be equal, not only close (math-verify rounds to 6 decimals, so it calls
+        2^{-98} and 2^{-99} equal): rationals exactly; others (radicals, pi) when their difference, at 60
+        significant digits, is within 10^-50 of their size. Other answers keep math-verify's verdict."""
+        a, b = first[0], second[0]
+        if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and a.is_number and b.is_number):
+            return True
+        a, b = (sympy.nsimplify(x, rational=True) if x.atoms(sympy.Float) else x for x in (a, b))
+        if a == b or (a.is_Rational and b.is_Rational):
+            return a == b
+        if not (a.is_finite and b.is_finite):
+            return False
+        scale = max(abs(sympy.N(a, 60)), abs(sympy.N(b, 60)))
+        return bool(abs(sympy.N(a - b, 60)) <= scale * sympy.Rational(1, 10**50))
+
+    def compare(first: str, second: str) -> bool:
+        # Both ways round: math-verify's verify(gold, target) is not symmetric (sets, intervals, relations).
         armed[0] = True
         signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
         try:
-            gold_parsed = parse_gold(gold)
-            pred_parsed = parse_answer(pred)
+            a, b = parse_gold(first), parse_gold(second)
             return bool(
-                gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None)
+                a
+                and b
+                and verify(a, b, timeout_seconds=None)
+                and verify(b, a, timeout_seconds=None)
+                and exact(a, b)
             )
         finally:
             armed[0] = False
             signal.setitimer(signal.ITIMER_REAL, 0)
 
+    # The first comparison imports and caches much of sympy (seconds on a busy machine): do it before
+    # saying ready, within the caller's startup timeout, not within the first request's deadline.
+    with contextlib.suppress(Exception):
+        for first, second in (("2^{1/2}", "\\sqrt{2}"), ("\\frac{1}{2}", "0.5"), ("x^2+1", "1+x^2")):
+            a, b = parse_gold(first), parse_gold(second)
+            verify(a, b, timeout_seconds=None) and exact(a, b)
+    parse_gold.cache_clear()
     out = sys.stdout.buffer
     out.write(b'{"ready": true}\n')
     out.flush()
