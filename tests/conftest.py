@@ -12,6 +12,7 @@ suite has few cores and the processes of one run share them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -90,17 +91,26 @@ class StageRunner:
     def run(
         self, module: str, argv: list[str], nproc: int | None = None, timeout: float = 600
     ) -> StageResult:
+        """Run to the end; past ``timeout`` seconds the run is stopped, its workers too, and the test fails
+        with its output (a hang is a failure, not a stuck suite)."""
         cmd = self.command(module, argv, nproc)
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             cmd,
             cwd=self.workdir,
             env=self.env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            timeout=timeout,
         )
-        return StageResult(proc.returncode, proc.stdout, cmd)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            output = _stop_tree(proc)
+            tail = output[-6000:]
+            raise AssertionError(
+                f"$ {' '.join(cmd)}\nstill running after {timeout:g} s: stopped\n--- output (tail) ---\n{tail}"
+            ) from None
+        return StageResult(proc.returncode, output, cmd)
 
     def run_script(self, script: str, argv: list[str], timeout: float = 600) -> StageResult:
         """A console script installed with the package (e.g. `r1-grpo`)."""
@@ -115,6 +125,22 @@ class StageRunner:
             timeout=timeout,
         )
         return StageResult(proc.returncode, proc.stdout, cmd)
+
+
+def _stop_tree(proc: subprocess.Popen) -> str:
+    """SIGKILL a run and every process under it (torchrun starts its workers in sessions of their own, so
+    they would outlive it); its output so far."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    output, _ = proc.communicate()
+    return output
 
 
 @pytest.fixture(scope="session")
@@ -197,30 +223,36 @@ def warm_model_dir(
 
 
 @pytest.fixture(scope="session")
-def control_plane(request: pytest.FixtureRequest):
-    """A real Kubernetes control plane on loopback (tests/controlplane), started once per session.
+def controlplane_build() -> Path:
+    """The test control plane's build (tests/controlplane/build.sh): binaries and the operator's manifests.
 
-    Binaries are built from the pinned Go modules on first use and cached outside the repository (`make
-    test` builds them before pytest starts). The processes' logs are kept (path printed) when any test of
-    the session failed. R1_GRPO_SKIP_CLUSTER=1 skips the tests that need it; without that, a machine that
-    cannot build it fails them, saying why.
+    Built from the pinned Go modules on first use and cached outside the repository (`make test` builds
+    it before pytest starts). R1_GRPO_SKIP_CLUSTER=1 skips the tests that need it; without that, a machine
+    that cannot build it fails them, saying why.
     """
     if os.environ.get("R1_GRPO_SKIP_CLUSTER") == "1":
-        pytest.skip("R1_GRPO_SKIP_CLUSTER=1: the tests on the real control plane are skipped")
-    from tests.controlplane.cluster import ControlPlane, ensure_binaries
+        pytest.skip("R1_GRPO_SKIP_CLUSTER=1: the test control plane (and the operator's CRD) is not built")
+    from tests.controlplane.cluster import ensure_binaries
 
     try:
-        ensure_binaries()
-        build_error = None
+        return ensure_binaries()
     except subprocess.CalledProcessError as e:
         build_error = e.returncode
-    if build_error is not None:
-        pytest.fail(
-            f"the test control plane could not be built (tests/controlplane/build.sh exited {build_error}; "
-            "its message is above): it needs Go >= 1.26 and the Go module proxy the first time. Set "
-            "R1_GRPO_SKIP_CLUSTER=1 to skip the tests that need it.",
-            pytrace=False,
-        )
+    pytest.fail(
+        f"the test control plane could not be built (tests/controlplane/build.sh exited {build_error}; "
+        "its message is above): it needs Go >= 1.26 and the Go module proxy the first time. Set "
+        "R1_GRPO_SKIP_CLUSTER=1 to skip the tests that need it.",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def control_plane(controlplane_build: Path, request: pytest.FixtureRequest):
+    """A real Kubernetes control plane on loopback (tests/controlplane), started once per session from
+    `controlplane_build`. The processes' logs are kept (path printed) when any test of the session failed.
+    """
+    from tests.controlplane.cluster import ControlPlane
+
     workdir = Path(tempfile.mkdtemp(prefix="r1-grpo-controlplane-"))
     cp = ControlPlane(workdir).start()
     try:

@@ -181,7 +181,9 @@ def test_learning_bench_same_budget_and_held_out_accuracy(
     for name in ("ours", "trl"):
         (run,) = data["results"]["4.0"][name]
         assert run["seed"] == 1 and run["steps_done"] == len(run["steps"]) >= 1
-        assert 3 <= run["loop_s"] < 4 + 30  # stops at the first step past the budget
+        # Stops at the first step past the budget: the steps before the last one fit in it. (No upper
+        # bound on loop_s: one step's time on a loaded machine is not this test's to judge.)
+        assert sum(s["wall_s"] for s in run["steps"][:-1]) < 4 and run["loop_s"] >= 3, run["steps"]
         assert 0 <= run["accuracy"] <= 1
     assert (tmp_path / "learning.png").stat().st_size > 10_000
     assert "gain r1-grpo - TRL:" in proc.stdout

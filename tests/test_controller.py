@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 import yaml
@@ -140,25 +141,30 @@ class WireFaults:
     The real server cannot be made to answer a chosen request with 503 or 429, or to lose the answer to a
     create it carried out; a proxy would have to, and this is that proxy, inside the client: a rule either
     answers instead of the server (`after_sending=False`) or sends the request and then replaces the
-    server's answer with the error (`after_sending=True`).
+    server's answer with the error (`after_sending=True`). Server-side dry runs (`dryRun` in the query)
+    store nothing and are never matched: a rule is for the request that changes the cluster.
     """
 
     def __init__(self, api):
         self.rules: list[list] = []  # [method, path fragment, code, after_sending, remaining]
-        self.injected: list[tuple[str, str, int]] = []
+        self.injected: list[tuple[str, str, str | None, int]] = []  # (method, url, body's name, code)
         real = api.rest_client.request
 
         def request(method, url, *args, **kwargs):
+            query = kwargs.get("query_params") or (args[0] if args else None) or []
+            sent = url + ("?" + urlencode(query) if query else "")  # as it goes on the wire
             rule = next(
                 (r for r in self.rules if r[4] > 0 and r[0] == method and url.split("?")[0].endswith(r[1])),
                 None,
             )
-            if rule is None:
+            if rule is None or "dryRun=" in sent:
                 return real(method, url, *args, **kwargs)
             rule[4] -= 1
             if rule[3]:
                 real(method, url, *args, **kwargs)
-            self.injected.append((method, url, rule[2]))
+            body = kwargs.get("body")
+            name = ((body or {}).get("metadata") or {}).get("name") if isinstance(body, dict) else None
+            self.injected.append((method, sent, name, rule[2]))
             err = ApiException(status=rule[2], reason="injected on the wire")
             err.body = json.dumps(
                 {"kind": "Status", "status": "Failure", "code": rule[2], "message": "injected on the wire"}
@@ -793,11 +799,18 @@ def pending_pod_reported(make) -> None:
     assert message.startswith("pending for more than 1 s: pod r1-sft-1-master-0: Unschedulable: 0/"), message
     assert "unbound immediate PersistentVolumeClaims" in message
     assert "PersistentVolumeClaim r1-checkpoints is Pending" in message
-    for i in range(3):  # more passes must not report the same pod again
-        c.cp.request(
+    calls = controller.cluster.calls
+    for i in range(3):  # more passes, each seeing a change to the job, must not report the same pod again
+        poked = c.cp.request(
             "PATCH", f"{JOBS.format(ns=c.ns)}/r1-sft-1", {"metadata": {"annotations": {"poke": str(i)}}}
         )
-        time.sleep(0.3)
+        version = int(poked["metadata"]["resourceVersion"])
+        # evidence that a whole pass ran on the changed job: it listed the jobs at or after the patch's
+        # version, decided, acted, published, and went back to watching from there
+        wait_for(
+            lambda v=version: any(kind == "watch" and int(rv) >= v for kind, rv in calls),
+            what=f"a pass that saw poke {i}",
+        )
     assert c.stage("sft")["message"] == message  # stable across passes, not re-reported
     controller.stop()
     thread.join(30)
@@ -897,6 +910,22 @@ def api_errors(make) -> None:
     faults.fail_next("PATCH", "/configmaps/r1-status", 429)
     assert c.run(c.controller(api=api)).exit_code == EXIT_SUCCEEDED
     assert [code for *_, code in faults.injected] == [503, 503, 500, 429]
+    # the lost answer was the real create's (the start-up dry runs went through before it)
+    posted = [(name, code) for method, _, name, code in faults.injected if method == "POST"]
+    assert posted == [("r1-sft-1", 500)], faults.injected
+    assert not any("dryRun" in url for _, url, *_ in faults.injected), faults.injected
+    creates = [
+        e for e in c.requests() if e["verb"] == "create" and e["objectRef"].get("resource") == "pytorchjobs"
+    ]
+    dry_runs = [e["objectRef"].get("name") for e in creates if "dryRun" in e["requestURI"]]
+    assert "r1-sft-1" in dry_runs[:3], dry_runs
+    # the server stored r1-sft-1 exactly once (201), and the controller never sent it again
+    sft = [
+        e["responseStatus"]["code"]
+        for e in creates
+        if e["objectRef"].get("name") == "r1-sft-1" and "dryRun" not in e["requestURI"]
+    ]
+    assert sft == [201], sft
     assert c.created() == ["r1-sft-1", "r1-grpo-1", "r1-eval-1"]  # r1-sft-1 once: not sent again
     assert c.created(409) == []
     assert c.status()["phase"] == "Succeeded"
@@ -1019,14 +1048,17 @@ def test_process_exit_codes_and_sigterm(tmp_path, cp):
         )
         assert proc.poll() is None, proc.communicate()
         writes = c.writes()
-        start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        # At once, not when its watch ends: with --resync-seconds 300 the watch runs 300 s, so a controller
+        # that waited it out would miss this 120 s (a hang guard; an idle machine takes under a second).
+        _, err = proc.communicate(timeout=120)
         assert proc.returncode == EXIT_SIGTERM, err
-        assert time.monotonic() - start < 5
         assert c.writes() == writes  # nothing half done on the way out
         records = [json.loads(line) for line in err.splitlines() if line.strip()]
         assert any("SIGTERM" in r["msg"] for r in records)
+        # it left the watch it was blocked in: the log says so, and no pass ran after the SIGTERM
+        said = next(i for i, r in enumerate(records) if "SIGTERM" in r["msg"])
+        assert not any(r["msg"] == "decided" for r in records[said:]), records[said:]
     finally:
         c.close()
 

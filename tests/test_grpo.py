@@ -513,7 +513,8 @@ def test_bf16_kl_is_zero_at_step_0_and_old_logprobs_are_the_trainers(
         assert 0 < first["logprob_gap_mean"] <= first["logprob_gap_max"], first
         assert 0 <= first["logprob_gap_off_fraction"] <= 1
         assert second["logprob_gap_mean"] == first["logprob_gap_mean"]
-        assert first["rank_chunks_min"] == first["rank_chunks_max"] >= 1
+        # The update ran (one process: equal chunks across ranks is the 2-process dynamic-sampling test's).
+        assert first["rank_chunks_max"] >= 1
     # Unchanged weights: the first pass's own log-probs give ratio 1 exactly; the sampler's give noise.
     assert runs["trainer"][1]["ratio_mean"] == 1.0 and runs["trainer"][1]["clip_ratio"] == 0.0
     assert runs["sampler"][1]["ratio_mean"] != 1.0

@@ -112,13 +112,15 @@ def test_workers_get_the_pods_grace_period_where_torchrun_alone_kills_them_at_30
     # torchrun alone: the workers got SIGTERM, began to save and were SIGKILLed 30 s later.
     assert a.marks("stopping") == ["stopping-0", "stopping-1"], a.log
     assert a.marks("saved") == [], a.log
-    assert a.returncode != 0 and TORCHRUN_KILLS_AFTER_S - 1 < a.seconds < stop_s, (a.seconds, a.log)
+    # (killed before their 40 s were up: no saved-* above; a lower bound cannot flake on a loaded machine)
+    assert a.returncode != 0 and a.seconds > TORCHRUN_KILLS_AFTER_S - 1, (a.seconds, a.log)
     assert "via 15, forcefully exiting via 9" in a.log, a.log  # torchrun: SIGTERM, then SIGKILL
 
     # Through the launcher: the workers finished (40 s) and exited 143; the pod exits 143, terminated.
     assert b.marks("saved") == ["saved-0", "saved-1"], b.log
     assert b.returncode == TERMINATED_EXIT_CODE, b.log
-    assert stop_s <= b.seconds < worker_wait_seconds(grace_s), (b.seconds, b.log)
+    # Not killed at the launcher's deadline (45 s): no "still running" and no SIGKILL in the log, below.
+    assert stop_s <= b.seconds, (b.seconds, b.log)
     wait_s = worker_wait_seconds(grace_s)
     assert (
         f"r1-grpo launch: SIGTERM: passed on to workers {sorted(workers)}; they have {wait_s:.0f} s" in b.log
@@ -134,8 +136,9 @@ def test_workers_still_running_after_the_wait_are_killed(tmp_path: Path) -> None
     stopped = pod.wait(pod.sigterm())
     assert stopped.marks("stopping") == ["stopping-0", "stopping-1"] and stopped.marks("saved") == []
     assert stopped.returncode == TERMINATED_EXIT_CODE, stopped.log
-    # Killed at 6 s; torchrun, seeing them gone, ends by itself (killed at the full 8 s at the latest).
-    assert worker_wait_seconds(grace_s) <= stopped.seconds < grace_s + 5, (stopped.seconds, stopped.log)
+    # Killed at 6 s (the log line below); torchrun, seeing them gone, ends by itself: a hang guard only,
+    # well under the workers' 60 s (torchrun's and the launcher's exit take ~1 s on an idle machine).
+    assert worker_wait_seconds(grace_s) <= stopped.seconds < 40, (stopped.seconds, stopped.log)
     assert f"workers {sorted(workers)} still running 6 s after SIGTERM: killing them" in stopped.log
     for pid in workers:  # gone, not left behind as orphans
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
@@ -158,6 +161,7 @@ def test_a_command_without_workers_gets_the_sigterm_itself(
     stopped = pod.wait(pod.sigterm())
     assert stopped.returncode == launcher_exit, stopped.log
     assert f"SIGTERM: passed on to {sys.executable} (no workers yet)" in stopped.log
+    # It exited on the SIGTERM, not after its 60 s sleep (30 s: a hang guard with a loaded machine's margin).
     assert f"{sys.executable} exited {on_sigterm_exit} " in stopped.log and stopped.seconds < 30
 
 

@@ -31,7 +31,10 @@ from trainer.r1.rewards import (
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = "<think>\n2 + 2 = 4\n</think>\n<answer>4</answer>"
-HANG_GUARD_S = 5.0  # generous wall bound: only proves nothing hangs
+# A hang guard, not a speed target (those live in bench/): each guarded call takes well under a second on
+# an idle machine, and without its guard (caps, deadlines) minutes or forever; 60 s leaves a loaded 2-core
+# machine a margin of more than 50x.
+HANG_GUARD_S = 60.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,11 +311,15 @@ def test_answers_equal_requires_strings() -> None:
     ],
 )
 def test_adversarial_answers_finish(text: str) -> None:
+    stats = default_verifier().stats
+    before = (stats.requests, stats.hard_timeouts)
     start = time.monotonic()
     result = answers_equal(text, "2")
     assert time.monotonic() - start < HANG_GUARD_S
     assert isinstance(result, bool)
     assert result is False  # none of them denotes 2
+    # A numeric truth: decided here, none of this text went to math-verify (nor waited on its deadline).
+    assert (stats.requests, stats.hard_timeouts) == before
 
 
 def test_adversarial_response_reward_finishes() -> None:
@@ -323,11 +330,17 @@ def test_adversarial_response_reward_finishes() -> None:
     assert time.monotonic() - start < HANG_GUARD_S
 
 
+# Deadlines far enough apart for a loaded 2-core machine (where importing math-verify took over 60 s and a
+# first small comparison over 1 s, load average 21): which deadline fired is read from the counters.
+STARTUP_S = 600.0
+
+
 def test_soft_deadline_aborts_slow_comparison_without_restart() -> None:
-    verifier = MathVerifier(timeout_s=2.0)
+    verifier = MathVerifier(timeout_s=20.0, soft_timeout_s=3.0, startup_timeout_s=STARTUP_S)
     try:
+        assert verifier.warm_up()  # the helper's start (math-verify's import) is not what is guarded
         start = time.monotonic()
-        assert verifier.equal("2^{2^{2^{2^{2^{2}}}}}", "2") is False
+        assert verifier.equal("2^{2^{2^{2^{2^{2}}}}}", "2") is False  # sympy would compute this forever
         assert time.monotonic() - start < HANG_GUARD_S
         assert verifier.stats.soft_timeouts == 1
         assert verifier.stats.hard_timeouts == 0
@@ -340,21 +353,23 @@ def test_soft_deadline_aborts_slow_comparison_without_restart() -> None:
 def test_hard_deadline_kills_and_replaces_the_helper() -> None:
     # The soft deadline is set far away so only the caller's hard deadline can stop this parse, which
     # takes well over a minute (the ANTLR parser is exponential-ish in nesting depth).
-    verifier = MathVerifier(timeout_s=1.0, soft_timeout_s=120.0, max_nesting=100)
+    verifier = MathVerifier(
+        timeout_s=10.0, soft_timeout_s=120.0, startup_timeout_s=STARTUP_S, max_nesting=100
+    )
     try:
-        verifier.equal("1", "1")  # start the helper so its import time is not measured
+        assert verifier.equal("1", "1") is True  # start the helper so its import time is not measured
         slow = "(" * 40 + "1" + ")" * 40
         start = time.monotonic()
         assert verifier.equal(slow, "2") is False
         elapsed = time.monotonic() - start
-        assert 0.9 < elapsed < HANG_GUARD_S
+        assert 9.9 < elapsed < HANG_GUARD_S  # waited for the 10 s deadline, not for the parse's minutes
         assert verifier.stats.hard_timeouts == 1
         assert verifier.equal("\\frac{1}{2}", "0.5") is True  # a fresh helper answers
         assert verifier.stats.starts == 2
-        again = time.monotonic()
+        sent, hits = verifier.stats.requests, verifier.stats.cache_hits
         assert verifier.equal(slow, "2") is False  # the verdict is cached: no second kill
-        assert time.monotonic() - again < 0.5
-        assert verifier.stats.hard_timeouts == 1
+        assert (verifier.stats.requests, verifier.stats.cache_hits) == (sent, hits + 1)
+        assert verifier.stats.hard_timeouts == 1 and verifier.stats.starts == 2
     finally:
         verifier.close()
 

@@ -39,7 +39,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "r1-grpo"
 MANIFESTS_DIR = REPO_ROOT / "manifests"
 TOOLS_DIR = REPO_ROOT / ".cache" / "tools"
-CRD_PATH = REPO_ROOT.parent / "shared" / "crds" / "kubeflow.org_pytorchjobs.yaml"
 
 DEFAULT_RELEASE = "r1-grpo"
 CHECKOV_VERSION = "3.3.30"
