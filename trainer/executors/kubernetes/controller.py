@@ -122,7 +122,9 @@ from trainer.executors.kubernetes.spec import (
     Pipeline,
     StageRejected,
     StageSpec,
+    check_stage_flags,
     job_manifest,
+    job_name,
     parse_pipeline,
 )
 from trainer.executors.kubernetes.status import (
@@ -646,6 +648,12 @@ class Controller:
         if key is not None and all(key) and self._validated == key:
             return
         cfg = self.config
+        for spec in pipeline.stages:  # the flags first: no API call needed
+            check_stage_flags(
+                spec,
+                f"PyTorchJob {job_name(cfg.release, spec.name, 1)} in ConfigMap "
+                f"{cfg.stages_configmap} key {spec.job_key},",
+            )
         for spec in pipeline.stages:
             body = job_manifest(pipeline, spec, 1, cfg.namespace, cfg.stages_configmap)
             name = body["metadata"]["name"]

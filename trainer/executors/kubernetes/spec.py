@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from trainer.contract.stages import STAGES, model_sources
+from trainer.contract.stage_args import StageArgsError, check_stage_argv
+from trainer.contract.stages import STAGE_MODULES, STAGES, model_sources
 from trainer.executors.kubernetes.cluster import (
     PYTORCHJOB_GROUP,
     PYTORCHJOB_KIND,
@@ -231,3 +232,33 @@ def job_manifest(pipeline: Pipeline, spec: StageSpec, attempt: int, namespace: s
             {"apiVersion": "v1", "kind": "ConfigMap", "name": owner_name, "uid": pipeline.configmap_uid}
         ]
     return job
+
+
+def stage_argvs(job: dict) -> list[tuple[str, list[str]]]:
+    """(replica type, the stage's flags) for each replica whose trainer container runs a stage module:
+    the words after `--module <module>` (or `-m <module>`) of its command and args."""
+    out = []
+    for kind, replica in sorted(((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items()):
+        containers = ((((replica or {}).get("template") or {}).get("spec") or {}).get("containers")) or []
+        container = next((c for c in containers if c.get("name") == "pytorch"), None)
+        if container is None:
+            continue
+        words = [str(w) for w in (container.get("command") or []) + (container.get("args") or [])]
+        for i, word in enumerate(words[:-1]):
+            if word in ("--module", "-m"):
+                out.append((kind, [words[i + 1], *words[i + 2 :]]))
+                break
+    return out
+
+
+def check_stage_flags(spec: StageSpec, where: str) -> None:
+    """Parse the stage's flags, in every replica, with the stage's own rules (trainer/contract/stage_args.py):
+    a flag the stage would refuse fails the run before anything runs, naming the stage and the flag."""
+    for kind, (module, *argv) in stage_argvs(spec.job):
+        if module != STAGE_MODULES[spec.name]:
+            continue  # not one of our stage modules: its flags are not ours to judge
+        try:
+            check_stage_argv(spec.name, argv)
+        except StageArgsError as e:
+            value = f"; chart value stages.{spec.name}.args.{e.flag.removeprefix('--')}" if e.flag else ""
+            raise StageRejected(f"{e} ({where} {kind}{value})", spec.name) from None
