@@ -51,6 +51,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -78,6 +79,7 @@ from trainer.executors.kubernetes.cluster import (
     WatchExpired,
     api_error_summary,
     classify_api_error,
+    refused_rule,
     role_lacks_rule,
 )
 from trainer.executors.kubernetes.decide import (
@@ -92,6 +94,7 @@ from trainer.executors.kubernetes.decide import (
     ReportPending,
     Wait,
     attempt_outcome,
+    bad_input,
     current_attempt,
     decide,
     frontier,
@@ -113,6 +116,7 @@ from trainer.executors.kubernetes.spec import (
     LOG_TAIL_MAX_BYTES,
     LOG_TAIL_MAX_CHARS,
     NAME_LABEL,
+    PENDING,
     STAGE_LABEL,
     STATUS_KEY,
     SUBMITTED,
@@ -129,6 +133,7 @@ from trainer.executors.kubernetes.spec import (
 )
 from trainer.executors.kubernetes.status import (
     RunStatus,
+    _duration,
     _to_json,
     encode_status,
     render_status,
@@ -138,6 +143,7 @@ from trainer.executors.kubernetes.world import (
     JobState,
     OutputState,
     PendingItem,
+    TrainerExit,
     World,
     _fmt,
     _ts,
@@ -146,6 +152,7 @@ from trainer.executors.kubernetes.world import (
     parse_job,
     pod_is_live,
     tail_text,
+    trainer_exit,
 )
 
 logger = logging.getLogger("trainer.controller")
@@ -226,6 +233,7 @@ class Controller:
         self._pipeline: tuple[tuple, Pipeline] | None = None
         self._validated: tuple | None = None  # the stages ConfigMap version whose jobs passed the dry run
         self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
+        self._trouble_at: float | None = None  # monotonic time of the last lost connection, 5xx or 429
 
     # -- control
     def stop(self) -> None:
@@ -244,6 +252,7 @@ class Controller:
     # -- the loop
     def run(self) -> RunResult:
         backoff = self.config.error_backoff_seconds
+        refused_since: float | None = None  # monotonic time of the first refusal of the current streak
         try:
             while not self.stopping:
                 try:
@@ -251,6 +260,7 @@ class Controller:
                         self._load_status()
                     result = self.reconcile_once()
                     backoff = self.config.error_backoff_seconds
+                    refused_since = None
                 except ConfigError as e:
                     return self._config_failure(str(e))
                 except ApiException as e:
@@ -260,18 +270,39 @@ class Controller:
                     if denied == DENIED_TERMINATING:
                         return self._namespace_terminating(api_error_summary(e))
                     if denied is not None and denied != DENIED_QUOTA:
+                        now = time.monotonic()
+                        refused_since = refused_since if refused_since is not None else now
+                        if (
+                            not self._refusal_may_pass(e)
+                            or now - refused_since >= self.config.refusal_grace_seconds
+                        ):
+                            return self._give_up(e, now - refused_since)
                         log(
-                            "error",
-                            "the API server refused the controller's credentials or its Role lacks a "
-                            "permission",
+                            "warning",
+                            "the API server refused a call that it allowed before, or refused it just after "
+                            "the connection was lost (an API server restarting answers 403 until its "
+                            "authorizer has loaded the RBAC objects); retrying",
                             error=api_error_summary(e),
+                            backoff_seconds=backoff,
+                            gives_up_in_seconds=round(
+                                self.config.refusal_grace_seconds - (now - refused_since)
+                            ),
                         )
-                        return RunResult(EXIT_FORBIDDEN, api_error_summary(e))
-                    log("warning", "API error; retrying", error=api_error_summary(e), backoff_seconds=backoff)
+                    else:
+                        if e.status in (0, 429) or e.status >= 500:
+                            self._trouble_at = time.monotonic()
+                        log(
+                            "warning",
+                            "API error; retrying",
+                            error=api_error_summary(e),
+                            backoff_seconds=backoff,
+                        )
                     self._sleep(backoff)
                     backoff = min(backoff * 2, self.config.max_error_backoff_seconds)
                     continue
                 except (urllib3.exceptions.HTTPError, OSError) as e:
+                    if isinstance(e, urllib3.exceptions.HTTPError | ConnectionError):
+                        self._trouble_at = time.monotonic()
                     log(
                         "warning",
                         "transient error (network or volume); retrying",
@@ -445,16 +476,27 @@ class Controller:
         log_tails: dict[str, str] = {}
         if job is not None and job.phase not in (SUCCEEDED, FAILED) and not job.deleting:
             pending = self._pending_items(job, now)
+        exits: dict[str, TrainerExit] = {}
         if job is not None and job.phase == FAILED:
             rec = previous.stage_record(spec.name)
             arec = rec.attempt_record(attempt) if rec else None
             if arec is None or arec.log_tail is None:
                 log_tails[job.name] = self.master_log_tail(job.name)
-        world = replace(world, outputs=outputs, pending=tuple(pending), log_tails=log_tails)
+            if arec is None or arec.exit_code is None:  # read once: the pods may go, the status stays
+                ended = trainer_exit(
+                    self.cluster.list_pods(f"{JOB_NAME_LABEL}={job.name}"),
+                    log_tails.get(job.name) or (arec.log_tail if arec else None),
+                )
+                if ended.code is not None:
+                    exits[job.name] = ended
+        world = replace(world, outputs=outputs, pending=tuple(pending), log_tails=log_tails, exits=exits)
         lingering: list[PendingItem] = []
         if attempt > 0:
             outcome, _ = attempt_outcome(world, spec.name, attempt)
-            if outcome == MISSING or (outcome == BROKEN and attempt <= cfg.retries):
+            retried = (
+                outcome == BROKEN and attempt <= cfg.retries and bad_input(world, spec.name, attempt) is None
+            )
+            if outcome == MISSING or retried:
                 lingering = self._lingering_pods(pipeline, spec, attempt, job)
         return replace(world, lingering=tuple(lingering)), listed.resource_version
 
@@ -792,12 +834,19 @@ class Controller:
 
     def publish(self, status: RunStatus, action: Action, pruned: list[str]) -> None:
         prev = self.status or RunStatus(self.config.release, self.config.namespace)
-        if not status.same_as(prev):
+        written = _ts(prev.updated_at)
+        heartbeat = written is None or (
+            (self.clock() - written).total_seconds() >= self.config.heartbeat_seconds
+        )
+        if not status.same_as(prev) or heartbeat:  # updatedAt is the controller's heartbeat
             self._write("patch status")
             self._status_cm = self.cluster.patch_configmap_data(
                 self.config.status_configmap, {STATUS_KEY: encode_status(status)}
             )
-            log("info", "status", phase=status.phase, stage=status.stage, message=status.message)
+            if not status.same_as(prev):
+                log("info", "status", phase=status.phase, stage=status.stage, message=status.message)
+        else:
+            status = replace(status, updated_at=prev.updated_at)
         self.status = status
         for ev in status_events(prev, status, action, pruned):
             self._write(f"event {ev.reason}")
@@ -814,6 +863,63 @@ class Controller:
                 if isinstance(e, ApiException) and role_lacks_rule(e):
                     raise  # ...but a Role without the rule is a broken install: exit 3 like any call
                 log("warning", "could not create event", reason=ev.reason, error=str(e))
+
+    def _refusal_may_pass(self, err: ApiException) -> bool:
+        """Whether a 401/403 may be the API server's passing state rather than the Role or the token: the
+        server allowed this very call before (401: any call), or the connection to it was lost (or it
+        answered 5xx/429) within the grace period. A rule the Role never granted fails at once."""
+        recent = (
+            self._trouble_at is not None
+            and time.monotonic() - self._trouble_at < self.config.refusal_grace_seconds
+        )
+        if err.status == 401:
+            return recent or bool(self.cluster.allowed)
+        return recent or refused_rule(err) in self.cluster.allowed
+
+    def _give_up(self, err: ApiException, refused_for: float) -> RunResult:
+        """Exit 3, saying why in the status first (if the server still lets us write it), so `r1-grpo status`
+        does not show a running release whose controller is gone."""
+        error = api_error_summary(err)
+        log(
+            "error",
+            "the API server refused the controller's credentials or its Role lacks a permission",
+            error=error,
+            refused_for_seconds=round(refused_for),
+        )
+        why = (
+            f"for {_duration(refused_for)} (longer than --refusal-grace-seconds "
+            f"{_duration(self.config.refusal_grace_seconds)})"
+            if refused_for > 0
+            else "(its Role never allowed this call)"
+        )
+        running = [
+            rec.job
+            for rec in (self.status.stages if self.status else [])
+            if rec.job and rec.phase not in (SUCCEEDED, FAILED, PENDING)
+        ]
+        message = (
+            f"the controller stopped: the API server refused its calls {why}: {error}. Fix the "
+            f"controller's Role or credentials, then start it again (helm upgrade, or reinstall)"
+            + (
+                f"; job {', '.join(running)} may still be running, but no later stage starts"
+                if running
+                else ""
+            )
+        )
+        self._record_stop(FAILED, message)
+        return RunResult(EXIT_FORBIDDEN, error)
+
+    def _record_stop(self, phase: str, message: str) -> None:
+        status = self.status or RunStatus(self.config.release, self.config.namespace)
+        stopped = replace(status, phase=phase, message=message, updated_at=_fmt(self.clock()))
+        try:
+            self._write("patch status")
+            self.cluster.patch_configmap_data(
+                self.config.status_configmap, {STATUS_KEY: encode_status(stopped)}
+            )
+            self.status = stopped
+        except (ApiException, urllib3.exceptions.HTTPError) as e:
+            log("warning", "could not record why the controller stopped in the status", error=str(e))
 
     def _config_failure(self, message: str) -> RunResult:
         log("error", "configuration error", error=message)
@@ -849,7 +955,7 @@ class Controller:
     # -- waiting
     def wait(self, resource_version: str, deadline: datetime | None) -> None:
         """Block until a job changes, the deadline passes, the resync period ends, or a stop is requested."""
-        timeout = self.config.resync_seconds
+        timeout = min(self.config.resync_seconds, self.config.heartbeat_seconds)
         if deadline is not None:
             timeout = max(0.0, min(timeout, (deadline - self.clock()).total_seconds()))
         if timeout <= 0:

@@ -37,6 +37,7 @@ LOG_TAILS_KEPT = 2  # per stage: log tails of the newest attempts only
 MESSAGE_MAX_CHARS = 2000  # condition messages, causes and stage messages
 STATUS_MAX_BYTES = 256 * 1024  # a last guard when encoding; the caps above keep the status well below
 LINGER_POLL_SECONDS = 5.0  # how often to look whether a finished attempt's pods have stopped (no watch)
+STALE_HEARTBEATS = 5  # missed heartbeats after which `r1-grpo status` says the controller is silent
 MAX_NAME_LEN = 63  # the operator names services `<job>-master-0`; services need DNS-1035 labels
 
 # Run and stage phases shown in the status.
@@ -75,6 +76,12 @@ class ControllerConfig:
     log_tail_lines: int = 50
     error_backoff_seconds: float = 2.0
     max_error_backoff_seconds: float = 60.0
+    # A 401/403 for a call the server allowed before, or right after a lost connection, is retried this
+    # long before it counts as the Role's or the token's fault (exit 3)
+    refusal_grace_seconds: float = 300.0
+    # the status is written at least this often while the controller runs (updatedAt); `r1-grpo status`
+    # calls a running status silent after STALE_HEARTBEATS of them
+    heartbeat_seconds: float = 60.0
 
     @property
     def selector(self) -> str:
