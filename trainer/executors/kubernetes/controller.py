@@ -14,13 +14,15 @@ volume mounted) and is built to be boring and restart-safe:
   is owned by this install's stages ConfigMap (by uid: a job of an earlier install of the release, still
   waiting for the garbage collector, is waited out, never adopted).
 * Checked before anything runs. When it starts (and whenever the stages ConfigMap changes) the controller
-  creates every stage's job as a server-side dry run with strict field validation: an unknown field, a
+  parses every stage's flags with the stage's own rules (trainer/contract/stage_args.py), then creates
+  every stage's job as a server-side dry run with strict field validation: an unknown field, a
   schema error or an admission webhook's refusal fails the run at once, naming the stage and the field,
   instead of when that stage's turn comes hours later.
 * Honest hand-off. A stage is done only when its job Succeeded *and* `verify_stage_output` accepts its
   folder (the same check the local pipeline uses); a Succeeded job with a missing or corrupt manifest is a
   failed attempt with the verification error as its reason.
-* Failures. A failed attempt is retried (new attempt, same output folder, so the trainer resumes from its
+* Failures. An attempt whose trainer exited 2 (bad input) fails the run at once: another attempt would
+  refuse the same input. Any other failed attempt is retried (new attempt, same output folder, so the trainer resumes from its
   last complete checkpoint) up to `--retries` times; then the run is Failed with the job's last condition
   message and the tail of the master pod's log. One trainer per output folder: the next attempt is created
   only once every pod of the failed one has stopped (the chart's jobs use restartPolicy Never, so the
@@ -37,9 +39,12 @@ volume mounted) and is built to be boring and restart-safe:
 
 Status: ConfigMap `<release>-status` (key `status.json`), Events on it, JSON-lines logs on stderr. Exit codes:
 0 run succeeded, 1 run failed, 2 configuration error (flags, stages ConfigMap, volume not mounted, a foreign
-job holding one of our names, a stage job the API server or an admission webhook rejects), 3 the API
-refused our credentials or the Role lacks a permission (401, or a 403 that is neither quota, a
-terminating namespace nor an admission webhook), 4 the controller crashed (a bug; the traceback is
+job holding one of our names, a stage job the API server or an admission webhook rejects, a stage flag
+the stage would refuse), 3 the API refused our credentials or the Role lacks a permission (401, or a 403
+that is neither quota, a terminating namespace nor an admission webhook; for a call the server allowed
+before, or right after a lost connection, only once --refusal-grace-seconds of retries have not helped:
+a restarting API server refuses until its authorizer is ready; the reason goes into the status first),
+4 the controller crashed (a bug; the traceback is
 logged), 143 stopped before the run finished: SIGTERM, or the namespace is being deleted (non-zero so the
 Job controller starts the controller again, if there still is one).
 """
@@ -835,8 +840,9 @@ class Controller:
     def publish(self, status: RunStatus, action: Action, pruned: list[str]) -> None:
         prev = self.status or RunStatus(self.config.release, self.config.namespace)
         written = _ts(prev.updated_at)
-        heartbeat = written is None or (
-            (self.clock() - written).total_seconds() >= self.config.heartbeat_seconds
+        # a finished run has nothing more to say: a controller restarted after the end writes nothing
+        heartbeat = status.phase not in (SUCCEEDED, FAILED) and (
+            written is None or (self.clock() - written).total_seconds() >= self.config.heartbeat_seconds
         )
         if not status.same_as(prev) or heartbeat:  # updatedAt is the controller's heartbeat
             self._write("patch status")
