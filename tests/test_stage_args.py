@@ -118,7 +118,9 @@ def _stages_configmap(values: dict, helm_args: tuple[str, ...] = ()) -> dict:
     docs = [
         d
         for d in yaml.safe_load_all(
-            run_helm(["template", "r1", str(flag_table.ROOT / "charts" / "r1-grpo"), *helm_args], values=values)
+            run_helm(
+                ["template", "r1", str(flag_table.ROOT / "charts" / "r1-grpo"), *helm_args], values=values
+            )
         )
         if d
     ]
@@ -182,4 +184,17 @@ def test_helm_refuses_an_unknown_stage_flag_and_a_wrong_type_naming_the_field(ma
             }
         },
         helm=helm,
+    )
+
+
+def test_the_local_pipeline_refuses_a_stage_flag_before_any_stage_runs() -> None:
+    from trainer.contract.stages import ConfigError, parse_config, plan
+
+    cfg = parse_config({"stages": {"sft": {"args": {"max_steps": 2}}, "grpo": {"args": {"learning_rat": 1e-6}}}},
+                       "my.yaml")  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        plan(cfg)
+    assert str(e.value) == (
+        "my.yaml: stages.grpo.args: stage grpo: --learning_rat: unrecognized argument (not a flag of r1-grpo "
+        "grpo); did you mean --learning_rate?"
     )
