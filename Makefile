@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup controlplane demo test lint bench bench-demo bench-trl bench-learning manifests clean
+.PHONY: setup controlplane demo test lint bench bench-demo bench-trl bench-learning manifests schema clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ bench-trl: setup
 
 bench-learning: setup
 	$(BIN)/python bench/learning.py
+
+# The stages' flag table (trainer/contract/stage_flags.json) and the chart's schema of stages.<stage>.args,
+# from the stage parsers: run after adding or changing a stage flag (tests/test_stage_args.py fails until then).
+schema: setup
+	$(BIN)/python -m trainer.flag_table
 
 manifests: setup
 	$(BIN)/python tests/support/helmtool.py manifests

@@ -969,12 +969,12 @@ CUSTOM_ARGS = {
     "final_temperature": 0.65,
     "initial_temperature": 1.0,
     "max_steps": 1000000,
-    "odd_scale": 1234567.5,
-    "tiny": 1.5e-07,
-    "ratio": 0.0001,
+    "max_grad_norm": 1234567.5,
+    "weight_decay": 1.5e-07,
+    "top_p": 0.0001,
     "bf16": False,
-    "report_to": ["wandb", "tensorboard"],
-    "mixed": [1, 2.5, True, "x y"],
+    "reward_funcs": ["accuracy", "format"],
+    "reward_weights": [1, 2.5],
     "plugin": "hybrid",
     "save_steps": None,
     "seed": 42,
@@ -998,13 +998,13 @@ def test_args_render_by_the_contract_rules() -> None:
     assert value_of("final_temperature") == ["0.65"]
     assert value_of("initial_temperature") == ["1"]
     assert value_of("max_steps") == ["1000000"]
-    assert value_of("odd_scale") == ["1.2345675e+06"]
-    assert value_of("tiny") == ["1.5e-07"]
-    assert value_of("ratio") == ["0.0001"]
+    assert value_of("max_grad_norm") == ["1.2345675e+06"]
+    assert value_of("weight_decay") == ["1.5e-07"]
+    assert value_of("top_p") == ["0.0001"]
     assert value_of("bf16") == ["false"] and value_of("gradient_checkpointing") == ["true"]
     # A list is its values one after another, up to the next flag.
-    assert value_of("report_to", 3) == ["wandb", "tensorboard", "--run_name"]
-    assert value_of("mixed", 5) == ["1", "2.5", "true", "x y", "--model_name_or_path"]
+    assert value_of("reward_funcs", 3) == ["accuracy", "format", "--reward_weights"]
+    assert value_of("reward_weights", 3) == ["1", "2.5", "--run_name"]
     assert value_of("run_name") == ["exp 7"] and value_of("seed") == ["42"]
 
 

@@ -213,3 +213,31 @@ def test_worker_wait_keeps_a_margin_for_the_launcher() -> None:
     assert worker_wait_seconds(600) == 590  # the chart's default
     assert worker_wait_seconds(30) == 22.5  # Kubernetes' default: a quarter kept back under 40 s
     assert worker_wait_seconds(0) == 0
+
+
+@pytest.mark.slow
+def test_a_trainer_refusing_its_flags_under_torchrun_makes_the_pod_exit_2_with_the_error_line(
+    tmp_path: Path,
+) -> None:
+    """torchrun exits 1 whatever its workers' codes; the launcher turns the trainer's bad-input report into
+    exit 2 and the container's termination message, which the controller reads to fail the run at once."""
+    termination_log = tmp_path / "termination-log"
+    termination_log.write_text("")  # the kubelet creates it; the launcher only writes an existing file
+    argv = [
+        str(BIN / "r1-grpo"), "launch", f"--termination-message-path={termination_log}", "--",
+        str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--module", "trainer.sft",
+        "--dataset_name", "builtin:arith", "--model_name_or_path", "builtin:tiny",
+        "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "three",
+    ]  # fmt: skip
+    proc = subprocess.run(argv, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    error = "r1-grpo sft: error: argument --num_train_epochs/--num-train-epochs: invalid float value: 'three'"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert termination_log.read_text() == error + "\n"
+    assert (
+        f"r1-grpo launch: the trainer reported bad input (exit code 2, not retried): {error}" in proc.stderr
+    )
+    # a failure that is not bad input keeps torchrun's code, and leaves the termination message alone
+    termination_log.write_text("")
+    crash = [*argv[:4], sys.executable, "-c", "raise SystemExit(1)"]
+    assert subprocess.run(crash, env=env(), cwd=tmp_path, capture_output=True).returncode == 1
+    assert termination_log.read_text() == ""

@@ -83,8 +83,13 @@ class EvalArgs:
             raise ArgsError(f"--report_to {self.report_to!r}: expected one of {', '.join(REPORT_TO)}")
 
 
+# The stage's command line; trainer/flag_table.py reads both (`make schema`).
+PROG = "r1-grpo eval"
+ARG_TYPES = (DataArgs, EvalArgs)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("r1-grpo eval", (DataArgs, EvalArgs), argv, run)
+    return run_cli(PROG, ARG_TYPES, argv, run)
 
 
 def run(data_args: DataArgs, args: EvalArgs) -> int:

@@ -209,8 +209,13 @@ class GRPOArgs(TrainingArgs):
             )
 
 
+# The stage's command line; trainer/flag_table.py reads both (`make schema`).
+PROG = "r1-grpo grpo"
+ARG_TYPES = (DataArgs, GRPOArgs)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("r1-grpo grpo", (DataArgs, GRPOArgs), argv, train)
+    return run_cli(PROG, ARG_TYPES, argv, train)
 
 
 def train(data_args: DataArgs, args: GRPOArgs) -> int:

@@ -16,25 +16,33 @@ period, is killed then, as the kubelet would. A SIGTERM that comes before torchr
 goes to torchrun (there is nothing to save yet).
 
 Exit code: the command's; after a SIGTERM, 143 unless the command succeeded (the stage finished just
-then), so a preempted pod reads as terminated (torchrun itself exits 1 when a worker exits 143).
+then), so a preempted pod reads as terminated (torchrun itself exits 1 when a worker exits 143). A trainer
+that refused its input (trainer/contract/exits.py) makes the launcher exit 2 with the trainer's error line
+as the container's termination message, so the controller fails the run instead of retrying it.
 As the first process of a container it also reaps orphaned processes, which would otherwise stay zombies.
-Standard library only: it starts before anything heavy is imported.
+Standard library only (and trainer.contract.exits): it starts before anything heavy is imported.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+from trainer.contract.exits import BAD_INPUT_EXIT_CODE, BAD_INPUT_FILE_ENV
 
 KUBERNETES_DEFAULT_GRACE_S = 30  # a pod's terminationGracePeriodSeconds when it sets none
 MARGIN_S = 10.0
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # 143, the trainer's PREEMPTED_EXIT_CODE too
 POLL_S = 0.1
+TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
 
 
 def worker_wait_seconds(grace_s: float) -> float:
@@ -81,7 +89,7 @@ def _exit_code(status: int) -> int:
     return 128 - code if code < 0 else code  # killed by a signal: 128 + its number, as a shell reports it
 
 
-def run(command: Sequence[str], grace_s: float) -> int:
+def run(command: Sequence[str], grace_s: float, termination_log: Path | None = None) -> int:
     """Run ``command``; on SIGTERM give its workers ``worker_wait_seconds(grace_s)``. The exit code."""
     wait_s = worker_wait_seconds(grace_s)
     terminated_at: list[float] = []  # set by the handler; acted on by the loop below
@@ -94,11 +102,38 @@ def run(command: Sequence[str], grace_s: float) -> int:
     # Ctrl-C in a terminal reaches torchrun too (same process group); the launcher waits for it to end.
     # A Python handler, not SIG_IGN: an ignored signal would stay ignored in the command after exec.
     signal.signal(signal.SIGINT, lambda signum, frame: None)
+    scratch = tempfile.mkdtemp(prefix="r1-grpo-launch-")
+    bad_input = Path(scratch) / "bad-input"
     try:
-        proc = subprocess.Popen(list(command))
+        proc = subprocess.Popen(list(command), env={**os.environ, BAD_INPUT_FILE_ENV: str(bad_input)})
     except OSError as e:
         _say(f"error: cannot run {command[0]!r}: {e}")
         return 127
+    try:
+        code = _supervise(proc, command, grace_s, wait_s, terminated_at)
+        return _bad_input_verdict(code, bad_input, termination_log) if not terminated_at else code
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _bad_input_verdict(code: int, bad_input: Path, termination_log: Path | None) -> int:
+    """A failed command whose trainer reported bad input exits 2 (torchrun itself exits 1 when a worker
+    fails), with the trainer's error line as the container's termination message."""
+    if code == 0 or not bad_input.exists():
+        return code
+    message = bad_input.read_text(encoding="utf-8", errors="replace").strip()
+    _say(f"the trainer reported bad input (exit code {BAD_INPUT_EXIT_CODE}, not retried): {message}")
+    if termination_log is not None:
+        try:  # the kubelet's file for the container's termination message (at most 4 KiB are kept)
+            termination_log.write_text(message[-4000:] + "\n", encoding="utf-8")
+        except OSError as e:
+            _say(f"cannot write the termination message to {termination_log}: {e}")
+    return BAD_INPUT_EXIT_CODE
+
+
+def _supervise(
+    proc: subprocess.Popen, command: Sequence[str], grace_s: float, wait_s: float, terminated_at: list[float]
+) -> int:
     forwarded_to: list[int] = []
     workers_killed = command_killed = False
     code: int | None = None
@@ -159,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         f"(default {KUBERNETES_DEFAULT_GRACE_S}, Kubernetes' default). The workers get it less "
         f"{MARGIN_S:.0f} s (a quarter of it when under {4 * MARGIN_S:.0f} s).",
     )
+    parser.add_argument(
+        "--termination-message-path",
+        default=TERMINATION_LOG,
+        metavar="FILE",
+        help="where the trainer's bad-input error line goes when it exits 2 (default %(default)s, the "
+        "container's terminationMessagePath; only written when the file exists, as the kubelet makes it)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after `--`")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -168,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--termination-grace-period-seconds must be 0 or more, got {args.termination_grace_period_seconds}"
         )
-    return run(command, args.termination_grace_period_seconds)
+    termination_log = Path(args.termination_message_path)
+    return run(
+        command, args.termination_grace_period_seconds, termination_log if termination_log.is_file() else None
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from trainer.contract.exits import BAD_INPUT_EXIT_CODE, report_bad_input
+
 logger = logging.getLogger("r1_grpo")
 
 PLUGINS = ("ddp", "zero2", "zero2_cpu", "gemini", "3d")
@@ -132,6 +134,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: 
 
     def error(message: str):
         _write_elastic_error_file(f"{prog}: error: {message}")  # torchrun's failure summary shows it
+        report_bad_input(f"{prog}: error: {message}")  # `r1-grpo launch` exits 2 with it
         argparse_error(message)
 
     parser.error = error  # type: ignore[method-assign]
@@ -541,7 +544,6 @@ def public_fields(obj: Any) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Bad input: the same verdict, error and exit code on every rank
 
-BAD_INPUT_EXIT_CODE = 2
 _setup_agreed = False  # agree_on_setup() has run in this process group
 
 
@@ -594,6 +596,7 @@ def bad_input_exit(prog: str, error: BaseException) -> int:
             error = agreed
     message = f"{prog}: error: {error}"
     _write_elastic_error_file(message)
+    report_bad_input(message)  # `r1-grpo launch` exits 2 with it, whatever torchrun's exit code
     if distributed and isinstance(error, AgreedError):
         # torchrun stops the other workers when the first one exits: they exit 2 too, having the verdict.
         with contextlib.suppress(ValueError):  # not the main thread: keep the default handler

@@ -127,8 +127,13 @@ def eval_loss(model, rows: list[TokenizedRow], args: SFTArgs, dist, pad_id: int,
     return float(total[0] / total[1].clamp(min=1))
 
 
+# The stage's command line; trainer/flag_table.py reads both (`make schema`).
+PROG = "r1-grpo sft"
+ARG_TYPES = (DataArgs, SFTArgs)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("r1-grpo sft", (DataArgs, SFTArgs), argv, train)
+    return run_cli(PROG, ARG_TYPES, argv, train)
 
 
 def train(data_args: DataArgs, args: SFTArgs) -> int:

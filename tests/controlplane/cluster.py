@@ -222,6 +222,7 @@ class ControlPlane:
         self.cache_dir: Path | None = None
         self.server = ""
         self._procs: list[tuple[str, subprocess.Popen]] = []
+        self._apiserver_args: list[str] = []
         self._ssl: ssl.SSLContext | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -267,31 +268,29 @@ class ControlPlane:
         api_port = free_port()
         self.server = f"https://127.0.0.1:{api_port}"
         p = self.pki_dir
-        self._spawn(
-            "kube-apiserver",
-            [
-                f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={api_port}",
-                "--advertise-address=127.0.0.1",
-                f"--tls-cert-file={p / 'apiserver.crt'}",
-                f"--tls-private-key-file={p / 'apiserver.key'}",
-                f"--client-ca-file={p / 'ca.crt'}",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={p / 'sa.pub'}",
-                f"--service-account-signing-key-file={p / 'sa.key'}",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--authorization-mode=Node,RBAC",
-                # The default reconciler keeps failing: Endpoints may not hold the loopback advertise address.
-                "--endpoint-reconciler-type=none",
-                # pods/log goes to the node's "kubelet" (kwok) at its InternalIP; node names do not resolve.
-                "--kubelet-preferred-address-types=InternalIP",
-                f"--audit-policy-file={self._write_audit_policy()}",
-                f"--audit-log-path={self.audit_log_path}",
-                "--audit-log-format=json",
-                "--audit-log-mode=blocking",
-            ],
-        )
+        self._apiserver_args = [
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={api_port}",
+            "--advertise-address=127.0.0.1",
+            f"--tls-cert-file={p / 'apiserver.crt'}",
+            f"--tls-private-key-file={p / 'apiserver.key'}",
+            f"--client-ca-file={p / 'ca.crt'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={p / 'sa.pub'}",
+            f"--service-account-signing-key-file={p / 'sa.key'}",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--authorization-mode=Node,RBAC",
+            # The default reconciler keeps failing: Endpoints may not hold the loopback advertise address.
+            "--endpoint-reconciler-type=none",
+            # pods/log goes to the node's "kubelet" (kwok) at its InternalIP; node names do not resolve.
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--audit-policy-file={self._write_audit_policy()}",
+            f"--audit-log-path={self.audit_log_path}",
+            "--audit-log-format=json",
+            "--audit-log-mode=blocking",
+        ]
+        self._spawn("kube-apiserver", self._apiserver_args)
         self._write_kubeconfig()
         self._wait("kube-apiserver", lambda: self._get_raw("/readyz") == b"ok", timeout)
 
@@ -477,6 +476,24 @@ class ControlPlane:
             ),
             timeout,
         )
+
+    def kill_apiserver(self) -> None:
+        """Kills kube-apiserver (SIGKILL, as a crash or an OOM kill would) and waits until it is gone; etcd
+        and the other components stay up and keep retrying, as on a real control plane."""
+        for name, proc in self._procs:
+            if name == "kube-apiserver" and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def start_apiserver(self, timeout: float = 180.0) -> None:
+        """Starts kube-apiserver again with the same flags: the same port, certificates and etcd (so the
+        same objects, and the same tokens are valid). Returns once /readyz says ok."""
+        index = next(i for i, (name, _) in enumerate(self._procs) if name == "kube-apiserver")
+        if self._procs[index][1].poll() is None:
+            raise RuntimeError("kube-apiserver is still running: kill_apiserver() first")
+        self._spawn("kube-apiserver", self._apiserver_args)
+        self._procs[index] = self._procs.pop()  # keep the start order, which stop() reverses
+        self._wait("kube-apiserver (restarted)", lambda: self._get_raw("/readyz") == b"ok", timeout)
 
     def stop(self) -> None:
         """SIGTERM each process (newest first), SIGKILL it after stop_timeout; keeps workdir and logs."""

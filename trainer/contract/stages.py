@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from trainer.contract.stage_args import StageArgsError, check_stage_argv
+
 STAGES: tuple[str, ...] = ("sft", "grpo", "eval")
 TRAINING_STAGES: tuple[str, ...] = ("sft", "grpo")
 STAGE_MODULES: dict[str, str] = {"sft": "trainer.sft", "grpo": "trainer.grpo", "eval": "trainer.evaluate"}
@@ -221,5 +223,9 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
         args.setdefault("dataset_name", cfg.dataset)
         args["model_name_or_path"] = model
         args["output_dir"] = str(output_dir)
+        try:  # the stage's own flag rules, before any stage runs (trainer/contract/stage_args.py)
+            check_stage_argv(name, args_to_cli(args))
+        except StageArgsError as e:
+            raise ConfigError(f"{cfg.source}: stages.{name}.args: {e}") from None
         runs.append(StagePlan(name, output_dir, model, model_from, stage.nproc_per_node, args))
     return runs

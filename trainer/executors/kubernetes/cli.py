@@ -9,8 +9,10 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from trainer.contract.stages import STAGES
@@ -29,12 +31,14 @@ from trainer.executors.kubernetes.spec import (
     EXIT_FAILED,
     FAILED,
     MAX_NAME_LEN,
+    STALE_HEARTBEATS,
     STATUS_KEY,
     SUCCEEDED,
     ControllerConfig,
     job_name,
 )
-from trainer.executors.kubernetes.status import RunStatus
+from trainer.executors.kubernetes.status import RunStatus, _duration
+from trainer.executors.kubernetes.world import _ts
 
 # --------------------------------------------------------------------------------------------- CLI
 
@@ -93,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-read everything at least this often even without watch events",
     )
     p.add_argument(
+        "--refusal-grace-seconds",
+        type=_positive(float, 0),
+        default=300.0,
+        help="retry a 401/403 this long when the API server allowed the same call before, or the connection "
+        "to it was just lost (a restarting API server refuses until its authorizer is ready); then exit 3",
+    )
+    p.add_argument(
         "--log-tail-lines",
         type=_positive(int, 1),
         default=50,
@@ -133,6 +144,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         mount_path=args.mount_path,
         resync_seconds=args.resync_seconds,
         log_tail_lines=args.log_tail_lines,
+        refusal_grace_seconds=args.refusal_grace_seconds,
     )
 
 
@@ -175,12 +187,35 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------- status CLI
 
 
-def format_status(status: RunStatus) -> str:
+def silent_for(status: RunStatus, now: datetime) -> float | None:
+    """Seconds since the controller last wrote a status that is not finished, when that is longer than
+    STALE_HEARTBEATS of its heartbeats; else None."""
+    written = _ts(status.updated_at)
+    if status.phase in (SUCCEEDED, FAILED) or written is None:
+        return None
+    heartbeat = float(status.settings.get("heartbeatSeconds") or 0)
+    if heartbeat <= 0:  # written by a controller without a heartbeat: its silence means nothing
+        return None
+    age = (now - written).total_seconds()
+    return age if age > STALE_HEARTBEATS * heartbeat else None
+
+
+def format_status(status: RunStatus, now: datetime | None = None) -> str:
     """The status as a table a user reads in a terminal."""
+    silent = silent_for(status, now or datetime.now(UTC))
+    phase = status.phase
+    if silent is not None:
+        phase = f"{status.phase}? (the controller has not written this status for {_duration(round(silent))})"
     lines = [
-        f"release {status.release} (namespace {status.namespace}): {status.phase}"
+        f"release {status.release} (namespace {status.namespace}): {phase}"
         + (f" - {status.message}" if status.message else "")
     ]
+    if silent is not None:
+        lines.append(
+            f"  the controller writes it every {_duration(float(status.settings['heartbeatSeconds']))} while it "
+            f"runs: it has stopped or cannot reach the API server. See `kubectl -n {status.namespace} get job "
+            f"{status.release}-controller` and its pod's log (by this machine's clock)"
+        )
     times = [
         f"started {status.started_at}" if status.started_at else "",
         f"finished {status.finished_at}" if status.finished_at else "",
@@ -247,6 +282,27 @@ def format_status(status: RunStatus) -> str:
     return "\n".join(lines)
 
 
+def _why_missing(api: Any, namespace: str, name: str, release: str) -> str:
+    """Why the status ConfigMap is not there: the namespace is gone (the status went with it), or the
+    release was never installed there (or its controller has not started)."""
+    try:
+        ns = client.CoreV1Api(api).read_namespace(namespace, _request_timeout=30)
+    except ApiException as e:
+        if e.status == 404:
+            return (
+                f"namespace {namespace!r} does not exist: it was deleted, and the run of release {release!r} "
+                f"and its status went with it (or it never existed; check -n/--namespace)"
+            )
+        ns = None  # no permission to read namespaces (a namespaced Role): say what we know
+    deleting = ns is not None and ns.metadata is not None and ns.metadata.deletion_timestamp is not None
+    if deleting:
+        return f"namespace {namespace!r} is being deleted, and the run of release {release!r} and its status with it"
+    return (
+        f"ConfigMap {namespace}/{name} not found: is release {release!r} installed in namespace "
+        f"{namespace!r} and its controller started?"
+    )
+
+
 def _one_line(text: str, limit: int = 160) -> str:
     text = " ".join((text or "").split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -281,11 +337,7 @@ def status_main(argv: list[str] | None = None) -> int:
         print(f"r1-grpo status: cannot reach the cluster: {e}", file=sys.stderr)
         return 2
     if cm is None:
-        print(
-            f"r1-grpo status: ConfigMap {namespace}/{name} not found: is release {args.release!r} installed "
-            f"in namespace {namespace!r} and its controller started?",
-            file=sys.stderr,
-        )
+        print(f"r1-grpo status: {_why_missing(api, namespace, name, args.release)}", file=sys.stderr)
         return 2
     raw = (cm.get("data") or {}).get(STATUS_KEY)
     try:

@@ -17,14 +17,15 @@ CustomObjectsApi produced them, so the controller handles one shape. `classify_a
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from kubeflow.training.constants import constants as kf
 from kubernetes import client, config, watch
@@ -36,6 +37,7 @@ PYTORCHJOB_PLURAL = kf.PYTORCHJOB_PLURAL
 PYTORCHJOB_KIND = kf.PYTORCHJOB_KIND
 JOB_NAME_LABEL = kf.JOB_NAME_LABEL  # set by the training operator on every pod of a job
 USER_AGENT = "r1-grpo-controller/1"
+T = TypeVar("T")
 IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -161,6 +163,28 @@ def decode_tail(data: bytes) -> str:
     return codecs.decode(data[start:], "utf-8", errors="replace")
 
 
+def _rule(verb: str, resource: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Marks a Cluster method with the Role rule it needs, and records that the server allowed it."""
+
+    def wrap(method: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(method)
+        def call(self: Cluster, *args: Any, **kwargs: Any) -> T:
+            out = method(self, *args, **kwargs)
+            self.allowed.add((verb, resource))
+            return out
+
+        return call
+
+    return wrap
+
+
+def refused_rule(err: ApiException) -> tuple[str, str] | None:
+    """(verb, resource) from the authorizer's `cannot <verb> resource "<resource>"`, else None."""
+    message = str(api_error_body(err).get("message") or err.reason or "")
+    found = re.search(r'cannot ([a-z]+) resource "([^"]+)"', message)
+    return (found.group(1), found.group(2)) if found else None
+
+
 @dataclass(frozen=True)
 class JobList:
     items: list[dict]
@@ -176,12 +200,17 @@ class Cluster:
         self.request_timeout = request_timeout
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        # (verb, resource) pairs the API server has allowed this process: a later 401/403 for one of them
+        # is the server's, not the Role's (an API server restarting answers 403 until its authorizer has
+        # loaded the RBAC objects)
+        self.allowed: set[tuple[str, str]] = set()
 
     def _plain(self, obj: Any) -> Any:
         # typed models -> the API's JSON shape (camelCase keys), the same shape custom objects come in
         return self.api_client.sanitize_for_serialization(obj)
 
     # -- pytorchjobs: get, list, watch, create
+    @_rule("list", "pytorchjobs")
     def list_jobs(self, label_selector: str) -> JobList:
         out = self.custom.list_namespaced_custom_object(
             PYTORCHJOB_GROUP,
@@ -196,6 +225,7 @@ class Cluster:
             resource_version=str((out.get("metadata") or {}).get("resourceVersion") or ""),
         )
 
+    @_rule("get", "pytorchjobs")
     def get_job(self, name: str) -> dict | None:
         try:
             return self.custom.get_namespaced_custom_object(
@@ -211,6 +241,7 @@ class Cluster:
                 return None
             raise
 
+    @_rule("create", "pytorchjobs")
     def create_job(self, body: dict, dry_run: bool = False) -> tuple[bool, dict | None]:
         """Create-if-absent: (True, created) or (False, existing) when the name is taken (409).
 
@@ -259,7 +290,9 @@ class Cluster:
         )
         try:
             for event in stream:
+                self.allowed.add(("watch", PYTORCHJOB_PLURAL))
                 yield {"type": event["type"], "object": event["raw_object"]}
+            self.allowed.add(("watch", PYTORCHJOB_PLURAL))
         except ApiException as err:
             if err.status == 410:
                 raise WatchExpired(api_error_summary(err)) from err
@@ -269,6 +302,7 @@ class Cluster:
             stream.close()
 
     # -- configmaps: get, create, patch
+    @_rule("get", "configmaps")
     def get_configmap(self, name: str) -> dict | None:
         try:
             return self._plain(
@@ -281,6 +315,7 @@ class Cluster:
                 return None
             raise
 
+    @_rule("create", "configmaps")
     def create_configmap(self, body: dict) -> dict | None:
         """Create; None when it already exists (409)."""
         try:
@@ -294,6 +329,7 @@ class Cluster:
                 return None
             raise
 
+    @_rule("patch", "configmaps")
     def patch_configmap_data(self, name: str, data: dict[str, str]) -> dict:
         # a dict body goes out as a strategic merge patch; for `data` that equals a JSON merge patch
         return self._plain(
@@ -303,6 +339,7 @@ class Cluster:
         )
 
     # -- events: create
+    @_rule("create", "events")
     def create_event(
         self, involved: dict, event_type: str, reason: str, message: str, component: str, instance: str
     ) -> None:
@@ -332,6 +369,7 @@ class Cluster:
         )
         self.core.create_namespaced_event(self.namespace, body, _request_timeout=self.request_timeout)
 
+    @_rule("list", "events")
     def list_events(self, involved_uid: str) -> list[dict]:
         """Events about one object (by uid, so a same-named object of an earlier install does not count)."""
         out = self.core.list_namespaced_event(
@@ -342,12 +380,14 @@ class Cluster:
         return list(self._plain(out).get("items") or [])
 
     # -- pods: get, list; pods/log: get
+    @_rule("list", "pods")
     def list_pods(self, label_selector: str) -> list[dict]:
         out = self.core.list_namespaced_pod(
             self.namespace, label_selector=label_selector, _request_timeout=self.request_timeout
         )
         return list(self._plain(out).get("items") or [])
 
+    @_rule("get", "pods")
     def get_pod(self, name: str) -> dict | None:
         try:
             return self._plain(
@@ -358,6 +398,7 @@ class Cluster:
                 return None
             raise
 
+    @_rule("get", "pods/log")
     def read_pod_log(self, name: str, container: str | None, tail_lines: int, max_bytes: int) -> str:
         """The END of the last `tail_lines` lines, at most `max_bytes` of it.
 
@@ -384,6 +425,7 @@ class Cluster:
         return decode_tail(bytes(kept[-max_bytes:]))
 
     # -- persistentvolumeclaims: get
+    @_rule("get", "persistentvolumeclaims")
     def get_pvc(self, name: str) -> dict | None:
         try:
             return self._plain(

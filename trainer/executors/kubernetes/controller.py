@@ -14,13 +14,15 @@ volume mounted) and is built to be boring and restart-safe:
   is owned by this install's stages ConfigMap (by uid: a job of an earlier install of the release, still
   waiting for the garbage collector, is waited out, never adopted).
 * Checked before anything runs. When it starts (and whenever the stages ConfigMap changes) the controller
-  creates every stage's job as a server-side dry run with strict field validation: an unknown field, a
+  parses every stage's flags with the stage's own rules (trainer/contract/stage_args.py), then creates
+  every stage's job as a server-side dry run with strict field validation: an unknown field, a
   schema error or an admission webhook's refusal fails the run at once, naming the stage and the field,
   instead of when that stage's turn comes hours later.
 * Honest hand-off. A stage is done only when its job Succeeded *and* `verify_stage_output` accepts its
   folder (the same check the local pipeline uses); a Succeeded job with a missing or corrupt manifest is a
   failed attempt with the verification error as its reason.
-* Failures. A failed attempt is retried (new attempt, same output folder, so the trainer resumes from its
+* Failures. An attempt whose trainer exited 2 (bad input) fails the run at once: another attempt would
+  refuse the same input. Any other failed attempt is retried (new attempt, same output folder, so the trainer resumes from its
   last complete checkpoint) up to `--retries` times; then the run is Failed with the job's last condition
   message and the tail of the master pod's log. One trainer per output folder: the next attempt is created
   only once every pod of the failed one has stopped (the chart's jobs use restartPolicy Never, so the
@@ -37,9 +39,12 @@ volume mounted) and is built to be boring and restart-safe:
 
 Status: ConfigMap `<release>-status` (key `status.json`), Events on it, JSON-lines logs on stderr. Exit codes:
 0 run succeeded, 1 run failed, 2 configuration error (flags, stages ConfigMap, volume not mounted, a foreign
-job holding one of our names, a stage job the API server or an admission webhook rejects), 3 the API
-refused our credentials or the Role lacks a permission (401, or a 403 that is neither quota, a
-terminating namespace nor an admission webhook), 4 the controller crashed (a bug; the traceback is
+job holding one of our names, a stage job the API server or an admission webhook rejects, a stage flag
+the stage would refuse), 3 the API refused our credentials or the Role lacks a permission (401, or a 403
+that is neither quota, a terminating namespace nor an admission webhook; for a call the server allowed
+before, or right after a lost connection, only once --refusal-grace-seconds of retries have not helped:
+a restarting API server refuses until its authorizer is ready; the reason goes into the status first),
+4 the controller crashed (a bug; the traceback is
 logged), 143 stopped before the run finished: SIGTERM, or the namespace is being deleted (non-zero so the
 Job controller starts the controller again, if there still is one).
 """
@@ -51,9 +56,10 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 import urllib3
@@ -92,6 +98,7 @@ from trainer.executors.kubernetes.decide import (
     ReportPending,
     Wait,
     attempt_outcome,
+    bad_input,
     current_attempt,
     decide,
     frontier,
@@ -99,30 +106,28 @@ from trainer.executors.kubernetes.decide import (
 )
 from trainer.executors.kubernetes.jsonlog import log
 from trainer.executors.kubernetes.ownership import check_folder, owner_record
+from trainer.executors.kubernetes.reports import PodReports
 from trainer.executors.kubernetes.spec import (
     ATTEMPT_LABEL,
     COMPONENT,
     EXIT_CONFIG,
     EXIT_FAILED,
-    EXIT_FORBIDDEN,
     EXIT_SIGTERM,
     EXIT_SUCCEEDED,
     FAILED,
     INSTANCE_LABEL,
-    LOG_READ_MAX_BYTES,
-    LOG_TAIL_MAX_BYTES,
-    LOG_TAIL_MAX_CHARS,
     NAME_LABEL,
     STAGE_LABEL,
     STATUS_KEY,
-    SUBMITTED,
     SUCCEEDED,
     ConfigError,
     ControllerConfig,
     Pipeline,
     StageRejected,
     StageSpec,
+    check_stage_flags,
     job_manifest,
+    job_name,
     parse_pipeline,
 )
 from trainer.executors.kubernetes.status import (
@@ -132,18 +137,17 @@ from trainer.executors.kubernetes.status import (
     render_status,
     status_events,
 )
+from trainer.executors.kubernetes.stops import RunResult, Stops
 from trainer.executors.kubernetes.world import (
     JobState,
     OutputState,
     PendingItem,
+    TrainerExit,
     World,
-    _fmt,
     _ts,
-    describe_pending_pod,
     owner_uids,
     parse_job,
-    pod_is_live,
-    tail_text,
+    trainer_exit,
 )
 
 logger = logging.getLogger("trainer.controller")
@@ -192,14 +196,7 @@ class _OutputVerifier:
         return manifest, error
 
 
-@dataclass
-class RunResult:
-    exit_code: int
-    message: str = ""
-    budget_spent: bool = False
-
-
-class Controller:
+class Controller(PodReports, Stops):
     """Read the world, decide, act once, publish the status, wait on the watch; repeat until the run ends."""
 
     def __init__(
@@ -224,6 +221,7 @@ class Controller:
         self._pipeline: tuple[tuple, Pipeline] | None = None
         self._validated: tuple | None = None  # the stages ConfigMap version whose jobs passed the dry run
         self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
+        self._trouble_at: float | None = None  # monotonic time of the last lost connection, 5xx or 429
 
     # -- control
     def stop(self) -> None:
@@ -242,6 +240,7 @@ class Controller:
     # -- the loop
     def run(self) -> RunResult:
         backoff = self.config.error_backoff_seconds
+        refused_since: float | None = None  # monotonic time of the first refusal of the current streak
         try:
             while not self.stopping:
                 try:
@@ -249,6 +248,7 @@ class Controller:
                         self._load_status()
                     result = self.reconcile_once()
                     backoff = self.config.error_backoff_seconds
+                    refused_since = None
                 except ConfigError as e:
                     return self._config_failure(str(e))
                 except ApiException as e:
@@ -258,18 +258,39 @@ class Controller:
                     if denied == DENIED_TERMINATING:
                         return self._namespace_terminating(api_error_summary(e))
                     if denied is not None and denied != DENIED_QUOTA:
+                        now = time.monotonic()
+                        refused_since = refused_since if refused_since is not None else now
+                        if (
+                            not self._refusal_may_pass(e)
+                            or now - refused_since >= self.config.refusal_grace_seconds
+                        ):
+                            return self._give_up(e, now - refused_since)
                         log(
-                            "error",
-                            "the API server refused the controller's credentials or its Role lacks a "
-                            "permission",
+                            "warning",
+                            "the API server refused a call that it allowed before, or refused it just after "
+                            "the connection was lost (an API server restarting answers 403 until its "
+                            "authorizer has loaded the RBAC objects); retrying",
                             error=api_error_summary(e),
+                            backoff_seconds=backoff,
+                            gives_up_in_seconds=round(
+                                self.config.refusal_grace_seconds - (now - refused_since)
+                            ),
                         )
-                        return RunResult(EXIT_FORBIDDEN, api_error_summary(e))
-                    log("warning", "API error; retrying", error=api_error_summary(e), backoff_seconds=backoff)
+                    else:
+                        if e.status in (0, 429) or e.status >= 500:
+                            self._trouble_at = time.monotonic()
+                        log(
+                            "warning",
+                            "API error; retrying",
+                            error=api_error_summary(e),
+                            backoff_seconds=backoff,
+                        )
                     self._sleep(backoff)
                     backoff = min(backoff * 2, self.config.max_error_backoff_seconds)
                     continue
                 except (urllib3.exceptions.HTTPError, OSError) as e:
+                    if isinstance(e, urllib3.exceptions.HTTPError | ConnectionError):
+                        self._trouble_at = time.monotonic()
                     log(
                         "warning",
                         "transient error (network or volume); retrying",
@@ -443,16 +464,27 @@ class Controller:
         log_tails: dict[str, str] = {}
         if job is not None and job.phase not in (SUCCEEDED, FAILED) and not job.deleting:
             pending = self._pending_items(job, now)
+        exits: dict[str, TrainerExit] = {}
         if job is not None and job.phase == FAILED:
             rec = previous.stage_record(spec.name)
             arec = rec.attempt_record(attempt) if rec else None
             if arec is None or arec.log_tail is None:
                 log_tails[job.name] = self.master_log_tail(job.name)
-        world = replace(world, outputs=outputs, pending=tuple(pending), log_tails=log_tails)
+            if arec is None or arec.exit_code is None:  # read once: the pods may go, the status stays
+                ended = trainer_exit(
+                    self.cluster.list_pods(f"{JOB_NAME_LABEL}={job.name}"),
+                    log_tails.get(job.name) or (arec.log_tail if arec else None),
+                )
+                if ended.code is not None:
+                    exits[job.name] = ended
+        world = replace(world, outputs=outputs, pending=tuple(pending), log_tails=log_tails, exits=exits)
         lingering: list[PendingItem] = []
         if attempt > 0:
             outcome, _ = attempt_outcome(world, spec.name, attempt)
-            if outcome == MISSING or (outcome == BROKEN and attempt <= cfg.retries):
+            retried = (
+                outcome == BROKEN and attempt <= cfg.retries and bad_input(world, spec.name, attempt) is None
+            )
+            if outcome == MISSING or retried:
                 lingering = self._lingering_pods(pipeline, spec, attempt, job)
         return replace(world, lingering=tuple(lingering)), listed.resource_version
 
@@ -497,147 +529,6 @@ class Controller:
         local.mkdir(parents=True, exist_ok=True)
         write_owner(local, expected)
 
-    def _lingering_pods(
-        self, pipeline: Pipeline, spec: StageSpec, attempt: int, job: JobState | None
-    ) -> list[PendingItem]:
-        """Pods of an attempt that is over but may still run a trainer in the stage's folder."""
-        name = job.name if job is not None else f"{pipeline.release}-{spec.name}-{attempt}"
-        items = []
-        for pod in self.cluster.list_pods(f"{JOB_NAME_LABEL}={name}"):
-            if not pod_is_live(pod):
-                continue  # a failed pod stays for its log; nothing runs in it
-            meta, phase = pod.get("metadata") or {}, (pod.get("status") or {}).get("phase")
-            deleting = _ts(meta.get("deletionTimestamp"))
-            since = (
-                deleting or (job.end_time if job is not None else None) or _ts(meta.get("creationTimestamp"))
-            )
-            items.append(
-                PendingItem(
-                    f"pod/{meta.get('name')}/{str(meta.get('uid', ''))[:8]}/stopping",
-                    since or self.clock(),
-                    f"pod {meta.get('name')} is still {phase}" + (" (being deleted)" if deleting else ""),
-                )
-            )
-        return items
-
-    def _pending_items(self, job: JobState, now: datetime) -> list[PendingItem]:
-        timeout = timedelta(seconds=self.config.pending_timeout_seconds)
-        items: list[PendingItem] = []
-        pods = self.cluster.list_pods(f"{JOB_NAME_LABEL}={job.name}")
-        if job.phase != "Suspended" and len(pods) < job.replicas:
-            item = self._missing_pods_item(job, len(pods), now)
-            if item is not None:
-                items.append(item)
-        if job.phase == "Suspended" and job.phase_since is not None:
-            items.append(
-                PendingItem(
-                    f"job/{job.name}/suspended/{_fmt(job.phase_since)}",
-                    job.phase_since,
-                    f"job {job.name} is suspended (waiting in a queue such as Kueue?)"
-                    + (f": {job.message}" if job.message else ""),
-                )
-            )
-        for pod in pods:
-            meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-            if status.get("phase") != "Pending" or _ts(meta.get("creationTimestamp")) is None:
-                continue
-            key = f"pod/{meta.get('name')}/{str(meta.get('uid', ''))[:8]}"
-            since = _ts(meta["creationTimestamp"])
-            message = f"pod {meta.get('name')}: {describe_pending_pod(pod)}"
-            if now - since >= timeout:
-                message += self._claims_report(pod)  # only worth the API calls once the pod is overdue
-            items.append(PendingItem(key, since, message))
-        return items
-
-    def _missing_pods_item(self, job: JobState, have: int, now: datetime) -> PendingItem | None:
-        """A job with fewer pods than replicas. Before any pod ran (no status yet, or Created) it is
-        missing them since its creation; the reason is in the training operator's FailedCreatePod events
-        (quota, PodSecurity, a webhook, a missing ServiceAccount), the only place it says why: a refused
-        pod create ends its reconcile before it writes any status. A running job misses a pod only
-        briefly, between deleting and recreating it, unless those events say its creates are refused."""
-        timeout = timedelta(seconds=self.config.pending_timeout_seconds)
-        what = f"job {job.name} has {have} of {job.replicas} pods"
-        if job.phase in (SUBMITTED, "Created"):
-            if job.created is None:
-                return None
-            key = f"job/{job.name}"
-            if now - job.created < timeout:  # the events are only worth the API call once overdue
-                return PendingItem(key, job.created, what)
-            refused = self._refused_pod_creates(job)
-            if refused:
-                return PendingItem(key, job.created, f"{what}: {refused}")
-            if job.phase == SUBMITTED:
-                return PendingItem(
-                    key,
-                    job.created,
-                    f"job {job.name} has no status yet: is the Kubeflow training operator running and "
-                    f"watching this namespace?" + self._events_report(job),
-                )
-            return PendingItem(key, job.created, f"{what}: the training operator has not created them")
-        refused_events = self._refused_pod_create_events(job)
-        if not refused_events:
-            return None
-        last = refused_events[-1]
-        since = max(
-            t for t in (job.phase_since, _ts(last.get("firstTimestamp")), job.created) if t is not None
-        )
-        return PendingItem(
-            f"job/{job.name}/pods", since, f"{what}: {last.get('reason')}: {last.get('message')}"
-        )
-
-    def _refused_pod_create_events(self, job: JobState) -> list[dict]:
-        if not job.uid:
-            return []
-        events = [e for e in self.cluster.list_events(job.uid) if e.get("reason") == "FailedCreatePod"]
-        return sorted(events, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
-
-    def _refused_pod_creates(self, job: JobState) -> str:
-        events = self._refused_pod_create_events(job)
-        return f"{events[-1].get('reason')}: {events[-1].get('message')}" if events else ""
-
-    def _events_report(self, job: JobState) -> str:
-        warnings = (
-            [e for e in self.cluster.list_events(job.uid) if e.get("type") == "Warning"] if job.uid else []
-        )
-        if not warnings:
-            return ""
-        last = max(warnings, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
-        return f"; its latest Warning event: {last.get('reason')}: {last.get('message')}"
-
-    def _claims_report(self, pod: dict) -> str:
-        notes = []
-        for volume in (pod.get("spec") or {}).get("volumes") or []:
-            claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
-            if not claim:
-                continue
-            pvc = self.cluster.get_pvc(claim)
-            if pvc is None:
-                notes.append(f"PersistentVolumeClaim {claim} does not exist")
-            elif (pvc.get("status") or {}).get("phase") != "Bound":
-                notes.append(f"PersistentVolumeClaim {claim} is {(pvc.get('status') or {}).get('phase')}")
-        return ("; " + "; ".join(notes)) if notes else ""
-
-    def master_log_tail(self, job: str) -> str:
-        """The last lines of the master pod's log (or why there are none)."""
-        name = f"{job}-master-0"
-        pod = self.cluster.get_pod(name)
-        if pod is None:
-            return (
-                f"(no log: pod {name} not found. With runPolicy.cleanPodPolicy: Running the training "
-                f"operator deletes the pods still running when a job fails; a crash-looping pod of "
-                f"restartPolicy OnFailure counts as running. With restartPolicy Never, the chart's default, "
-                f"the failed pod and its log are kept)"
-            )
-        containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
-        container = "pytorch" if "pytorch" in containers else (containers[0] if containers else None)
-        try:
-            text = self.cluster.read_pod_log(name, container, self.config.log_tail_lines, LOG_READ_MAX_BYTES)
-        except ApiException as e:
-            if role_lacks_rule(e):
-                raise  # the kubelet may fail to serve a log; the Role must not lack the rule
-            return f"(no log from pod {name}: {api_error_summary(e)})"
-        return tail_text(text, LOG_TAIL_MAX_CHARS, LOG_TAIL_MAX_BYTES)
-
     def validate_jobs(self, pipeline: Pipeline) -> None:
         """Create every stage's attempt-1 job as a server-side dry run (strict field validation), once per
         version of the stages ConfigMap: what the API server or an admission webhook would reject fails the
@@ -646,6 +537,12 @@ class Controller:
         if key is not None and all(key) and self._validated == key:
             return
         cfg = self.config
+        for spec in pipeline.stages:  # the flags first: no API call needed
+            check_stage_flags(
+                spec,
+                f"PyTorchJob {job_name(cfg.release, spec.name, 1)} in ConfigMap "
+                f"{cfg.stages_configmap} key {spec.job_key},",
+            )
         for spec in pipeline.stages:
             body = job_manifest(pipeline, spec, 1, cfg.namespace, cfg.stages_configmap)
             name = body["metadata"]["name"]
@@ -784,12 +681,20 @@ class Controller:
 
     def publish(self, status: RunStatus, action: Action, pruned: list[str]) -> None:
         prev = self.status or RunStatus(self.config.release, self.config.namespace)
-        if not status.same_as(prev):
+        written = _ts(prev.updated_at)
+        # a finished run has nothing more to say: a controller restarted after the end writes nothing
+        heartbeat = status.phase not in (SUCCEEDED, FAILED) and (
+            written is None or (self.clock() - written).total_seconds() >= self.config.heartbeat_seconds
+        )
+        if not status.same_as(prev) or heartbeat:  # updatedAt is the controller's heartbeat
             self._write("patch status")
             self._status_cm = self.cluster.patch_configmap_data(
                 self.config.status_configmap, {STATUS_KEY: encode_status(status)}
             )
-            log("info", "status", phase=status.phase, stage=status.stage, message=status.message)
+            if not status.same_as(prev):
+                log("info", "status", phase=status.phase, stage=status.stage, message=status.message)
+        else:
+            status = replace(status, updated_at=prev.updated_at)
         self.status = status
         for ev in status_events(prev, status, action, pruned):
             self._write(f"event {ev.reason}")
@@ -807,41 +712,10 @@ class Controller:
                     raise  # ...but a Role without the rule is a broken install: exit 3 like any call
                 log("warning", "could not create event", reason=ev.reason, error=str(e))
 
-    def _config_failure(self, message: str) -> RunResult:
-        log("error", "configuration error", error=message)
-        if self.status is not None and self.status.message != message:
-            failed = replace(self.status, phase=FAILED, message=message, updated_at=_fmt(self.clock()))
-            try:
-                self._write("patch status")
-                self.cluster.patch_configmap_data(
-                    self.config.status_configmap, {STATUS_KEY: encode_status(failed)}
-                )
-                self.status = failed
-            except (ApiException, urllib3.exceptions.HTTPError) as e:
-                log("warning", "could not record the configuration error in the status", error=str(e))
-        return RunResult(EXIT_CONFIG, message)
-
-    def _namespace_terminating(self, error: str) -> RunResult:
-        """The namespace is being deleted (creates are refused; updates of existing objects still work):
-        nothing of the run can go on. Say so in the status if it still exists, and stop."""
-        message = f"stopped: namespace {self.config.namespace} is being deleted ({error})"
-        log("warning", "namespace is being deleted; stopping", error=error)
-        if self.status is not None:
-            stopped = replace(self.status, message=message, updated_at=_fmt(self.clock()))
-            try:
-                self._write("patch status")
-                self.cluster.patch_configmap_data(
-                    self.config.status_configmap, {STATUS_KEY: encode_status(stopped)}
-                )
-                self.status = stopped
-            except (ApiException, urllib3.exceptions.HTTPError) as e:
-                log("warning", "could not record the stop in the status", error=str(e))
-        return RunResult(EXIT_SIGTERM, message)
-
     # -- waiting
     def wait(self, resource_version: str, deadline: datetime | None) -> None:
         """Block until a job changes, the deadline passes, the resync period ends, or a stop is requested."""
-        timeout = self.config.resync_seconds
+        timeout = min(self.config.resync_seconds, self.config.heartbeat_seconds)
         if deadline is not None:
             timeout = max(0.0, min(timeout, (deadline - self.clock()).total_seconds()))
         if timeout <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from trainer.contract.exits import BAD_INPUT_EXIT_CODE
 from trainer.executors.kubernetes.spec import (
     FAILED,
     LINGER_POLL_SECONDS,
@@ -127,6 +128,21 @@ def attempt_outcome(world: World, stage: str, attempt: int) -> tuple[str, str]:
     return ACTIVE, ""
 
 
+def bad_input(world: World, stage: str, attempt: int) -> str | None:
+    """The trainer's error line when the attempt failed on bad input (exit code 2), else None. Another
+    attempt would refuse the same input, so the run fails at once; crashes, OOM kills (137) and
+    preemptions (143) are retried."""
+    name = job_name(world.pipeline.release, stage, attempt)
+    ended = world.exits.get(name)
+    if ended is None:
+        rec = world.previous.stage_record(stage)
+        arec = rec.attempt_record(attempt) if rec else None
+        code, error = (arec.exit_code, arec.error) if arec else (None, "")
+    else:
+        code, error = ended.code, ended.error
+    return error if code == BAD_INPUT_EXIT_CODE else None
+
+
 def decide(world: World, config: ControllerConfig) -> Action:
     """The one action this pass takes. Pure: everything it needs is in `world`."""
     action = _next_step(world, config)
@@ -148,6 +164,15 @@ def _next_step(world: World, config: ControllerConfig) -> Action:
     outcome, reason = attempt_outcome(world, spec.name, attempt)
     out = world.outputs.get(spec.name) or OutputState()
     too_many = len(out.checkpoints) > config.keep_checkpoints
+    refused = bad_input(world, spec.name, attempt) if outcome == BROKEN else None
+    if refused is not None:
+        return Finish(
+            FAILED,
+            f"stage {spec.name} refused its input on attempt {attempt} (exit code {BAD_INPUT_EXIT_CODE}, not "
+            f"retried: another attempt would fail the same way): {refused or reason}",
+            spec.name,
+            attempt,
+        )
     replacing = outcome == MISSING or (outcome == BROKEN and attempt <= config.retries)
     if replacing and world.lingering:
         # one trainer per output folder: the next attempt starts only when this one's pods have stopped

@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from trainer.contract.stages import STAGES, model_sources
+from trainer.contract.stage_args import StageArgsError, check_stage_argv
+from trainer.contract.stages import STAGE_MODULES, STAGES, model_sources
 from trainer.executors.kubernetes.cluster import (
     PYTORCHJOB_GROUP,
     PYTORCHJOB_KIND,
@@ -36,6 +37,7 @@ LOG_TAILS_KEPT = 2  # per stage: log tails of the newest attempts only
 MESSAGE_MAX_CHARS = 2000  # condition messages, causes and stage messages
 STATUS_MAX_BYTES = 256 * 1024  # a last guard when encoding; the caps above keep the status well below
 LINGER_POLL_SECONDS = 5.0  # how often to look whether a finished attempt's pods have stopped (no watch)
+STALE_HEARTBEATS = 5  # missed heartbeats after which `r1-grpo status` says the controller is silent
 MAX_NAME_LEN = 63  # the operator names services `<job>-master-0`; services need DNS-1035 labels
 
 # Run and stage phases shown in the status.
@@ -74,6 +76,12 @@ class ControllerConfig:
     log_tail_lines: int = 50
     error_backoff_seconds: float = 2.0
     max_error_backoff_seconds: float = 60.0
+    # A 401/403 for a call the server allowed before, or right after a lost connection, is retried this
+    # long before it counts as the Role's or the token's fault (exit 3)
+    refusal_grace_seconds: float = 300.0
+    # the status is written at least this often while the controller runs (updatedAt); `r1-grpo status`
+    # calls a running status silent after STALE_HEARTBEATS of them
+    heartbeat_seconds: float = 60.0
 
     @property
     def selector(self) -> str:
@@ -231,3 +239,33 @@ def job_manifest(pipeline: Pipeline, spec: StageSpec, attempt: int, namespace: s
             {"apiVersion": "v1", "kind": "ConfigMap", "name": owner_name, "uid": pipeline.configmap_uid}
         ]
     return job
+
+
+def stage_argvs(job: dict) -> list[tuple[str, list[str]]]:
+    """(replica type, the stage's flags) for each replica whose trainer container runs a stage module:
+    the words after `--module <module>` (or `-m <module>`) of its command and args."""
+    out = []
+    for kind, replica in sorted(((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items()):
+        containers = ((((replica or {}).get("template") or {}).get("spec") or {}).get("containers")) or []
+        container = next((c for c in containers if c.get("name") == "pytorch"), None)
+        if container is None:
+            continue
+        words = [str(w) for w in (container.get("command") or []) + (container.get("args") or [])]
+        for i, word in enumerate(words[:-1]):
+            if word in ("--module", "-m"):
+                out.append((kind, [words[i + 1], *words[i + 2 :]]))
+                break
+    return out
+
+
+def check_stage_flags(spec: StageSpec, where: str) -> None:
+    """Parse the stage's flags, in every replica, with the stage's own rules (trainer/contract/stage_args.py):
+    a flag the stage would refuse fails the run before anything runs, naming the stage and the flag."""
+    for kind, (module, *argv) in stage_argvs(spec.job):
+        if module != STAGE_MODULES[spec.name]:
+            continue  # not one of our stage modules: its flags are not ours to judge
+        try:
+            check_stage_argv(spec.name, argv)
+        except StageArgsError as e:
+            value = f"; chart value stages.{spec.name}.args.{e.flag.removeprefix('--')}" if e.flag else ""
+            raise StageRejected(f"{e} ({where} {kind}{value})", spec.name) from None

@@ -23,6 +23,7 @@ from trainer.executors.kubernetes.decide import (
     PruneCheckpoints,
     ReportPending,
     attempt_outcome,
+    bad_input,
     current_attempt,
     frontier,
 )
@@ -82,6 +83,8 @@ class AttemptRecord:
     cause: str = ""  # why this attempt was created: first attempt, retry after ..., recreated after ...
     log_tail: str | None = None  # None: not fetched yet, or dropped for an older attempt (status size)
     resume_from: str | None = None  # newest complete checkpoint when the attempt was created
+    exit_code: int | None = None  # the trainer container's, once the attempt failed (None: unknown)
+    error: str = ""  # the trainer's error line (its termination message, else the log's `error:` line)
 
     @classmethod
     def from_json(cls, data: Any) -> AttemptRecord:
@@ -207,6 +210,7 @@ def render_status(world: World, action: Action, config: ControllerConfig) -> Run
             "retries": config.retries,
             "keepCheckpoints": config.keep_checkpoints,
             "pendingTimeoutSeconds": config.pending_timeout_seconds,
+            "heartbeatSeconds": config.heartbeat_seconds,
         },
     )
     current = next((r for r in records if r.name == getattr(action, "stage", None)), records[fi])
@@ -281,6 +285,8 @@ def _merge_attempts(old: StageRecord, world: World, stage: str) -> list[AttemptR
         rec.end_time = _fmt(job.end_time) or rec.end_time
         if job.name in world.log_tails:
             rec.log_tail = world.log_tails[job.name]
+        if job.name in world.exits:
+            rec.exit_code, rec.error = world.exits[job.name].code, _cap(world.exits[job.name].error)
         by_attempt[attempt] = rec
     return [by_attempt[a] for a in sorted(by_attempt)]
 
@@ -314,7 +320,8 @@ def _render_current_stage(rec: StageRecord, world: World, action: Action, config
     if isinstance(action, ReportPending):
         rec.reported = sorted(set(rec.reported) | {p.key for p in action.items})
     waiting = ""
-    if world.lingering and (outcome == MISSING or (outcome == BROKEN and attempt <= config.retries)):
+    retried = outcome == BROKEN and attempt <= config.retries and bad_input(world, rec.name, attempt) is None
+    if world.lingering and (outcome == MISSING or retried):
         waiting = (
             f"; attempt {attempt + (outcome == BROKEN)} starts once the pods of attempt {attempt} have "
             "stopped (one trainer per output folder): " + "; ".join(p.message for p in world.lingering)

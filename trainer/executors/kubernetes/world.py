@@ -19,10 +19,11 @@ from trainer.executors.kubernetes.spec import (
 if TYPE_CHECKING:
     from trainer.executors.kubernetes.status import RunStatus
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from trainer.contract.exits import BAD_INPUT_EXIT_CODE
 from trainer.contract.output import (
     StageManifest,
 )
@@ -75,6 +76,17 @@ class World:
     # Pods of the current attempt that still run although the attempt is over (failed, or its job gone):
     # the next attempt writes to the same folder, so it waits until they have stopped.
     lingering: tuple[PendingItem, ...] = ()
+    # job name -> how its trainer ended, for failed jobs whose exit the status has not recorded yet
+    exits: dict[str, TrainerExit] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainerExit:
+    """How a failed attempt's trainer ended: its container's exit code and the line that says why (the
+    termination message `r1-grpo launch` writes on bad input, else the log's last `error:` line)."""
+
+    code: int | None
+    error: str = ""
 
 
 def _ts(value: Any) -> datetime | None:
@@ -191,3 +203,26 @@ def describe_pending_pod(pod: dict) -> str:
                 f"container {cs.get('name')}: {waiting['reason']} {waiting.get('message') or ''}".strip()
             )
     return "; ".join(parts) or "no scheduling information yet"
+
+
+def trainer_exit(pods: list[dict], log_tail: str | None) -> TrainerExit:
+    """The exit of a failed attempt from its pods' trainer containers: bad input (exit 2) on any pod wins,
+    since every rank of a stage that refuses its input exits 2 with the same line; else the Master's
+    code. `code` is None when no pod shows a terminated trainer (they were deleted)."""
+    exits: list[tuple[str, int, str]] = []
+    for pod in pods:
+        name = str((pod.get("metadata") or {}).get("name") or "")
+        statuses = (pod.get("status") or {}).get("containerStatuses") or []
+        trainer = next((c for c in statuses if c.get("name") == "pytorch"), statuses[0] if statuses else None)
+        ended = ((trainer or {}).get("state") or {}).get("terminated") or (
+            ((trainer or {}).get("lastState") or {}).get("terminated")
+        )
+        if ended and ended.get("exitCode") is not None:
+            exits.append((name, int(ended["exitCode"]), str(ended.get("message") or "").strip()))
+    if not exits:
+        return TrainerExit(None)
+    bad = [e for e in exits if e[1] == BAD_INPUT_EXIT_CODE]
+    name, code, message = (bad or sorted(exits, key=lambda e: ("-master-" not in e[0], e[0])))[0]
+    if not message and log_tail:
+        message = next((line.strip() for line in reversed(log_tail.splitlines()) if ": error: " in line), "")
+    return TrainerExit(code, message.splitlines()[-1] if message else "")
