@@ -16,6 +16,7 @@ import torch
 from trainer import grpo
 from trainer.contract import output as contract
 from trainer.r1.data import load_examples
+from trainer.r1.prompt import DEFAULT_PROMPT, Prompter
 from trainer.rl.rollout import plan_chunks, rows_to_train, select_rows
 
 # Fields of a metrics.jsonl record that measure wall-clock time (everything else must repeat exactly).
@@ -255,6 +256,7 @@ def _rollout(policy, examples, *, dynamic: bool, rounds: int = 8, seed: int = 0)
         torch.Generator().manual_seed(seed),
         {},
         timings,
+        Prompter(DEFAULT_PROMPT, tokenizer),
     )
     return rollout, stream
 

@@ -41,6 +41,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "print a release's run status from a kubeconfig",
     ),
     "build-tiny": ("trainer.r1.builtin", "main", "build the tiny built-in model into a folder"),
+    "prompt": (
+        "trainer.r1.prompt",
+        "main",
+        "print the exact prompt a trained model expects for a question (from its r1_stage.json)",
+    ),
 }
 
 
