@@ -318,7 +318,7 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
         if args.evaluation_strategy == "steps" and step % args.eval_steps == 0 and eval_examples:
             last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache, prompter)
             evaluated_at = step
-            stage.log(last_eval)
+            log_eval(stage, last_eval)
         if step % args.logging_steps == 0 or step == total_steps or out_of_budget:
             record = reduce_step_metrics(rollout, train_stats, timings, dist)
             record.update(temperature=temperature, learning_rate=stage.scheduler.get_last_lr()[0])
@@ -340,7 +340,7 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
     # The final model's accuracy, unless the last step's evaluation just measured it.
     if eval_examples and args.evaluation_strategy != "no" and evaluated_at != stage.step:
         last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache, prompter)
-        stage.log(last_eval)
+        log_eval(stage, last_eval)
 
     def final_metrics(runtime_s: float) -> dict[str, float]:
         last = stage.metrics.last("reward_mean")
@@ -722,6 +722,17 @@ def log_samples(output_dir: Path, step: int, rollout: Rollout, n: int, dist) -> 
         samples[0]["reward"],
         samples[0]["answer"],
         samples[0]["completion"][:300],
+    )
+
+
+def log_eval(stage: Stage, result: dict[str, float]) -> None:
+    """One metrics record and one log line per evaluation."""
+    stage.log(result)
+    logger.info(
+        "eval at step %d: accuracy %.4f, format rate %.4f",
+        stage.step,
+        result["eval_accuracy"],
+        result["eval_format_rate"],
     )
 
 
