@@ -4,8 +4,8 @@ folder, the Booster, resume, checkpoints and preemption, the final export and `r
 A training recipe calls the phases in order and keeps its algorithm in between (torchtune's recipe
 phases: setup, train, save)::
 
-    stage = Stage.start("sft", data_args, args, prompt_args)  # process group, logging, folder marked incomplete
-    stage.prompt = resolve_prompt(prompt_args, ...)  # the prompt settings, recorded in r1_stage.json
+    stage = Stage.start("sft", data_args, args, prompt_args)  # process group, logging, folder incomplete
+    stage.prompt = resolve_prompt(prompt_args, ...)  # prompt settings, recorded in r1_stage.json
     model = stage.boost(model, total_steps)        # Booster, optimizer, learning-rate schedule
     stage.resume()                                # newest complete checkpoint, metrics, SIGTERM, progress
     while stage.step < stage.total_steps:

@@ -271,7 +271,9 @@ def resolve_prompt(args: PromptArgs, model_name_or_path: str, tokenizer: Any) ->
         sources["think_prefill"],
         sources["chat_template_kwargs"],
     )
-    return Prompter(settings, tokenizer)
+    prompter = Prompter(settings, tokenizer)
+    logger.info("prompt text of a problem {problem}: %r", prompter.prompt("{problem}"))
+    return prompter
 
 
 # --------------------------------------------------------------------------------------------------
