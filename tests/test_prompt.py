@@ -283,6 +283,12 @@ def _stage_folder(folder: Path, prompt: dict | None, stage: str = "sft") -> Path
     return folder
 
 
+def _settings_line(caplog) -> str:
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prompt: format")]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    return lines[0]
+
+
 def test_resolve_takes_flag_then_record_then_default(tokenizers, tmp_path: Path, caplog) -> None:
     tok = tokenizers["qwen3"]
     record = PromptSettings("plain", SYSTEM, True, {}).to_record()
@@ -295,14 +301,18 @@ def test_resolve_takes_flag_then_record_then_default(tokenizers, tmp_path: Path,
     with caplog.at_level(logging.INFO, logger="trainer.r1.prompt"):
         inherited = resolve_prompt(PromptArgs(), str(folder), tok)
     assert inherited.settings == PromptSettings("plain", SYSTEM, True, {})
-    line = caplog.records[-1].getMessage()
+    line = _settings_line(caplog)
     assert f"format from {folder / 'r1_stage.json'}" in line and "think prefill from " + str(folder) in line
+    texts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prompt text of a problem")]
+    assert texts == [
+        "prompt text of a problem {problem}: " + repr(f"{SYSTEM}\nUser: {{problem}}\nAssistant: <think>\n")
+    ]
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="trainer.r1.prompt"):
         overridden = resolve_prompt(PromptArgs(prompt_format="chat", think_prefill=False), str(folder), tok)
     assert overridden.settings == PromptSettings("chat", SYSTEM, False, {})
-    line = caplog.records[-1].getMessage()
+    line = _settings_line(caplog)
     assert "format from --prompt_format" in line and "think prefill from --think_prefill" in line
     assert f"system prompt from {folder / 'r1_stage.json'}" in line
     assert overridden.prompt(QUESTION) == EXPECTED["qwen3"]["chat"]
