@@ -417,7 +417,7 @@ def run_trl(s: Settings, out_dir: Path) -> dict[str, Any]:
     from trainer.grpo import PromptStream
     from trainer.r1.builtin import resolve_model
     from trainer.r1.data import load_examples
-    from trainer.r1.format import format_prompt
+    from trainer.r1.prompt import format_prompt
     from trainer.r1.rewards import accuracy_reward, format_reward, score
     from trainer.runtime import best_attention
 

@@ -25,7 +25,8 @@ from trainer.r1.data import (
     mixture_counts,
     parse_sources,
 )
-from trainer.r1.format import R1_SYSTEM_PROMPT, check_format, format_completion, format_prompt
+from trainer.r1.format import check_format, format_completion
+from trainer.r1.prompt import R1_SYSTEM_PROMPT, PromptSettings, format_prompt
 from trainer.r1.rewards import reward_function
 
 MATH_ROWS = [
@@ -1091,7 +1092,7 @@ def test_format_completion_round_trip(tmp_path: Path) -> None:
 
 def test_format_prompt_without_template() -> None:
     assert format_prompt(None, "What is 1+1?") == f"{R1_SYSTEM_PROMPT}\nUser: What is 1+1?\nAssistant: "
-    assert format_prompt(None, "q", system_prompt="S") == "S\nUser: q\nAssistant: "
+    assert format_prompt(None, "q", PromptSettings(system_prompt="S")) == "S\nUser: q\nAssistant: "
     assert R1_SYSTEM_PROMPT.startswith("A conversation between User and Assistant.")
     assert R1_SYSTEM_PROMPT.endswith(
         "<think> reasoning process here </think> <answer> answer here </answer>."

@@ -16,6 +16,7 @@ import torch
 from trainer import grpo
 from trainer.contract import output as contract
 from trainer.r1.data import load_examples
+from trainer.r1.prompt import DEFAULT_PROMPT, Prompter
 from trainer.rl.rollout import plan_chunks, rows_to_train, select_rows
 
 # Fields of a metrics.jsonl record that measure wall-clock time (everything else must repeat exactly).
@@ -90,7 +91,7 @@ def grpo_run(warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path_fac
 
 
 def test_two_process_grpo_run(grpo_run, warm_model_dir: Path) -> None:
-    out, _ = grpo_run
+    out, result = grpo_run
     from transformers import AutoModelForCausalLM
 
     assert [s for s, _ in contract.complete_checkpoints(out)] == [1]
@@ -127,7 +128,9 @@ def test_two_process_grpo_run(grpo_run, warm_model_dir: Path) -> None:
         assert r["completion_length_max"] <= 24 and r["temperature"] == 1.0
     # With --dynamic_sampling every trained group had rewards that differ.
     assert steps[0]["reward_std"] > 0
+    # The last step (2) is an eval step: that evaluation is the final model's, not run again at the end.
     assert [r["step"] for r in _records(out) if "eval_accuracy" in r] == [2]
+    assert result.output.count("eval at step") == 1, result.describe()
     trained, start = _tensors(out), _tensors(warm_model_dir)
     assert any(not torch.equal(trained[k], start[k]) for k in start), "GRPO did not change the weights"
 
@@ -255,6 +258,7 @@ def _rollout(policy, examples, *, dynamic: bool, rounds: int = 8, seed: int = 0)
         torch.Generator().manual_seed(seed),
         {},
         timings,
+        Prompter(DEFAULT_PROMPT, tokenizer),
     )
     return rollout, stream
 

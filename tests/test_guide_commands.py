@@ -23,7 +23,8 @@ from tests.support.competition_math import competition_math_row
 from trainer import evaluate, grpo
 from trainer.contract import output as contract
 from trainer.r1.data import load_examples
-from trainer.r1.format import format_completion, format_prompt
+from trainer.r1.format import format_completion
+from trainer.r1.prompt import format_prompt
 from trainer.runtime import ArgsError, check_device_flags
 
 REPO = Path(__file__).resolve().parents[1]

@@ -46,6 +46,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "`r1-grpo data inspect --dataset_name …`: schema, columns, load report and formatted prompts",
     ),
     "build-tiny": ("trainer.r1.builtin", "main", "build the tiny built-in model into a folder"),
+    "prompt": (
+        "trainer.r1.prompt",
+        "main",
+        "print the exact prompt a trained model expects for a question (from its r1_stage.json)",
+    ),
 }
 
 

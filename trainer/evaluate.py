@@ -25,6 +25,7 @@ from trainer.contract import output as contract
 from trainer.lifecycle import barrier, open_stage, run_cli
 from trainer.r1.data import DataArgs
 from trainer.r1.lengths import prompt_ids
+from trainer.r1.prompt import PromptArgs, resolve_prompt
 from trainer.r1.scoring import evaluate_model, summarize
 from trainer.runtime import REPORT_TO, ArgsError, agree_on_setup, load_model_and_tokenizer
 
@@ -83,21 +84,23 @@ class EvalArgs:
             raise ArgsError(f"--report_to {self.report_to!r}: expected one of {', '.join(REPORT_TO)}")
 
 
-# The stage's command line; trainer/flag_table.py reads both (`make schema`).
+# The stage's command line, in --help order; trainer/flag_table.py reads both (`make schema`).
 PROG = "r1-grpo eval"
-ARG_TYPES = (DataArgs, EvalArgs)
+ARG_TYPES = (DataArgs, PromptArgs, EvalArgs)
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(PROG, ARG_TYPES, argv, run)
 
 
-def run(data_args: DataArgs, args: EvalArgs) -> int:
+def run(data_args: DataArgs, prompt_args: PromptArgs, args: EvalArgs) -> int:
     dist, device, output_dir = open_stage(args.output_dir, args.seed, colossal=False)
     started = time.time()
     model, tokenizer = load_model_and_tokenizer(
         args.model_name_or_path, args, device, dtype=torch.bfloat16 if args.bf16 else None
     )
+    # The evaluated stage's prompt settings (its r1_stage.json) unless a flag says otherwise.
+    prompter = resolve_prompt(prompt_args, args.model_name_or_path, tokenizer)
     examples, report = data_args.load_eval()
     examples, prompts = prompt_ids(
         tokenizer,
@@ -105,6 +108,7 @@ def run(data_args: DataArgs, args: EvalArgs) -> int:
         max_prompt_length=args.max_prompt_length,
         skip=data_args.skip_bad_rows,
         report=report,
+        prompter=prompter,
     )
     agree_on_setup()
     mine = examples[dist.rank :: dist.world_size]
@@ -120,6 +124,7 @@ def run(data_args: DataArgs, args: EvalArgs) -> int:
         seed=args.seed + dist.rank,
         show_progress=dist.rank == 0,
         prompt_ids=prompts,
+        prompter=prompter,
     )
     records = result.records
     if dist.world_size > 1:
@@ -150,7 +155,8 @@ def run(data_args: DataArgs, args: EvalArgs) -> int:
                 "model_name_or_path": args.model_name_or_path,
                 "dataset_name": data_args.dataset_name,
                 "split": data_args.dataset_test_split,
-                "args": {**vars(data_args), **vars(args)},
+                "args": {**vars(data_args), **vars(prompt_args), **vars(args)},
+                "prompt": prompter.settings.to_record(),
             },
         )
         logger.info("eval: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))

@@ -39,8 +39,9 @@ import torch.distributed as td
 
 from trainer.lifecycle import Stage, run_cli
 from trainer.r1.data import DataArgs, Example
-from trainer.r1.format import format_prompt, stop_sequences
+from trainer.r1.format import stop_sequences
 from trainer.r1.lengths import prompt_ids
+from trainer.r1.prompt import PromptArgs, Prompter, resolve_prompt
 from trainer.r1.rewards import DEFAULT_REWARD_FUNCS, REWARD_FUNCS, accuracy_reward, format_reward, score
 from trainer.r1.scoring import evaluate_model
 from trainer.rl.logprobs import completion_logprobs, unwrap_model
@@ -209,23 +210,25 @@ class GRPOArgs(TrainingArgs):
             )
 
 
-# The stage's command line; trainer/flag_table.py reads both (`make schema`).
+# The stage's command line, in --help order; trainer/flag_table.py reads both (`make schema`).
 PROG = "r1-grpo grpo"
-ARG_TYPES = (DataArgs, GRPOArgs)
+ARG_TYPES = (DataArgs, PromptArgs, GRPOArgs)
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(PROG, ARG_TYPES, argv, train)
 
 
-def train(data_args: DataArgs, args: GRPOArgs) -> int:
-    stage = Stage.start("grpo", data_args, args)
+def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
+    stage = Stage.start("grpo", data_args, args, prompt_args)
     dist, device = stage.dist, stage.device
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args, device)
+    # The SFT stage's prompt settings (its r1_stage.json) unless a flag says otherwise.
+    stage.prompt = prompter = resolve_prompt(prompt_args, args.model_name_or_path, tokenizer)
     # The KL term's frozen copy of the starting policy, taken before the Booster wraps (and may cast) it.
     initial = copy.deepcopy(model) if args.beta > 0 else None
     # Every prompt tokenized and length-checked now, the same on every rank, not when first sampled.
-    limits = dict(max_prompt_length=args.max_prompt_length, skip=data_args.skip_bad_rows)
+    limits = dict(max_prompt_length=args.max_prompt_length, skip=data_args.skip_bad_rows, prompter=prompter)
     train_examples, report = data_args.load_train(seed=args.seed)
     train_examples, prompt_cache = prompt_ids(tokenizer, train_examples, report=report, **limits)
     eval_examples: list[Example] = []
@@ -258,6 +261,7 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
         drop_records_after(stage.output_dir / "samples.jsonl", stage.step)
     rollout: Rollout | None = None
     last_eval: dict[str, float] = {}
+    evaluated_at = -1
 
     def trainer_state() -> dict[str, Any]:
         return {
@@ -299,6 +303,7 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
                 generator,
                 prompt_cache,
                 timings,
+                prompter,
             )
             # sampling + scoring + batching (+ reference log-probs)
             timings["rollout_s"] = time.time() - t_rollout
@@ -313,8 +318,9 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
             at_cycle_end and args.max_train_seconds > 0 and out_of_time(loop_started, args.max_train_seconds)
         )
         if args.evaluation_strategy == "steps" and step % args.eval_steps == 0 and eval_examples:
-            last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache)
-            stage.log(last_eval)
+            last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache, prompter)
+            evaluated_at = step
+            log_eval(stage, last_eval)
         if step % args.logging_steps == 0 or step == total_steps or out_of_budget:
             record = reduce_step_metrics(rollout, train_stats, timings, dist)
             record.update(temperature=temperature, learning_rate=stage.scheduler.get_last_lr()[0])
@@ -333,8 +339,10 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
             break
     stage.bar.close()
 
-    if eval_examples and args.evaluation_strategy != "no":
-        last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache)
+    # The final model's accuracy, unless the last step's evaluation just measured it.
+    if eval_examples and args.evaluation_strategy != "no" and evaluated_at != stage.step:
+        last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache, prompter)
+        log_eval(stage, last_eval)
 
     def final_metrics(runtime_s: float) -> dict[str, float]:
         last = stage.metrics.last("reward_mean")
@@ -348,10 +356,12 @@ def train(data_args: DataArgs, args: GRPOArgs) -> int:
 # 1-2. Rollout and scoring
 
 
-def encode_prompt(tokenizer, example: Example, args: GRPOArgs, cache: dict[str, list[int]]) -> list[int]:
+def encode_prompt(
+    tokenizer, example: Example, args: GRPOArgs, cache: dict[str, list[int]], prompter: Prompter
+) -> list[int]:
     ids = cache.get(example.problem)
     if ids is None:
-        ids = tokenizer(format_prompt(tokenizer, example.problem), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompter.prompt(example.problem), add_special_tokens=False)["input_ids"]
         if len(ids) > args.max_prompt_length:
             raise ArgsError(
                 f"{example.source}: prompt is {len(ids)} tokens, more than --max_prompt_length {args.max_prompt_length}"
@@ -372,6 +382,7 @@ def make_rollout(
     generator,
     cache: dict[str, list[int]],
     timings: dict[str, float],
+    prompter: Prompter,
 ) -> Rollout:
     unwrapped = unwrap_model(model)
 
@@ -394,9 +405,10 @@ def make_rollout(
         examples = stream.take(n)
         return sample_scored_groups(
             sample,
-            lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            # The rewards see the whole response: the prompt's <think> prefill, if any, then the completion.
+            lambda ids: prompter.response(tokenizer.decode(ids, skip_special_tokens=True)),
             lambda texts, answers: score(texts, answers, args.reward_funcs, args.reward_weights)[0],
-            [encode_prompt(tokenizer, ex, args, cache) for ex in examples],
+            [encode_prompt(tokenizer, ex, args, cache, prompter) for ex in examples],
             [ex.answer for ex in examples],
             group_size=args.num_generations,
             batch_size=args.inference_batch_size,
@@ -715,6 +727,17 @@ def log_samples(output_dir: Path, step: int, rollout: Rollout, n: int, dist) -> 
     )
 
 
+def log_eval(stage: Stage, result: dict[str, float]) -> None:
+    """One metrics record and one log line per evaluation."""
+    stage.log(result)
+    logger.info(
+        "eval at step %d: accuracy %.4f, format rate %.4f",
+        stage.step,
+        result["eval_accuracy"],
+        result["eval_format_rate"],
+    )
+
+
 def evaluate_sharded(
     model,
     tokenizer,
@@ -722,6 +745,7 @@ def evaluate_sharded(
     args: GRPOArgs,
     dist,
     prompts: dict[str, list[int]] | None = None,
+    prompter: Prompter | None = None,
 ) -> dict[str, float]:
     """Greedy accuracy on the eval split, each rank a shard, reduced to global means (``prompts``: the
     token ids of the examples' prompts, from :func:`trainer.r1.lengths.prompt_ids`)."""
@@ -737,6 +761,7 @@ def evaluate_sharded(
         batch_size=args.inference_batch_size * 4,
         seed=args.seed,
         prompt_ids=prompts,
+        prompter=prompter,
     )
     n = len(result.records)
     vec = all_reduce_(

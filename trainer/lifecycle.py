@@ -4,7 +4,8 @@ folder, the Booster, resume, checkpoints and preemption, the final export and `r
 A training recipe calls the phases in order and keeps its algorithm in between (torchtune's recipe
 phases: setup, train, save)::
 
-    stage = Stage.start("sft", data_args, args)   # process group, logging, folder marked incomplete
+    stage = Stage.start("sft", data_args, args, prompt_args)  # process group, logging, folder incomplete
+    stage.prompt = resolve_prompt(prompt_args, ...)  # prompt settings, recorded in r1_stage.json
     model = stage.boost(model, total_steps)        # Booster, optimizer, learning-rate schedule
     stage.resume()                                # newest complete checkpoint, metrics, SIGTERM, progress
     while stage.step < stage.total_steps:
@@ -30,6 +31,7 @@ from trainer import checkpoint as ckpt
 from trainer.contract import output as contract
 from trainer.quiet import silence_notices
 from trainer.r1.data import DataArgs, DataError
+from trainer.r1.prompt import PromptArgs, Prompter
 from trainer.runtime import (
     ArgsError,
     Dist,
@@ -83,8 +85,17 @@ def barrier() -> None:
 class Stage:
     """One run of a training stage (`sft` or `grpo`): what its phases share."""
 
-    def __init__(self, name: str, data_args: DataArgs, args: TrainingArgs, dist: Dist, device: Any) -> None:
-        self.name, self.data_args, self.args = name, data_args, args
+    def __init__(
+        self,
+        name: str,
+        data_args: DataArgs,
+        args: TrainingArgs,
+        dist: Dist,
+        device: Any,
+        prompt_args: PromptArgs | None = None,
+    ) -> None:
+        self.name, self.data_args, self.args, self.prompt_args = name, data_args, args, prompt_args
+        self.prompt: Prompter | None = None  # set by the recipe; its settings go into r1_stage.json
         self.dist, self.device, self.output_dir = dist, device, Path(args.output_dir)
         self.log_to = logging.getLogger(f"r1_grpo.{name}")
         self.started = time.time()
@@ -100,10 +111,17 @@ class Stage:
         self.bar: Any = None
 
     @classmethod
-    def start(cls, name: str, data_args: DataArgs, args: TrainingArgs) -> Stage:
+    def start(
+        cls, name: str, data_args: DataArgs, args: TrainingArgs, prompt_args: PromptArgs | None = None
+    ) -> Stage:
         """Open the stage: process group, logging, the output folder without its `r1_stage.json`."""
         dist, device, _ = open_stage(args.output_dir, args.seed)
-        return cls(name, data_args, args, dist, device)
+        return cls(name, data_args, args, dist, device, prompt_args)
+
+    def flags(self) -> dict[str, Any]:
+        """Every flag of the stage, by name (metrics config, `inputs.args` of `r1_stage.json`)."""
+        groups = (self.data_args, self.prompt_args, self.args)
+        return args_dict(*(g for g in groups if g is not None))
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -139,7 +157,7 @@ class Stage:
             )
             self.step = state["step"]
             self.log_to.info("resumed from %s (step %d)", latest, self.step)
-        config = args_dict(self.data_args, self.args)
+        config = self.flags()
         self.metrics = MetricsLogger(str(self.output_dir), self.name, self.args, self.dist, config, self.step)
         self.preemption = Preemption()
         self.bar = progress(self.total_steps, self.step, self.name, self.dist)
@@ -218,7 +236,8 @@ class Stage:
                 inputs={
                     "model_name_or_path": self.args.model_name_or_path,
                     "dataset_name": self.data_args.dataset_name,
-                    "args": args_dict(self.data_args, self.args),
+                    "args": self.flags(),
+                    **({"prompt": self.prompt.settings.to_record()} if self.prompt else {}),
                 },
             )
             self.log_to.info(

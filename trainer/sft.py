@@ -23,6 +23,7 @@ import torch.distributed as td
 from trainer.lifecycle import Stage, run_cli
 from trainer.r1.data import DataArgs, LoadReport
 from trainer.r1.lengths import sft_sequences
+from trainer.r1.prompt import PromptArgs, Prompter, resolve_prompt
 from trainer.runtime import (
     PREEMPTED_EXIT_CODE,
     TrainingArgs,
@@ -55,11 +56,18 @@ class TokenizedRow:
 
 
 def tokenize_examples(
-    examples, tokenizer, max_seq_length: int, skip: bool = False, report: LoadReport | None = None
+    examples,
+    tokenizer,
+    max_seq_length: int,
+    skip: bool = False,
+    report: LoadReport | None = None,
+    prompter: Prompter | None = None,
 ) -> tuple[list[TokenizedRow], int]:
-    """Prompt (chat template + R1 system prompt) and completion (+EOS) ids, checked against
+    """Prompt and completion (+EOS) ids (``prompter``'s prompt and target), checked against
     --max_seq_length (trainer.r1.lengths.sft_sequences); returns rows and #truncated."""
-    sequences = sft_sequences(tokenizer, examples, max_seq_length=max_seq_length, skip=skip, report=report)
+    sequences = sft_sequences(
+        tokenizer, examples, max_seq_length=max_seq_length, skip=skip, report=report, prompter=prompter
+    )
     return [TokenizedRow(ids, prompt_len) for ids, prompt_len in sequences.rows], len(sequences.truncated)
 
 
@@ -127,26 +135,31 @@ def eval_loss(model, rows: list[TokenizedRow], args: SFTArgs, dist, pad_id: int,
     return float(total[0] / total[1].clamp(min=1))
 
 
-# The stage's command line; trainer/flag_table.py reads both (`make schema`).
+# The stage's command line, in --help order; trainer/flag_table.py reads both (`make schema`).
 PROG = "r1-grpo sft"
-ARG_TYPES = (DataArgs, SFTArgs)
+ARG_TYPES = (DataArgs, PromptArgs, SFTArgs)
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(PROG, ARG_TYPES, argv, train)
 
 
-def train(data_args: DataArgs, args: SFTArgs) -> int:
-    stage = Stage.start("sft", data_args, args)
+def train(data_args: DataArgs, prompt_args: PromptArgs, args: SFTArgs) -> int:
+    stage = Stage.start("sft", data_args, args, prompt_args)
     dist, device = stage.dist, stage.device
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args, device)
+    stage.prompt = prompter = resolve_prompt(prompt_args, args.model_name_or_path, tokenizer)
     train_examples, report = data_args.load_train(seed=args.seed, require_solutions=True)
     skip = data_args.skip_bad_rows
-    train_rows, truncated = tokenize_examples(train_examples, tokenizer, args.max_seq_length, skip, report)
+    train_rows, truncated = tokenize_examples(
+        train_examples, tokenizer, args.max_seq_length, skip, report, prompter
+    )
     eval_rows: list[TokenizedRow] = []
     if args.evaluation_strategy != "no":
         eval_examples, eval_report = data_args.load_eval(require_solutions=True)
-        eval_rows, _ = tokenize_examples(eval_examples, tokenizer, args.max_seq_length, skip, eval_report)
+        eval_rows, _ = tokenize_examples(
+            eval_examples, tokenizer, args.max_seq_length, skip, eval_report, prompter
+        )
     logger.info(
         "train rows: %d (skipped %d bad, truncated %d); eval rows: %d",
         len(train_rows),
@@ -163,7 +176,7 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
     model = stage.boost(model, total_steps)
     stage.resume()
     pad_id = tokenizer.pad_token_id
-    last_eval = math.nan
+    last_eval, evaluated_at = math.nan, -1
     window_loss, window_tokens, window_start = 0.0, 0, time.time()
 
     model.train()
@@ -194,7 +207,7 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
             and step % args.eval_steps == 0
             or (args.evaluation_strategy == "epoch" and step % steps_per_epoch == 0)
         ):
-            last_eval = eval_loss(model, eval_rows, args, dist, pad_id, device)
+            last_eval, evaluated_at = eval_loss(model, eval_rows, args, dist, pad_id, device), step
             stage.log({"eval_loss": last_eval})
         if step % args.logging_steps == 0 or step == total_steps:
             stats = all_reduce_(torch.tensor([window_loss, float(window_tokens)], dtype=torch.float64))
@@ -214,15 +227,17 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
             return PREEMPTED_EXIT_CODE
     stage.bar.close()
 
-    if args.evaluation_strategy != "no" and eval_rows:
+    # The final model's eval loss, unless the last step's evaluation just computed it.
+    if args.evaluation_strategy != "no" and eval_rows and evaluated_at != stage.step:
         last_eval = eval_loss(model, eval_rows, args, dist, pad_id, device)
+        stage.log({"eval_loss": last_eval})
 
     def final_metrics(runtime_s: float) -> dict[str, float]:
         final = {"train_loss": stage.metrics.last("loss").get("loss"), "runtime_s": runtime_s}
+        stage.log(dict(final))  # eval_loss has its own record above: one record per evaluation
         final["train_rows"] = len(train_rows)
         if not math.isnan(last_eval):
             final["eval_loss"] = last_eval
-        stage.log({k: v for k, v in final.items() if k != "train_rows"})
         return final
 
     return stage.finish(tokenizer, final_metrics)

@@ -96,6 +96,7 @@ def stage_accuracy(model_dir: str, dataset: str, eval_args: dict[str, Any]) -> d
 
     from trainer.r1.builtin import resolve_model
     from trainer.r1.data import DataArgs
+    from trainer.r1.prompt import PromptArgs, resolve_prompt
     from trainer.r1.scoring import evaluate_model
 
     path = resolve_model(model_dir)
@@ -106,6 +107,8 @@ def stage_accuracy(model_dir: str, dataset: str, eval_args: dict[str, Any]) -> d
         model,
         tokenizer,
         examples,
+        # The prompt the eval stage would use on this folder (its record; the eval flags win).
+        prompter=resolve_prompt(PromptArgs.from_stage_args(eval_args), model_dir, tokenizer),
         max_new_tokens=int(eval_args.get("max_completion_length", 256)),
         batch_size=int(eval_args.get("inference_batch_size", 64)),
     )

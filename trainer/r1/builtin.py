@@ -137,12 +137,13 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def _tokenizer_corpus() -> list[str]:
-    from trainer.r1.format import format_completion, format_prompt
+    from trainer.r1.format import format_completion
+    from trainer.r1.prompt import plain_prompt
 
     texts = []
     for split in ("train", "test"):
         for row in builtin_rows("arith", split):
-            texts.append(format_prompt(None, row["question"]))
+            texts.append(plain_prompt(row["question"]))
             texts.append(format_completion(row["reasoning"], row["answer"]))
     # General text so other datasets still tokenize to something sensible (byte fallback covers the rest).
     texts += [

@@ -1,4 +1,4 @@
-"""The R1 format: the system prompt, prompt and completion text, the tags, the format rule, answer extraction.
+"""The R1 format: the completion text, the tags, the format rule, answer extraction (the prompt: trainer/r1/prompt.py).
 
 ``<think> reasoning </think> <answer> answer </answer>``: one home for the tags and every rule about them.
 Standard library only.
@@ -6,20 +6,11 @@ Standard library only.
 
 from __future__ import annotations
 
-from typing import Any
-
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
 FORMAT_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
-
-R1_SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-    "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
-    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
-    "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>."
-)
 
 # --------------------------------------------------------------------------------------------------
 # Format and extraction
@@ -63,31 +54,8 @@ def extract_answer(text: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Prompt and completion text
+# Completion text
 # --------------------------------------------------------------------------------------------------
-
-
-def format_prompt(tokenizer: Any, problem: str, system_prompt: str = R1_SYSTEM_PROMPT) -> str:
-    """The prompt text for ``problem``; the completion is expected to start with ``<think>``.
-
-    With a tokenizer that has a ``chat_template``: ``[system, user]`` through ``apply_chat_template``
-    with the generation prompt (templates that reject a system message get it prepended to the user
-    message instead). Otherwise (or ``tokenizer=None``) the plain R1 template
-    ``"{system}\\nUser: {problem}\\nAssistant: "``.
-    """
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        from jinja2.exceptions import TemplateError
-
-        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": problem}]
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except TemplateError as first:
-            merged = [{"role": "user", "content": f"{system_prompt}\n\n{problem}"}]
-            try:
-                return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
-            except TemplateError:
-                raise first from None
-    return f"{system_prompt}\nUser: {problem}\nAssistant: "
 
 
 def format_completion(reasoning: str, answer: str) -> str:

@@ -1,7 +1,7 @@
 """Token lengths, checked before the first step: every prompt (GRPO, evaluation) and every SFT sequence of a
 split is tokenized once, up front, the same way on every rank.
 
-A prompt (the R1 prompt text of ``format_prompt``) longer than ``--max_prompt_length`` tokens is a
+A prompt (the text of :class:`~trainer.r1.prompt.Prompter`) longer than ``--max_prompt_length`` tokens is a
 :class:`LengthError` that says how many prompts are too long and names the first few
 (``<dataset>:<split>:row <i> (<n> tokens)``); with ``--skip_bad_rows`` those examples are dropped instead
 and counted in the split's :class:`~trainer.r1.data.LoadReport` (as verl's ``filter_overlong_prompts``
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainer.r1.data import DataError, Example, LoadReport
-from trainer.r1.format import format_completion, format_prompt
+from trainer.r1.prompt import DEFAULT_PROMPT, Prompter
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,10 @@ def prompt_ids(
     report: LoadReport | None = None,
     flag: str = "--max_prompt_length",
     cache: dict[str, list[int]] | None = None,
+    prompter: Prompter | None = None,
 ) -> tuple[list[Example], dict[str, list[int]]]:
-    """Every example's prompt tokenized once (R1 prompt format) and checked against ``max_prompt_length``.
+    """Every example's prompt (``prompter``'s; default: the default settings) tokenized once and checked
+    against ``max_prompt_length``.
 
     Returns the examples kept (all of them, or with ``skip`` those that fit) and ``cache``, which maps each
     problem text to its prompt's ids (a new dict unless given; problems already there are not encoded again).
@@ -119,7 +121,8 @@ def prompt_ids(
     cache = {} if cache is None else cache
     started = time.perf_counter()
     new = list(dict.fromkeys(ex.problem for ex in examples if ex.problem not in cache))
-    texts = [format_prompt(tokenizer, problem) for problem in new]
+    prompter = prompter or Prompter(DEFAULT_PROMPT, tokenizer)
+    texts = [prompter.prompt(problem) for problem in new]
     cache.update(zip(new, encode(tokenizer, texts), strict=True))
     over = [TooLong(ex.source, n) for ex in examples if (n := len(cache[ex.problem])) > max_prompt_length]
     where = _where(report, examples)
@@ -167,13 +170,15 @@ def sft_sequences(
     skip: bool = False,
     report: LoadReport | None = None,
     flag: str = "--max_seq_length",
+    prompter: Prompter | None = None,
 ) -> Sequences:
-    """Prompt and completion ids of every example, tokenized once; sequences over ``max_seq_length`` are
-    truncated (logged), prompts that leave no room for the completion are over-long prompts (see the module
-    docstring)."""
+    """Prompt and completion ids of every example (``prompter``'s prompt and target; default: the default
+    settings), tokenized once; sequences over ``max_seq_length`` are truncated (logged), prompts that leave
+    no room for the completion are over-long prompts (see the module docstring)."""
     started = time.perf_counter()
-    prompts = encode(tokenizer, [format_prompt(tokenizer, ex.problem) for ex in examples])
-    completions = encode(tokenizer, [format_completion(ex.reasoning, ex.answer) for ex in examples])
+    prompter = prompter or Prompter(DEFAULT_PROMPT, tokenizer)
+    prompts = encode(tokenizer, [prompter.prompt(ex.problem) for ex in examples])
+    completions = encode(tokenizer, [prompter.target(ex.reasoning, ex.answer) for ex in examples])
     where = _where(report, examples)
     eos = [tokenizer.eos_token_id]
     no_room = [

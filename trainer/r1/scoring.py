@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainer.r1.data import Example
-from trainer.r1.format import check_format, extract_answer, format_prompt, stop_sequences
+from trainer.r1.format import check_format, extract_answer, stop_sequences
+from trainer.r1.prompt import DEFAULT_PROMPT, Prompter
 from trainer.r1.rewards import answers_equal, normalize_answer, reward_function
 from trainer.runtime import Dist, progress
 
@@ -45,11 +46,13 @@ def evaluate_model(
     seed: int = 1234,
     show_progress: bool = False,
     prompt_ids: Mapping[str, list[int]] | None = None,
+    prompter: Prompter | None = None,
 ) -> EvalResult:
     """Generate k completions per example and score them; single process (callers shard).
 
     ``prompt_ids`` maps problem texts to their prompts' token ids (:func:`trainer.r1.lengths.prompt_ids`,
-    which also checked their lengths); problems not in it are tokenized here."""
+    which also checked their lengths); problems not in it are tokenized here with ``prompter`` (default:
+    the default settings), whose prefill, if any, starts every completion's text that is scored."""
     import torch  # the model's side; this module's own scoring needs no torch
 
     with torch.no_grad():
@@ -66,6 +69,7 @@ def evaluate_model(
             seed=seed,
             show_progress=show_progress,
             prompt_ids=prompt_ids or {},
+            prompter=prompter or Prompter(DEFAULT_PROMPT, tokenizer),
         )
 
 
@@ -83,6 +87,7 @@ def _evaluate_model(
     seed,
     show_progress,
     prompt_ids,
+    prompter,
 ) -> EvalResult:
     from trainer.rl.sampling import sample_groups
 
@@ -96,7 +101,7 @@ def _evaluate_model(
         prompts = [
             prompt_ids[ex.problem]
             if ex.problem in prompt_ids
-            else tokenizer(format_prompt(tokenizer, ex.problem), add_special_tokens=False)["input_ids"]
+            else tokenizer(prompter.prompt(ex.problem), add_special_tokens=False)["input_ids"]
             for ex in chunk
         ]
         out = sample_groups(
@@ -115,7 +120,10 @@ def _evaluate_model(
         for i, ex in enumerate(chunk):
             rows = range(i * k, (i + 1) * k)
             texts = [
-                tokenizer.decode(out.completion_ids[r, : lengths[r]], skip_special_tokens=True) for r in rows
+                prompter.response(
+                    tokenizer.decode(out.completion_ids[r, : lengths[r]], skip_special_tokens=True)
+                )
+                for r in rows
             ]
             rewards = [reward_function(t, ex.answer) for t in texts]
             answers = [extract_answer(t) for t in texts]
