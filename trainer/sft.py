@@ -21,6 +21,7 @@ import torch
 import torch.distributed as td
 
 from trainer.lifecycle import Stage, run_cli
+from trainer.modeling import load_model_and_tokenizer
 from trainer.r1.data import DataArgs, LoadReport
 from trainer.r1.lengths import sft_sequences
 from trainer.rl.head_logprobs import (
@@ -36,7 +37,6 @@ from trainer.runtime import (
     agree_on_setup,
     all_reduce_,
     autocast,
-    load_model_and_tokenizer,
     total_optimizer_steps,
 )
 
