@@ -83,7 +83,8 @@ SIZES = {
         eval_batch=4,
     ),
 }
-PLAN_SIZES = {  # Qwen2.5-1.5B and -7B (untied for 7B)
+PLAN_SIZES = {  # Qwen2.5-0.5B, -1.5B (tied) and -7B (untied): params, hidden, layers, KV width, intermediate
+    "0.5b": (494_032_768, 896, 24, 128, 4864),
     "1.5b": (1_543_714_304, 1536, 28, 256, 8960),
     "7b": (7_615_616_512, 3584, 28, 512, 18944),
 }
@@ -408,30 +409,42 @@ def table(results: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------------
 # The plan for GPUs: 1.5B and 7B, 8 x 80 GB per node, bf16
 # --------------------------------------------------------------------------------------------------
-def plan(gpus: int = 8, micro_batch: int = 4, host_per_rank_gib: float = 3.0) -> str:
-    """GPU memory per rank and host RAM per node for zero2 and gemini under --bf16 with gradient
-    checkpointing (activations: each layer's bf16 input kept, one layer recomputed at a time)."""
+def gpu_plan(
+    name: str, plugin: str, gpus: int, micro_batch: int = 4, stage: str = "grpo"
+) -> dict[str, float]:
+    """Bytes per GPU rank under --bf16 with gradient checkpointing (activations: each layer's bf16 input
+    kept, one layer's float32 values recomputed at a time) for a PLAN_SIZES model on ``gpus`` ranks."""
+    p, hidden, layers, kv, inter = PLAN_SIZES[name]
+    tokens = micro_batch * SEQ
+    parts = {
+        "weights": 2 * p if plugin == "zero2" else 2 * p / gpus,  # gemini shards the bf16 params too
+        "grads": 2 * p / gpus,
+        "optimizer": 12 * p / gpus,  # float32 master + Adam m, v, sharded
+        "reference": 2 * p if stage == "grpo" else 0,  # a bf16 replica per rank (not sharded)
+        "activations": 2 * tokens * hidden * layers + 4 * tokens * (6 * hidden + 5 * kv + 4 * inter),
+        "logits": 2 * (CHUNK_BYTES // (4 * 151_936)) * 151_936 * 4,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def plan(gpus: int = 8, host_per_rank_gib: float = 3.0) -> str:
+    """GPU memory per rank and host RAM per node for 1.5B and 7B under zero2 and gemini (docs/memory.md)."""
     lines = [
-        "| model | plugin | GPU per rank (GiB) | of which weights / grads / optimizer / reference / "
+        "| model | plugin | GPU per rank (GiB) | weights / grads / optimizer / reference / "
         "activations+logits | host RAM per node (GiB), before -> now |",
         "| --- | --- | ---: | --- | ---: |",
     ]
-    for name, (p, hidden, layers, kv, inter) in PLAN_SIZES.items():
-        tokens = micro_batch * SEQ
-        act = 2 * tokens * hidden * layers + 4 * tokens * (6 * hidden + 5 * kv + 4 * inter)
-        logits = 2 * (CHUNK_BYTES // (4 * 151_936)) * 151_936 * 4
+    for name in ("1.5b", "7b"):
+        p = PLAN_SIZES[name][0]
         for plugin in ("zero2", "gemini"):
-            weights = 2 * p if plugin == "zero2" else 2 * p / gpus  # gemini shards the bf16 params too
-            grads = 2 * p / gpus
-            optim = 12 * p / gpus  # float32 master + Adam m, v, sharded
-            ref = 2 * p  # a bf16 replica per rank (not sharded)
-            total = weights + grads + optim + ref + act + logits
-            before = gpus * (4 * p + host_per_rank_gib * GIB)  # every rank a float32 model in host RAM
-            now = 2 * p + gpus * host_per_rank_gib * GIB  # one page-cache copy of bf16 files + processes
+            g = {k: v / GIB for k, v in gpu_plan(name, plugin, gpus).items()}
+            before = gpus * (4 * p / GIB + host_per_rank_gib)  # every rank a float32 model in host RAM
+            now = 2 * p / GIB + gpus * host_per_rank_gib  # one page-cache copy of the bf16 files + processes
             lines.append(
-                f"| {name} | {plugin} | {total / GIB:.1f} | {weights / GIB:.1f} / {grads / GIB:.1f} / "
-                f"{optim / GIB:.1f} / {ref / GIB:.1f} / {(act + logits) / GIB:.1f} | "
-                f"{before / GIB:.0f} -> {now / GIB:.0f} |"
+                f"| {name} | {plugin} | {g['total']:.1f} | {g['weights']:.1f} / {g['grads']:.1f} / "
+                f"{g['optimizer']:.1f} / {g['reference']:.1f} / {g['activations'] + g['logits']:.1f} | "
+                f"{before:.0f} -> {now:.0f} |"
             )
     return "\n".join(lines)
 

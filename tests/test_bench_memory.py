@@ -66,3 +66,33 @@ def test_plan_covers_both_models_and_plugins() -> None:
     for row in rows:
         gib = float(row.split("|")[3])
         assert 0 < gib < 80, row  # fits an 80 GB GPU
+
+
+def test_gpu_check_memory_flags_are_the_stages_own(tmp_path: Path) -> None:
+    """bench/gpu_check.py's memory runs (GPU only) pass flags the stages accept, sized as its plan says."""
+    import gpu_check
+
+    from trainer.grpo import GRPOArgs
+    from trainer.r1.data import DataArgs
+    from trainer.runtime import parse_args
+    from trainer.sft import SFTArgs
+
+    args = gpu_check.parse_args(["--device", "cpu", "--plugins", "ddp", "--memory_plugins", "gemini"])
+    assert args.memory_sizes is None and args.memory_plugins == ["gemini"]
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--device", "cpu", "--plugins", "ddp", "--memory_sizes", "1.5b"])
+    model, data, out = tmp_path / "m", tmp_path / "d.jsonl", tmp_path / "o"
+    _, sft = parse_args(
+        (DataArgs, SFTArgs), gpu_check.memory_flags("sft", "gemini", "1.5b", model, data, out), "sft"
+    )
+    _, grpo = parse_args(
+        (DataArgs, GRPOArgs), gpu_check.memory_flags("grpo", "zero2", "1.5b", model, data, out), "grpo"
+    )
+    assert (sft.plugin, sft.bf16, sft.gradient_checkpointing, sft.max_steps) == ("gemini", True, True, 1)
+    assert sft.per_device_train_batch_size == gpu_check.MEMORY_BATCH["sft"]
+    assert sft.max_seq_length == memory.SEQ
+    assert (grpo.plugin, grpo.beta, grpo.num_generations) == ("zero2", 0.04, gpu_check.MEMORY_BATCH["grpo"])
+    assert grpo.max_prompt_length + grpo.max_completion_length == memory.SEQ
+    one = memory.gpu_plan("1.5b", "gemini", gpus=1, stage="sft")
+    eight = memory.gpu_plan("1.5b", "gemini", gpus=8, stage="sft")
+    assert one["reference"] == 0 and one["optimizer"] == 8 * eight["optimizer"]

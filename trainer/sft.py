@@ -223,14 +223,15 @@ def train(data_args: DataArgs, args: SFTArgs) -> int:
             stats = all_reduce_(torch.tensor([window_loss, float(window_tokens)], dtype=torch.float64))
             train_loss = float(stats[0] / stats[1].clamp(min=1))
             elapsed = time.time() - window_start
-            stage.log(
-                {
-                    "loss": train_loss,
-                    "learning_rate": stage.scheduler.get_last_lr()[0],
-                    "epoch": step / steps_per_epoch,
-                    "tokens_per_s": float(stats[1]) / max(elapsed, 1e-9),
-                }
-            )
+            record = {
+                "loss": train_loss,
+                "learning_rate": stage.scheduler.get_last_lr()[0],
+                "epoch": step / steps_per_epoch,
+                "tokens_per_s": float(stats[1]) / max(elapsed, 1e-9),
+            }
+            if device.type == "cuda":
+                record["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            stage.log(record)
             stage.bar.set_postfix(loss=f"{train_loss:.4f}")
             window_loss, window_tokens, window_start = 0.0, 0, time.time()
         if stage.save_if_due(lambda epoch=epoch: {"epoch": epoch}):
