@@ -119,7 +119,7 @@ def test_training_dtype_and_where_the_weights_go() -> None:
     gpu = torch.device("cuda", 3)
     kwargs = modeling.from_pretrained_kwargs(zero, gpu, torch.bfloat16)
     assert kwargs["torch_dtype"] == torch.bfloat16 and kwargs["device_map"] == {"": "cuda:3"}
-    assert "device_map" not in modeling.from_pretrained_kwargs(ddp, gpu, torch.float32)
+    assert modeling.from_pretrained_kwargs(ddp, gpu, torch.float32)["device_map"] == {"": "cuda:3"}
     assert "device_map" not in modeling.from_pretrained_kwargs(zero, torch.device("cpu"), torch.bfloat16)
 
 

@@ -2,10 +2,10 @@
 they train in and where they train, the frozen KL reference loaded the same way, and the dtype the final
 model is saved in.
 
-Memory (docs/memory.md): no float32 copy is made of a model that trains in bfloat16, and on the sharding
-plugins (zero2, zero2_cpu, gemini, 3d, all on GPUs) every rank streams the memory-mapped weight files
-straight to its GPU, so the node's host RAM holds one page-cache copy of the files, shared by its ranks,
-instead of one private copy of the model per rank before the plugin shards it.
+Memory (docs/memory.md): no float32 copy is made of a model that trains in bfloat16, and on GPUs (every
+plugin; zero2, gemini and 3d then shard it) every rank streams the memory-mapped weight files straight to
+its GPU, so the node's host RAM holds one page-cache copy of the files, shared by its ranks, instead of one
+private copy of the model per rank.
 """
 
 from __future__ import annotations
@@ -67,13 +67,15 @@ def training_dtype(args: Any) -> Any:
 
 
 def from_pretrained_kwargs(args: Any, device: Any, dtype: Any) -> dict[str, Any]:
-    """``from_pretrained`` arguments: ``dtype`` at load (no float32 model first); on GPUs, for the sharding
-    plugins, the weights go from the memory-mapped files straight to this rank's GPU (``device_map``)."""
+    """``from_pretrained`` arguments: ``dtype`` at load (no float32 model first); on a GPU the weights go
+    from the memory-mapped files straight to this rank's GPU (``device_map`` of one device: no hooks, the
+    plugin shards from there), so the ranks of a node share one page-cache copy instead of each holding
+    the model in host RAM."""
     kwargs: dict[str, Any] = {
         "torch_dtype": dtype,
         "attn_implementation": args.attn_implementation or best_attention(),
     }
-    if device.type == "cuda" and getattr(args, "plugin", "ddp") != "ddp":
+    if device.type == "cuda":
         kwargs["device_map"] = {"": str(device)}
     return kwargs
 
