@@ -14,7 +14,8 @@ default `--per_device_eval_batch_size` (16) in one process. Peak RSS is the larg
 The floor of a process: its RSS after imports (measured) + weights + gradients + AdamW states (float32 on
 ddp: 4 + 4 + 8 bytes per parameter; eval: weights only; GRPO: + the float32 reference) + the activations
 autograd keeps for one micro-batch (per token and layer: 6 hidden + 5 KV + 4 intermediate float32 values)
-+ two chunks of float32 logits (the chunk and its softmax). Ratio = measured / floor.
++ two chunks of float32 logits (the chunk and its softmax; GRPO: the completion positions' logits, which
+its forward keeps alone, and their log-softmax). Ratio = measured / floor.
 """
 
 from __future__ import annotations
@@ -119,7 +120,10 @@ def floor_bytes(size: Size, stage: str, imports: int) -> dict[str, int]:
     else:  # grpo: 2 completions of one prompt, trained as one chunk; the reference beside the policy
         parts = {"weights": 4 * p, "reference": 4 * p, "grads": 4 * p, "adam": 8 * p}
         parts["activations"] = activation_bytes(size, 2 * SEQ)
-    parts["logits"] = logits_bytes(size)
+    if stage == "grpo":  # logits of the completion positions only (logits_to_keep) and their log-softmax
+        parts["logits"] = 2 * 2 * (COMPLETION + 1) * size.vocab * 4
+    else:
+        parts["logits"] = logits_bytes(size)
     parts["imports"] = imports
     return parts
 

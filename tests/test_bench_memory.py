@@ -35,7 +35,11 @@ def test_floor_counts_the_parameters_of_the_model_it_builds(name: str) -> None:
     assert size.params() == sum(p.numel() for p in model.parameters())
     floor = memory.floor_bytes(size, "sft", imports=10**9)
     assert floor["weights"] + floor["grads"] + floor["adam"] == 16 * size.params()
-    assert floor["imports"] == 10**9 and floor["logits"] <= 2 * memory.CHUNK_BYTES
+    assert (
+        floor["imports"] == 10**9
+        and floor["logits"] <= 2 * memory.CHUNK_BYTES
+        and memory.floor_bytes(size, "grpo", 0)["logits"] < floor["logits"]
+    )
     assert memory.floor_bytes(size, "grpo", 0)["reference"] == 4 * size.params()
     assert "adam" not in memory.floor_bytes(size, "eval", 0)
 
