@@ -349,7 +349,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     # SFT and eval: a 200-token question, the rest of the 1024 is completion. GRPO: the prompt fills
     # what the completion leaves (the chat template and the R1 system prompt take ~60 tokens).
     datasets = {"sft": work / "sft-rows.jsonl", "grpo": work / "grpo-rows.jsonl"}
-    for stage, question in (("sft", 200), ("grpo", SEQ - COMPLETION - 80)):
+    for stage, question in (("sft", 200), ("grpo", SEQ - COMPLETION - 140)):
         if not datasets[stage].exists():
             write_data(Path(args.tokenizer), datasets[stage], rows=32, question_tokens=question)
     results = []
@@ -387,7 +387,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             row["exit_code"] = run["exit_code"]
             row["floor"] = sum(floor.values())
             row["floor_parts"] = floor
-            if "peak_rss" in row:
+            if "peak_rss" in row and run["exit_code"] == 0:
                 row["ratio"] = round(row["peak_rss"] / row["floor"], 2)
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "floor_parts"}), flush=True)
@@ -400,7 +400,8 @@ def table(results: list[dict[str, Any]]) -> str:
         "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        peak = f"{r['peak_rss'] / GIB:.2f} GiB" if "peak_rss" in r else f"failed ({r['exit_code']})"
+        ok = "peak_rss" in r and r["exit_code"] == 0
+        peak = f"{r['peak_rss'] / GIB:.2f} GiB" if ok else f"failed (exit {r['exit_code']})"
         t = r.get("step_s") or r.get("wall_s")
         timing = f"{t}" + (f" (run {r['wall_s']})" if r.get("step_s") and r.get("wall_s") else "")
         lines.append(
