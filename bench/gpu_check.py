@@ -11,6 +11,9 @@
 2. In this process, on the same weights in bfloat16: tokens/s of the rollout sampler (`sample_groups`)
    against `model.generate` on the same prompts (no EOS, so both make exactly prompts x G x N tokens),
    and the log-prob gap of bf16 weights measured directly, with peak GPU memory.
+3. Memory (`--memory_sizes`, default 1.5b on cuda): one SFT and one GRPO step with --bf16 and
+   gradient checkpointing per `--memory_plugins` (zero2, gemini) on a random-init Qwen2.5-shaped model;
+   peak GPU memory and host RSS beside bench/memory.py's plan for one rank (docs/memory.md).
 
 Prints a summary and writes it as JSON to `--out` (default: `$OUT`, when set). Exit code 0 when every
 stage ran and the step-0 KL was 0, 1 otherwise. bench/README.md says how to run it on a lent GPU machine
@@ -35,6 +38,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PLUGINS = ("zero2", "ddp")
+# Qwen2.5 shapes for the memory check (bench/memory.py's PLAN_SIZES has their parameter counts):
+# hidden, layers, heads, KV heads, intermediate, tied embeddings.
+MEMORY_SHAPES = {"0.5b": (896, 24, 14, 2, 4864, True), "1.5b": (1536, 28, 12, 2, 8960, True)}
+MEMORY_BATCH = {"sft": 4, "grpo": 2}  # rows of bench/memory.py's SEQ tokens per micro-step
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--stage_timeout", type=float, default=180.0, help="Seconds per stage run")
+    p.add_argument(
+        "--memory_sizes",
+        nargs="*",
+        choices=tuple(MEMORY_SHAPES),
+        default=None,
+        help="3. memory: random-init Qwen2.5-shaped models to run (default: 1.5b on cuda, none on cpu)",
+    )
+    p.add_argument("--memory_plugins", nargs="+", choices=("zero2", "gemini"), default=["zero2", "gemini"])
     args = p.parse_args(argv)
     for name in ("sft_steps", "grpo_steps", "max_completion_length", "prompts", "generations"):
         if getattr(args, name) < 1:
@@ -68,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
     if args.device == "cpu" and "zero2" in args.plugins:
         p.error("--plugins zero2 needs CUDA; on CPU use --plugins ddp")
+    if args.device == "cpu" and args.memory_sizes:
+        p.error("--memory_sizes runs zero2/gemini, which need CUDA; on CPU leave it out")
     if args.attn is None:
         flash = args.device == "cuda" and importlib.util.find_spec("flash_attn") is not None
         args.attn = "flash_attention_2" if flash else "sdpa"
@@ -191,6 +208,97 @@ def run_plugin(args: argparse.Namespace, plugin: str, base: Path, work: Path) ->
 
 
 # ---------------------------------------------------------------------------------------------
+# 3. Memory: one SFT and one GRPO step per plugin on a Qwen2.5-shaped model, against docs/memory.md's plan
+
+
+def memory_model(size: str, tokenizer_dir: Path, folder: Path) -> Path:
+    """A random-init Qwen2 of ``size`` saved in bfloat16 (as the hub ships Qwen2.5) with ``tokenizer_dir``'s
+    tokenizer (its ids are a subset of the model's vocabulary: enough for memory)."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    hidden, layers, heads, kv_heads, inter, tied = MEMORY_SHAPES[size]
+    config = Qwen2Config(
+        vocab_size=151_936,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=inter,
+        tie_word_embeddings=tied,
+        max_position_embeddings=4096,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def memory_flags(stage: str, plugin: str, size: str, model: Path, data: Path, out: Path) -> list[str]:
+    import memory
+
+    flags = memory.stage_flags(stage, memory.SIZES["10m"], model, data, out)
+    if stage == "sft":
+        flags[flags.index("--per_device_train_batch_size") + 1] = str(MEMORY_BATCH["sft"])
+    return [*flags, "--bf16", "--gradient_checkpointing", "--plugin", plugin]
+
+
+def memory_check(args: argparse.Namespace, tokenizer_dir: Path, work: Path) -> list[dict[str, Any]]:
+    """Peak GPU memory (metrics.jsonl) and host RSS (wait4) of one SFT and one GRPO step per size and
+    plugin on this one GPU, beside bench/memory.py's plan for one rank, and measured / plan."""
+    import memory
+
+    data = {
+        "sft": memory.write_data(tokenizer_dir, work / "memory-sft.jsonl", rows=16, question_tokens=200),
+        "grpo": memory.write_data(
+            tokenizer_dir,
+            work / "memory-grpo.jsonl",
+            rows=16,
+            question_tokens=memory.SEQ - memory.COMPLETION - 80,
+        ),
+    }
+    rows = []
+    for size in args.memory_sizes:
+        model = memory_model(size, tokenizer_dir, work / f"qwen2-{size}")
+        for plugin in args.memory_plugins:
+            for stage in ("sft", "grpo"):
+                out = work / f"memory-{size}-{plugin}-{stage}"
+                cmd = stage_command(
+                    f"trainer.{stage}", memory_flags(stage, plugin, size, model, data[stage], out)
+                )
+                env = dict(os.environ)
+                env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+                run = memory.run_measured(
+                    cmd, env, work / f"memory-{size}-{plugin}-{stage}.log", args.stage_timeout
+                )
+                metrics = out / "metrics.jsonl"
+                records = (
+                    [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+                )
+                gpu = max((r.get("gpu_memory_peak_gib", 0.0) for r in records), default=0.0)
+                plan = memory.gpu_plan(size, plugin, gpus=1, micro_batch=MEMORY_BATCH[stage], stage=stage)
+                row = {
+                    "size": size,
+                    "plugin": plugin,
+                    "stage": stage,
+                    "exit_code": run["exit_code"],
+                    "wall_s": run["wall_s"],
+                    "gpu_peak_gib": round(gpu, 2),
+                    "gpu_plan_gib": round(plan["total"] / memory.GIB, 2),
+                    "host_peak_rss_gib": round(run["peak_rss"] / memory.GIB, 2),
+                }
+                row["gpu_measured_over_plan"] = round(gpu / row["gpu_plan_gib"], 2) if gpu else None
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # 2. Sampler against generate, and the gap of bf16 weights, in this process
 
 
@@ -299,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except Exception as e:  # noqa: BLE001 - reported with the stages' results, not instead of them
         report["rollout"] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    sizes = (
+        args.memory_sizes if args.memory_sizes is not None else (["1.5b"] if args.device == "cuda" else [])
+    )
+    args.memory_sizes = sizes
+    report["memory"] = memory_check(args, base, work) if sizes else []
     report["wall_s"] = round(time.perf_counter() - started, 1)
 
     print("\n== gpu_check summary")
@@ -313,13 +426,15 @@ def main(argv: list[str] | None = None) -> int:
             f"rollout {g.get('rollout_tokens_per_s')} tok/s; peak GPU memory {g.get('gpu_memory_peak_gib')} GiB"
         )
     print(f"rollout (bf16 weights, in process): {report['rollout']}")
+    for row in report["memory"]:
+        print(f"memory: {json.dumps(row)}")
     print(f"total {report['wall_s']} s")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     ok = all(
         r.get("grpo", {}).get("exit_code") == 0 and r["grpo"].get("kl_step0") == 0.0 for r in report["runs"]
-    )
+    ) and all(row["exit_code"] == 0 for row in report["memory"])
     return 0 if ok and "error" not in report["rollout"] else 1
 
 

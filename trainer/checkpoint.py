@@ -147,21 +147,30 @@ def load_training_checkpoint(
 
 
 def save_final_model(
-    booster: Any, model: Any, tokenizer: Any, output_dir: str | os.PathLike, dist: Dist, full_replica: bool
+    booster: Any,
+    model: Any,
+    tokenizer: Any,
+    output_dir: str | os.PathLike,
+    dist: Dist,
+    full_replica: bool,
+    dtype: Any = None,
 ) -> None:
-    """Export the final model at the folder root in safetensors, loadable with `from_pretrained`.
+    """Export the final model at the folder root in safetensors, loadable with `from_pretrained`, its
+    weights in ``dtype`` (default: as they are; `trainer.modeling.save_dtype` picks it for the stages).
 
     `full_replica` (DDP): every rank holds all weights, rank 0 saves them directly. Otherwise (ZeRO,
     Gemini, 3D) the Booster gathers the shards into torch files first and rank 0 converts them; both
     go through `save_pretrained`, which handles tied embeddings that raw safetensors refuses.
     """
+    from trainer.modeling import cast_state_dict, set_saved_dtype
+    from trainer.rl.logprobs import unwrap_model
+
     output_dir = Path(output_dir)
     if dist.rank == 0:
         for p in weight_files(output_dir):  # a previous export's shards would be left dangling
             p.unlink()
-    from trainer.rl.logprobs import unwrap_model
-
     unwrapped = unwrap_model(model)
+    dtype = dtype or unwrapped.dtype
     gathered = output_dir / ".tmp-export"
     if not full_replica:
         if dist.rank == 0:
@@ -171,15 +180,19 @@ def save_final_model(
     dist.barrier()
     if dist.rank == 0:
         if full_replica:
-            unwrapped.save_pretrained(output_dir, safe_serialization=True)
+            state = cast_state_dict(unwrapped, dtype)
+            unwrapped.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
+            del state
+            set_saved_dtype(output_dir, dtype)
         else:
             from transformers import AutoModelForCausalLM
 
             unwrapped.config.save_pretrained(gathered)
-            full = AutoModelForCausalLM.from_pretrained(gathered, torch_dtype=unwrapped.dtype)
+            full = AutoModelForCausalLM.from_pretrained(gathered, torch_dtype=dtype)
             full.generation_config = unwrapped.generation_config
             full.save_pretrained(output_dir, safe_serialization=True)
             shutil.rmtree(gathered, ignore_errors=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
+        logger.info("final model saved in %s", str(dtype).removeprefix("torch."))
     dist.barrier()

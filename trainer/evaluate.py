@@ -23,11 +23,12 @@ import torch.distributed as td
 
 from trainer.contract import output as contract
 from trainer.lifecycle import barrier, open_stage, run_cli
+from trainer.modeling import load_model_and_tokenizer
 from trainer.r1.data import DataArgs
 from trainer.r1.lengths import prompt_ids
 from trainer.r1.prompt import PromptArgs, resolve_prompt
 from trainer.r1.scoring import evaluate_model, summarize
-from trainer.runtime import REPORT_TO, ArgsError, agree_on_setup, load_model_and_tokenizer
+from trainer.runtime import REPORT_TO, ArgsError, agree_on_setup
 
 logger = logging.getLogger("r1_grpo.eval")
 

@@ -25,7 +25,6 @@ the final export + `r1_stage.json` are the shared stage lifecycle (`trainer/life
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ import torch
 import torch.distributed as td
 
 from trainer.lifecycle import Stage, run_cli
+from trainer.modeling import load_model_and_tokenizer, load_reference_weights
 from trainer.r1.data import DataArgs, Example
 from trainer.r1.format import stop_sequences
 from trainer.r1.lengths import prompt_ids
@@ -75,7 +75,6 @@ from trainer.runtime import (
     autocast,
     broadcast_,
     drop_records_after,
-    load_model_and_tokenizer,
 )
 
 logger = logging.getLogger("r1_grpo.grpo")
@@ -225,8 +224,6 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args, device)
     # The SFT stage's prompt settings (its r1_stage.json) unless a flag says otherwise.
     stage.prompt = prompter = resolve_prompt(prompt_args, args.model_name_or_path, tokenizer)
-    # The KL term's frozen copy of the starting policy, taken before the Booster wraps (and may cast) it.
-    initial = copy.deepcopy(model) if args.beta > 0 else None
     # Every prompt tokenized and length-checked now, the same on every rank, not when first sampled.
     limits = dict(max_prompt_length=args.max_prompt_length, skip=data_args.skip_bad_rows, prompter=prompter)
     train_examples, report = data_args.load_train(seed=args.seed)
@@ -251,8 +248,14 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
         total_steps = max(1, int(rollouts_per_epoch * args.num_train_epochs)) * args.num_iterations
     agree_on_setup()
     model = stage.boost(model, total_steps)
-    ref_model = None if initial is None else reference_model(initial, unwrap_model(model))
-    del initial
+    ref_model = None
+    if args.beta > 0:
+        # The KL term's frozen starting policy: loaded again from its files in the boosted policy's dtype
+        # (the Booster may have cast it), on its device; no float32 deep copy of the policy.
+        policy = unwrap_model(model)
+        initial = load_reference_weights(args.model_name_or_path, args, policy, device)
+        ref_model = reference_model(initial, policy)
+        del initial, policy
     generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + dist.rank)
     state = stage.resume({"sampling": generator})
     position = state["prompt_positions"][dist.rank] if state else 0

@@ -29,6 +29,7 @@ from typing import Any
 
 from trainer import checkpoint as ckpt
 from trainer.contract import output as contract
+from trainer.modeling import save_dtype
 from trainer.quiet import silence_notices
 from trainer.r1.data import DataArgs, DataError
 from trainer.r1.prompt import PromptArgs, Prompter
@@ -226,6 +227,7 @@ class Stage:
             self.output_dir,
             self.dist,
             full_replica=self.args.plugin == "ddp",
+            dtype=save_dtype(self.args, self.model),
         )
         if self.dist.rank == 0:
             contract.write_manifest(

@@ -86,6 +86,13 @@ class TrainingArgs:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "eager | sdpa | flash_attention_2 (default: best available)"}
     )
+    save_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | float32 | bfloat16 | float16: dtype of the final model's weights "
+            "(auto: the base model's, so a bfloat16 base stays bfloat16)"
+        },
+    )
 
     def require_at_least_one(self, *names: str) -> None:
         for name in names:
@@ -119,6 +126,7 @@ class TrainingArgs:
                 "report_to": REPORT_TO,
                 "evaluation_strategy": ("no", "steps", "epoch"),
                 "lr_scheduler_type": ("cosine", "linear", "constant"),
+                "save_dtype": ("auto", "float32", "bfloat16", "float16"),
             }
         )
         if self.plugin != "3d" and (self.tp_size != 1 or self.pp_size != 1):
@@ -275,33 +283,6 @@ def autocast(args: TrainingArgs, device: Any):
     if args.bf16 and args.plugin == "ddp":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def load_model_and_tokenizer(name_or_path: str, args: TrainingArgs, device: Any, dtype: Any = None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trainer.r1.builtin import resolve_model
-
-    check_device_flags(args)
-    if args.tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    path = resolve_model(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        attn = args.attn_implementation or best_attention()
-        model = AutoModelForCausalLM.from_pretrained(
-            path, torch_dtype=dtype or torch.float32, attn_implementation=attn
-        )
-    except OSError as e:
-        raise ArgsError(f"--model_name_or_path {name_or_path!r}: cannot load model/tokenizer: {e}") from e
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    return model.to(device), tokenizer
 
 
 def check_device_flags(args: Any) -> None:

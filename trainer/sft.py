@@ -21,21 +21,32 @@ import torch
 import torch.distributed as td
 
 from trainer.lifecycle import Stage, run_cli
+from trainer.modeling import load_model_and_tokenizer
 from trainer.r1.data import DataArgs, LoadReport
 from trainer.r1.lengths import sft_sequences
 from trainer.r1.prompt import PromptArgs, Prompter, resolve_prompt
+from trainer.rl.head_logprobs import (
+    chunk_rows_for,
+    final_hidden_states,
+    linear_token_logprobs,
+    lm_head_of,
+)
+from trainer.rl.logprobs import token_logprobs
 from trainer.runtime import (
     PREEMPTED_EXIT_CODE,
     TrainingArgs,
     agree_on_setup,
     all_reduce_,
     autocast,
-    load_model_and_tokenizer,
     total_optimizer_steps,
 )
 
 logger = logging.getLogger("r1_grpo.sft")
 IGNORE_INDEX = -100
+# Plugins whose lm-head weight is a plain tensor of the full vocabulary outside the wrapper's forward, so
+# the loss can run the head itself (fused). Gemini fetches parameters only inside its own forward's op
+# hooks and 3d's tensor parallelism splits the head over the vocabulary: they take the logits path.
+FUSED_HEAD_PLUGINS = ("ddp", "zero2", "zero2_cpu")
 
 
 @dataclass
@@ -101,16 +112,27 @@ def collate(rows: list[TokenizedRow], pad_id: int, device) -> dict[str, torch.Te
     }
 
 
-def completion_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over completion tokens (the caller normalises)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+def completion_loss_sum(
+    model, batch: dict[str, torch.Tensor], fused: bool = True, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """Summed next-token cross-entropy over completion tokens (the caller normalises), in float32.
+
+    ``fused`` (and a model :func:`lm_head_of` understands): the body runs to its last hidden states and
+    the lm-head + cross-entropy run on completion positions only, a chunk of rows at a time, so no
+    [B, L, V] logits exist. Otherwise the model's logits, read in chunks (:func:`token_logprobs`) with
+    no float32 copy of them. ``chunk_rows``: rows of logits per chunk (default: ~256 MiB of them). Both equal ``cross_entropy(logits.float(), labels, reduction="sum")``."""
     targets = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    trained = targets != IGNORE_INDEX
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    head = lm_head_of(model) if fused else None
+    if head is not None:
+        body, weight = head
+        hidden = final_hidden_states(model, body, **inputs)[:, :-1][trained]
+        return -linear_token_logprobs(hidden, weight, targets[trained], chunk_rows=chunk_rows).sum()
+    logits = model(**inputs).logits[:, :-1]
+    rows = chunk_rows_for(logits.shape[-1]) if chunk_rows is None else chunk_rows
+    logprobs = token_logprobs(logits, targets.masked_fill(~trained, 0), chunk_rows=rows)
+    return -torch.where(trained, logprobs, 0.0).sum()
 
 
 def n_completion_tokens(rows: list[TokenizedRow]) -> int:
@@ -125,7 +147,8 @@ def eval_loss(model, rows: list[TokenizedRow], args: SFTArgs, dist, pad_id: int,
     for i in range(0, len(mine), args.per_device_eval_batch_size):
         chunk = mine[i : i + args.per_device_eval_batch_size]
         with autocast(args, device):
-            total[0] += completion_loss_sum(model, collate(chunk, pad_id, device)).double().cpu()
+            batch = collate(chunk, pad_id, device)
+            total[0] += completion_loss_sum(model, batch, args.plugin in FUSED_HEAD_PLUGINS).double().cpu()
         total[1] += n_completion_tokens(chunk)
     if td.is_initialized():
         t = total.to(device)
@@ -179,6 +202,11 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: SFTArgs) -> int:
     last_eval, evaluated_at = math.nan, -1
     window_loss, window_tokens, window_start = 0.0, 0, time.time()
 
+    fused = args.plugin in FUSED_HEAD_PLUGINS and lm_head_of(model) is not None
+    if fused:
+        logger.info("loss: lm-head + cross-entropy on completion tokens only, in chunks (no full logits)")
+    else:
+        logger.info("loss: the model's logits (no fused lm-head for --plugin %s or this model)", args.plugin)
     model.train()
     while stage.step < total_steps:
         epoch, step_in_epoch = divmod(stage.step, steps_per_epoch)
@@ -195,7 +223,7 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: SFTArgs) -> int:
             last_micro = micro == len(micro_batches) - 1
             with stage.no_sync(not last_micro and args.plugin == "ddp"):
                 with autocast(args, device):
-                    loss_sum = completion_loss_sum(model, batch)
+                    loss_sum = completion_loss_sum(model, batch, fused)
                 # DDP averages gradients over ranks, hence the world-size factor.
                 stage.backward(loss_sum * dist.world_size / step_tokens)
             window_loss += loss_sum.item()
@@ -213,14 +241,15 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: SFTArgs) -> int:
             stats = all_reduce_(torch.tensor([window_loss, float(window_tokens)], dtype=torch.float64))
             train_loss = float(stats[0] / stats[1].clamp(min=1))
             elapsed = time.time() - window_start
-            stage.log(
-                {
-                    "loss": train_loss,
-                    "learning_rate": stage.scheduler.get_last_lr()[0],
-                    "epoch": step / steps_per_epoch,
-                    "tokens_per_s": float(stats[1]) / max(elapsed, 1e-9),
-                }
-            )
+            record = {
+                "loss": train_loss,
+                "learning_rate": stage.scheduler.get_last_lr()[0],
+                "epoch": step / steps_per_epoch,
+                "tokens_per_s": float(stats[1]) / max(elapsed, 1e-9),
+            }
+            if device.type == "cuda":
+                record["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            stage.log(record)
             stage.bar.set_postfix(loss=f"{train_loss:.4f}")
             window_loss, window_tokens, window_start = 0.0, 0, time.time()
         if stage.save_if_due(lambda epoch=epoch: {"epoch": epoch}):
