@@ -17,7 +17,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from trainer.r1.data import DataArgs, DataError
-from trainer.r1.format import format_prompt
+from trainer.r1.prompt import format_prompt
 
 PROG = "r1-grpo data"
 
