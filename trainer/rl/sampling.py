@@ -25,7 +25,7 @@ Two decoders sit behind it:
 * ``hf`` (any other causal LM): the model's own forward with ``past_key_values``; the prompt cache is
   prefilled once and repeated G times.
 
-Rows that finished (EOS or a stop sequence) emit only padding and are dropped from the decode batch
+Rows that finished (EOS, a stop sequence or a stop string) emit only padding and are dropped from the decode batch
 (their K/V rows are compacted away) once enough of them have finished, so they stop costing compute.
 
 Sampling and log-probs:
@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from trainer.rl.logprobs import unwrap_model
+from trainer.rl.stopping import StopStrings
 
 # Rope variants whose cos/sin at a position do not depend on the length of the sequence being run
 # (the "dynamic" and "longrope" variants do, so a KV-cached decode would not equal the full forward).
@@ -100,6 +101,7 @@ def sample_groups(
     top_p: float = 1.0,
     eos_token_ids: Sequence[int],
     stop_sequences: Sequence[Sequence[int]] = (),
+    stop_strings: StopStrings | None = None,
     pad_token_id: int,
     generator: torch.Generator | None = None,
     backend: str = "auto",
@@ -108,9 +110,11 @@ def sample_groups(
 ) -> SampleBatch:
     """Sample ``num_generations`` completions for each prompt in ``prompt_ids``.
 
-    Generation of a row stops after it emits a token of ``eos_token_ids`` (may be empty) or when its
-    completion ends with one of ``stop_sequences`` (token-id suffix match inside the completion, e.g. the
-    tokenization of ``</answer>``); the stop token(s) are part of the completion and its mask.
+    Generation of a row stops after it emits a token of ``eos_token_ids`` (may be empty; use
+    :func:`trainer.rl.stopping.eos_token_ids`), when its completion ends with one of ``stop_sequences``
+    (token-id suffix match inside the completion), or at the first token after which its decoded text
+    contains one of ``stop_strings`` (:class:`trainer.rl.stopping.StopStrings`, whatever the tokenization);
+    the stop token is part of the completion and its mask.
 
     ``backend``: ``"auto"`` (lean decoder when the model supports it, else HF forward), ``"lean"`` (error
     when unsupported) or ``"hf"``. ``keep_logits`` additionally returns every step's raw logits (tests,
@@ -160,6 +164,7 @@ def sample_groups(
             top_p=float(top_p),
             eos_token_ids=[int(e) for e in eos_token_ids],
             stop_sequences=[[int(t) for t in s] for s in stop_sequences],
+            stop_strings=stop_strings,
             pad_token_id=int(pad_token_id),
             generator=generator,
             keep_logits=keep_logits,
@@ -328,6 +333,7 @@ def _run(
     top_p: float,
     eos_token_ids: list[int],
     stop_sequences: list[list[int]],
+    stop_strings: StopStrings | None,
     pad_token_id: int,
     generator: torch.Generator | None,
     keep_logits: bool,
@@ -336,7 +342,8 @@ def _run(
     n_rows, steps = num_prompts * num_generations, max_new_tokens
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device) if eos_token_ids else None
     stops = [torch.tensor(s, dtype=torch.long, device=device) for s in stop_sequences]
-    check_stops = eos is not None or bool(stops)
+    candidates = stop_strings.candidates_on(device) if stop_strings is not None else None
+    check_stops = eos is not None or bool(stops) or candidates is not None
 
     logits = decoder.prefill().repeat_interleave(num_generations, dim=0)  # the G samples share step 0
     # Per-row state in *current decode-row order*: each step writes plain columns. `rows` maps current
@@ -369,10 +376,21 @@ def _run(
                 if seq.numel() <= t + 1:
                     hit |= (cur.ids[:, t + 1 - seq.numel() : t + 1] == seq).all(dim=1)
             hit &= alive
+            if candidates is None:
+                n_dead = alive.numel() - int((alive & ~hit).sum())  # the loop's one host sync per step
+            else:
+                # Rows whose new token may complete a stop string; the count rides on the same sync.
+                maybe = candidates[tok] & alive & ~hit
+                n_alive, n_maybe = torch.stack([(alive & ~hit).sum(), maybe.sum()]).tolist()
+                if n_maybe:
+                    found = _stop_string_rows(stop_strings, cur.ids, maybe, t)
+                    if found:
+                        hit[torch.tensor(found, device=device)] = True
+                        n_alive -= len(found)
+                n_dead = alive.numel() - n_alive
             cur.lengths = torch.where(hit, t + 1, cur.lengths)
             cur.stopped |= hit
             alive &= ~hit
-            n_dead = alive.numel() - int(alive.sum())  # the loop's one host sync per step
             if n_dead == alive.numel():
                 break
         if t == steps - 1:
@@ -397,6 +415,14 @@ def _run(
         completion_lengths=final.lengths,
         logits=None if final.logits is None else final.logits[:, :width].contiguous(),
     )
+
+
+def _stop_string_rows(stop_strings: StopStrings, ids: torch.Tensor, maybe: torch.Tensor, t: int) -> list[int]:
+    """The rows among ``maybe`` whose completion text (tokens 0..t of ``ids``) now contains a stop string."""
+    rows = maybe.nonzero().squeeze(1).tolist()
+    start = max(0, t + 1 - stop_strings.window)
+    tails = ids[rows, start : t + 1].tolist()
+    return [r for r, tail in zip(rows, tails, strict=True) if stop_strings.hit(tail)]
 
 
 @dataclass
