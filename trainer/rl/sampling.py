@@ -512,8 +512,17 @@ def _cache_select(cache: object, keep: torch.Tensor) -> object | None:
     return None
 
 
+# Models whose forward would build a cache sized to the prompt alone (Gemma 3's HybridCache keeps sliding-window
+# layers in a fixed ring): the decoder builds one for the whole prompt + completion, as `generate` does.
+_FIXED_SIZE_CACHES = {"hybrid": "HybridCache", "static": "StaticCache"}
+
+
 class _HFDecoder(_Decoder):
-    """Any HF causal LM: prefill once per prompt, repeat the cache G times, decode one token per call."""
+    """Any HF causal LM: prefill once per prompt, repeat the cache G times, decode one token per call.
+
+    A fixed-size cache (``cache_implementation`` "hybrid" / "static") cannot be repeated across samples:
+    it is allocated for B*G rows and prompt + completion positions, and each prompt is prefilled G times.
+    """
 
     def __init__(
         self, model: nn.Module, prompts: list[list[int]], num_generations: int, max_new_tokens: int, pad: int
@@ -528,6 +537,9 @@ class _HFDecoder(_Decoder):
         self.accepts_position_ids = "position_ids" in params
         self.logits_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
         self.can_compact = True
+        implementation = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+        implementation = implementation or getattr(model.config, "cache_implementation", None)
+        self.fixed_cache = _FIXED_SIZE_CACHES.get(implementation) if "cache_position" in params else None
 
     def _forward(self, **kwargs: object) -> torch.Tensor:
         if self.logits_kw is not None:
@@ -545,8 +557,27 @@ class _HFDecoder(_Decoder):
         n_pad = P - plen
         prompt_mask = (col[None, :] >= n_pad[:, None]).long()
         pos = (col[None, :] - n_pad[:, None]).clamp(min=0)
-        logits = self._forward(input_ids=ids, attention_mask=prompt_mask, position_ids=pos)
-        self.cache = _cache_repeat(self.cache, self.G)
+        if self.fixed_cache is None:
+            logits = self._forward(input_ids=ids, attention_mask=prompt_mask, position_ids=pos)
+            self.cache = _cache_repeat(self.cache, self.G)
+        else:
+            import transformers
+
+            cache = getattr(transformers, self.fixed_cache)(
+                config=self.model.config,
+                max_batch_size=B * self.G,
+                max_cache_len=P + self.T,
+                device=self.device,
+                dtype=self.model.get_input_embeddings().weight.dtype,
+            )
+            self.can_compact = False  # the cache's batch size is fixed
+            logits = self._forward(
+                input_ids=ids.repeat_interleave(self.G, dim=0),
+                attention_mask=prompt_mask.repeat_interleave(self.G, dim=0),
+                position_ids=pos.repeat_interleave(self.G, dim=0),
+                past_key_values=cache,
+                cache_position=col,
+            )[:: self.G]
         self.prompt_width = P
         self.mask = torch.cat(
             [prompt_mask, torch.ones(B, self.T, dtype=torch.long, device=self.device)], dim=1
@@ -555,11 +586,15 @@ class _HFDecoder(_Decoder):
         return logits
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        extra = {}
+        if self.fixed_cache is not None:
+            extra["cache_position"] = torch.tensor([self.prompt_width + t], device=self.device)
         return self._forward(
             input_ids=tokens[:, None],
             attention_mask=self.mask[:, : self.prompt_width + t + 1],
             position_ids=(self.row_pos + t)[:, None],
             past_key_values=self.cache,
+            **extra,
         )
 
     def compact(self, keep: torch.Tensor) -> bool:
