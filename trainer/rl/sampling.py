@@ -44,6 +44,7 @@ Sampling and log-probs:
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,11 +55,16 @@ from torch import nn
 from trainer.rl.logprobs import unwrap_model
 from trainer.rl.stopping import StopStrings
 
+logger = logging.getLogger(__name__)
+
 # Rope variants whose cos/sin at a position do not depend on the length of the sequence being run
 # (the "dynamic" and "longrope" variants do, so a KV-cached decode would not equal the full forward).
 
 _STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
-_LEAN_MODEL_TYPES = frozenset({"llama", "qwen2"})
+# Qwen3 is Qwen2 without the qkv bias and with an RMSNorm over each head's q and k before RoPE (the lean
+# decoder applies it). Gemma 3 (scaled embeddings, sandwich norms, (1 + w) norms, sliding-window layers) and
+# DeepSeek-V3 (latent attention, routed experts) take the generic decoder.
+_LEAN_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
 # Compact the decode batch once at least this fraction of its rows has finished: each compaction copies
 # the filled part of the per-sample cache once, about what one decode step reads anyway.
 _COMPACT_FRACTION = 0.125
@@ -143,6 +149,7 @@ def sample_groups(
     if backend == "lean" and reason is not None:
         raise ValueError(f"backend='lean' is not supported for this model: {reason}")
     use_lean = backend == "lean" or (backend == "auto" and reason is None)
+    _log_path(model, "lean" if use_lean else "hf", reason if backend == "auto" else f"backend={backend!r}")
 
     was_training = model.training
     model.eval()
@@ -175,6 +182,21 @@ def sample_groups(
     return batch
 
 
+_LOGGED_PATHS: set[tuple[str, str]] = set()
+
+
+def _log_path(model: nn.Module, path: str, reason: str | None) -> None:
+    """One log line per model class and path: which decoder samples it, and why not the lean one."""
+    key = (type(model).__name__, path)
+    if key in _LOGGED_PATHS:
+        return
+    _LOGGED_PATHS.add(key)
+    if path == "lean":
+        logger.info("sampler: lean decoder for %s", key[0])
+    else:
+        logger.info("sampler: generic HF decoder for %s (%s)", key[0], reason)
+
+
 def lean_path_unsupported_reason(model: nn.Module, max_total_length: int | None = None) -> str | None:
     """Why the lean decoder cannot run ``model`` exactly like its HF forward, or None when it can."""
     model = _hf_model(model)
@@ -196,10 +218,10 @@ def lean_path_unsupported_reason(model: nn.Module, max_total_length: int | None 
         return f"no model.rotary_emb module to compute rope type {rope_type!r}"
     if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
         return "partial_rotary_factor != 1"
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         num_layers = cfg.num_hidden_layers
         if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "max_window_layers", 0) < num_layers:
-            return "Qwen2 sliding-window attention is enabled"
+            return f"{model_type} sliding-window attention is enabled"
         window = getattr(cfg, "sliding_window", None)
         if window is not None and max_total_length is not None and max_total_length > window:
             # transformers 4.51 masks beyond `sliding_window` in its eager/sdpa mask even when
@@ -212,6 +234,10 @@ def lean_path_unsupported_reason(model: nn.Module, max_total_length: int | None 
             return f"layer {i} lacks self_attn.q/k/v/o_proj"
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
             return f"layer {i} lacks mlp.gate/up/down_proj"
+        if (model_type == "qwen3") != (hasattr(attn, "q_norm") and hasattr(attn, "k_norm")):
+            return (
+                f"layer {i}: q/k norms {'missing' if model_type == 'qwen3' else 'present'} for {model_type!r}"
+            )
     return None
 
 
