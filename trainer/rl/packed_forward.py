@@ -42,8 +42,10 @@ SHARED_PROMPT_ATTENTION = ("sdpa", "eager")  # kernels that take an arbitrary ad
 SHARED_PROMPT_MASK_BYTES = 256 * 2**20  # per forward
 SPLIT_ATTENTION_NAME = "r1_grpo_split"  # registered in transformers' AttentionInterface on first use
 # Model families whose attention modules take (query, key, value) from the registry after RoPE and
-# return [B, L, H, hd] (transformers 4.48+ Llama/Qwen2 style).
-SPLIT_ATTENTION_MODEL_TYPES = ("llama", "qwen2")
+# return [B, L, H, hd] (transformers 4.48+ Llama/Qwen2 style; Qwen3 normalises q/k before, which is the
+# same to the attention function). Gemma 3 (sliding-window layers, its own masks) and DeepSeek-V3 keep the
+# block mask.
+SPLIT_ATTENTION_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
 class SharedPromptPlan:
@@ -148,6 +150,8 @@ def split_attention_supported(model: nn.Module) -> bool:
         inner, "is_gradient_checkpointing", False
     ):
         return False
+    if getattr(config, "use_sliding_window", False):
+        return False  # Qwen sliding-window layers pass a window `_split_attention` does not apply
     layers = [m for name, m in inner.named_modules() if name.endswith("self_attn")]
     if len(layers) != int(getattr(config, "num_hidden_layers", -1)):
         return False
