@@ -7,6 +7,7 @@ itself) through an attention function registered in transformers' registry; else
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -85,6 +86,10 @@ def shared_prompt_plan(
     attn = getattr(config, "_attn_implementation", None)
     if attn not in SHARED_PROMPT_ATTENTION or "logits_to_keep" not in _forward_parameters(model):
         return None  # flash-attention takes no arbitrary mask; old forwards cannot keep chosen positions
+    reason = sliding_window_reason(config)
+    if reason is not None:
+        _log_plain_once(inner, reason)
+        return None
     prompt_ids = input_ids[:, : length - t].view(n // group_size, group_size, -1)
     prompt_mask = attention_mask[:, : length - t].view(n // group_size, group_size, -1)
     if not (
@@ -127,6 +132,29 @@ def shared_prompt_plan(
         1, min(n_groups, batch_size // group_size, SHARED_PROMPT_MASK_BYTES // (width * width * element))
     )
     return SharedPromptPlan(groups, packed / plain)
+
+
+def sliding_window_reason(config: Any) -> str | None:
+    """Why a model with sliding-window layers cannot take the packed forward (its layers window the key
+    columns of the packed row, not token positions: Gemma 3, Mistral, Qwen with use_sliding_window), or None.
+    """
+    window = getattr(config, "sliding_window", None)
+    model_type = getattr(config, "model_type", None)
+    if window is None or (
+        model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False)
+    ):
+        return None
+    return f"{model_type!r} has sliding-window attention layers (window {window})"
+
+
+_LOGGED_PLAIN: set[str] = set()
+
+
+def _log_plain_once(inner: nn.Module, reason: str) -> None:
+    name = type(inner).__name__
+    if name not in _LOGGED_PLAIN:
+        _LOGGED_PLAIN.add(name)
+        logging.getLogger(__name__).info("training forward: one row per completion for %s (%s)", name, reason)
 
 
 def split_attention_supported(model: nn.Module) -> bool:
