@@ -65,7 +65,10 @@ def model_config(family: Family) -> Any:
     )
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     if family.name == "qwen3":
-        return transformers.Qwen3Config(**ids, **small, num_key_value_heads=2, head_dim=16, rope_theta=1e6)
+        # sliding_window None as the released configs have it (use_sliding_window false).
+        return transformers.Qwen3Config(
+            **ids, **small, num_key_value_heads=2, head_dim=16, rope_theta=1e6, sliding_window=None
+        )
     if family.name == "llama3_1":
         rope = dict(
             rope_type="llama3",
