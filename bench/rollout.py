@@ -7,6 +7,11 @@ Every method generates exactly ``--new-tokens`` tokens per sample (no EOS: HF ``
 Llama, in the same process. The bound is the measured dense-matmul rate ([B*G, hidden] x [hidden,
 4*hidden]) divided by the matmul FLOPs of one token (2 * non-embedding params + 2 * hidden * vocab);
 attention over the cache is not counted, so the bound is optimistic for long sequences.
+
+``--tokenizer DIR`` (a tokenizer folder, e.g. ``python -m tests.support.real_tokenizers qwen3``) sizes the
+model's vocabulary to it and also times ``sample_groups`` checking the ``</answer>`` stop string on the
+decoded text at every step (random tokens never complete it, so every method still generates the same
+tokens): the cost of the stop-string check against the same sampler without it, in the same run.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class BenchConfig:
     seed: int
     skip_generate: bool
     compare_layouts: bool
+    tokenizer: str | None = None
 
 
 def _positive(flag: str) -> Callable[[str], int]:
@@ -83,6 +89,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         action="store_true",
         help="also time sample_groups with the prompt cache copied G times",
     )
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder: time the </answer> stop-string check")
     a = p.parse_args(argv)
     if a.hidden % a.heads or a.heads % a.kv_heads:
         p.error(f"--hidden ({a.hidden}) must divide by --heads ({a.heads}), which must divide by --kv-heads")
@@ -102,6 +109,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         seed=a.seed,
         skip_generate=a.skip_generate,
         compare_layouts=a.compare_layouts,
+        tokenizer=a.tokenizer,
     )
 
 
@@ -196,6 +204,14 @@ def run_rounds(methods: list[Method], cfg: BenchConfig, expected: int) -> list[f
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    tokenizer = None
+    if cfg.tokenizer is not None:
+        import dataclasses
+
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        cfg = dataclasses.replace(cfg, vocab=len(tokenizer))
     torch.set_num_threads(cfg.threads)
     model = build_model(cfg)
     B, G, P, N = cfg.prompts, cfg.generations, cfg.prompt_len, cfg.new_tokens
@@ -215,6 +231,17 @@ def main(argv: list[str] | None = None) -> int:
 
     methods = [] if cfg.skip_generate else [Method("HF generate", run_generate, [])]
     methods.append(Method("sample_groups", lambda: run_sampler(None), []))
+    if tokenizer is not None:
+        from trainer.r1.format import STOP_STRINGS
+        from trainer.rl.stopping import StopStrings
+
+        stops = StopStrings.for_tokenizer(tokenizer, STOP_STRINGS)
+
+        def run_with_stops() -> int:
+            generator = torch.Generator().manual_seed(cfg.seed + 2)
+            return sample_exactly(model, prompts, G, N, generator, stop_strings=stops).num_generated_tokens
+
+        methods.append(Method("sample_groups + </answer> stop-string check", run_with_stops, []))
     if cfg.compare_layouts:
         methods.append(Method("sample_groups, prompt cache copied G times", lambda: run_sampler(False), []))
         methods.append(Method("sample_groups, prompt cache shared", lambda: run_sampler(True), []))

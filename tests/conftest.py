@@ -223,6 +223,22 @@ def warm_model_dir(
 
 
 @pytest.fixture(scope="session")
+def family_models(tmp_path_factory: pytest.TempPathFactory):
+    """``get(family)``: the folder of that family's small random-init model with its real tokenizer and
+    generation config (:mod:`tests.support.families`), built once per session on first use."""
+    from tests.support import families
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = families.build(family, tmp_path_factory.mktemp("families") / family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def controlplane_build() -> Path:
     """The test control plane's build (tests/controlplane/build.sh): binaries and the operator's manifests.
 

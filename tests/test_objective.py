@@ -750,11 +750,11 @@ def grouped_batch(group_size: int = 3) -> tuple[torch.Tensor, torch.Tensor, list
     )
 
 
-def tiny_qwen2(attn: str) -> nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def tiny_qwen2(attn: str, qwen3: bool = False) -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(
+    config = (Qwen3Config if qwen3 else Qwen2Config)(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
@@ -765,12 +765,15 @@ def tiny_qwen2(attn: str) -> nn.Module:
         pad_token_id=PAD,
         attn_implementation=attn,
     )
-    return Qwen2ForCausalLM(config).eval()  # q/k/v projections with biases, unlike Llama
+    # Qwen2: q/k/v projections with biases, unlike Llama; Qwen3: no biases, a q/k RMSNorm per head.
+    return (Qwen3ForCausalLM if qwen3 else Qwen2ForCausalLM)(config).eval()
 
 
-@pytest.mark.parametrize(("arch", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+@pytest.mark.parametrize(
+    ("arch", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("qwen3", "sdpa")]
+)
 def test_shared_prompt_forward_equals_one_unpadded_forward_per_row(arch: str, attn: str) -> None:
-    model = tiny_llama(attn) if arch == "llama" else tiny_qwen2(attn)
+    model = tiny_llama(attn) if arch == "llama" else tiny_qwen2(attn, qwen3=arch == "qwen3")
     input_ids, attention_mask, prompts, completions = grouped_batch()
     t = 6
     wrapped = KwargsWrapper(model)

@@ -11,12 +11,16 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from trainer.rl.lean_decoder import _LeanDecoder
@@ -71,6 +75,41 @@ def tiny_qwen2(seed: int = 1) -> Qwen2ForCausalLM:
     return _randomize(Qwen2ForCausalLM(config), seed)
 
 
+def tiny_qwen3(seed: int = 2) -> Qwen3ForCausalLM:
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # not hidden / heads: Qwen3 sets it on its own
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000.0,
+        tie_word_embeddings=True,  # q/k RMSNorm per head, no qkv bias
+    )
+    return _randomize(Qwen3ForCausalLM(config), seed)
+
+
+def tiny_gemma3(seed: int = 3) -> Gemma3ForCausalLM:
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        # Longer than prompt + completion: HF's own uncached forward without an attention mask (the
+        # reference) does not apply the window, so a shorter one would compare two different models.
+        sliding_window=64,
+        sliding_window_pattern=2,
+        max_position_embeddings=128,
+    )
+    return _randomize(Gemma3ForCausalLM(config), seed)
+
+
 def reference_logits(model: nn.Module, prompt: list[int], completion: list[int]) -> torch.Tensor:
     ids = torch.tensor([prompt + completion])
     with torch.no_grad():
@@ -122,7 +161,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
+MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3}
 # (backend, share_prefix): lean with the prompt cache copied per row, lean with it shared, generic HF.
 DECODERS = [("lean", False), ("lean", True), ("hf", None)]
 
@@ -361,7 +400,7 @@ def test_llama_variants_exact(overrides: dict) -> None:
         check_against_reference(model, out, PROMPTS, 3, 1.0)
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2, tiny_qwen3], ids=["llama", "qwen2", "qwen3"])
 def test_bfloat16_as_accurate_as_hf_bfloat16(make) -> None:
     # 16-bit runs cannot match bit for bit; they must be as close to the float32 model as HF's own
     # bfloat16 forward is (measured: equal mean errors to within 15%).
@@ -390,6 +429,16 @@ def test_other_models_use_the_hf_path_exactly() -> None:
     assert lean_path_unsupported_reason(model) is not None
     with pytest.raises(ValueError, match="backend='lean' is not supported"):
         sample(model, backend="lean")
+    out = sample(model, keep_logits=True, eos_token_ids=[60, 61, 62, 63])
+    assert out.backend == "hf"
+    check_against_reference(model, out, PROMPTS, 3, 1.0)
+
+
+def test_gemma3_uses_the_hf_path_exactly() -> None:
+    """Gemma 3 (its fixed-size HybridCache) on the generic decoder, equal to the uncached forward; the
+    reason it is not on the lean path is named."""
+    model = tiny_gemma3()
+    assert "gemma3_text" in lean_path_unsupported_reason(model)
     out = sample(model, keep_logits=True, eos_token_ids=[60, 61, 62, 63])
     assert out.backend == "hf"
     check_against_reference(model, out, PROMPTS, 3, 1.0)

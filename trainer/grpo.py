@@ -39,7 +39,7 @@ import torch.distributed as td
 from trainer.lifecycle import Stage, run_cli
 from trainer.modeling import load_model_and_tokenizer, load_reference_weights
 from trainer.r1.data import DataArgs, Example
-from trainer.r1.format import stop_sequences
+from trainer.r1.format import STOP_STRINGS
 from trainer.r1.lengths import prompt_ids
 from trainer.r1.prompt import PromptArgs, Prompter, resolve_prompt
 from trainer.r1.rewards import DEFAULT_REWARD_FUNCS, REWARD_FUNCS, accuracy_reward, format_reward, score
@@ -66,6 +66,7 @@ from trainer.rl.rollout import (
     select_rows,
 )
 from trainer.rl.sampling import sample_groups
+from trainer.rl.stopping import StopStrings, eos_token_ids
 from trainer.runtime import (
     PREEMPTED_EXIT_CODE,
     ArgsError,
@@ -148,7 +149,10 @@ class GRPOArgs(TrainingArgs):
     )
     num_completions_to_print: int = field(default=2, metadata={"help": "Completions logged per logging step"})
     stop_at_answer_tag: bool = field(
-        default=True, metadata={"help": "End a completion at </answer> as well as at EOS (false: EOS only)"}
+        default=True,
+        metadata={
+            "help": "End a completion once its text contains </answer>, as well as at EOS (false: EOS only)"
+        },
     )
     skip_zero_advantage_groups: bool = field(
         default=True,
@@ -388,6 +392,8 @@ def make_rollout(
     prompter: Prompter,
 ) -> Rollout:
     unwrapped = unwrap_model(model)
+    eos = eos_token_ids(tokenizer, unwrapped)
+    stops = StopStrings.for_tokenizer(tokenizer, STOP_STRINGS) if args.stop_at_answer_tag else None
 
     def sample(prompts: list[list[int]]):
         return sample_groups(
@@ -397,8 +403,8 @@ def make_rollout(
             max_new_tokens=args.max_completion_length,
             temperature=temperature,
             top_p=args.top_p,
-            eos_token_ids=[tokenizer.eos_token_id],
-            stop_sequences=stop_sequences(tokenizer) if args.stop_at_answer_tag else [],
+            eos_token_ids=eos,
+            stop_strings=stops,
             pad_token_id=tokenizer.pad_token_id,
             generator=generator,
         )

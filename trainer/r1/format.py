@@ -70,6 +70,6 @@ def format_completion(reasoning: str, answer: str) -> str:
     return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
 
 
-def stop_sequences(tokenizer) -> list[list[int]]:
-    ids = tokenizer.encode(ANSWER_CLOSE, add_special_tokens=False)
-    return [ids] if ids else []
+# Sampling stops once a completion's decoded text contains one of these (trainer.rl.stopping.StopStrings):
+# nothing after the answer can raise its reward, and text after it fails the format rule.
+STOP_STRINGS = (ANSWER_CLOSE,)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainer.r1.data import Example
-from trainer.r1.format import check_format, extract_answer, stop_sequences
+from trainer.r1.format import STOP_STRINGS, check_format, extract_answer
 from trainer.r1.prompt import DEFAULT_PROMPT, Prompter
 from trainer.r1.rewards import answers_equal, normalize_answer, reward_function
 from trainer.runtime import Dist, progress
@@ -90,10 +90,11 @@ def _evaluate_model(
     prompter,
 ) -> EvalResult:
     from trainer.rl.sampling import sample_groups
+    from trainer.rl.stopping import StopStrings, eos_token_ids
 
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    eos = [tokenizer.eos_token_id]
-    stops = stop_sequences(tokenizer)
+    eos = eos_token_ids(tokenizer, model)
+    stops = StopStrings.for_tokenizer(tokenizer, STOP_STRINGS)
     records: list[dict[str, Any]] = []
     bar = progress(len(examples), 0, "eval", Dist()) if show_progress else None
     for start in range(0, len(examples), batch_size):
@@ -112,7 +113,7 @@ def _evaluate_model(
             temperature=temperature,
             top_p=top_p,
             eos_token_ids=eos,
-            stop_sequences=stops,
+            stop_strings=stops,
             pad_token_id=tokenizer.pad_token_id,
             generator=generator,
         )
@@ -120,10 +121,7 @@ def _evaluate_model(
         for i, ex in enumerate(chunk):
             rows = range(i * k, (i + 1) * k)
             texts = [
-                prompter.response(
-                    tokenizer.decode(out.completion_ids[r, : lengths[r]], skip_special_tokens=True)
-                )
-                for r in rows
+                prompter.response(stops.text(out.completion_ids[r, : lengths[r]].tolist())) for r in rows
             ]
             rewards = [reward_function(t, ex.answer) for t in texts]
             answers = [extract_answer(t) for t in texts]

@@ -36,6 +36,8 @@ _KV_CHUNK_CPU = 32
 
 @dataclass
 class _Layer:
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm weight over each q head (times 1/sqrt(hd)); else None
+    k_norm: torch.Tensor | None  # Qwen3: RMSNorm weight over each k head
     ln_in: torch.Tensor | None  # None where folded into w_qkv
     ln_post: torch.Tensor | None  # None where folded into w_gate_up
     w_qkv: torch.Tensor  # fused q/k/v; q rows scaled by 1/sqrt(hd), input columns maybe by ln_in
@@ -137,6 +139,10 @@ class _LeanDecoder(_Decoder):
         # dtypes w * W would add a rounding HF does not have, so the norms keep their own multiply there.
         scale = self.head_dim**-0.5
         fold = self.dtype == torch.float32
+        # Qwen3 normalises q and k per head before RoPE: the scale goes into the q norm's weight instead
+        # (a norm would undo it on the q rows).
+        head_norms = hasattr(base.layers[0].self_attn, "q_norm") if len(base.layers) else False
+        q_scale = 1.0 if head_norms else scale
 
         def norm_cols(weight: torch.Tensor, norm: nn.Module) -> torch.Tensor:
             return weight * norm.weight[None, :] if fold else weight
@@ -144,14 +150,16 @@ class _LeanDecoder(_Decoder):
         self.layers: list[_Layer] = []
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            w_qkv = torch.cat([attn.q_proj.weight * scale, attn.k_proj.weight, attn.v_proj.weight])
+            w_qkv = torch.cat([attn.q_proj.weight * q_scale, attn.k_proj.weight, attn.v_proj.weight])
             w_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             self.layers.append(
                 _Layer(
+                    q_norm=attn.q_norm.weight * scale if head_norms else None,
+                    k_norm=attn.k_norm.weight if head_norms else None,
                     ln_in=None if fold else layer.input_layernorm.weight,
                     ln_post=None if fold else layer.post_attention_layernorm.weight,
                     w_qkv=prep(norm_cols(w_qkv, layer.input_layernorm)),
-                    b_qkv=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj, scales=(scale, 1.0, 1.0)),
+                    b_qkv=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj, scales=(q_scale, 1.0, 1.0)),
                     w_o=prep(attn.o_proj.weight),
                     b_o=attn.o_proj.bias,
                     w_gate_up=prep(norm_cols(w_gate_up, layer.post_attention_layernorm)),
@@ -190,6 +198,16 @@ class _LeanDecoder(_Decoder):
         freqs = positions[0].float()[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def _head_norms(self, qk: torch.Tensor, L: _Layer) -> torch.Tensor:
+        """Qwen3's per-head RMSNorm of q and k ([..., H + KV, hd]); identity for the other families."""
+        if L.q_norm is None:
+            return qk
+        H = self.num_heads
+        return torch.cat(
+            [_rms_norm(qk[..., :H, :], L.q_norm, self.eps), _rms_norm(qk[..., H:, :], L.k_norm, self.eps)],
+            dim=-2,
+        )
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
         return (x * cos).addcmul_(torch.roll(x, self.head_dim // 2, dims=-1), sin_signed)
@@ -239,7 +257,7 @@ class _LeanDecoder(_Decoder):
         x = F.embedding(ids, self.embed)
         for L in self.layers:
             qkv = self._lin(_rms_norm(x, L.ln_in, self.eps), L.w_qkv, L.b_qkv)
-            qk = self._rope(qkv[..., : (H + KV) * hd].view(B, P, H + KV, hd), cos, sin)
+            qk = self._rope(self._head_norms(qkv[..., : (H + KV) * hd].view(B, P, H + KV, hd), L), cos, sin)
             q = qk[:, :, :H].transpose(1, 2)  # [B, H, P, hd], already scaled by 1/sqrt(hd)
             k = qk[:, :, H:].transpose(1, 2).contiguous()  # [B, KV, P, hd]
             v = qkv[..., (H + KV) * hd :].view(B, P, KV, hd).transpose(1, 2).contiguous()
@@ -324,7 +342,7 @@ class _LeanDecoder(_Decoder):
         x = F.embedding(tokens, self.embed)
         for li, L in enumerate(self.layers):
             qkv = self._lin(_rms_norm(x, L.ln_in, self.eps), L.w_qkv, L.b_qkv)
-            qk = self._rope(qkv[:, : (H + KV) * hd].view(R, H + KV, hd), cos, sin)
+            qk = self._rope(self._head_norms(qkv[:, : (H + KV) * hd].view(R, H + KV, hd), L), cos, sin)
             k_new, v_new = qk[:, H:], qkv[:, (H + KV) * hd :].view(R, KV, hd)
             if self.fused:
                 o = self._attend_fused(qk[:, :H].view(R, KV, self.n_rep, hd), k_new, v_new, li, col)

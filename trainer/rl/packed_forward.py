@@ -7,6 +7,7 @@ itself) through an attention function registered in transformers' registry; else
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -42,8 +43,10 @@ SHARED_PROMPT_ATTENTION = ("sdpa", "eager")  # kernels that take an arbitrary ad
 SHARED_PROMPT_MASK_BYTES = 256 * 2**20  # per forward
 SPLIT_ATTENTION_NAME = "r1_grpo_split"  # registered in transformers' AttentionInterface on first use
 # Model families whose attention modules take (query, key, value) from the registry after RoPE and
-# return [B, L, H, hd] (transformers 4.48+ Llama/Qwen2 style).
-SPLIT_ATTENTION_MODEL_TYPES = ("llama", "qwen2")
+# return [B, L, H, hd] (transformers 4.48+ Llama/Qwen2 style; Qwen3 normalises q/k before, which is the
+# same to the attention function). Gemma 3 (sliding-window layers, its own masks) and DeepSeek-V3 keep the
+# block mask.
+SPLIT_ATTENTION_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
 class SharedPromptPlan:
@@ -83,6 +86,10 @@ def shared_prompt_plan(
     attn = getattr(config, "_attn_implementation", None)
     if attn not in SHARED_PROMPT_ATTENTION or "logits_to_keep" not in _forward_parameters(model):
         return None  # flash-attention takes no arbitrary mask; old forwards cannot keep chosen positions
+    reason = sliding_window_reason(config)
+    if reason is not None:
+        _log_plain_once(inner, reason)
+        return None
     prompt_ids = input_ids[:, : length - t].view(n // group_size, group_size, -1)
     prompt_mask = attention_mask[:, : length - t].view(n // group_size, group_size, -1)
     if not (
@@ -127,6 +134,29 @@ def shared_prompt_plan(
     return SharedPromptPlan(groups, packed / plain)
 
 
+def sliding_window_reason(config: Any) -> str | None:
+    """Why a model with sliding-window layers cannot take the packed forward (its layers window the key
+    columns of the packed row, not token positions: Gemma 3, Mistral, Qwen with use_sliding_window), or None.
+    """
+    window = getattr(config, "sliding_window", None)
+    model_type = getattr(config, "model_type", None)
+    if window is None or (
+        model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False)
+    ):
+        return None
+    return f"{model_type!r} has sliding-window attention layers (window {window})"
+
+
+_LOGGED_PLAIN: set[str] = set()
+
+
+def _log_plain_once(inner: nn.Module, reason: str) -> None:
+    name = type(inner).__name__
+    if name not in _LOGGED_PLAIN:
+        _LOGGED_PLAIN.add(name)
+        logging.getLogger(__name__).info("training forward: one row per completion for %s (%s)", name, reason)
+
+
 def split_attention_supported(model: nn.Module) -> bool:
     """Whether the packed forward can run `_split_attention` in ``model``'s attention layers.
 
@@ -148,6 +178,8 @@ def split_attention_supported(model: nn.Module) -> bool:
         inner, "is_gradient_checkpointing", False
     ):
         return False
+    if getattr(config, "use_sliding_window", False):
+        return False  # Qwen sliding-window layers pass a window `_split_attention` does not apply
     layers = [m for name, m in inner.named_modules() if name.endswith("self_attn")]
     if len(layers) != int(getattr(config, "num_hidden_layers", -1)):
         return False

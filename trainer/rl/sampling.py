@@ -25,7 +25,7 @@ Two decoders sit behind it:
 * ``hf`` (any other causal LM): the model's own forward with ``past_key_values``; the prompt cache is
   prefilled once and repeated G times.
 
-Rows that finished (EOS or a stop sequence) emit only padding and are dropped from the decode batch
+Rows that finished (EOS, a stop sequence or a stop string) emit only padding and are dropped from the decode batch
 (their K/V rows are compacted away) once enough of them have finished, so they stop costing compute.
 
 Sampling and log-probs:
@@ -44,6 +44,7 @@ Sampling and log-probs:
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,12 +53,18 @@ import torch
 from torch import nn
 
 from trainer.rl.logprobs import unwrap_model
+from trainer.rl.stopping import StopStrings
+
+logger = logging.getLogger(__name__)
 
 # Rope variants whose cos/sin at a position do not depend on the length of the sequence being run
 # (the "dynamic" and "longrope" variants do, so a KV-cached decode would not equal the full forward).
 
 _STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
-_LEAN_MODEL_TYPES = frozenset({"llama", "qwen2"})
+# Qwen3 is Qwen2 without the qkv bias and with an RMSNorm over each head's q and k before RoPE (the lean
+# decoder applies it). Gemma 3 (scaled embeddings, sandwich norms, (1 + w) norms, sliding-window layers) and
+# DeepSeek-V3 (latent attention, routed experts) take the generic decoder.
+_LEAN_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
 # Compact the decode batch once at least this fraction of its rows has finished: each compaction copies
 # the filled part of the per-sample cache once, about what one decode step reads anyway.
 _COMPACT_FRACTION = 0.125
@@ -100,6 +107,7 @@ def sample_groups(
     top_p: float = 1.0,
     eos_token_ids: Sequence[int],
     stop_sequences: Sequence[Sequence[int]] = (),
+    stop_strings: StopStrings | None = None,
     pad_token_id: int,
     generator: torch.Generator | None = None,
     backend: str = "auto",
@@ -108,9 +116,11 @@ def sample_groups(
 ) -> SampleBatch:
     """Sample ``num_generations`` completions for each prompt in ``prompt_ids``.
 
-    Generation of a row stops after it emits a token of ``eos_token_ids`` (may be empty) or when its
-    completion ends with one of ``stop_sequences`` (token-id suffix match inside the completion, e.g. the
-    tokenization of ``</answer>``); the stop token(s) are part of the completion and its mask.
+    Generation of a row stops after it emits a token of ``eos_token_ids`` (may be empty; use
+    :func:`trainer.rl.stopping.eos_token_ids`), when its completion ends with one of ``stop_sequences``
+    (token-id suffix match inside the completion), or at the first token after which its decoded text
+    contains one of ``stop_strings`` (:class:`trainer.rl.stopping.StopStrings`, whatever the tokenization);
+    the stop token is part of the completion and its mask.
 
     ``backend``: ``"auto"`` (lean decoder when the model supports it, else HF forward), ``"lean"`` (error
     when unsupported) or ``"hf"``. ``keep_logits`` additionally returns every step's raw logits (tests,
@@ -139,6 +149,7 @@ def sample_groups(
     if backend == "lean" and reason is not None:
         raise ValueError(f"backend='lean' is not supported for this model: {reason}")
     use_lean = backend == "lean" or (backend == "auto" and reason is None)
+    _log_path(model, "lean" if use_lean else "hf", reason if backend == "auto" else f"backend={backend!r}")
 
     was_training = model.training
     model.eval()
@@ -160,6 +171,7 @@ def sample_groups(
             top_p=float(top_p),
             eos_token_ids=[int(e) for e in eos_token_ids],
             stop_sequences=[[int(t) for t in s] for s in stop_sequences],
+            stop_strings=stop_strings,
             pad_token_id=int(pad_token_id),
             generator=generator,
             keep_logits=keep_logits,
@@ -168,6 +180,21 @@ def sample_groups(
         model.train(was_training)
     batch.backend = "lean" if use_lean else "hf"
     return batch
+
+
+_LOGGED_PATHS: set[tuple[str, str]] = set()
+
+
+def _log_path(model: nn.Module, path: str, reason: str | None) -> None:
+    """One log line per model class and path: which decoder samples it, and why not the lean one."""
+    key = (type(model).__name__, path)
+    if key in _LOGGED_PATHS:
+        return
+    _LOGGED_PATHS.add(key)
+    if path == "lean":
+        logger.info("sampler: lean decoder for %s", key[0])
+    else:
+        logger.info("sampler: generic HF decoder for %s (%s)", key[0], reason)
 
 
 def lean_path_unsupported_reason(model: nn.Module, max_total_length: int | None = None) -> str | None:
@@ -191,10 +218,10 @@ def lean_path_unsupported_reason(model: nn.Module, max_total_length: int | None 
         return f"no model.rotary_emb module to compute rope type {rope_type!r}"
     if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
         return "partial_rotary_factor != 1"
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         num_layers = cfg.num_hidden_layers
         if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "max_window_layers", 0) < num_layers:
-            return "Qwen2 sliding-window attention is enabled"
+            return f"{model_type} sliding-window attention is enabled"
         window = getattr(cfg, "sliding_window", None)
         if window is not None and max_total_length is not None and max_total_length > window:
             # transformers 4.51 masks beyond `sliding_window` in its eager/sdpa mask even when
@@ -207,6 +234,10 @@ def lean_path_unsupported_reason(model: nn.Module, max_total_length: int | None 
             return f"layer {i} lacks self_attn.q/k/v/o_proj"
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
             return f"layer {i} lacks mlp.gate/up/down_proj"
+        if (model_type == "qwen3") != (hasattr(attn, "q_norm") and hasattr(attn, "k_norm")):
+            return (
+                f"layer {i}: q/k norms {'missing' if model_type == 'qwen3' else 'present'} for {model_type!r}"
+            )
     return None
 
 
@@ -328,6 +359,7 @@ def _run(
     top_p: float,
     eos_token_ids: list[int],
     stop_sequences: list[list[int]],
+    stop_strings: StopStrings | None,
     pad_token_id: int,
     generator: torch.Generator | None,
     keep_logits: bool,
@@ -336,7 +368,8 @@ def _run(
     n_rows, steps = num_prompts * num_generations, max_new_tokens
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device) if eos_token_ids else None
     stops = [torch.tensor(s, dtype=torch.long, device=device) for s in stop_sequences]
-    check_stops = eos is not None or bool(stops)
+    candidates = stop_strings.candidates_on(device) if stop_strings is not None else None
+    check_stops = eos is not None or bool(stops) or candidates is not None
 
     logits = decoder.prefill().repeat_interleave(num_generations, dim=0)  # the G samples share step 0
     # Per-row state in *current decode-row order*: each step writes plain columns. `rows` maps current
@@ -369,10 +402,21 @@ def _run(
                 if seq.numel() <= t + 1:
                     hit |= (cur.ids[:, t + 1 - seq.numel() : t + 1] == seq).all(dim=1)
             hit &= alive
+            if candidates is None:
+                n_dead = alive.numel() - int((alive & ~hit).sum())  # the loop's one host sync per step
+            else:
+                # Rows whose new token may complete a stop string; the count rides on the same sync.
+                maybe = candidates[tok] & alive & ~hit
+                n_alive, n_maybe = torch.stack([(alive & ~hit).sum(), maybe.sum()]).tolist()
+                if n_maybe:
+                    found = _stop_string_rows(stop_strings, cur.ids, maybe, t)
+                    if found:
+                        hit[torch.tensor(found, device=device)] = True
+                        n_alive -= len(found)
+                n_dead = alive.numel() - n_alive
             cur.lengths = torch.where(hit, t + 1, cur.lengths)
             cur.stopped |= hit
             alive &= ~hit
-            n_dead = alive.numel() - int(alive.sum())  # the loop's one host sync per step
             if n_dead == alive.numel():
                 break
         if t == steps - 1:
@@ -397,6 +441,14 @@ def _run(
         completion_lengths=final.lengths,
         logits=None if final.logits is None else final.logits[:, :width].contiguous(),
     )
+
+
+def _stop_string_rows(stop_strings: StopStrings, ids: torch.Tensor, maybe: torch.Tensor, t: int) -> list[int]:
+    """The rows among ``maybe`` whose completion text (tokens 0..t of ``ids``) now contains a stop string."""
+    rows = maybe.nonzero().squeeze(1).tolist()
+    start = max(0, t + 1 - stop_strings.window)
+    tails = ids[rows, start : t + 1].tolist()
+    return [r for r, tail in zip(rows, tails, strict=True) if stop_strings.hit(tail)]
 
 
 @dataclass
@@ -486,8 +538,17 @@ def _cache_select(cache: object, keep: torch.Tensor) -> object | None:
     return None
 
 
+# Models whose forward would build a cache sized to the prompt alone (Gemma 3's HybridCache keeps sliding-window
+# layers in a fixed ring): the decoder builds one for the whole prompt + completion, as `generate` does.
+_FIXED_SIZE_CACHES = {"hybrid": "HybridCache", "static": "StaticCache"}
+
+
 class _HFDecoder(_Decoder):
-    """Any HF causal LM: prefill once per prompt, repeat the cache G times, decode one token per call."""
+    """Any HF causal LM: prefill once per prompt, repeat the cache G times, decode one token per call.
+
+    A fixed-size cache (``cache_implementation`` "hybrid" / "static") cannot be repeated across samples:
+    it is allocated for B*G rows and prompt + completion positions, and each prompt is prefilled G times.
+    """
 
     def __init__(
         self, model: nn.Module, prompts: list[list[int]], num_generations: int, max_new_tokens: int, pad: int
@@ -502,6 +563,9 @@ class _HFDecoder(_Decoder):
         self.accepts_position_ids = "position_ids" in params
         self.logits_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
         self.can_compact = True
+        implementation = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+        implementation = implementation or getattr(model.config, "cache_implementation", None)
+        self.fixed_cache = _FIXED_SIZE_CACHES.get(implementation) if "cache_position" in params else None
 
     def _forward(self, **kwargs: object) -> torch.Tensor:
         if self.logits_kw is not None:
@@ -519,8 +583,27 @@ class _HFDecoder(_Decoder):
         n_pad = P - plen
         prompt_mask = (col[None, :] >= n_pad[:, None]).long()
         pos = (col[None, :] - n_pad[:, None]).clamp(min=0)
-        logits = self._forward(input_ids=ids, attention_mask=prompt_mask, position_ids=pos)
-        self.cache = _cache_repeat(self.cache, self.G)
+        if self.fixed_cache is None:
+            logits = self._forward(input_ids=ids, attention_mask=prompt_mask, position_ids=pos)
+            self.cache = _cache_repeat(self.cache, self.G)
+        else:
+            import transformers
+
+            cache = getattr(transformers, self.fixed_cache)(
+                config=self.model.config,
+                max_batch_size=B * self.G,
+                max_cache_len=P + self.T,
+                device=self.device,
+                dtype=self.model.get_input_embeddings().weight.dtype,
+            )
+            self.can_compact = False  # the cache's batch size is fixed
+            logits = self._forward(
+                input_ids=ids.repeat_interleave(self.G, dim=0),
+                attention_mask=prompt_mask.repeat_interleave(self.G, dim=0),
+                position_ids=pos.repeat_interleave(self.G, dim=0),
+                past_key_values=cache,
+                cache_position=col,
+            )[:: self.G]
         self.prompt_width = P
         self.mask = torch.cat(
             [prompt_mask, torch.ones(B, self.T, dtype=torch.long, device=self.device)], dim=1
@@ -529,11 +612,15 @@ class _HFDecoder(_Decoder):
         return logits
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        extra = {}
+        if self.fixed_cache is not None:
+            extra["cache_position"] = torch.tensor([self.prompt_width + t], device=self.device)
         return self._forward(
             input_ids=tokens[:, None],
             attention_mask=self.mask[:, : self.prompt_width + t + 1],
             position_ids=(self.row_pos + t)[:, None],
             past_key_values=self.cache,
+            **extra,
         )
 
     def compact(self, keep: torch.Tensor) -> bool:
