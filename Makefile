@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup controlplane demo test lint bench bench-demo bench-trl bench-learning manifests clean
+.PHONY: setup controlplane demo test lint bench bench-demo bench-trl bench-learning manifests clean image image-tools image-test
 
 setup: $(STAMP)
 
@@ -51,6 +51,25 @@ bench-trl: setup
 
 bench-learning: setup
 	$(BIN)/python bench/learning.py
+
+# The trainer image, built here without Docker or a registry (docs/image.md): buildah builds the Dockerfile
+# FROM a debian:bookworm-slim made locally from Debian's packages (image/base.sh). Tens of minutes cold;
+# not part of `make test`. IMAGE_PREFIX runs the heavy steps under e.g. `nice -n 15 ionice -c3`.
+IMAGE ?= localhost/r1-grpo:dev
+IMAGE_PREFIX ?=
+
+image-tools:
+	@command -v buildah >/dev/null && command -v mmdebstrap >/dev/null || \
+		(apt-get update && apt-get install -y --no-install-recommends buildah mmdebstrap)
+
+image: image-tools
+	$(IMAGE_PREFIX) bash image/build.sh $(IMAGE)
+
+# Inside the built image, as the chart's pods run it (UID 10001, read-only root, /tmp, /dev/shm and the
+# volume mounted): r1-grpo --help, a CUDA extension compiled with the image's nvcc, the main job
+# (r1-grpo pipeline run) on CPU, then the sft, grpo and eval pods' commands as `helm template` renders them.
+image-test: setup image-tools
+	$(IMAGE_PREFIX) $(BIN)/python -m tests.support.image --image $(IMAGE) $(IMAGE_TEST_ARGS)
 
 manifests: setup
 	$(BIN)/python tests/support/helmtool.py manifests

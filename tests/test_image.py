@@ -1,7 +1,8 @@
-"""The CUDA image (Dockerfile, .dockerignore) and the users' CI workflow (ci/github-actions.yml).
+"""The CUDA image (Dockerfile, .dockerignore, image/) and the users' CI workflow (ci/github-actions.yml).
 
-The image cannot be built here (no registry for the base image), so the Dockerfile is linted with hadolint
-and reviewed with checkov, and what it must agree with (the pins, the chart, the package) is checked.
+Building and running the image takes tens of minutes (`make image`, `make image-test`, docs/image.md), so
+here the Dockerfile is linted with hadolint and reviewed with checkov, and what it must agree with (the
+pins, the chart, the package, the local base image) is checked.
 """
 
 from __future__ import annotations
@@ -129,12 +130,24 @@ def test_checkov_finds_nothing_unjustified() -> None:
 # ---- the image agrees with the pins, the package and the chart -----------------------------------------
 
 
-def test_base_image_is_the_pinned_torch_cuda_devel() -> None:
+def test_base_image_is_debian_slim_and_cuda_comes_from_the_pinned_wheels() -> None:
     froms = [rest for keyword, rest in dockerfile_instructions() if keyword == "FROM"]
-    assert len(froms) == 1, froms
-    match = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(12\.\d+)-cudnn\d+-devel", froms[0])
-    assert match, f"base image {froms[0]} is not a pytorch CUDA 12 devel image"
-    assert match.group(1) == constraint("torch")
+    assert froms == ["debian:bookworm-slim"], froms
+    # make image builds FROM the image/base.sh makes under the same name, never pulling it.
+    base_sh = (REPO_ROOT / "image" / "base.sh").read_text()
+    assert 'name="${1:-docker.io/library/debian:bookworm-slim}"' in base_sh
+    assert "--variant=minbase" in base_sh and " bookworm " in base_sh
+    build_sh = (REPO_ROOT / "image" / "build.sh").read_text()
+    assert "--pull=never" in build_sh and "bash image/base.sh" in build_sh
+    labels = " ".join(rest for keyword, rest in dockerfile_instructions() if keyword == "LABEL")
+    assert 'org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"' in labels
+    # nvcc is the CUDA release of torch's runtime wheels (12.4.x), the interpreter Debian 12's CPython 3.11.
+    runtime = constraint("nvidia-cuda-runtime-cu12")
+    assert build_args()["CUDA_NVCC_VERSION"].split(".")[:2] == runtime.split(".")[:2]
+    runs = " ".join(rest for keyword, rest in dockerfile_instructions() if keyword == "RUN")
+    assert "python3.11 -m venv /opt/venv" in runs
+    assert f"torch.__version__ == '{constraint('torch')}'" in runs
+    assert f"torch.version.cuda == '{'.'.join(runtime.split('.')[:2])}'" in runs
     assert build_args()["FLASH_ATTN_INSTALL"] == "prebuilt"
 
 
@@ -155,9 +168,7 @@ def test_flash_attn_wheel_matches_torch_cuda_and_python() -> None:
         env={**os.environ, **env},
         timeout=300,
     )
-    cuda_major = re.search(
-        r"-cuda(\d+)\.", next(r for k, r in dockerfile_instructions() if k == "FROM")
-    ).group(1)
+    cuda_major = constraint("nvidia-cuda-runtime-cu12").split(".")[0]
     torch_minor = ".".join(constraint("torch").split(".")[:2])
     version = args["FLASH_ATTN_VERSION"]
     # torch 2.5's pip wheels use the pre-C++11 ABI; flash-attn publishes a wheel per ABI.
@@ -165,7 +176,7 @@ def test_flash_attn_wheel_matches_torch_cuda_and_python() -> None:
         f"{args['FLASH_ATTN_RELEASES']}/v{version}/flash_attn-{version}"
         f"+cu{cuda_major}torch{torch_minor}cxx11abiFALSE-cp311-cp311-linux_x86_64.whl"
     )
-    # cp311: the base image's CPython is the only one the project supports.
+    # cp311: the image's CPython (Debian 12's) is the only one the project supports.
     assert (
         tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
         == ">=3.11,<3.12"
@@ -186,7 +197,9 @@ def test_installs_with_the_shared_constraints_and_the_package() -> None:
     assert any(re.search(r"pip install [^&]*\s\.(\s|$)", r) for r in pip_runs), (
         "the trainer package is not installed"
     )
-    assert all("--no-cache-dir" in r for r in pip_runs), pip_runs
+    # No installer cache in a layer: uv's is a build cache mount, the rest download uncached.
+    for run in pip_runs:
+        assert "--no-cache" in run or "--mount=type=cache,id=r1-grpo-uv,target=/root/.cache/uv" in run, run
     # The flash-attn source build happens only when a build arg asks for it.
     flash = next(r for r in runs if "FLASH_ATTN_INSTALL" in r)
     assert "prebuilt)" in flash and "source)" in flash and "FLASH_ATTENTION_FORCE_BUILD=TRUE" in flash
