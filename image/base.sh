@@ -29,8 +29,8 @@ trap cleanup EXIT
 # The slim image's dpkg excludes (debuerreotype's --slimify list), written into the image so packages
 # installed later by the Dockerfile are slimmed the same way.
 excludes=(
-    /usr/share/doc/* /usr/share/info/* /usr/share/linda/* /usr/share/lintian/overrides/*
-    /usr/share/locale/* /usr/share/man/* /usr/share/groff/*
+    '/usr/share/doc/*' '/usr/share/info/*' '/usr/share/linda/*' '/usr/share/lintian/overrides/*'
+    '/usr/share/locale/*' '/usr/share/man/*' '/usr/share/groff/*'
 )
 dpkgopts=()
 for path in "${excludes[@]}"; do dpkgopts+=("--dpkgopt=path-exclude=$path"); done
