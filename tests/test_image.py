@@ -383,3 +383,46 @@ def test_workflow_builds_and_caches_the_test_control_plane(workflow: dict) -> No
     # both come before the test command, which builds the control plane when the cache had none
     make_test = next(i for i, s in enumerate(steps) if s.get("run") == "make test")
     assert steps.index(go) < make_test and steps.index(cache) < make_test
+
+
+# ---- make image-test's pieces (tests/support/image.py); the runs themselves are `make image-test` -------
+
+
+def test_kubernetes_variable_expansion_of_command_and_args() -> None:
+    from tests.support.image import expand_k8s
+
+    env = {"PET_NNODES": "2", "MASTER_PORT": "23456"}
+    assert expand_k8s("--nnodes=$(PET_NNODES)", env) == "--nnodes=2"
+    assert expand_k8s("$(MASTER_PORT)$(PET_NNODES)", env) == "234562"
+    # undefined variables stay as written, $$ escapes
+    assert expand_k8s("--x=$(UNSET)", env) == "--x=$(UNSET)"
+    assert expand_k8s("$$(PET_NNODES)", env) == "$(PET_NNODES)"
+
+
+def test_image_test_pods_run_the_main_jobs_stages() -> None:
+    """The chart values make image-test renders give each stage pod the main job's flags (same model, data,
+    arguments, lineage on the volume), torchrun under `r1-grpo launch`, and the pod's mounts and user."""
+    from tests.support.helmtool import launches_torchrun, render_chart, stage_jobs
+    from tests.support.image import RELEASE, operator_env, pod_of, tiny_chart_values
+    from trainer.contract.stages import load_config, plan
+
+    values = tiny_chart_values()
+    mount = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["storage"]["mountPath"]
+    expected = {p.name: p for p in plan(load_config(overrides={"root": mount, "release": RELEASE}))}
+    jobs = stage_jobs(render_chart(values, release=RELEASE), release=RELEASE)
+    assert list(jobs) == list(expected) == ["sft", "grpo", "eval"]
+    for name, job in jobs.items():
+        spec, container = pod_of(job)
+        assert launches_torchrun(container)
+        args = container["args"]
+        module = args[args.index("--module") + 1]
+        flags = args[args.index("--module") + 2 :]
+        rendered = dict(zip(flags[::2], flags[1::2], strict=True))
+        wanted = dict(zip(expected[name].cli_args()[::2], expected[name].cli_args()[1::2], strict=True))
+        assert rendered.pop("--report_to") == wanted.pop("--report_to", "jsonl")
+        assert (module, rendered) == (f"trainer.{'evaluate' if name == 'eval' else name}", wanted)
+        assert job["spec"]["nprocPerNode"] == str(expected[name].nproc_per_node)
+        assert operator_env(job)["PET_NPROC_PER_NODE"] == job["spec"]["nprocPerNode"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {m["mountPath"] for m in container["volumeMounts"]} == {mount, "/tmp", "/dev/shm"}
+        assert spec["securityContext"]["runAsUser"] == 10001
