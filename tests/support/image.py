@@ -186,11 +186,32 @@ def run_in_image(
 # ---- what make image-test runs ----------------------------------------------------------------------------
 
 
-def tiny_chart_values() -> dict[str, Any]:
-    """The chart's defaults with the main job's model, data and stage arguments (trainer/pipeline.yaml):
-    builtin:tiny on builtin:arith, CPU pods, each stage's args exactly the demo's (the chart's own default
-    args nulled, so the rendered flags are the pipeline's)."""
+# `--main-job short`: the main job cut down for a loaded machine (the full one is 3 min on an idle 2-core
+# VM, over 30 min at a load average of 10): one SFT epoch instead of six, 10 GRPO steps instead of 60,
+# eval on 200 problems. Everything else is trainer/pipeline.yaml's.
+SHORT_MAIN_JOB = {
+    "sft": {"num_train_epochs": 1},
+    "grpo": {"max_steps": 10, "eval_steps": 10, "save_steps": 10},
+    "eval": {"max_eval_samples": 200},
+}
+
+
+def main_job_config(scale: str = "full") -> dict[str, Any]:
+    """trainer/pipeline.yaml (the main job `r1-grpo pipeline run` runs), or its short variant."""
     pipeline = yaml.safe_load((REPO_ROOT / "trainer" / "pipeline.yaml").read_text())
+    if scale == "short":
+        for name, args in SHORT_MAIN_JOB.items():
+            pipeline["stages"][name].setdefault("args", {}).update(args)
+    elif scale != "full":
+        raise ValueError(f"--main-job {scale!r}: expected full or short")
+    return pipeline
+
+
+def tiny_chart_values(pipeline: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The chart's defaults with the main job's model, data and stage arguments (trainer/pipeline.yaml):
+    builtin:tiny on builtin:arith, CPU pods, each stage's args exactly the main job's (the chart's own
+    default args nulled, so the rendered flags are the pipeline's)."""
+    pipeline = pipeline or main_job_config()
     chart = yaml.safe_load((REPO_ROOT / "charts" / "r1-grpo" / "values.yaml").read_text())
     stages: dict[str, Any] = {}
     for name, stage in pipeline["stages"].items():
@@ -307,17 +328,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "runs" / "image-test")
     parser.add_argument("--seed", type=int, default=None, help="seed of the main job (default: its own)")
     parser.add_argument(
+        "--main-job",
+        choices=("full", "short"),
+        default="full",
+        help="the main job and stage pods as trainer/pipeline.yaml has them, or cut down (SHORT_MAIN_JOB)",
+    )
+    parser.add_argument(
+        "--write-config", type=Path, help="only write the main job's pipeline YAML here (for a run outside)"
+    )
+    parser.add_argument(
         "--only",
         choices=("help", "cuda", "pipeline", "stages"),
         action="append",
         help="run only these parts",
     )
     args = parser.parse_args(argv)
+    pipeline = main_job_config(args.main_job)
+    if args.write_config:
+        args.write_config.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+        return 0
     parts = args.only or ["help", "cuda", "pipeline", "stages"]
     work: Path = args.work.resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     report: dict[str, Any] = {
+        "main_job": args.main_job,
         "image": args.image,
         "image_id": buildah("inspect", "--type", "image", "--format", "{{.FromImageID}}", args.image),
     }
@@ -366,13 +401,17 @@ def main(argv: list[str] | None = None) -> int:
         plain("cuda", ["python", "-c", CUDA_CHECK], 1800)
     if "pipeline" in parts:
         cmd = [*entrypoint, "pipeline", "run"] + (["--seed", str(args.seed)] if args.seed is not None else [])
+        if args.main_job != "full":
+            (work / "pipeline-tmp").mkdir(parents=True)
+            (work / "pipeline-tmp" / "pipeline.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+            cmd += ["--config", "/tmp/pipeline.yaml"]
         if plain("pipeline", cmd, 3600) == 0:
             summary = work / "pipeline-tmp" / "runs" / "local" / "summary.json"
             report["pipeline"]["summary"] = json.loads(summary.read_text())
             for stage in ("sft", "grpo", "eval"):
                 verify_stage_output(summary.parent / stage, stage)
     if "stages" in parts:
-        values = tiny_chart_values()
+        values = tiny_chart_values(pipeline)
         (work / "values.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
         volume = work / "volume"
         volume.mkdir()
