@@ -26,11 +26,13 @@ if [ -n "$uv_cache" ] && [ -d "$uv_cache" ]; then
     echo "wheel cache: $uv_cache"
 fi
 
+# --format docker: the OCI format has no SHELL, and buildah would run the RUN steps with /bin/sh instead
+# of the Dockerfile's bash -o pipefail.
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)"
 revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 # shellcheck disable=SC2086
 buildah --storage-driver "$driver" bud \
-    --isolation chroot --pull=never --layers \
+    --isolation chroot --pull=never --layers --format docker \
     --build-arg FLASH_ATTN_INSTALL="${FLASH_ATTN_INSTALL:-none}" \
     --build-arg VERSION="$version" \
     --build-arg VCS_REF="$revision" \
