@@ -16,34 +16,6 @@
 # against. `make image` builds FROM a local equivalent made by image/base.sh from Debian's packages.
 FROM debian:bookworm-slim
 
-# flash-attn: `prebuilt` installs a release wheel built for exactly the installed torch (version, CUDA major,
-# C++ ABI) and CPython, found from torch itself (FLASH_ATTN_WHEEL overrides it, e.g. a mirror's URL);
-# `source` compiles the same version with this image's nvcc for TORCH_CUDA_ARCH_LIST (hours on few cores,
-# MAX_JOBS parallel jobs); `none` skips it (the trainer then uses PyTorch's sdpa attention).
-ARG FLASH_ATTN_INSTALL=prebuilt
-ARG FLASH_ATTN_VERSION=2.7.4.post1
-ARG FLASH_ATTN_RELEASES=https://github.com/Dao-AILab/flash-attention/releases/download
-ARG FLASH_ATTN_WHEEL=
-ARG TORCH_CUDA_ARCH_LIST="8.0;9.0"
-ARG MAX_JOBS=4
-# nvcc of the CUDA release torch's wheels were built with (torch.version.cuda 12.4 = CUDA 12.4.1).
-ARG CUDA_NVCC_VERSION=12.4.131
-# The installer of the Python packages (parallel downloads, one wheel cache across builds).
-ARG UV_VERSION=0.13.9
-ARG VERSION=0.1.0
-ARG VCS_REF=unknown
-ARG BUILD_DATE=unknown
-ARG SOURCE_URL=unknown
-
-LABEL org.opencontainers.image.title="r1-grpo" \
-      org.opencontainers.image.description="SFT -> GRPO training of DeepSeek-R1-style reasoning models with Colossal-AI, for Kubeflow PyTorchJobs" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${VCS_REF}" \
-      org.opencontainers.image.created="${BUILD_DATE}" \
-      org.opencontainers.image.source="${SOURCE_URL}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
-
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -56,6 +28,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_COMPILE_BYTECODE=1 \
     UV_PYTHON_DOWNLOADS=never
+
+# The installer of the Python packages (parallel downloads, one wheel cache across builds).
+ARG UV_VERSION=0.13.9
 
 # CPython 3.11 with its headers and g++: Triton compiles a launcher per kernel and torch / Colossal-AI
 # build their C++/CUDA extensions on the node, both need a host compiler and Python.h.
@@ -76,6 +51,8 @@ WORKDIR /opt/r1-grpo
 # shared pins, plus nvcc. uv's wheel cache is a build cache mount, never part of the image.
 # The optional secret `build-ca` is a CA bundle for builders behind a TLS-inspecting proxy (make image
 # passes the machine's); it is used by the steps that download and is never stored in the image.
+# nvcc of the CUDA release torch's wheels were built with (torch.version.cuda 12.4 = CUDA 12.4.1).
+ARG CUDA_NVCC_VERSION=12.4.131
 COPY requirements/ requirements/
 COPY pyproject.toml README.md ./
 RUN --mount=type=cache,id=r1-grpo-uv,target=/root/.cache/uv,sharing=locked --mount=type=secret,id=build-ca \
@@ -93,6 +70,16 @@ COPY image/cuda_home.sh /usr/local/bin/r1-grpo-cuda-home
 RUN r1-grpo-cuda-home /opt/venv /opt/cuda \
     && nvcc --version | tail -n 2
 
+# flash-attn: `prebuilt` installs a release wheel built for exactly the installed torch (version, CUDA major,
+# C++ ABI) and CPython, found from torch itself (FLASH_ATTN_WHEEL overrides it, e.g. a mirror's URL);
+# `source` compiles the same version with this image's nvcc for TORCH_CUDA_ARCH_LIST (hours on few cores,
+# MAX_JOBS parallel jobs); `none` skips it (the trainer then uses PyTorch's sdpa attention).
+ARG FLASH_ATTN_INSTALL=prebuilt
+ARG FLASH_ATTN_VERSION=2.7.4.post1
+ARG FLASH_ATTN_RELEASES=https://github.com/Dao-AILab/flash-attention/releases/download
+ARG FLASH_ATTN_WHEEL=
+ARG TORCH_CUDA_ARCH_LIST="8.0;9.0"
+ARG MAX_JOBS=4
 # DL3013: the prebuilt wheel is pinned by FLASH_ATTN_VERSION inside its file name, the source build by ==.
 # hadolint ignore=DL3013
 RUN --mount=type=secret,id=build-ca \
@@ -121,6 +108,21 @@ RUN groupadd --gid 10001 r1 \
 USER 10001:10001
 ENV HOME=/home/r1
 WORKDIR /home/r1
+
+# Build metadata last: these change on every commit and would otherwise invalidate every cached layer.
+ARG VERSION=0.1.0
+ARG VCS_REF=unknown
+ARG BUILD_DATE=unknown
+ARG SOURCE_URL=unknown
+
+LABEL org.opencontainers.image.title="r1-grpo" \
+      org.opencontainers.image.description="SFT -> GRPO training of DeepSeek-R1-style reasoning models with Colossal-AI, for Kubeflow PyTorchJobs" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}" \
+      org.opencontainers.image.source="${SOURCE_URL}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
 
 # A batch job: Kubernetes restarts or retries it by exit status, there is no service to health-check.
 # checkov:skip=CKV_DOCKER_2:batch training image, the PyTorchJob and the controller act on the exit status
