@@ -14,17 +14,21 @@ driver="${STORAGE_DRIVER:-overlay}"
 
 bash image/base.sh
 
-# buildah keeps `RUN --mount=type=cache,id=ID` folders in $TMPDIR/buildah-cache-<uid>/ID: point the uv
-# cache's id at the machine's uv cache (a link; buildah bind-mounts what it resolves to).
+# buildah keeps `RUN --mount=type=cache,id=ID` folders in $TMPDIR/buildah-cache/ID (1.28;
+# buildah-cache-<uid> in later releases). Where the build has no cache of its own yet, the uv cache's id
+# is pointed at the machine's uv cache (a link; buildah bind-mounts what it resolves to); an existing
+# folder there is the build's own cache from earlier builds and is kept.
 export TMPDIR="${IMAGE_TMPDIR:-/var/tmp/r1-grpo-image}"
-cache_parent="$TMPDIR/buildah-cache-$(id -u)"
-mkdir -p "$cache_parent"
 uv_cache="${UV_CACHE-$(command -v uv >/dev/null && uv cache dir 2>/dev/null || true)}"
-if [ -n "$uv_cache" ] && [ -d "$uv_cache" ]; then
-    [ -d "$cache_parent/r1-grpo-uv" ] && [ ! -L "$cache_parent/r1-grpo-uv" ] && rm -rf "$cache_parent/r1-grpo-uv"
-    ln -sfn "$uv_cache" "$cache_parent/r1-grpo-uv"
-    echo "wheel cache: $uv_cache"
-fi
+for cache_parent in "$TMPDIR/buildah-cache" "$TMPDIR/buildah-cache-$(id -u)"; do
+    mkdir -p "$cache_parent"
+    if [ -n "$uv_cache" ] && [ -d "$uv_cache" ] && [ ! -e "$cache_parent/r1-grpo-uv" ]; then
+        ln -s "$uv_cache" "$cache_parent/r1-grpo-uv"
+    fi
+    if [ -e "$cache_parent/r1-grpo-uv" ]; then
+        echo "wheel cache $cache_parent/r1-grpo-uv -> $(readlink -f "$cache_parent/r1-grpo-uv")"
+    fi
+done
 
 # --format docker: the OCI format has no SHELL, and buildah would run the RUN steps with /bin/sh instead
 # of the Dockerfile's bash -o pipefail.
