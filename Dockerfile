@@ -61,7 +61,7 @@ RUN --mount=type=cache,id=r1-grpo-uv,target=/root/.cache/uv,sharing=locked --mou
         > /tmp/requirements.txt \
     && uv pip install -c requirements/constraints.txt -r /tmp/requirements.txt "nvidia-cuda-nvcc-cu12==${CUDA_NVCC_VERSION}" \
     && rm /tmp/requirements.txt \
-    && python -c "import torch; assert torch.__version__ == '2.5.1' and torch.version.cuda == '12.4', torch.__version__"
+    && python -c "import torch; assert torch.__version__.split('+')[0] == '2.5.1' and torch.version.cuda == '12.4', torch.__version__"
 
 # CUDA_HOME as torch.utils.cpp_extension and Colossal-AI's kernel builder expect it (bin/nvcc, include/,
 # lib64/), made of links into the nvidia-* wheels, so nvcc compiles against the very headers and
