@@ -334,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the main job and stage pods as trainer/pipeline.yaml has them, or cut down (SHORT_MAIN_JOB)",
     )
     parser.add_argument(
+        "--skip-summary",
+        action="store_true",
+        help="the main job without its summary table (which re-evaluates the base, SFT and GRPO models)",
+    )
+    parser.add_argument(
         "--write-config", type=Path, help="only write the main job's pipeline YAML here (for a run outside)"
     )
     parser.add_argument(
@@ -401,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         plain("cuda", ["python", "-c", CUDA_CHECK], 1800)
     if "pipeline" in parts:
         cmd = [*entrypoint, "pipeline", "run"] + (["--seed", str(args.seed)] if args.seed is not None else [])
+        if args.skip_summary:
+            cmd.append("--skip_summary")
         if args.main_job != "full":
             (work / "pipeline-tmp").mkdir(parents=True)
             (work / "pipeline-tmp" / "pipeline.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
