@@ -121,6 +121,7 @@ def run_in_image(
             mkdirs.append(volume_path.lstrip("/"))
         for sub in mkdirs:
             (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / "etc" / "hosts").touch()  # a mount point (images usually have none: runtimes provide it)
         hosts = tmp_dir.parent / f"{hostname}.hosts"
         hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.0.1\t{hostname}\n")
         q = shlex.quote
