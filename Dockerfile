@@ -3,8 +3,8 @@
 # The r1-grpo trainer image: Debian 12 (CPython 3.11), the project's pinned requirements
 # (requirements/constraints.txt, the same pins the tests use) in /opt/venv, among them PyPI's torch 2.5.1,
 # whose nvidia-* wheels are the CUDA 12.4 runtime (cuBLAS, cuDNN, NCCL, ...: the GPU node supplies only the
-# driver), nvcc 12.4 from PyPI for the kernels compiled on the node, flash-attn, and the trainer package
-# with its `r1-grpo` entry point. docs/image.md explains the choices and how `make image` builds it here.
+# driver), PyPI's nvidia-cuda-nvcc-cu12 (ptxas, libdevice; its 12.4 wheel has no nvcc driver), g++ for the
+# C++ kernels compiled on the node, flash-attn, and the trainer package with its `r1-grpo` entry point. docs/image.md explains the choices and how `make image` builds it here.
 #
 #   docker build -t r1-grpo:dev .
 #   docker build --build-arg FLASH_ATTN_INSTALL=source -t r1-grpo:dev .   # compile flash-attn (slow)
@@ -48,7 +48,7 @@ RUN --mount=type=secret,id=build-ca \
 WORKDIR /opt/r1-grpo
 
 # Dependencies first (a layer that survives source edits): the package's requirements resolved against the
-# shared pins, plus nvcc. uv's wheel cache is a build cache mount, never part of the image.
+# shared pins, plus CUDA 12.4's ptxas and libdevice (nvidia-cuda-nvcc-cu12). uv's wheel cache is a build cache mount, never part of the image.
 # The optional secret `build-ca` is a CA bundle for builders behind a TLS-inspecting proxy (make image
 # passes the machine's); it is used by the steps that download and is never stored in the image.
 # nvcc of the CUDA release torch's wheels were built with (torch.version.cuda 12.4 = CUDA 12.4.1).
@@ -63,12 +63,12 @@ RUN --mount=type=cache,id=r1-grpo-uv,target=/root/.cache/uv,sharing=locked --mou
     && rm /tmp/requirements.txt \
     && python -c "import torch; assert torch.__version__.split('+')[0] == '2.5.1' and torch.version.cuda == '12.4', torch.__version__"
 
-# CUDA_HOME as torch.utils.cpp_extension and Colossal-AI's kernel builder expect it (bin/nvcc, include/,
-# lib64/), made of links into the nvidia-* wheels, so nvcc compiles against the very headers and
-# libraries torch runs with. image/cuda_home.sh documents the layout.
+# CUDA_HOME as torch.utils.cpp_extension and Colossal-AI's kernel builder expect it (bin/, include/, lib64/),
+# made of links into the nvidia-* wheels (the headers and libraries torch runs with). It has no nvcc: the
+# 12.4 wheel does not ship one, so CUDA kernels cannot be JIT-compiled in this image (docs/image.md).
 COPY image/cuda_home.sh /usr/local/bin/r1-grpo-cuda-home
 RUN r1-grpo-cuda-home /opt/venv /opt/cuda \
-    && nvcc --version | tail -n 2
+    && /opt/cuda/bin/ptxas --version | tail -n 2
 
 # flash-attn: `prebuilt` installs a release wheel built for exactly the installed torch (version, CUDA major,
 # C++ ABI) and CPython, found from torch itself (FLASH_ATTN_WHEEL overrides it, e.g. a mirror's URL);

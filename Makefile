@@ -66,7 +66,7 @@ image: image-tools
 	$(IMAGE_PREFIX) bash image/build.sh $(IMAGE)
 
 # Inside the built image, as the chart's pods run it (UID 10001, read-only root, /tmp, /dev/shm and the
-# volume mounted): r1-grpo --help, a CUDA extension compiled with the image's nvcc, the main job
+# volume mounted): r1-grpo --help, a C++ torch extension JIT-compiled and imported, the main job
 # (r1-grpo pipeline run) on CPU, then the sft, grpo and eval pods' commands as `helm template` renders them.
 image-test: setup image-tools
 	$(IMAGE_PREFIX) $(BIN)/python -m tests.support.image --image $(IMAGE) $(IMAGE_TEST_ARGS)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lay out a CUDA_HOME from the nvidia-* wheels of a virtualenv (torch's CUDA runtime and nvidia-cuda-nvcc):
-#   bin/  nvvm/    nvcc, ptxas, cicc (the nvcc wheel's own folders)
+#   bin/  nvvm/    the nvcc wheel's own folders (ptxas, libdevice; nvcc itself where the wheel has it)
 #   include/       every wheel's headers (cuda_runtime.h, cublas_v2.h, crt/, nvtx3/, ...)
 #   lib64/         every wheel's shared libraries, plus the unversioned lib*.so names the linker looks for
 # torch.utils.cpp_extension (and Colossal-AI's kernel builder on top of it) finds nvcc, headers and
@@ -10,7 +10,8 @@ set -euo pipefail
 venv="${1:?usage: cuda_home.sh VENV TARGET}"
 target="${2:?usage: cuda_home.sh VENV TARGET}"
 nvidia="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia"
-[ -x "$nvidia/cuda_nvcc/bin/nvcc" ] || { echo "cuda_home.sh: no nvcc in $nvidia/cuda_nvcc (nvidia-cuda-nvcc-cu12 not installed)" >&2; exit 2; }
+# nvidia-cuda-nvcc-cu12 12.4.131 ships ptxas and nvvm (libdevice), not the nvcc driver (docs/image.md).
+[ -x "$nvidia/cuda_nvcc/bin/ptxas" ] || { echo "cuda_home.sh: no ptxas in $nvidia/cuda_nvcc (nvidia-cuda-nvcc-cu12 not installed)" >&2; exit 2; }
 
 mkdir -p "$target/include" "$target/lib64"
 ln -sfn "$nvidia/cuda_nvcc/bin" "$target/bin"
