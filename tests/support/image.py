@@ -58,7 +58,7 @@ def buildah(*args: str) -> str:
 
 def image_config(image: str) -> dict[str, Any]:
     """The OCI config of the image (Env, Entrypoint, Cmd, WorkingDir, User)."""
-    return json.loads(buildah("inspect", "--type", "image", "--format", "{{json .OCIv1.Config}}", image))
+    return json.loads(buildah("inspect", "--type", "image", image))["OCIv1"]["config"]
 
 
 @contextmanager
