@@ -54,7 +54,7 @@ WORKDIR /opt/r1-grpo
 # nvcc of the CUDA release torch's wheels were built with (torch.version.cuda 12.4 = CUDA 12.4.1).
 ARG CUDA_NVCC_VERSION=12.4.131
 COPY requirements/ requirements/
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN --mount=type=cache,id=r1-grpo-uv,target=/root/.cache/uv,sharing=locked --mount=type=secret,id=build-ca \
     if [ -s /run/secrets/build-ca ]; then export SSL_CERT_FILE=/run/secrets/build-ca PIP_CERT=/run/secrets/build-ca; fi \
     && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
@@ -95,7 +95,9 @@ RUN --mount=type=secret,id=build-ca \
     esac \
     && if [ "${FLASH_ATTN_INSTALL}" != none ]; then python -c "import flash_attn; print('flash-attn', flash_attn.__version__)"; fi
 
-# The trainer itself.
+# The trainer itself (README.md is the package's long description: copied here, an edit to it does not
+# invalidate the dependency layer).
+COPY README.md ./
 COPY trainer/ trainer/
 RUN --mount=type=cache,id=r1-grpo-uv,target=/root/.cache/uv,sharing=locked --mount=type=secret,id=build-ca \
     if [ -s /run/secrets/build-ca ]; then export SSL_CERT_FILE=/run/secrets/build-ca PIP_CERT=/run/secrets/build-ca; fi \
