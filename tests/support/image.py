@@ -197,14 +197,23 @@ SHORT_MAIN_JOB = {
 }
 
 
+# `--main-job smoke`: a few steps of each stage, for checking the pods' plumbing when even the short job
+# does not fit (no accuracy to compare).
+SMOKE_MAIN_JOB = {
+    "sft": {"max_steps": 5, "save_steps": 5, "logging_steps": 1},
+    "grpo": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "max_eval_samples": 20},
+    "eval": {"max_eval_samples": 20},
+}
+
+
 def main_job_config(scale: str = "full") -> dict[str, Any]:
     """trainer/pipeline.yaml (the main job `r1-grpo pipeline run` runs), or its short variant."""
     pipeline = yaml.safe_load((REPO_ROOT / "trainer" / "pipeline.yaml").read_text())
-    if scale == "short":
-        for name, args in SHORT_MAIN_JOB.items():
-            pipeline["stages"][name].setdefault("args", {}).update(args)
-    elif scale != "full":
-        raise ValueError(f"--main-job {scale!r}: expected full or short")
+    overrides = {"full": {}, "short": SHORT_MAIN_JOB, "smoke": SMOKE_MAIN_JOB}
+    if scale not in overrides:
+        raise ValueError(f"--main-job {scale!r}: expected one of {sorted(overrides)}")
+    for name, args in overrides[scale].items():
+        pipeline["stages"][name].setdefault("args", {}).update(args)
     return pipeline
 
 
@@ -323,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed of the main job (default: its own)")
     parser.add_argument(
         "--main-job",
-        choices=("full", "short"),
+        choices=("full", "short", "smoke"),
         default="full",
         help="the main job and stage pods as trainer/pipeline.yaml has them, or cut down (SHORT_MAIN_JOB)",
     )
