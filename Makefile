@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup controlplane demo test lint bench bench-demo bench-trl bench-learning bench-memory manifests schema clean
+.PHONY: setup controlplane demo test lint bench bench-demo bench-trl bench-learning bench-memory manifests schema clean image image-tools image-test
 
 setup: $(STAMP)
 
@@ -62,6 +62,25 @@ schema: setup
 bench-memory: setup
 	$(BIN)/python bench/memory.py --tokenizer "$$($(BIN)/python -m tests.support.real_tokenizers qwen3)" \
 		--out runs/bench/memory/results.json $(BENCH_MEMORY_ARGS)
+
+# The trainer image, built here without Docker or a registry (docs/image.md): buildah builds the Dockerfile
+# FROM a debian:bookworm-slim made locally from Debian's packages (image/base.sh). Tens of minutes cold;
+# not part of `make test`. IMAGE_PREFIX runs the heavy steps under e.g. `nice -n 15 ionice -c3`.
+IMAGE ?= localhost/r1-grpo:dev
+IMAGE_PREFIX ?=
+
+image-tools:
+	@command -v buildah >/dev/null && command -v mmdebstrap >/dev/null || \
+		(apt-get update && apt-get install -y --no-install-recommends buildah mmdebstrap)
+
+image: image-tools
+	$(IMAGE_PREFIX) bash image/build.sh $(IMAGE)
+
+# Inside the built image, as the chart's pods run it (UID 10001, read-only root, /tmp, /dev/shm and the
+# volume mounted): r1-grpo --help, a C++ torch extension JIT-compiled and imported, the main job
+# (r1-grpo pipeline run) on CPU, then the sft, grpo and eval pods' commands as `helm template` renders them.
+image-test: setup image-tools
+	$(IMAGE_PREFIX) $(BIN)/python -m tests.support.image --image $(IMAGE) $(IMAGE_TEST_ARGS)
 
 manifests: setup
 	$(BIN)/python tests/support/helmtool.py manifests

@@ -1,7 +1,8 @@
-"""The CUDA image (Dockerfile, .dockerignore) and the users' CI workflow (ci/github-actions.yml).
+"""The CUDA image (Dockerfile, .dockerignore, image/) and the users' CI workflow (ci/github-actions.yml).
 
-The image cannot be built here (no registry for the base image), so the Dockerfile is linted with hadolint
-and reviewed with checkov, and what it must agree with (the pins, the chart, the package) is checked.
+Building and running the image takes tens of minutes (`make image`, `make image-test`, docs/image.md), so
+here the Dockerfile is linted with hadolint and reviewed with checkov, and what it must agree with (the
+pins, the chart, the package, the local base image) is checked.
 """
 
 from __future__ import annotations
@@ -129,12 +130,24 @@ def test_checkov_finds_nothing_unjustified() -> None:
 # ---- the image agrees with the pins, the package and the chart -----------------------------------------
 
 
-def test_base_image_is_the_pinned_torch_cuda_devel() -> None:
+def test_base_image_is_debian_slim_and_cuda_comes_from_the_pinned_wheels() -> None:
     froms = [rest for keyword, rest in dockerfile_instructions() if keyword == "FROM"]
-    assert len(froms) == 1, froms
-    match = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(12\.\d+)-cudnn\d+-devel", froms[0])
-    assert match, f"base image {froms[0]} is not a pytorch CUDA 12 devel image"
-    assert match.group(1) == constraint("torch")
+    assert froms == ["debian:bookworm-slim"], froms
+    # make image builds FROM the image/base.sh makes under the same name, never pulling it.
+    base_sh = (REPO_ROOT / "image" / "base.sh").read_text()
+    assert 'name="${1:-docker.io/library/debian:bookworm-slim}"' in base_sh
+    assert "--variant=minbase" in base_sh and " bookworm " in base_sh
+    build_sh = (REPO_ROOT / "image" / "build.sh").read_text()
+    assert "--pull=never" in build_sh and "bash image/base.sh" in build_sh
+    labels = " ".join(rest for keyword, rest in dockerfile_instructions() if keyword == "LABEL")
+    assert 'org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"' in labels
+    # nvcc is the CUDA release of torch's runtime wheels (12.4.x), the interpreter Debian 12's CPython 3.11.
+    runtime = constraint("nvidia-cuda-runtime-cu12")
+    assert build_args()["CUDA_NVCC_VERSION"].split(".")[:2] == runtime.split(".")[:2]
+    runs = " ".join(rest for keyword, rest in dockerfile_instructions() if keyword == "RUN")
+    assert "python3.11 -m venv /opt/venv" in runs
+    assert f"torch.__version__.split('+')[0] == '{constraint('torch')}'" in runs
+    assert f"torch.version.cuda == '{'.'.join(runtime.split('.')[:2])}'" in runs
     assert build_args()["FLASH_ATTN_INSTALL"] == "prebuilt"
 
 
@@ -155,9 +168,7 @@ def test_flash_attn_wheel_matches_torch_cuda_and_python() -> None:
         env={**os.environ, **env},
         timeout=300,
     )
-    cuda_major = re.search(
-        r"-cuda(\d+)\.", next(r for k, r in dockerfile_instructions() if k == "FROM")
-    ).group(1)
+    cuda_major = constraint("nvidia-cuda-runtime-cu12").split(".")[0]
     torch_minor = ".".join(constraint("torch").split(".")[:2])
     version = args["FLASH_ATTN_VERSION"]
     # torch 2.5's pip wheels use the pre-C++11 ABI; flash-attn publishes a wheel per ABI.
@@ -165,7 +176,7 @@ def test_flash_attn_wheel_matches_torch_cuda_and_python() -> None:
         f"{args['FLASH_ATTN_RELEASES']}/v{version}/flash_attn-{version}"
         f"+cu{cuda_major}torch{torch_minor}cxx11abiFALSE-cp311-cp311-linux_x86_64.whl"
     )
-    # cp311: the base image's CPython is the only one the project supports.
+    # cp311: the image's CPython (Debian 12's) is the only one the project supports.
     assert (
         tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
         == ">=3.11,<3.12"
@@ -186,7 +197,9 @@ def test_installs_with_the_shared_constraints_and_the_package() -> None:
     assert any(re.search(r"pip install [^&]*\s\.(\s|$)", r) for r in pip_runs), (
         "the trainer package is not installed"
     )
-    assert all("--no-cache-dir" in r for r in pip_runs), pip_runs
+    # No installer cache in a layer: uv's is a build cache mount, the rest download uncached.
+    for run in pip_runs:
+        assert "--no-cache" in run or "--mount=type=cache,id=r1-grpo-uv,target=/root/.cache/uv" in run, run
     # The flash-attn source build happens only when a build arg asks for it.
     flash = next(r for r in runs if "FLASH_ATTN_INSTALL" in r)
     assert "prebuilt)" in flash and "source)" in flash and "FLASH_ATTENTION_FORCE_BUILD=TRUE" in flash
@@ -370,3 +383,46 @@ def test_workflow_builds_and_caches_the_test_control_plane(workflow: dict) -> No
     # both come before the test command, which builds the control plane when the cache had none
     make_test = next(i for i, s in enumerate(steps) if s.get("run") == "make test")
     assert steps.index(go) < make_test and steps.index(cache) < make_test
+
+
+# ---- make image-test's pieces (tests/support/image.py); the runs themselves are `make image-test` -------
+
+
+def test_kubernetes_variable_expansion_of_command_and_args() -> None:
+    from tests.support.image import expand_k8s
+
+    env = {"PET_NNODES": "2", "MASTER_PORT": "23456"}
+    assert expand_k8s("--nnodes=$(PET_NNODES)", env) == "--nnodes=2"
+    assert expand_k8s("$(MASTER_PORT)$(PET_NNODES)", env) == "234562"
+    # undefined variables stay as written, $$ escapes
+    assert expand_k8s("--x=$(UNSET)", env) == "--x=$(UNSET)"
+    assert expand_k8s("$$(PET_NNODES)", env) == "$(PET_NNODES)"
+
+
+def test_image_test_pods_run_the_main_jobs_stages() -> None:
+    """The chart values make image-test renders give each stage pod the main job's flags (same model, data,
+    arguments, lineage on the volume), torchrun under `r1-grpo launch`, and the pod's mounts and user."""
+    from tests.support.helmtool import launches_torchrun, render_chart, stage_jobs
+    from tests.support.image import RELEASE, operator_env, pod_of, tiny_chart_values
+    from trainer.contract.stages import load_config, plan
+
+    values = tiny_chart_values()
+    mount = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["storage"]["mountPath"]
+    expected = {p.name: p for p in plan(load_config(overrides={"root": mount, "release": RELEASE}))}
+    jobs = stage_jobs(render_chart(values, release=RELEASE), release=RELEASE)
+    assert list(jobs) == list(expected) == ["sft", "grpo", "eval"]
+    for name, job in jobs.items():
+        spec, container = pod_of(job)
+        assert launches_torchrun(container)
+        args = container["args"]
+        module = args[args.index("--module") + 1]
+        flags = args[args.index("--module") + 2 :]
+        rendered = dict(zip(flags[::2], flags[1::2], strict=True))
+        wanted = dict(zip(expected[name].cli_args()[::2], expected[name].cli_args()[1::2], strict=True))
+        assert rendered.pop("--report_to") == wanted.pop("--report_to", "jsonl")
+        assert (module, rendered) == (f"trainer.{'evaluate' if name == 'eval' else name}", wanted)
+        assert job["spec"]["nprocPerNode"] == str(expected[name].nproc_per_node)
+        assert operator_env(job)["PET_NPROC_PER_NODE"] == job["spec"]["nprocPerNode"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {m["mountPath"] for m in container["volumeMounts"]} == {mount, "/tmp", "/dev/shm"}
+        assert spec["securityContext"]["runAsUser"] == 10001
