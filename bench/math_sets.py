@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from trainer.r1.answers import terminating  # noqa: E402
 from trainer.r1.data import DataError, load_examples  # noqa: E402
 from trainer.r1.numerals import parse_numeral  # noqa: E402
 from trainer.r1.rewards import REWARD_CORRECT, reward_function  # noqa: E402
@@ -55,18 +56,10 @@ def plus_one(gold: str) -> str | None:
     value = numeral.value + 1
     if value.denominator == 1:
         return str(value.numerator)
-    if numeral.parts is None and _terminating(value):  # a decimal gold: a decimal
+    if numeral.parts is None and terminating(value):  # a decimal gold: a decimal
         places = max(numeral.places or 0, 1)
         return _decimal(value, places)
     return f"{value.numerator}/{value.denominator}"
-
-
-def _terminating(value: Fraction) -> bool:
-    d = value.denominator
-    for p in (2, 5):
-        while d % p == 0:
-            d //= p
-    return d == 1
 
 
 def _decimal(value: Fraction, places: int) -> str:

@@ -131,15 +131,11 @@ def floor_bytes(size: Size, stage: str, imports: int) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------
 # Inputs: the model folder and the data
 # --------------------------------------------------------------------------------------------------
-def build_model(size: Size, tokenizer_dir: Path, folder: Path) -> Path:
-    """A random-init Qwen3 of ``size`` saved (float32, the ddp training dtype) with the tokenizer."""
-    if (folder / "config.json").is_file():
-        return folder
-    import torch
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+def qwen3_config(size: Size, **extra: Any):
+    """The Qwen3 config of ``size`` (tied embeddings, no sliding window); ``extra`` adds token ids."""
+    from transformers import Qwen3Config
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = Qwen3Config(
+    return Qwen3Config(
         vocab_size=size.vocab,
         hidden_size=size.hidden,
         intermediate_size=size.intermediate,
@@ -150,9 +146,19 @@ def build_model(size: Size, tokenizer_dir: Path, folder: Path) -> Path:
         tie_word_embeddings=True,
         max_position_embeddings=4096,
         sliding_window=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
+
+
+def build_model(size: Size, tokenizer_dir: Path, folder: Path) -> Path:
+    """A random-init Qwen3 of ``size`` saved (float32, the ddp training dtype) with the tokenizer."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = qwen3_config(size, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config)
     tmp = folder.with_name(folder.name + ".tmp")

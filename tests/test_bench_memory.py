@@ -17,19 +17,10 @@ import memory  # noqa: E402
 
 @pytest.mark.parametrize("name", list(memory.SIZES))
 def test_floor_counts_the_parameters_of_the_model_it_builds(name: str) -> None:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     size = memory.SIZES[name]
-    config = Qwen3Config(
-        vocab_size=size.vocab,
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        head_dim=size.head_dim,
-        tie_word_embeddings=True,
-    )
+    config = memory.qwen3_config(size)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
     assert size.params() == sum(p.numel() for p in model.parameters())

@@ -15,9 +15,9 @@ import torch
 
 from trainer import grpo
 from trainer.lifecycle import Stage
+from trainer.modeling import load_model_and_tokenizer
 from trainer.r1.data import DataArgs, load_examples
 from trainer.rl.logprobs import unwrap_model
-from trainer.runtime import load_model_and_tokenizer
 
 
 @pytest.fixture

@@ -108,7 +108,8 @@ def _lone_variable(s: str) -> tuple[str | None, str]:
     return re.sub(r"[\s{}]", "", m["var"]), m["rest"].strip()
 
 
-def _terminating(value: Fraction) -> bool:
+def terminating(value: Fraction) -> bool:
+    """Whether ``value`` has a finite decimal expansion (its denominator has no prime but 2 and 5)."""
     d = value.denominator
     for p in (2, 5):
         while d % p == 0:
@@ -120,7 +121,7 @@ def _rounds_to(decimal: Numeral, value: Fraction) -> bool:
     """Whether ``decimal`` is ``value`` (not a terminating decimal) correctly rounded to its places."""
     if decimal.places is None or decimal.places == 0 or decimal.digits < ROUNDED_DIGITS:
         return False
-    if _terminating(value):
+    if terminating(value):
         return False
     return abs(decimal.value - value) <= Fraction(1, 2 * 10**decimal.places)
 
