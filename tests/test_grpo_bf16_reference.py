@@ -17,6 +17,7 @@ from trainer import grpo
 from trainer.lifecycle import Stage
 from trainer.modeling import load_model_and_tokenizer
 from trainer.r1.data import DataArgs, load_examples
+from trainer.r1.prompt import DEFAULT_PROMPT, Prompter
 from trainer.rl.logprobs import unwrap_model
 
 
@@ -76,12 +77,13 @@ def test_bf16_cast_policy_has_kl_exactly_0_at_step_0(
     stream = grpo.PromptStream(examples, args.seed, 0, 1)
     generator = torch.Generator().manual_seed(args.seed)
     cache: dict[str, list[int]] = {}
+    prompter = Prompter(DEFAULT_PROMPT, tokenizer)
     records = []
     start = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     for _ in range(2):
         timings = {"generate_s": 0.0, "score_s": 0.0}
         rollout = grpo.make_rollout(
-            model, ref, tokenizer, stream, 2, 1.0, args, stage.device, generator, cache, timings
+            model, ref, tokenizer, stream, 2, 1.0, args, stage.device, generator, cache, timings, prompter
         )
         assert rollout.ref_logprobs is not None and rollout.completion_mask.sum() > 0
         records.append(grpo.policy_update(stage, rollout, args, reuse=False))

@@ -1,7 +1,7 @@
 """``python -m tests.support.rank1_missing_data <stage module> <flags>``, under torchrun: the stage as it is,
 except that on rank 1 the ``--dataset_name`` file is missing, as on a node that lacks it.
 
-Rank 1's data loader (``trainer.r1.data._open``, where every dataset is opened) is handed a path beside the
+Rank 1's data loader (``open_split`` as ``trainer.r1.data`` calls it, where every dataset is opened) is handed a path beside the
 real file that does not exist; every other line of the stage is the real one. With ``EXIT_DIR`` set, each
 rank writes its exit code to ``<EXIT_DIR>/exit-<rank>`` on the way out: torchrun's summary shows only the
 first worker to fail (it stops the others itself), and a stopped rank leaves through ``os._exit``.
@@ -31,12 +31,12 @@ def main() -> None:
     if os.environ.get("RANK") == "1":
         from trainer.r1 import data
 
-        real_open = data._open
+        real_open = data.open_split
 
         def open_missing(dataset_name: str, split: str, config: str | None):
             return real_open(str(Path(dataset_name).with_name(MISSING)), split, config)
 
-        data._open = open_missing
+        data.open_split = open_missing
     real_exit = os._exit
 
     def recorded_exit(code: int) -> None:
