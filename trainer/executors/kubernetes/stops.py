@@ -93,27 +93,24 @@ class Stops:
     def _record_stop(self, phase: str, message: str) -> None:
         status = self.status or RunStatus(self.config.release, self.config.namespace)
         stopped = replace(status, phase=phase, message=message, updated_at=_fmt(self.clock()))
+        self._write_final_status(stopped, "why the controller stopped")
+
+    def _write_final_status(self, status: RunStatus, what: str) -> None:
+        """Best effort on the way out: a status the server refuses is logged, the exit goes on."""
         try:
             self._write("patch status")
             self.cluster.patch_configmap_data(
-                self.config.status_configmap, {STATUS_KEY: encode_status(stopped)}
+                self.config.status_configmap, {STATUS_KEY: encode_status(status)}
             )
-            self.status = stopped
+            self.status = status
         except (ApiException, urllib3.exceptions.HTTPError) as e:
-            log("warning", "could not record why the controller stopped in the status", error=str(e))
+            log("warning", f"could not record {what} in the status", error=str(e))
 
     def _config_failure(self, message: str) -> RunResult:
         log("error", "configuration error", error=message)
         if self.status is not None and self.status.message != message:
             failed = replace(self.status, phase=FAILED, message=message, updated_at=_fmt(self.clock()))
-            try:
-                self._write("patch status")
-                self.cluster.patch_configmap_data(
-                    self.config.status_configmap, {STATUS_KEY: encode_status(failed)}
-                )
-                self.status = failed
-            except (ApiException, urllib3.exceptions.HTTPError) as e:
-                log("warning", "could not record the configuration error in the status", error=str(e))
+            self._write_final_status(failed, "the configuration error")
         return RunResult(EXIT_CONFIG, message)
 
     def _namespace_terminating(self, error: str) -> RunResult:
@@ -123,12 +120,5 @@ class Stops:
         log("warning", "namespace is being deleted; stopping", error=error)
         if self.status is not None:
             stopped = replace(self.status, message=message, updated_at=_fmt(self.clock()))
-            try:
-                self._write("patch status")
-                self.cluster.patch_configmap_data(
-                    self.config.status_configmap, {STATUS_KEY: encode_status(stopped)}
-                )
-                self.status = stopped
-            except (ApiException, urllib3.exceptions.HTTPError) as e:
-                log("warning", "could not record the stop in the status", error=str(e))
+            self._write_final_status(stopped, "the stop")
         return RunResult(EXIT_SIGTERM, message)
