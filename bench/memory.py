@@ -25,6 +25,7 @@ import json
 import os
 import random
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -237,28 +238,47 @@ def write_data(tokenizer_dir: Path, path: Path, rows: int, question_tokens: int)
 # --------------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------------
+# The kernel carries a process's RSS high-water mark into its ru_maxrss across exec (exec_mmap keeps
+# the old mm's peak), so a command spawned straight from a large process (pytest after importing torch,
+# the bench after building a model) reports at least its parent's size. This launcher, started small,
+# spawns the command itself and reports its children's peak, which is then the command tree's own.
+_LAUNCHER = """
+import json, resource, subprocess, sys
+rc = subprocess.call(sys.argv[2:])
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+with open(sys.argv[1], "w") as f:
+    json.dump({"exit_code": rc, "peak_rss": peak}, f)
+"""
+
+
 def run_measured(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> dict[str, Any]:
-    """Run ``cmd``; its exit code, wall time and the peak RSS of its largest process (wait4's rusage
-    covers the process and the descendants it waited for: torchrun's ranks)."""
+    """Run ``cmd``; its exit code, wall time and the peak RSS of its largest process, descendants
+    included (RUSAGE_CHILDREN covers the processes the launcher waited for and theirs: torchrun's
+    ranks). A run past ``timeout`` is killed with its whole process group."""
+    report = log.with_name(log.name + ".peak.json")
+    report.unlink(missing_ok=True)
     start = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
-        deadline = start + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.2)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {
-        "exit_code": proc.returncode,
-        "wall_s": round(time.perf_counter() - start, 1),
-        "peak_rss": usage.ru_maxrss * 1024,
-    }
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, str(report), *cmd],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=log.parent,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    wall = round(time.perf_counter() - start, 1)
+    if report.is_file():
+        measured = json.loads(report.read_text())
+        report.unlink()
+        return {"exit_code": measured["exit_code"], "wall_s": wall, "peak_rss": measured["peak_rss"]}
+    # Killed (timeout) before the launcher could report: no peak to trust.
+    return {"exit_code": proc.returncode, "wall_s": wall, "peak_rss": 0}
 
 
 def child_env(threads: int) -> dict[str, str]:

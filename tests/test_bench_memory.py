@@ -48,6 +48,21 @@ def test_run_measured_sees_the_peak_of_a_grandchild(tmp_path: Path) -> None:
     assert failed["exit_code"] == 3
 
 
+def test_run_measured_does_not_count_the_caller(tmp_path: Path) -> None:
+    """ru_maxrss survives exec: a command spawned by a big process (pytest after torch; CI saw 938 MiB
+    for a 400 MiB child) must still report only its own tree."""
+    ballast = bytearray(1024 * 2**20)  # touched (zero-filled), so it is resident in this process
+    run = memory.run_measured([sys.executable, "-c", "pass"], memory.child_env(1), tmp_path / "log", 60)
+    assert len(ballast) and run["exit_code"] == 0
+    assert 0 < run["peak_rss"] < 200 * 2**20, run
+
+
+def test_run_measured_kills_the_tree_at_the_timeout(tmp_path: Path) -> None:
+    child = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])"
+    run = memory.run_measured([sys.executable, "-c", child], memory.child_env(1), tmp_path / "log", 2)
+    assert run["exit_code"] != 0 and run["wall_s"] < 30 and run["peak_rss"] == 0, run
+
+
 def test_plan_covers_both_models_and_plugins() -> None:
     rows = [
         line for line in memory.plan().splitlines() if line.startswith("| 1.5b") or line.startswith("| 7b")
