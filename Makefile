@@ -35,7 +35,7 @@ else
 endif
 
 test: setup lint controlplane
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=30
 
 # The main job for seeds 1 2 3 (bench/demo.py --help): one table of SFT/GRPO accuracy, gain and stage times.
 bench-demo: setup
