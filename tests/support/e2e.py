@@ -495,7 +495,9 @@ class HostKubelet:
         for m in c.get("volumeMounts") or []:
             v = volumes[m["name"]]
             if "persistentVolumeClaim" in v:
-                mounts[m["mountPath"]] = self.claim_dir(v["persistentVolumeClaim"]["claimName"])
+                # subPath: the claim's folder (model.subPath); readOnly has no stand-in on the host
+                claim_dir = self.claim_dir(v["persistentVolumeClaim"]["claimName"])
+                mounts[m["mountPath"]] = claim_dir / m.get("subPath", "")
             elif "emptyDir" in v:
                 path = scratch / m["name"]
                 path.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,15 @@ template:
   metadata:
     labels:
       {{- include "r1-grpo.selectorLabels" (dict "root" . "component" "controller") | nindent 6 }}
+      {{- with $v.controller.podLabels }}
+      {{- include "r1-grpo.checkReservedKeys" (dict "kind" "labels" "values" . "field" "controller.podLabels") }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
+    {{- with $v.controller.podAnnotations }}
+    {{- include "r1-grpo.checkReservedKeys" (dict "kind" "annotations" "values" . "field" "controller.podAnnotations") }}
+    annotations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
   spec:
     serviceAccountName: {{ include "r1-grpo.controllerName" . }}
     automountServiceAccountToken: true

@@ -95,8 +95,9 @@ Checks the schema cannot express (it cannot compare two values). Called by every
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- include "r1-grpo.validateModelClaim" . -}}
 {{- $model := $v.model.nameOrPath | default "" -}}
-{{- if and (hasPrefix "/" $model) (not (hasPrefix (printf "%s/" $v.storage.mountPath) $model)) -}}
-{{- fail (printf "model.nameOrPath %q is a path outside storage.mountPath %q: the training pods mount only the checkpoint volume, so a local model must live on it" $model $v.storage.mountPath) -}}
+{{- if and (not $v.model.existingClaim) (hasPrefix "/" $model) (not (hasPrefix (printf "%s/" $v.storage.mountPath) $model)) -}}
+{{- fail (printf "model.nameOrPath %q is a path outside storage.mountPath %q: the training pods mount only the checkpoint volume, so a local model must live on it (or on a weights volume set as model.existingClaim)" $model $v.storage.mountPath) -}}
 {{- end -}}
 {{- end -}}

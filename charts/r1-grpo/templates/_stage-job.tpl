@@ -29,13 +29,13 @@ subset of enabled stages and holds both copies equal to the Python ones.
 {{- end -}}
 
 {{/*
-The model a stage starts from (a copy of trainer.contract.stages.model_sources): sft from
-model.nameOrPath; grpo from sft's output when sft runs; eval from the last enabled training stage (grpo,
+The model a stage starts from (a copy of trainer.contract.stages.model_sources): sft from the base model
+(r1-grpo.baseModel: model.nameOrPath, or the model.existingClaim mount); grpo from sft's output when sft runs; eval from the last enabled training stage (grpo,
 else sft), else model.nameOrPath.
 */}}
 {{- define "r1-grpo.modelFrom" -}}
 {{- $v := .root.Values -}}
-{{- $from := $v.model.nameOrPath | default "" -}}
+{{- $from := include "r1-grpo.baseModel" .root -}}
 {{- if and (eq .stage "grpo") $v.stages.sft.enabled -}}
 {{- $from = include "r1-grpo.outputDir" (dict "root" .root "stage" "sft") -}}
 {{- else if eq .stage "eval" -}}
@@ -225,10 +225,14 @@ ipcLock is set (drop ALL stays).
 {{- $grace := include "r1-grpo.gracePeriod" . -}}
 {{- $placement := include "r1-grpo.placement" . | fromJson -}}
 {{- $module := get (include "r1-grpo.stageModules" . | fromJson) .stage -}}
+{{- $extras := include "r1-grpo.stagePodExtras" . | fromJson -}}
 metadata:
   labels:
     {{- include "r1-grpo.selectorLabels" (dict "root" .root "component" "training") | nindent 4 }}
     r1-grpo.io/stage: {{ .stage }}
+    {{- with $extras.labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   annotations:
     # Security review (checkov): checks that do not apply to a batch training pod.
     checkov.io/skip-liveness: CKV_K8S_8=A batch training process has no endpoint to probe for liveness; the operator restarts it on exit
@@ -237,6 +241,9 @@ metadata:
     {{- include "r1-grpo.checkovNamespaceSkip" .root | nindent 4 }}
     {{- if $v.wandb.enabled }}
     checkov.io/skip-secret-env: CKV_K8S_35=wandb reads its API key only from WANDB_API_KEY or a netrc file; the key comes from the existing Secret wandb.existingSecret and never appears in values or manifests
+    {{- end }}
+    {{- with $extras.annotations }}
+    {{- toYaml . | nindent 4 }}
     {{- end }}
 spec:
   serviceAccountName: {{ include "r1-grpo.trainerServiceAccountName" .root }}
@@ -253,6 +260,12 @@ spec:
     {{- range . }}
     - name: {{ . }}
     {{- end }}
+  {{- end }}
+  {{- if $extras.hostNetwork }}
+  hostNetwork: true
+  {{- end }}
+  {{- with $extras.dnsPolicy }}
+  dnsPolicy: {{ . }}
   {{- end }}
   {{- with $placement.schedulerName }}
   schedulerName: {{ . }}
@@ -345,6 +358,9 @@ spec:
           mountPath: /var/run/secrets/huggingface
           readOnly: true
         {{- end }}
+        {{- with $extras.volumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
   volumes:
     - name: checkpoints
       persistentVolumeClaim:
@@ -365,6 +381,9 @@ spec:
             path: token
         # 0440: readable by the pod's group (fsGroup) only.
         defaultMode: 288
+    {{- end }}
+    {{- with $extras.volumes }}
+    {{- toYaml . | nindent 4 }}
     {{- end }}
 {{- end -}}
 
