@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,7 +51,7 @@ def folder_files(folder: Path) -> dict[str, bytes]:
 class StandinHub:
     def __init__(self) -> None:
         self.repos: dict[tuple[str, str], Repo] = {}  # (models|datasets, repo id) -> repo
-        self.requests: list[tuple[str, str]] = []
+        self.requests: list[tuple[float, str, str]] = []  # (time.time(), method, path)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -87,7 +88,7 @@ class StandinHub:
     def _serve(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         url = urlparse(h.path)
         path = unquote(url.path)
-        self.requests.append((h.command, h.path))
+        self.requests.append((time.time(), h.command, h.path))
         m = re.fullmatch(r"/api/(models|datasets)/(.+)/revision/([^/]+)", path)
         if m:
             return self._info(h, m[1], m[2], m[3], "blobs" in parse_qs(url.query), body)
