@@ -9,54 +9,18 @@ and HF_DATASETS_OFFLINE=1 and reads the prepared folder, and the stand-in record
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import struct
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.support.standin_hub import Repo, StandinHub, folder_files
+from tests.support.standin_hub import TOKEN, StandinHub, serve_tiny
 from trainer.contract.output import MANIFEST_NAME, verify_stage_output
 from trainer.contract.prepared import OFFLINE_ENV, hub_datasets, is_hub_id, rewrite_dataset_name
 from trainer.contract.stages import ConfigError, parse_config, plan
-
-TOKEN = "hf_standin_token"
-DATASET_README = b"""---
-configs:
-- config_name: main
-  data_files:
-  - split: train
-    path: main/train-*
-  - split: test
-    path: main/test-*
----
-# arithmetic, in the hub's layout: a config named in the card, parquet shards per split
-"""
-
-
-def parquet(rows: list[dict]) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    return buf.getvalue()
-
-
-def serve_tiny(hub: StandinHub, tiny_model_dir: Path) -> None:
-    """`org/tiny`: the built-in tiny model's files, private (its token needed); `org/arith`: the built-in
-    task's rows with worked solutions, as parquet shards under a config `main`."""
-    from trainer.r1.builtin import builtin_rows
-
-    hub.add("models", "org/tiny", Repo(folder_files(tiny_model_dir), token=TOKEN))
-    files = {
-        "README.md": DATASET_README,
-        "main/train-00000-of-00001.parquet": parquet(builtin_rows("arith-teacher", "train")[:64]),
-        "main/test-00000-of-00001.parquet": parquet(builtin_rows("arith-teacher", "test")[:16]),
-    }
-    hub.add("datasets", "org/arith", Repo(files))
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ can say what was fetched and that a stage with the hub offline asked nothing.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import threading
 import time
@@ -176,3 +177,42 @@ def _json(obj: object) -> bytes:
     import json
 
     return json.dumps(obj).encode()
+
+
+# ---------------------------------------------------------------------------------------------------- repos
+
+TOKEN = "hf_standin_token"
+DATASET_CARD = b"""---
+configs:
+- config_name: main
+  data_files:
+  - split: train
+    path: main/train-*
+  - split: test
+    path: main/test-*
+---
+# arithmetic, in the hub's layout: a config named in the card, parquet shards per split
+"""
+
+
+def parquet(rows: list[dict]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+def serve_tiny(hub: StandinHub, tiny_model_dir: Path) -> None:
+    """`org/tiny`: the built-in tiny model's files, private (readable with TOKEN); `org/arith`: 64 train and
+    16 test rows of the built-in task with worked solutions, as parquet shards of a config `main`."""
+    from trainer.r1.builtin import builtin_rows
+
+    hub.add("models", "org/tiny", Repo(folder_files(tiny_model_dir), token=TOKEN))
+    files = {
+        "README.md": DATASET_CARD,
+        "main/train-00000-of-00001.parquet": parquet(builtin_rows("arith-teacher", "train")[:64]),
+        "main/test-00000-of-00001.parquet": parquet(builtin_rows("arith-teacher", "test")[:16]),
+    }
+    hub.add("datasets", "org/arith", Repo(files))
