@@ -199,9 +199,8 @@ def model_sources(stages: Sequence[str]) -> dict[str, str | None]:
 
     `stages` are the stages that run, in contract order. A stage starts from the output of the last
     model stage before it (prepare's downloaded base model, sft, grpo); None means it starts from the base
-    model. The local pipeline (`plan`) and
-    the controller (`parse_pipeline`) both follow this function; the chart's `r1-grpo.modelFrom` is a
-    copy that tests/test_chart.py holds equal to it.
+    model. The local pipeline (`plan`) and the controller (`parse_pipeline`) both follow this function; the
+    chart's `r1-grpo.modelFrom` is a copy that tests/test_chart.py holds equal to it.
     """
     if list(stages) != [name for name in STAGES if name in stages]:
         raise ValueError(f"stages {list(stages)} are not distinct stages in the order {', '.join(STAGES)}")
@@ -229,16 +228,17 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
         output_dir = Path(cfg.root) / cfg.release / name
         args = dict(stage.args)
         env: dict[str, str] = {}
-        if name == "prepare":
-            later = [
-                str(cfg.stages[s].args.get("dataset_name", cfg.dataset)) for s in enabled if s != "prepare"
-            ]
-            wanted = hub_datasets([str(args.get("dataset_name") or ""), *later])
+        if name == "prepare":  # a null dataset_name drops the flag (args_to_cli): nothing to download
+            named = [cfg.stages[s].args.get("dataset_name", cfg.dataset) for s in enabled if s != "prepare"]
+            wanted = hub_datasets(
+                str(spec) for spec in [args.get("dataset_name"), *named] if spec is not None
+            )
             args["dataset_name"] = ",".join(wanted) if wanted else None
         elif prepare_dir is not None:
-            args["dataset_name"] = rewrite_dataset_name(
-                str(args.get("dataset_name", cfg.dataset)), prepare_dir
-            )
+            if args.get("dataset_name", cfg.dataset) is not None:
+                args["dataset_name"] = rewrite_dataset_name(
+                    str(args.get("dataset_name", cfg.dataset)), prepare_dir
+                )
             env = dict(OFFLINE_ENV)
         model_from = sources[name]
         if model_from is not None:
