@@ -43,6 +43,7 @@ from tests.support.helmtool import (
     stage_jobs,
     write_manifests,
 )
+from trainer.contract.prepared import OFFLINE_ENV
 from trainer.contract.stages import (
     STAGE_MODULES,
     STAGES,
@@ -536,7 +537,21 @@ def test_chart_copies_of_the_contract_equal_the_python_ones(enabled: tuple[str, 
     for every subset of enabled stages they must give what trainer.contract.stages gives, and the
     controller's parse_pipeline must accept the result."""
     base = "org/base-7b"
-    docs = rendered({"model": {"nameOrPath": base}, "stages": {s: {"enabled": s in enabled} for s in STAGES}})
+    # Datasets as the prepare stage's hand-off sees them (trainer/contract/prepared.py): a hub id, a
+    # weighted mixture of hub ids and a file, one the prepare stage adds itself, a built-in one.
+    datasets = {
+        "grpo": "openai/gsm8k:0.7, /checkpoints/data/x.jsonl:0.3,org/math:.5",
+        "eval": "builtin:arith",
+    }
+    args = {s: {"dataset_name": datasets[s]} if s in datasets else {} for s in STAGES}
+    args["prepare"] = {"dataset_name": "org/extra,openai/gsm8k"}
+    docs = rendered(
+        {
+            "model": {"nameOrPath": base},
+            "dataset": {"name": "openai/gsm8k", "config": None},
+            "stages": {s: {"enabled": s in enabled, "args": args[s]} for s in STAGES},
+        }
+    )
     configmap = find_doc(docs, "ConfigMap", "r1-grpo-stages")
     entries = yaml.safe_load(configmap["data"]["pipeline.yaml"])["stages"]
     assert [entry["name"] for entry in entries] == list(enabled)
@@ -545,7 +560,8 @@ def test_chart_copies_of_the_contract_equal_the_python_ones(enabled: tuple[str, 
             release="r1-grpo",
             root="/checkpoints",
             model=base,
-            stages={s: StageConfig(enabled=s in enabled) for s in STAGES},
+            dataset="openai/gsm8k",
+            stages={s: StageConfig(enabled=s in enabled, args=dict(args[s])) for s in STAGES},
         )
     )
     sources = model_sources(enabled)
@@ -556,6 +572,13 @@ def test_chart_copies_of_the_contract_equal_the_python_ones(enabled: tuple[str, 
         expected = base if sources[stage] is None else f"/checkpoints/r1-grpo/{sources[stage]}"
         assert model == entry["modelFrom"] == run.model_name_or_path == expected, stage
         assert flags[flags.index("--output_dir") + 1] == entry["outputDir"] == str(run.output_dir)
+        # The prepare stage's hand-off: the datasets it downloads, the later stages' rewritten names and
+        # their offline environment.
+        dataset = flags[flags.index("--dataset_name") + 1] if "--dataset_name" in flags else None
+        assert dataset == run.args.get("dataset_name"), stage
+        env = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
+        offline = {e["name"]: e["value"] for e in env if e["name"] in OFFLINE_ENV}
+        assert offline == run.env, stage
     configmap["metadata"]["namespace"] = "default"
     pipeline = parse_pipeline(configmap, "r1-grpo")
     assert [(s.name, s.model_from) for s in pipeline.stages] == [(e["name"], e["modelFrom"]) for e in entries]

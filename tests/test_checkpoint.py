@@ -178,7 +178,7 @@ def test_extra_unlisted_weight_file(tmp_path: Path, extra: str) -> None:
 
 
 def test_training_stage_needs_weights(tmp_path: Path) -> None:
-    with pytest.raises(StageOutputError, match="no weight files to record for training stage 'grpo'"):
+    with pytest.raises(StageOutputError, match="no weight files to record for stage 'grpo'"):
         contract.write_manifest(tmp_path, "grpo", steps=1, inputs={}, metrics={})
     assert not (tmp_path / contract.MANIFEST_NAME).exists()
     # A hand-written (or truncated) manifest of a training stage with no weights is refused too.
@@ -186,7 +186,7 @@ def test_training_stage_needs_weights(tmp_path: Path) -> None:
     contract.write_manifest(tmp_path / "x", "sft", steps=1, inputs={}, metrics={})
     _rewrite(tmp_path / "x", weights={})
     (tmp_path / "x" / "model.safetensors").unlink()
-    with pytest.raises(StageOutputError, match="training stage lists no weight files"):
+    with pytest.raises(StageOutputError, match="stage sft lists no weight files"):
         contract.verify_stage_output(tmp_path / "x")
 
 

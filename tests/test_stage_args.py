@@ -42,7 +42,8 @@ def test_every_stage_has_its_flags_in_the_table_and_the_schema() -> None:
         dests = {f["dest"] for f in table["stages"][stage]["flags"]}
         assert {"dataset_name", "model_name_or_path", "output_dir"} <= dests
         props = schema["definitions"]["stageArgs"][stage]["properties"]
-        assert "eval_strategy" in props if stage != "eval" else "num_samples_per_problem" in props
+        own = {"prepare": "model_revision", "eval": "num_samples_per_problem"}.get(stage, "eval_strategy")
+        assert own in props
         assert not [k for k in props if k.startswith("no_")], "flags without a value cannot be args"
 
 

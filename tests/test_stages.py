@@ -199,7 +199,7 @@ def test_overrides_replace_top_level_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"stages": {"dpo": {}}}, "stages.dpo: unknown stage; stages are sft, grpo, eval"),
+        ({"stages": {"dpo": {}}}, "stages.dpo: unknown stage; stages are prepare, sft, grpo, eval"),
         ({"stages": {"sft": {"epochs": 3}}}, r"stages.sft: unknown keys \['epochs'\]"),
         (
             {"stages": {"grpo": {"args": {"output_dir": "/x"}}}},
@@ -337,8 +337,17 @@ def test_plan_sft_then_eval() -> None:
     assert (runs[1].model_name_or_path, runs[1].model_from_stage) == ("/vol/r1/sft", "sft")
 
 
-# The lineage rule for every subset of stages: the last training stage before a stage, else the base model.
+# The lineage rule for every subset of stages: the last model stage (prepare's download, sft, grpo) before a
+# stage, else the base model.
 LINEAGE = {
+    ("prepare",): {"prepare": None},
+    ("prepare", "sft"): {"prepare": None, "sft": "prepare"},
+    ("prepare", "grpo"): {"prepare": None, "grpo": "prepare"},
+    ("prepare", "eval"): {"prepare": None, "eval": "prepare"},
+    ("prepare", "sft", "grpo"): {"prepare": None, "sft": "prepare", "grpo": "sft"},
+    ("prepare", "sft", "eval"): {"prepare": None, "sft": "prepare", "eval": "sft"},
+    ("prepare", "grpo", "eval"): {"prepare": None, "grpo": "prepare", "eval": "grpo"},
+    ("prepare", "sft", "grpo", "eval"): {"prepare": None, "sft": "prepare", "grpo": "sft", "eval": "grpo"},
     ("sft",): {"sft": None},
     ("grpo",): {"grpo": None},
     ("eval",): {"eval": None},
@@ -367,7 +376,7 @@ def test_lineage_covers_every_subset_of_stages() -> None:
 
 @pytest.mark.parametrize("stages", [("grpo", "sft"), ("sft", "sft"), ("sft", "train")])
 def test_model_sources_refuses_stages_out_of_contract_order(stages: tuple[str, ...]) -> None:
-    with pytest.raises(ValueError, match=r"are not distinct stages in the order sft, grpo, eval"):
+    with pytest.raises(ValueError, match=r"are not distinct stages in the order prepare, sft, grpo, eval"):
         model_sources(stages)
 
 
@@ -385,6 +394,6 @@ def test_plan_does_not_mutate_the_config() -> None:
 
 
 def test_every_stage_has_a_cli_module() -> None:
-    assert tuple(STAGE_MODULES) == STAGES == ("sft", "grpo", "eval")
+    assert tuple(STAGE_MODULES) == STAGES == ("prepare", "sft", "grpo", "eval")
     for module in STAGE_MODULES.values():
         assert callable(importlib.import_module(module).main)

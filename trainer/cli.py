@@ -13,6 +13,11 @@ from trainer.contract.stages import STAGE_MODULES
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     # name: (module, function, help)
+    "prepare": (
+        STAGE_MODULES["prepare"],
+        "main",
+        "optional first stage: download the hub model and datasets for the later stages (offline)",
+    ),
     "sft": (
         STAGE_MODULES["sft"],
         "main",
@@ -28,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pipeline": (
         "trainer.executors.local",
         "main",
-        "run sft -> grpo -> eval locally (`r1-grpo pipeline run`)",
+        "run [prepare ->] sft -> grpo -> eval locally (`r1-grpo pipeline run`)",
     ),
     "controller": (
         "trainer.executors.kubernetes.cli",

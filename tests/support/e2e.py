@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -40,7 +41,7 @@ import yaml
 
 from tests.support.helmtool import CHART_DIR, default_helm
 from trainer.contract.output import write_manifest
-from trainer.contract.stages import TRAINING_STAGES
+from trainer.contract.stages import MODEL_STAGES
 
 VENV_BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -485,6 +486,15 @@ class HostKubelet:
         pv = self.cp.request("GET", f"/api/v1/persistentvolumes/{volume}")
         return Path(pv["spec"]["hostPath"]["path"])
 
+    def secret_dir(self, namespace: str, source: dict, path: Path) -> Path:
+        """A secret volume as the kubelet projects it: the Secret's keys (or the volume's `items`) as files."""
+        secret = self.cp.request("GET", f"/api/v1/namespaces/{namespace}/secrets/{source['secretName']}")
+        data = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+        path.mkdir(parents=True, exist_ok=True)
+        for item in source.get("items") or [{"key": k, "path": k} for k in data]:
+            (path / item["path"]).write_bytes(data[item["key"]])
+        return path
+
     def prepare(self, pod: dict, container: str | None = None) -> PodRun:
         spec = pod["spec"]
         c = next(c for c in spec["containers"] if container in (None, c["name"]))
@@ -502,6 +512,8 @@ class HostKubelet:
                 path = scratch / m["name"]
                 path.mkdir(parents=True, exist_ok=True)
                 mounts[m["mountPath"]] = path
+            elif "secret" in v:
+                mounts[m["mountPath"]] = self.secret_dir(meta["namespace"], v["secret"], scratch / m["name"])
             elif any("serviceAccountToken" in src for src in (v.get("projected") or {}).get("sources") or []):
                 continue  # the API token volume: given to the process as KUBECONFIG below
             else:
@@ -617,9 +629,9 @@ class HostKubelet:
 
 
 def write_stage_output(folder: Path, stage: str, *, steps: int = 1, note: str = "") -> None:
-    """A complete stage output without training: a weight file for training stages and `r1_stage.json`."""
+    """A complete stage output without training: a weight file for model stages and `r1_stage.json`."""
     folder.mkdir(parents=True, exist_ok=True)
-    if stage in TRAINING_STAGES:
+    if stage in MODEL_STAGES:
         (folder / "model.safetensors").write_bytes(os.urandom(256))
     metrics = {"accuracy": 0.5} if stage == "eval" else {"loss": 1.0}
     write_manifest(folder, stage, steps=steps, inputs={"note": note}, metrics=metrics)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.contract.stages import STAGES, TRAINING_STAGES
+from trainer.contract.stages import MODEL_STAGES, STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +139,8 @@ def write_manifest(
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
     output_dir = Path(output_dir)
     weights = {p.name: sha256_file(p) for p in weight_files(output_dir)}
-    if stage in TRAINING_STAGES and status == "completed" and not weights:
-        raise StageOutputError(f"{output_dir}: no weight files to record for training stage {stage!r}")
+    if stage in MODEL_STAGES and status == "completed" and not weights:
+        raise StageOutputError(f"{output_dir}: no weight files to record for stage {stage!r}")
     manifest = StageManifest(
         stage=stage,
         status=status,
@@ -205,8 +205,8 @@ def verify_stage_output(folder: str | os.PathLike, stage: str | None = None) -> 
         )
     if manifest.status != "completed":
         raise StageOutputError(f"{folder / MANIFEST_NAME}: status is {manifest.status!r}, not 'completed'")
-    if manifest.stage in TRAINING_STAGES and not manifest.weights:
-        raise StageOutputError(f"{folder / MANIFEST_NAME}: training stage lists no weight files")
+    if manifest.stage in MODEL_STAGES and not manifest.weights:
+        raise StageOutputError(f"{folder / MANIFEST_NAME}: stage {manifest.stage} lists no weight files")
     for name, digest in manifest.weights.items():
         path = folder / name
         if not path.is_file():

@@ -17,11 +17,22 @@ from typing import Any
 
 import yaml
 
+from trainer.contract.prepared import OFFLINE_ENV, hub_datasets, rewrite_dataset_name
 from trainer.contract.stage_args import StageArgsError, check_stage_argv
 
-STAGES: tuple[str, ...] = ("sft", "grpo", "eval")
+STAGES: tuple[str, ...] = ("prepare", "sft", "grpo", "eval")
 TRAINING_STAGES: tuple[str, ...] = ("sft", "grpo")
-STAGE_MODULES: dict[str, str] = {"sft": "trainer.sft", "grpo": "trainer.grpo", "eval": "trainer.evaluate"}
+# Stages whose folder holds a model (weights required in r1_stage.json), hence the lineage's sources:
+# `prepare` downloads the base model, sft and grpo train one.
+MODEL_STAGES: tuple[str, ...] = ("prepare", *TRAINING_STAGES)
+# Off unless a config or the chart's values enable them.
+OPTIONAL_STAGES: tuple[str, ...] = ("prepare",)
+STAGE_MODULES: dict[str, str] = {
+    "prepare": "trainer.prepare",
+    "sft": "trainer.sft",
+    "grpo": "trainer.grpo",
+    "eval": "trainer.evaluate",
+}
 # Flags the pipeline sets itself; a config naming them in `args` would silently break the hand-off.
 MANAGED_ARGS = ("output_dir",)
 DEFAULT_CONFIG = Path(__file__).parents[1] / "pipeline.yaml"
@@ -111,6 +122,7 @@ class StagePlan:
     model_from_stage: str | None  # the stage whose output this one starts from (lineage)
     nproc_per_node: int
     args: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)  # set for the stage's processes (hub offline)
 
     def cli_args(self) -> list[str]:
         return args_to_cli(self.args)
@@ -158,7 +170,7 @@ def parse_config(raw: Any, source: str, overrides: Mapping[str, Any] | None = No
             raise ConfigError(
                 f"{source}: stages.{name}: unknown keys {extra}; known: enabled, nproc_per_node, args"
             )
-        enabled = body.get("enabled", True)
+        enabled = body.get("enabled", name not in OPTIONAL_STAGES)
         if not isinstance(enabled, bool):
             raise ConfigError(f"{source}: stages.{name}.enabled must be true or false")
         nproc = body.get("nproc_per_node", 1)
@@ -186,9 +198,9 @@ def model_sources(stages: Sequence[str]) -> dict[str, str | None]:
     """The lineage rule: for each stage that runs, the stage whose output is its --model_name_or_path.
 
     `stages` are the stages that run, in contract order. A stage starts from the output of the last
-    training stage before it; None means it starts from the base model. The local pipeline (`plan`) and
-    the controller (`parse_pipeline`) both follow this function; the chart's `r1-grpo.modelFrom` is a
-    copy that tests/test_chart.py holds equal to it.
+    model stage before it (prepare's downloaded base model, sft, grpo); None means it starts from the base
+    model. The local pipeline (`plan`) and the controller (`parse_pipeline`) both follow this function; the
+    chart's `r1-grpo.modelFrom` is a copy that tests/test_chart.py holds equal to it.
     """
     if list(stages) != [name for name in STAGES if name in stages]:
         raise ValueError(f"stages {list(stages)} are not distinct stages in the order {', '.join(STAGES)}")
@@ -196,20 +208,38 @@ def model_sources(stages: Sequence[str]) -> dict[str, str | None]:
     previous_training: str | None = None
     for name in stages:
         sources[name] = previous_training
-        if name in TRAINING_STAGES:
+        if name in MODEL_STAGES:
             previous_training = name
     return sources
 
 
 def plan(cfg: PipelineConfig) -> list[StagePlan]:
-    """Concrete runs of the enabled stages, in order, with output folders and the model hand-off."""
+    """Concrete runs of the enabled stages, in order, with output folders and the model hand-off.
+
+    With `prepare` enabled it downloads the base model and the hub datasets the later stages name (and
+    any its own `dataset_name` adds); those stages then read both from its folder with the hub offline
+    (trainer/contract/prepared.py)."""
     enabled = [name for name in STAGES if name in cfg.stages and cfg.stages[name].enabled]
     sources = model_sources(enabled)
+    prepare_dir = str(Path(cfg.root) / cfg.release / "prepare") if "prepare" in enabled else None
     runs: list[StagePlan] = []
     for name in enabled:
         stage = cfg.stages[name]
         output_dir = Path(cfg.root) / cfg.release / name
         args = dict(stage.args)
+        env: dict[str, str] = {}
+        if name == "prepare":  # a null dataset_name drops the flag (args_to_cli): nothing to download
+            named = [cfg.stages[s].args.get("dataset_name", cfg.dataset) for s in enabled if s != "prepare"]
+            wanted = hub_datasets(
+                str(spec) for spec in [args.get("dataset_name"), *named] if spec is not None
+            )
+            args["dataset_name"] = ",".join(wanted) if wanted else None
+        elif prepare_dir is not None:
+            if args.get("dataset_name", cfg.dataset) is not None:
+                args["dataset_name"] = rewrite_dataset_name(
+                    str(args.get("dataset_name", cfg.dataset)), prepare_dir
+                )
+            env = dict(OFFLINE_ENV)
         model_from = sources[name]
         if model_from is not None:
             if "model_name_or_path" in args:
@@ -220,12 +250,13 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
             model = str(Path(cfg.root) / cfg.release / model_from)
         else:
             model = str(args.pop("model_name_or_path", cfg.model))
-        args.setdefault("dataset_name", cfg.dataset)
+        if name != "prepare":
+            args.setdefault("dataset_name", cfg.dataset)
         args["model_name_or_path"] = model
         args["output_dir"] = str(output_dir)
         try:  # the stage's own flag rules, before any stage runs (trainer/contract/stage_args.py)
             check_stage_argv(name, args_to_cli(args))
         except StageArgsError as e:
             raise ConfigError(f"{cfg.source}: stages.{name}.args: {e}") from None
-        runs.append(StagePlan(name, output_dir, model, model_from, stage.nproc_per_node, args))
+        runs.append(StagePlan(name, output_dir, model, model_from, stage.nproc_per_node, args, env))
     return runs

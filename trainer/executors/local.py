@@ -1,7 +1,7 @@
 """`r1-grpo pipeline run`: the local twin of the Kubernetes controller.
 
-Reads a pipeline YAML (default: trainer/pipeline.yaml), plans the enabled stages (`sft` → `grpo` →
-`eval`, output folders `<root>/<release>/<stage>`), and runs each as `torchrun -m trainer.<stage>` with
+Reads a pipeline YAML (default: trainer/pipeline.yaml), plans the enabled stages (`prepare` when enabled
+→ `sft` → `grpo` → `eval`, output folders `<root>/<release>/<stage>`), and runs each as `torchrun -m trainer.<stage>` with
 the flags rendered from its `args` map — the same stage list, argument rendering and hand-off
 verification the chart and controller use; only the executor differs. A stage whose folder already
 holds a valid `r1_stage.json` is skipped; an interrupted one is re-run and resumes from its last complete
@@ -26,6 +26,7 @@ from trainer.contract.output import (
     move_aside,
     verify_stage_output,
 )
+from trainer.contract.prepared import rewrite_dataset_name
 from trainer.contract.stages import (
     STAGE_MODULES,
     TRAINING_STAGES,
@@ -53,7 +54,7 @@ def torchrun_command(run: StagePlan) -> list[str]:
 def run_stage(run: StagePlan, log: Any) -> StageManifest:
     cmd = torchrun_command(run)
     log(f"[{run.name}] {' '.join(cmd)}")
-    env = dict(os.environ)
+    env = {**os.environ, **run.env}  # the plan's: the hub offline after a prepare stage
     # torchrun sets OMP_NUM_THREADS=1 per process; spread the machine's cores over the processes instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // run.nproc_per_node)))
     started = time.time()
@@ -238,11 +239,14 @@ def cmd_run(opts: argparse.Namespace) -> int:
     rows = []
     if not opts.skip_summary:
         base = runs[0].model_name_or_path if runs[0].model_from_stage is None else None
+        dataset = cfg.dataset
+        if runs[0].name == "prepare":  # the base model and the data as prepared, not from the hub
+            base, dataset = str(runs[0].output_dir), rewrite_dataset_name(dataset, str(runs[0].output_dir))
         models = ([("base", base)] if base else []) + [
             (r.name, str(r.output_dir)) for r in runs if r.name in TRAINING_STAGES
         ]
         for stage, model in models:
-            rows.append((stage, model, stage_accuracy(model, cfg.dataset, eval_args)))
+            rows.append((stage, model, stage_accuracy(model, dataset, eval_args)))
         print_table(rows)
     root = Path(cfg.root) / cfg.release
     grpo_input = next((r.model_name_or_path for r in runs if r.name == "grpo"), None)

@@ -64,7 +64,7 @@ checkov.io/skip-namespace: CKV_K8S_21=Namespace-agnostic on purpose, the namespa
 
 {{/* The stage names in contract order (trainer.contract.stages.STAGES), as a JSON list. */}}
 {{- define "r1-grpo.stageNames" -}}
-{{- toJson (list "sft" "grpo" "eval") -}}
+{{- toJson (list "prepare" "sft" "grpo" "eval") -}}
 {{- end -}}
 
 {{/* Security review (checkov) of the image reference, only while the values leave these checks failing. */}}
@@ -97,6 +97,9 @@ Checks the schema cannot express (it cannot compare two values). Called by every
 {{- end -}}
 {{- include "r1-grpo.validateModelClaim" . -}}
 {{- $model := $v.model.nameOrPath | default "" -}}
+{{- if and ($v.stages.prepare | default dict).enabled (not (include "r1-grpo.isHubId" $model)) -}}
+{{- fail (printf "model.nameOrPath %q is not a hub id (org/name): stages.prepare downloads the base model from the hub; disable it for a model on the volume" $model) -}}
+{{- end -}}
 {{- if and (not $v.model.existingClaim) (hasPrefix "/" $model) (not (hasPrefix (printf "%s/" $v.storage.mountPath) $model)) -}}
 {{- fail (printf "model.nameOrPath %q is a path outside storage.mountPath %q: the training pods mount only the checkpoint volume, so a local model must live on it (or on a weights volume set as model.existingClaim)" $model $v.storage.mountPath) -}}
 {{- end -}}

@@ -3,21 +3,22 @@ The stage PyTorchJob and what it is made of: output folders, the lineage rule (m
 renderer, torchrun layout, placement, environment, the pod template, the job, and pipeline.yaml of the
 stages ConfigMap (docs/contract.md). Names, labels, the image and `validate` are in _helpers.tpl.
 
-Two facts here are copies of trainer/contract/stages.py, because Helm cannot call Python: the
-stage->module map (STAGE_MODULES) and the lineage rule (model_sources). tests/test_chart.py renders every
-subset of enabled stages and holds both copies equal to the Python ones.
+Three facts here are copies of trainer/contract/, because Helm cannot call Python: the stage->module map
+(stages.STAGE_MODULES), the lineage rule (stages.model_sources) and the prepare stage's hand-off
+(prepared.py: which dataset entries are hub ids, where they are prepared, the offline environment).
+tests/test_chart.py renders every subset of enabled stages and holds the copies equal to the Python ones.
 */}}
 
 {{/* The stage -> module map (a copy of trainer.contract.stages.STAGE_MODULES), as a JSON map. */}}
 {{- define "r1-grpo.stageModules" -}}
-{{- toJson (dict "sft" "trainer.sft" "grpo" "trainer.grpo" "eval" "trainer.evaluate") -}}
+{{- toJson (dict "prepare" "trainer.prepare" "sft" "trainer.sft" "grpo" "trainer.grpo" "eval" "trainer.evaluate") -}}
 {{- end -}}
 
-{{/* The stages that run, in contract order, as a JSON list (sft, grpo, eval). */}}
+{{/* The stages that run, in contract order, as a JSON list (prepare, sft, grpo, eval). */}}
 {{- define "r1-grpo.enabledStages" -}}
 {{- $out := list -}}
 {{- range $name := include "r1-grpo.stageNames" . | fromJsonArray -}}
-{{- if (index $.Values.stages $name).enabled -}}
+{{- if (index $.Values.stages $name | default dict).enabled -}}
 {{- $out = append $out $name -}}
 {{- end -}}
 {{- end -}}
@@ -29,23 +30,88 @@ subset of enabled stages and holds both copies equal to the Python ones.
 {{- end -}}
 
 {{/*
-The model a stage starts from (a copy of trainer.contract.stages.model_sources): sft from the base model
-(r1-grpo.baseModel: model.nameOrPath, or the model.existingClaim mount); grpo from sft's output when sft runs; eval from the last enabled training stage (grpo,
-else sft), else model.nameOrPath.
+The model a stage starts from (a copy of trainer.contract.stages.model_sources): the output folder of the
+last enabled model stage before it (prepare: the downloaded base model, sft, grpo), else the base model
+(r1-grpo.baseModel: model.nameOrPath, or the model.existingClaim mount).
 */}}
 {{- define "r1-grpo.modelFrom" -}}
-{{- $v := .root.Values -}}
 {{- $from := include "r1-grpo.baseModel" .root -}}
-{{- if and (eq .stage "grpo") $v.stages.sft.enabled -}}
-{{- $from = include "r1-grpo.outputDir" (dict "root" .root "stage" "sft") -}}
-{{- else if eq .stage "eval" -}}
-{{- if $v.stages.grpo.enabled -}}
-{{- $from = include "r1-grpo.outputDir" (dict "root" .root "stage" "grpo") -}}
-{{- else if $v.stages.sft.enabled -}}
-{{- $from = include "r1-grpo.outputDir" (dict "root" .root "stage" "sft") -}}
+{{- $before := true -}}
+{{- range $name := list "prepare" "sft" "grpo" -}}
+{{- if eq $name $.stage -}}
+{{- $before = false -}}
+{{- end -}}
+{{- if and $before (index $.root.Values.stages $name | default dict).enabled -}}
+{{- $from = include "r1-grpo.outputDir" (dict "root" $.root "stage" $name) -}}
 {{- end -}}
 {{- end -}}
 {{- $from -}}
+{{- end -}}
+
+{{/* "true" when a dataset entry or model names a hub repository (a copy of trainer.contract.prepared.is_hub_id). */}}
+{{- define "r1-grpo.isHubId" -}}
+{{- if and (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$" .) (not (regexMatch "(?i)\\.(jsonl|json|parquet)$" .)) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The entries of a --dataset_name value as a JSON list of [name, ":<weight>" or ""] (prepared._entries). */}}
+{{- define "r1-grpo.datasetEntries" -}}
+{{- $out := list -}}
+{{- range $part := splitList "," (toString .) -}}
+{{- $part = trim $part -}}
+{{- if $part -}}
+{{- $re := "^(.+?)(:(?:[0-9]+(?:\\.[0-9]*)?|\\.[0-9]+))$" -}}
+{{- if regexMatch $re $part -}}
+{{- $out = append $out (list (regexReplaceAll $re $part "${1}" | trim) (regexReplaceAll $re $part "${2}")) -}}
+{{- else -}}
+{{- $out = append $out (list $part "") -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/*
+A later stage's --dataset_name with every hub entry replaced by its prepared folder
+(<prepare>/datasets/<hub id>; a copy of trainer.contract.prepared.rewrite_dataset_name).
+*/}}
+{{- define "r1-grpo.preparedDatasetName" -}}
+{{- $prepare := include "r1-grpo.outputDir" (dict "root" .root "stage" "prepare") -}}
+{{- $out := list -}}
+{{- range $entry := include "r1-grpo.datasetEntries" .spec | fromJsonArray -}}
+{{- $name := index $entry 0 -}}
+{{- if include "r1-grpo.isHubId" $name -}}
+{{- $name = printf "%s/datasets/%s" $prepare $name -}}
+{{- end -}}
+{{- $out = append $out (printf "%s%s" $name (index $entry 1)) -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- end -}}
+
+{{/*
+The prepare stage's --dataset_name: the hub datasets of its own args.dataset_name and of every later enabled
+stage's dataset (its args.dataset_name, else dataset.name), each once (prepared.hub_datasets).
+*/}}
+{{- define "r1-grpo.prepareDatasets" -}}
+{{- $v := .root.Values -}}
+{{- $specs := list (($v.stages.prepare.args | default dict).dataset_name | default "") -}}
+{{- range $name := include "r1-grpo.enabledStages" .root | fromJsonArray -}}
+{{- if ne $name "prepare" -}}
+{{- $args := (index $v.stages $name).args | default dict -}}
+{{- $specs = append $specs (ternary $args.dataset_name $v.dataset.name (hasKey $args "dataset_name") | default "") -}}
+{{- end -}}
+{{- end -}}
+{{- $seen := list -}}
+{{- range $spec := $specs -}}
+{{- range $entry := include "r1-grpo.datasetEntries" $spec | fromJsonArray -}}
+{{- $name := index $entry 0 -}}
+{{- if and (include "r1-grpo.isHubId" $name) (not (has $name $seen)) -}}
+{{- $seen = append $seen $name -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- join "," $seen -}}
 {{- end -}}
 
 {{/*
@@ -70,19 +136,29 @@ Go's shortest form (2e-05, 0.7); strings as they are.
 {{/*
 The stage's CLI flags (JSON list): dataset flags from .Values.dataset and report_to (wandb when
 wandb.enabled, else jsonl), then the stage's args map on top (a null there drops the flag), then the
-chart-owned model_name_or_path and output_dir. Keys are sorted (Go templates range over maps in key
-order), `--key value`, lists as repeated values: the same list trainer.contract.stages.args_to_cli makes.
+chart-owned model_name_or_path and output_dir. With stages.prepare enabled, a later stage's hub datasets
+are read from prepare's folder; prepare itself gets only its args and the hub datasets to download. Keys
+are sorted (Go templates range over maps in key order), `--key value`, lists as repeated values: the same
+list trainer.contract.stages.args_to_cli makes.
 */}}
 {{- define "r1-grpo.stageFlags" -}}
 {{- $v := .root.Values -}}
 {{- $stage := index $v.stages .stage -}}
-{{- $args := dict "dataset_name" $v.dataset.name -}}
+{{- $args := dict -}}
+{{- if ne .stage "prepare" -}}
+{{- $_ := set $args "dataset_name" $v.dataset.name -}}
 {{- with $v.dataset.config }}{{ $_ := set $args "dataset_config" . }}{{ end -}}
 {{- with $v.dataset.trainSplit }}{{ $_ := set $args "dataset_train_split" . }}{{ end -}}
 {{- with $v.dataset.testSplit }}{{ $_ := set $args "dataset_test_split" . }}{{ end -}}
 {{- $_ := set $args "report_to" (ternary "wandb" "jsonl" (eq $v.wandb.enabled true)) -}}
+{{- end -}}
 {{- range $k, $val := ($stage.args | default dict) -}}
 {{- $_ := set $args $k $val -}}
+{{- end -}}
+{{- if eq .stage "prepare" -}}
+{{- $_ := set $args "dataset_name" (include "r1-grpo.prepareDatasets" . | default nil) -}}
+{{- else if and ($v.stages.prepare | default dict).enabled (not (kindIs "invalid" $args.dataset_name)) -}}
+{{- $_ := set $args "dataset_name" (include "r1-grpo.preparedDatasetName" (dict "root" .root "spec" $args.dataset_name)) -}}
 {{- end -}}
 {{- $_ := set $args "model_name_or_path" (include "r1-grpo.modelFrom" .) -}}
 {{- $_ := set $args "output_dir" (include "r1-grpo.outputDir" .) -}}
@@ -175,6 +251,13 @@ ipcLock is set (drop ALL stays).
 {{- if $v.hub.cacheOnVolume }}
 - name: HF_HOME
   value: {{ printf "%s/.cache/huggingface" $v.storage.mountPath | quote }}
+{{- end }}
+{{- if and ($v.stages.prepare | default dict).enabled (ne .stage "prepare") }}
+# stages.prepare downloaded the model and datasets: nothing after it may reach for the hub.
+- name: HF_HUB_OFFLINE
+  value: "1"
+- name: HF_DATASETS_OFFLINE
+  value: "1"
 {{- end }}
 {{- if $v.hub.existingSecret }}
 # The hub token is a mounted file (huggingface_hub reads HF_TOKEN_PATH), not an environment variable.
