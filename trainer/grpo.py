@@ -42,6 +42,7 @@ from trainer.r1.data import DataArgs, Example
 from trainer.r1.format import STOP_STRINGS
 from trainer.r1.lengths import prompt_ids
 from trainer.r1.prompt import PromptArgs, Prompter, resolve_prompt
+from trainer.r1.reward_module import RewardModule, RewardModuleError, check_specs, parse_spec
 from trainer.r1.rewards import DEFAULT_REWARD_FUNCS, REWARD_FUNCS, accuracy_reward, format_reward, score
 from trainer.r1.scoring import evaluate_model
 from trainer.rl.logprobs import completion_logprobs, unwrap_model
@@ -147,6 +148,20 @@ class GRPOArgs(TrainingArgs):
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per reward function (default 1.0 each)"}
     )
+    reward_module: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions from files, path/to/file.py:function, each "
+            "function(response, ground_truth) -> float, named by its function name in --reward_funcs"
+        },
+    )
+    reward_module_timeout_seconds: float = field(
+        default=5.0,
+        metadata={
+            "help": "A --reward_module call longer than this gives reward 0 and is counted "
+            "(reward_<name>_timeouts); its helper process is restarted"
+        },
+    )
     num_completions_to_print: int = field(default=2, metadata={"help": "Completions logged per logging step"})
     stop_at_answer_tag: bool = field(
         default=True,
@@ -202,11 +217,32 @@ class GRPOArgs(TrainingArgs):
                 "old_logprobs": OLD_LOGPROBS,
             }
         )
-        unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS]
+        try:
+            modules = check_specs(self.reward_module or [], set(REWARD_FUNCS))
+        except RewardModuleError as e:
+            raise ArgsError(str(e)) from None
+        if not self.reward_module_timeout_seconds > 0:
+            raise ArgsError(
+                f"--reward_module_timeout_seconds must be > 0, got {self.reward_module_timeout_seconds}"
+            )
+        unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS and n not in modules]
         if unknown or not self.reward_funcs:
             raise ArgsError(
-                f"--reward_funcs {unknown or '(empty)'}: known reward functions are {', '.join(REWARD_FUNCS)}"
+                f"--reward_funcs {unknown or '(empty)'}: known reward functions are "
+                f"{', '.join([*REWARD_FUNCS, *modules])} (a --reward_module is named by its function)"
             )
+        unused = [
+            spec
+            for spec, name in zip(self.reward_module or [], modules, strict=True)
+            if name not in self.reward_funcs
+        ]
+        if unused:
+            raise ArgsError(
+                f"--reward_module {unused[0]}: add {parse_spec(unused[0])[1]!r} to --reward_funcs "
+                "(and its weight to --reward_weights) to use it"
+            )
+        if len(set(self.reward_funcs)) != len(self.reward_funcs):
+            raise ArgsError(f"--reward_funcs {self.reward_funcs}: a reward function is listed twice")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ArgsError(
                 f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} --reward_funcs"
@@ -223,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
+    # A bad --reward_module (no such function, wrong signature, failing import) fails like a bad flag,
+    # before the stage folder is touched.
+    modules = start_reward_modules(args)
     stage = Stage.start("grpo", data_args, args, prompt_args)
     dist, device = stage.dist, stage.device
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args, device)
@@ -311,6 +350,7 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
                 prompt_cache,
                 timings,
                 prompter,
+                modules,
             )
             # sampling + scoring + batching (+ reference log-probs)
             timings["rollout_s"] = time.time() - t_rollout
@@ -351,12 +391,49 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
         last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache, prompter)
         log_eval(stage, last_eval)
 
+    module_totals = reward_module_totals(modules, dist)
+
     def final_metrics(runtime_s: float) -> dict[str, float]:
         last = stage.metrics.last("reward_mean")
         logged = {k: last[k] for k in ("reward_mean", "accuracy", "format_rate") if k in last}
-        return {**logged, **last_eval, "runtime_s": runtime_s}
+        return {**logged, **last_eval, **module_totals, "runtime_s": runtime_s}
 
-    return stage.finish(tokenizer, final_metrics)
+    inputs = {"reward_modules": reward_module_record(modules)} if modules else None
+    return stage.finish(tokenizer, final_metrics, inputs=inputs)
+
+
+def start_reward_modules(args: GRPOArgs) -> dict[str, RewardModule]:
+    """The --reward_module functions by name, each helper started and its function checked."""
+    modules: dict[str, RewardModule] = {}
+    for spec in args.reward_module or []:
+        module = RewardModule(spec, args.reward_module_timeout_seconds)
+        try:
+            module.start()
+        except RewardModuleError as e:
+            raise ArgsError(str(e)) from None
+        modules[module.name] = module
+    return modules
+
+
+def reward_module_record(modules: dict[str, RewardModule]) -> dict[str, dict[str, str]]:
+    """What r1_stage.json's inputs say of each --reward_module: the flag's value and the file's sha256."""
+    from trainer.contract.output import sha256_file
+
+    return {name: {"spec": m.spec, "sha256": sha256_file(m.path)} for name, m in modules.items()}
+
+
+def reward_module_totals(modules: dict[str, RewardModule], dist) -> dict[str, float]:
+    """Calls, timeouts and errors of each --reward_module in this run, summed over the ranks."""
+    counters = ("calls", "timeouts", "errors")
+    if not modules:
+        return {}
+    vec = all_reduce_(
+        torch.tensor(
+            [float(getattr(m.stats, c)) for m in modules.values() for c in counters], dtype=torch.float64
+        )
+    ).tolist()
+    keys = [f"reward_{name}_{c}_total" for name in modules for c in counters]
+    return dict(zip(keys, vec, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +467,20 @@ def make_rollout(
     cache: dict[str, list[int]],
     timings: dict[str, float],
     prompter: Prompter,
+    modules: dict[str, RewardModule] | None = None,
 ) -> Rollout:
     unwrapped = unwrap_model(model)
+    modules = modules or {}
+    before = {name: (m.stats.timeouts, m.stats.errors) for name, m in modules.items()}
+    module_sums = {name: [0.0, 0.0] for name in modules}  # reward sum, completions scored
+
+    def score_texts(texts: list[str], answers: list[str]) -> list[float]:
+        total, per_func = score(texts, answers, args.reward_funcs, args.reward_weights, modules)
+        for name, sums in module_sums.items():
+            sums[0] += sum(per_func[name])
+            sums[1] += len(texts)
+        return total
+
     eos = eos_token_ids(tokenizer, unwrapped)
     stops = StopStrings.for_tokenizer(tokenizer, STOP_STRINGS) if args.stop_at_answer_tag else None
 
@@ -416,7 +505,7 @@ def make_rollout(
             sample,
             # The rewards see the whole response: the prompt's <think> prefill, if any, then the completion.
             lambda ids: prompter.response(tokenizer.decode(ids, skip_special_tokens=True)),
-            lambda texts, answers: score(texts, answers, args.reward_funcs, args.reward_weights)[0],
+            score_texts,
             [encode_prompt(tokenizer, ex, args, cache, prompter) for ex in examples],
             [ex.answer for ex in examples],
             group_size=args.num_generations,
@@ -467,6 +556,10 @@ def make_rollout(
         generate_s=timings["generate_s"],
         score_s=timings["score_s"],
     )
+    for name, m in modules.items():  # over every completion scored for this rollout (refills included)
+        rollout.stats[f"module:{name}:sum"], rollout.stats[f"module:{name}:scored"] = module_sums[name]
+        rollout.stats[f"module:{name}:timeouts"] = float(m.stats.timeouts - before[name][0])
+        rollout.stats[f"module:{name}:errors"] = float(m.stats.errors - before[name][1])
     if ref_model is not None:
         # The policy's forward exactly (autocast, chunking), so the KL is 0 while the weights are equal.
         with torch.no_grad(), autocast(args, device):
@@ -648,6 +741,7 @@ def reduce_step_metrics(
         "entropy_sum",
         "generated_tokens",
         *GAP_SUM_KEYS,
+        *sorted(k for k in s if k.startswith("module:")),  # the same --reward_module names on every rank
     ]
     weighted = ["kl", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "ratio_mean"]
     vec = torch.tensor(
@@ -705,6 +799,10 @@ def reduce_step_metrics(
     for k in weighted:
         if train_stats.get(k) is not None and k in train_stats:
             out[k] = v[k] / max(v["tokens"], 1.0)
+    for name in sorted({k.split(":")[1] for k in v if k.startswith("module:")}):
+        out[f"reward_{name}_mean"] = v[f"module:{name}:sum"] / max(v[f"module:{name}:scored"], 1.0)
+        out[f"reward_{name}_timeouts"] = v[f"module:{name}:timeouts"]
+        out[f"reward_{name}_errors"] = v[f"module:{name}:errors"]
     return out
 
 
