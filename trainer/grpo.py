@@ -854,8 +854,9 @@ def evaluate_sharded(
     prompts: dict[str, list[int]] | None = None,
     prompter: Prompter | None = None,
 ) -> dict[str, float]:
-    """Greedy accuracy on the eval split, each rank a shard, reduced to global means (``prompts``: the
-    token ids of the examples' prompts, from :func:`trainer.r1.lengths.prompt_ids`)."""
+    """Greedy accuracy and format rate on the eval split, each rank a shard, reduced to global means, and
+    per dataset (``eval_accuracy/<dataset>``) when the split comes from several (``prompts``: the token
+    ids of the examples' prompts, from :func:`trainer.r1.lengths.prompt_ids`)."""
     unwrapped = unwrap_model(model)
     mine = examples[dist.rank :: dist.world_size]
     result = evaluate_model(
@@ -870,14 +871,19 @@ def evaluate_sharded(
         prompt_ids=prompts,
         prompter=prompter,
     )
-    n = len(result.records)
-    vec = all_reduce_(
-        torch.tensor(
-            [result.metrics["accuracy"] * n, result.metrics["format_rate"] * n, float(n)], dtype=torch.float64
-        )
-    )
-    total = max(vec[2].item(), 1.0)
-    return {"eval_accuracy": vec[0].item() / total, "eval_format_rate": vec[1].item() / total}
+    names = list(dict.fromkeys(ex.dataset for ex in examples))  # every rank's list: all the examples
+    sums = torch.zeros(len(names), 3, dtype=torch.float64)  # accuracy, format rate, problems per dataset
+    for rec in result.records:
+        row = sums[names.index(rec["dataset"])]
+        row += torch.tensor([rec["pass@1"], sum(rec["format_ok"]) / len(rec["format_ok"]), 1.0])
+    sums = all_reduce_(sums)
+    out: dict[str, float] = {}
+    for suffix, (acc, fmt, n) in [("", sums.sum(0).tolist())] + [
+        (f"/{name}", row) for name, row in zip(names, sums.tolist(), strict=True) if len(names) > 1
+    ]:
+        out[f"eval_accuracy{suffix}"] = acc / max(n, 1.0)
+        out[f"eval_format_rate{suffix}"] = fmt / max(n, 1.0)
+    return out
 
 
 if __name__ == "__main__":
