@@ -207,3 +207,75 @@ def test_grpo_flag_errors_exit_2_before_the_stage_folder(
     printed = capsys.readouterr().out
     assert f"r1-grpo grpo: error: --reward_module {bad}: {reward_file}: one_argument(response)" in printed
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A real GRPO run: two --reward_module functions weighted with r1, eval over two datasets
+
+
+STAGE_REWARDS = """
+def short(response, ground_truth):
+    return 1.0 if len(response) < 40 else 0.0
+
+
+def flaky(response, ground_truth):
+    raise RuntimeError("this reward always fails")
+"""
+
+
+def test_grpo_run_with_module_rewards_and_eval_per_dataset(
+    warm_model_dir: Path, arith_jsonl: Path, stage_runner, tmp_path: Path
+) -> None:
+    import hashlib
+    import json
+
+    from tests.conftest import addition_rows
+    from trainer.contract import output as contract
+
+    rewards = tmp_path / "site_rewards.py"
+    rewards.write_text(STAGE_REWARDS)
+    other = tmp_path / "doubles.jsonl"  # a second eval set: other problems, the same schema
+    rows = [{**row, "question": row["question"].replace("Compute", "Add")} for row in addition_rows()[:20]]
+    other.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "grpo"
+    argv = ["--model_name_or_path", str(warm_model_dir), "--dataset_name", str(arith_jsonl)]
+    argv += ["--output_dir", str(out), "--per_device_train_batch_size", "2", "--num_generations", "4"]
+    argv += ["--max_completion_length", "16", "--inference_batch_size", "2", "--max_steps", "1"]
+    argv += ["--save_steps", "0", "--logging_steps", "1", "--report_to", "none", "--plugin", "ddp"]
+    argv += ["--reward_module", f"{rewards}:short", f"{rewards}:flaky"]
+    argv += ["--reward_funcs", "r1", "short", "flaky", "--reward_weights", "1", "0.5", "0.1"]
+    # The eval split: the additions, then the other set (one --dataset_name list serves both splits).
+    argv[argv.index("--dataset_name") + 1] = f"{arith_jsonl},{other}"
+    argv += ["--evaluation_strategy", "steps", "--eval_steps", "1", "--max_eval_samples", "8"]
+    result = stage_runner.run("trainer.grpo", argv, nproc=2)
+    assert result.returncode == 0, result.describe()
+    assert result.output.count("this reward always fails (reward 0; counted") == 2, (
+        result.describe()
+    )  # per rank
+
+    step = next(
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line
+    )
+    scored = 2 * 2 * 4  # ranks x prompts x generations
+    assert 0.0 <= step["reward_short_mean"] <= 1.0 and step["reward_short_errors"] == 0
+    assert step["reward_flaky_errors"] == scored and step["reward_flaky_mean"] == 0.0
+    assert step["reward_flaky_timeouts"] == 0 and step["reward_short_timeouts"] == 0
+
+    manifest = contract.verify_stage_output(out, "grpo")
+    digest = hashlib.sha256(rewards.read_bytes()).hexdigest()
+    assert manifest.inputs["reward_modules"] == {
+        "short": {"spec": f"{rewards}:short", "sha256": digest},
+        "flaky": {"spec": f"{rewards}:flaky", "sha256": digest},
+    }
+    assert manifest.inputs["args"]["reward_funcs"] == ["r1", "short", "flaky"]
+    m = manifest.metrics
+    assert (m["reward_flaky_calls_total"], m["reward_flaky_errors_total"]) == (scored, scored)
+    assert (m["reward_short_calls_total"], m["reward_short_errors_total"]) == (scored, 0)
+    # The held-out evaluation, over both sets and per set (4 problems each: shared by size, 81 and 20).
+    names = [str(arith_jsonl), str(other)]
+    for key in ("eval_accuracy", "eval_format_rate"):
+        assert 0.0 <= m[key] <= 1.0
+        assert {f"{key}/{name}" for name in names} <= set(m)
+    counts = {str(arith_jsonl): 6, str(other): 2}  # 8 shared in proportion to 81 and 20
+    overall = sum(m[f"eval_accuracy/{n}"] * c for n, c in counts.items()) / 8
+    assert m["eval_accuracy"] == pytest.approx(overall)
