@@ -38,11 +38,12 @@ import torch.distributed as td
 
 from trainer.lifecycle import Stage, run_cli
 from trainer.modeling import load_model_and_tokenizer, load_reference_weights
+from trainer.r1 import module_rewards
 from trainer.r1.data import DataArgs, Example
 from trainer.r1.format import STOP_STRINGS
 from trainer.r1.lengths import prompt_ids
 from trainer.r1.prompt import PromptArgs, Prompter, resolve_prompt
-from trainer.r1.reward_module import RewardModule, RewardModuleError, check_specs, parse_spec
+from trainer.r1.reward_module import RewardModule
 from trainer.r1.rewards import DEFAULT_REWARD_FUNCS, REWARD_FUNCS, accuracy_reward, format_reward, score
 from trainer.r1.scoring import evaluate_model
 from trainer.rl.logprobs import completion_logprobs, unwrap_model
@@ -217,32 +218,7 @@ class GRPOArgs(TrainingArgs):
                 "old_logprobs": OLD_LOGPROBS,
             }
         )
-        try:
-            modules = check_specs(self.reward_module or [], set(REWARD_FUNCS))
-        except RewardModuleError as e:
-            raise ArgsError(str(e)) from None
-        if not self.reward_module_timeout_seconds > 0:
-            raise ArgsError(
-                f"--reward_module_timeout_seconds must be > 0, got {self.reward_module_timeout_seconds}"
-            )
-        unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS and n not in modules]
-        if unknown or not self.reward_funcs:
-            raise ArgsError(
-                f"--reward_funcs {unknown or '(empty)'}: known reward functions are "
-                f"{', '.join([*REWARD_FUNCS, *modules])} (a --reward_module is named by its function)"
-            )
-        unused = [
-            spec
-            for spec, name in zip(self.reward_module or [], modules, strict=True)
-            if name not in self.reward_funcs
-        ]
-        if unused:
-            raise ArgsError(
-                f"--reward_module {unused[0]}: add {parse_spec(unused[0])[1]!r} to --reward_funcs "
-                "(and its weight to --reward_weights) to use it"
-            )
-        if len(set(self.reward_funcs)) != len(self.reward_funcs):
-            raise ArgsError(f"--reward_funcs {self.reward_funcs}: a reward function is listed twice")
+        module_rewards.check_flags(self.reward_funcs, self.reward_module, self.reward_module_timeout_seconds)
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ArgsError(
                 f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} --reward_funcs"
@@ -261,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
     # A bad --reward_module (no such function, wrong signature, failing import) fails like a bad flag,
     # before the stage folder is touched.
-    modules = start_reward_modules(args)
+    modules = module_rewards.start_modules(args.reward_module or [], args.reward_module_timeout_seconds)
     stage = Stage.start("grpo", data_args, args, prompt_args)
     dist, device = stage.dist, stage.device
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args, device)
@@ -391,49 +367,15 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
         last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache, prompter)
         log_eval(stage, last_eval)
 
-    module_totals = reward_module_totals(modules, dist)
+    module_totals = module_rewards.run_totals(modules)
 
     def final_metrics(runtime_s: float) -> dict[str, float]:
         last = stage.metrics.last("reward_mean")
         logged = {k: last[k] for k in ("reward_mean", "accuracy", "format_rate") if k in last}
         return {**logged, **last_eval, **module_totals, "runtime_s": runtime_s}
 
-    inputs = {"reward_modules": reward_module_record(modules)} if modules else None
+    inputs = {"reward_modules": module_rewards.inputs_record(modules)} if modules else None
     return stage.finish(tokenizer, final_metrics, inputs=inputs)
-
-
-def start_reward_modules(args: GRPOArgs) -> dict[str, RewardModule]:
-    """The --reward_module functions by name, each helper started and its function checked."""
-    modules: dict[str, RewardModule] = {}
-    for spec in args.reward_module or []:
-        module = RewardModule(spec, args.reward_module_timeout_seconds)
-        try:
-            module.start()
-        except RewardModuleError as e:
-            raise ArgsError(str(e)) from None
-        modules[module.name] = module
-    return modules
-
-
-def reward_module_record(modules: dict[str, RewardModule]) -> dict[str, dict[str, str]]:
-    """What r1_stage.json's inputs say of each --reward_module: the flag's value and the file's sha256."""
-    from trainer.contract.output import sha256_file
-
-    return {name: {"spec": m.spec, "sha256": sha256_file(m.path)} for name, m in modules.items()}
-
-
-def reward_module_totals(modules: dict[str, RewardModule], dist) -> dict[str, float]:
-    """Calls, timeouts and errors of each --reward_module in this run, summed over the ranks."""
-    counters = ("calls", "timeouts", "errors")
-    if not modules:
-        return {}
-    vec = all_reduce_(
-        torch.tensor(
-            [float(getattr(m.stats, c)) for m in modules.values() for c in counters], dtype=torch.float64
-        )
-    ).tolist()
-    keys = [f"reward_{name}_{c}_total" for name in modules for c in counters]
-    return dict(zip(keys, vec, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,15 +412,11 @@ def make_rollout(
     modules: dict[str, RewardModule] | None = None,
 ) -> Rollout:
     unwrapped = unwrap_model(model)
-    modules = modules or {}
-    before = {name: (m.stats.timeouts, m.stats.errors) for name, m in modules.items()}
-    module_sums = {name: [0.0, 0.0] for name in modules}  # reward sum, completions scored
+    counts = module_rewards.RolloutCounts(modules or {})
 
     def score_texts(texts: list[str], answers: list[str]) -> list[float]:
         total, per_func = score(texts, answers, args.reward_funcs, args.reward_weights, modules)
-        for name, sums in module_sums.items():
-            sums[0] += sum(per_func[name])
-            sums[1] += len(texts)
+        counts.add(per_func)
         return total
 
     eos = eos_token_ids(tokenizer, unwrapped)
@@ -556,10 +494,7 @@ def make_rollout(
         generate_s=timings["generate_s"],
         score_s=timings["score_s"],
     )
-    for name, m in modules.items():  # over every completion scored for this rollout (refills included)
-        rollout.stats[f"module:{name}:sum"], rollout.stats[f"module:{name}:scored"] = module_sums[name]
-        rollout.stats[f"module:{name}:timeouts"] = float(m.stats.timeouts - before[name][0])
-        rollout.stats[f"module:{name}:errors"] = float(m.stats.errors - before[name][1])
+    rollout.stats.update(counts.stats())
     if ref_model is not None:
         # The policy's forward exactly (autocast, chunking), so the KL is 0 while the weights are equal.
         with torch.no_grad(), autocast(args, device):
@@ -799,10 +734,7 @@ def reduce_step_metrics(
     for k in weighted:
         if train_stats.get(k) is not None and k in train_stats:
             out[k] = v[k] / max(v["tokens"], 1.0)
-    for name in sorted({k.split(":")[1] for k in v if k.startswith("module:")}):
-        out[f"reward_{name}_mean"] = v[f"module:{name}:sum"] / max(v[f"module:{name}:scored"], 1.0)
-        out[f"reward_{name}_timeouts"] = v[f"module:{name}:timeouts"]
-        out[f"reward_{name}_errors"] = v[f"module:{name}:errors"]
+    out.update(module_rewards.step_metrics(v))
     return out
 
 
