@@ -17,7 +17,9 @@ process. A helper process per trainer process (:class:`RewardModule`) imports th
   and is counted in ``stats.errors`` (the first one of each kind is logged with its message);
 * a call that takes longer than ``timeout_s`` gives reward 0, is counted in ``stats.timeouts``, and the
   helper is killed (SIGKILL: a C-level loop cannot ignore it) and a fresh one started;
-* what the function prints goes to the trainer's stderr (the pipe's stdout is kept for the protocol).
+* what the function prints goes to the trainer's stderr (the pipe's stdout is kept for the protocol);
+* a helper that cannot be started again (its import now fails or hangs) raises: training on zeros from a
+  reward that is gone would be silent, a failed stage is retried by the controller.
 
 A bad ``--reward_module`` -- no such file, no such function, not a function of (response, ground_truth),
 an import that fails -- is :class:`~trainer.runtime.ArgsError` naming the flag and the file, found by
