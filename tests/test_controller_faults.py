@@ -150,6 +150,18 @@ def test_status_says_when_the_controller_has_gone_silent() -> None:
     assert silent_for(done, T0 + timedelta(days=1)) is None  # a finished run has nothing more to write
 
 
+def test_status_shows_eval_metrics_per_dataset() -> None:
+    metrics = {"pass@1": 0.5, "num_problems": 40.0, "pass@1/math-ai/aime24": 0.25, "num_problems/math-ai/aime24": 30.0,
+               "pass@1/amc23.jsonl": 1.0, "num_problems/amc23.jsonl": 10.0}  # fmt: skip
+    status = RunStatus("r1", NS, phase=SUCCEEDED, stages=[StageRecord("eval", SUCCEEDED, metrics=metrics)])
+    lines = [line for line in format_status(status).splitlines() if line.startswith("metrics")]
+    assert lines == [
+        "metrics eval: num_problems=40, pass@1=0.5",
+        "metrics eval [amc23.jsonl]: num_problems=10, pass@1=1",
+        "metrics eval [math-ai/aime24]: num_problems=30, pass@1=0.25",
+    ]
+
+
 # --------------------------------------------------------------------------------------------- the real cluster
 
 

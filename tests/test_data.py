@@ -933,6 +933,62 @@ def test_parse_sources(tmp_path: Path) -> None:
             parse_sources(spec)
 
 
+def test_parse_sources_with_a_config_per_source(tmp_path: Path) -> None:
+    assert parse_sources("openai/gsm8k@main:0.7,EleutherAI/hendrycks_math@algebra:0.3") == [
+        Source("openai/gsm8k", Fraction(7, 10), "main"),
+        Source("EleutherAI/hendrycks_math", Fraction(3, 10), "algebra"),
+    ]
+    both = parse_sources("org/math@algebra,org/math@geometry,org/other")  # one set, two configs
+    assert [(s.name, s.config, s.label) for s in both] == [
+        ("org/math", "algebra", "org/math@algebra"),
+        ("org/math", "geometry", "org/math@geometry"),
+        ("org/other", None, "org/other"),
+    ]
+    at = tmp_path / "v@2.jsonl"  # an existing path is taken whole, '@' included
+    at.write_text("")
+    assert parse_sources(f"{at}:1,org/set@main:1") == [
+        Source(str(at), Fraction(1)),
+        Source("org/set", Fraction(1), "main"),
+    ]
+    for spec, message in [
+        ("org/set@:1,b.jsonl:1", "'org/set@' is not <dataset>@<config>"),
+        ("@main", "'@main' is not <dataset>@<config>"),
+        ("org/set@main,org/set@main", "'org/set@main' is listed twice"),
+    ]:
+        with pytest.raises(DataError, match=re.escape(message)):
+            parse_sources(spec)
+    with pytest.raises(
+        DataError, match=re.escape("builtin:arith@x: a dataset config applies to hub datasets")
+    ):
+        load_examples("builtin:arith@x", "test")
+
+
+def test_a_config_per_source_loads_that_config(tmp_path: Path) -> None:
+    """`<folder>@<config>` goes through datasets.load_dataset(folder, config) as a hub id does (the hub
+    cannot be reached here; a local dataset folder whose README declares two configs stands in for it)."""
+    folder = tmp_path / "sums"
+    for config, pairs in (("small", [(1, 1)]), ("big", [(2, 2), (3, 3)])):
+        (folder / config).mkdir(parents=True)
+        rows = [json.dumps({"problem": f"Compute {a} + {b}.", "answer": str(a + b)}) for a, b in pairs]
+        (folder / config / "test.jsonl").write_text("\n".join(rows) + "\n")
+    configs = "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: test\n    path: {c}/test.jsonl\n"
+        for c in ("small", "big")
+    )
+    (folder / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    examples, report = load_examples(f"{folder}@small,{folder}@big", "test")
+    assert [(e.problem, e.dataset) for e in examples] == [
+        ("Compute 1 + 1.", f"{folder}@small"),
+        ("Compute 2 + 2.", f"{folder}@big"),
+        ("Compute 3 + 3.", f"{folder}@big"),
+    ]
+    assert examples[1].source == f"{folder}@big:test:row 0"
+    assert report.mixture == {f"{folder}@small": 1, f"{folder}@big": 2}
+    # --dataset_config applies where a source names none; a source's own config wins.
+    examples, _ = load_examples(f"{folder},{folder}@small", "test", config="big")
+    assert [e.dataset for e in examples] == [str(folder), str(folder), f"{folder}@small"]
+
+
 @pytest.mark.parametrize(
     ("sizes", "weights", "limit", "counts"),
     [

@@ -223,7 +223,10 @@ def test_eval_on_a_problem_answer_file_reports_pass_at_1_and_maj_at_k(
     warm_model_dir: Path, stage_runner, tmp_path: Path
 ) -> None:
     """`r1-grpo eval` on an evaluation set with a problem and a final answer only (no worked solution), in
-    the shape of AI-MO/aimo-validation-amc: id, problem, answer stored as a float, url."""
+    the shape of AI-MO/aimo-validation-amc: id, problem, answer stored as a float, url; mixed with a second
+    dataset read in one of its configs (`<folder>@<config>`: a local dataset folder whose README declares
+    two configs stands in for a hub set, which cannot be reached here), so every metric comes per dataset
+    as well as over both."""
     import datasets
 
     pairs = [(1, 2), (3, 4), (5, 2), (2, 6), (4, 4), (7, 1)]
@@ -233,16 +236,30 @@ def test_eval_on_a_problem_answer_file_reports_pass_at_1_and_maj_at_k(
     ]
     path = tmp_path / "amc.parquet"
     datasets.Dataset.from_list(rows).to_parquet(str(path))
+    other = tmp_path / "sums"
+    for config, config_pairs in (("easy", [(1, 1), (2, 1), (3, 1)]), ("hard", [(40, 2)])):
+        (other / config).mkdir(parents=True)
+        lines = [
+            json.dumps({"question": f"Compute {a} + {b}.", "answer": str(a + b)}) for a, b in config_pairs
+        ]
+        (other / config / "test.jsonl").write_text("\n".join(lines) + "\n")
+    configs = "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: test\n    path: {c}/test.jsonl\n"
+        for c in ("easy", "hard")
+    )
+    (other / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
     out = tmp_path / "eval"
-    argv = ["eval", "--model_name_or_path", str(warm_model_dir), "--dataset_name", str(path)]
+    argv = ["eval", "--model_name_or_path", str(warm_model_dir), "--dataset_name", f"{path},{other}@easy"]
     argv += ["--output_dir", str(out), "--num_samples_per_problem", str(K), "--temperature", "1.0"]
     argv += ["--max_completion_length", "24", "--inference_batch_size", "8", "--seed", "5"]
     result = stage_runner.run_script("r1-grpo", argv)
     assert result.returncode == 0, result.describe()
     assert f"{path}:test: problem_answer schema: problem='problem', answer='answer'" in result.output
 
-    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert [r["answer"] for r in records] == [str(a + b) for a, b in pairs]  # 3.0 is the answer 3
+    everything = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    records = everything[: len(pairs)]
+    assert [r["answer"] for r in everything] == [str(a + b) for a, b in pairs] + ["2", "3", "4"]  # easy only
+    assert [r["dataset"] for r in everything] == [str(path)] * len(pairs) + [f"{other}@easy"] * 3
     for rec in records:
         texts = rec["completions"]
         assert len(texts) == K and rec["rewards"] == [reward_function(t, rec["answer"]) for t in texts]
@@ -251,7 +268,15 @@ def test_eval_on_a_problem_answer_file_reports_pass_at_1_and_maj_at_k(
         assert rec[f"maj@{K}"] == float(majority is not None and answers_equal(majority, rec["answer"]))
     assert any(any(rec["format_ok"]) for rec in records)
     metrics = json.loads((out / "metrics.json").read_text())
-    expected = summarize(records, K)
+    expected = summarize(everything, K)  # over all problems, each counted once
     assert {k: metrics[k] for k in expected} == pytest.approx(expected)
-    assert {"pass@1", f"pass@{K}", f"maj@{K}"} <= set(metrics) and metrics["num_problems"] == len(pairs)
+    assert {"pass@1", f"pass@{K}", f"maj@{K}"} <= set(metrics) and metrics["num_problems"] == len(pairs) + 3
+    for name, part in ((str(path), records), (f"{other}@easy", everything[len(pairs) :])):
+        expected = summarize(part, K)
+        assert {f"{k}/{name}": metrics[f"{k}/{name}"] for k in expected} == pytest.approx(
+            {f"{k}/{name}": v for k, v in expected.items()}
+        )
+        assert metrics[f"skipped_rows/{name}"] == 0.0
+    # overall and per dataset, each with skipped_rows; and runtime_s
+    assert len(metrics) == 3 * (len(expected) + 1) + 1
     assert contract.verify_stage_output(out, "eval").metrics == metrics

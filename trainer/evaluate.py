@@ -5,8 +5,10 @@
 
 pass@1 is the mean correctness over the k samples of a problem (greedy decoding when k == 1 and
 --temperature 0); pass@k = at least one of the k samples correct; maj@k = the most frequent extracted
-answer is correct. Writes `predictions.jsonl` (one line per problem), `metrics.json` and, last,
-`r1_stage.json` (stage `eval`, no weights) into --output_dir. Under torchrun each rank evaluates its
+answer is correct. Over several datasets (`--dataset_name aime24.jsonl,amc23.jsonl`) every metric is
+reported over all problems and again per dataset, as `<metric>/<dataset>` (`pass@1/amc23.jsonl`). Writes
+`predictions.jsonl` (one line per problem, with its `dataset`), `metrics.json` and, last, `r1_stage.json`
+(stage `eval`, no weights; the same metrics) into --output_dir. Under torchrun each rank evaluates its
 shard of problems; rank 0 gathers and writes.
 """
 
@@ -27,7 +29,7 @@ from trainer.modeling import load_model_and_tokenizer
 from trainer.r1.data import DataArgs
 from trainer.r1.lengths import prompt_ids
 from trainer.r1.prompt import PromptArgs, resolve_prompt
-from trainer.r1.scoring import evaluate_model, summarize
+from trainer.r1.scoring import evaluate_model, summarize_by_dataset
 from trainer.runtime import REPORT_TO, ArgsError, agree_on_setup
 
 logger = logging.getLogger("r1_grpo.eval")
@@ -134,8 +136,10 @@ def run(data_args: DataArgs, prompt_args: PromptArgs, args: EvalArgs) -> int:
         # Undo the round-robin shard so predictions.jsonl follows the dataset order.
         records = [gathered[i % dist.world_size][i // dist.world_size] for i in range(len(examples))]
     if dist.rank == 0:
-        metrics = summarize(records, args.num_samples_per_problem)
+        metrics = summarize_by_dataset(records, args.num_samples_per_problem)
         metrics["skipped_rows"] = float(report.skipped)
+        for source in report.sources:  # a mixture: each dataset's own count too
+            metrics[f"skipped_rows/{source.dataset}"] = float(source.skipped)
         metrics["runtime_s"] = round(time.time() - started, 2)
         contract.atomic_write_text(
             output_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records)

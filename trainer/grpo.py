@@ -38,10 +38,12 @@ import torch.distributed as td
 
 from trainer.lifecycle import Stage, run_cli
 from trainer.modeling import load_model_and_tokenizer, load_reference_weights
+from trainer.r1 import module_rewards
 from trainer.r1.data import DataArgs, Example
 from trainer.r1.format import STOP_STRINGS
 from trainer.r1.lengths import prompt_ids
 from trainer.r1.prompt import PromptArgs, Prompter, resolve_prompt
+from trainer.r1.reward_module import RewardModule
 from trainer.r1.rewards import DEFAULT_REWARD_FUNCS, REWARD_FUNCS, accuracy_reward, format_reward, score
 from trainer.r1.scoring import evaluate_model
 from trainer.rl.logprobs import completion_logprobs, unwrap_model
@@ -147,6 +149,20 @@ class GRPOArgs(TrainingArgs):
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per reward function (default 1.0 each)"}
     )
+    reward_module: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions from files, path/to/file.py:function, each "
+            "function(response, ground_truth) -> float, named by its function name in --reward_funcs"
+        },
+    )
+    reward_module_timeout_seconds: float = field(
+        default=5.0,
+        metadata={
+            "help": "A --reward_module call longer than this gives reward 0 and is counted "
+            "(reward_<name>_timeouts); its helper process is restarted"
+        },
+    )
     num_completions_to_print: int = field(default=2, metadata={"help": "Completions logged per logging step"})
     stop_at_answer_tag: bool = field(
         default=True,
@@ -202,11 +218,7 @@ class GRPOArgs(TrainingArgs):
                 "old_logprobs": OLD_LOGPROBS,
             }
         )
-        unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS]
-        if unknown or not self.reward_funcs:
-            raise ArgsError(
-                f"--reward_funcs {unknown or '(empty)'}: known reward functions are {', '.join(REWARD_FUNCS)}"
-            )
+        module_rewards.check_flags(self.reward_funcs, self.reward_module, self.reward_module_timeout_seconds)
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ArgsError(
                 f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} --reward_funcs"
@@ -223,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
+    # A bad --reward_module (no such function, wrong signature, failing import) fails like a bad flag,
+    # before the stage folder is touched.
+    modules = module_rewards.start_modules(args.reward_module or [], args.reward_module_timeout_seconds)
     stage = Stage.start("grpo", data_args, args, prompt_args)
     dist, device = stage.dist, stage.device
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args, device)
@@ -311,6 +326,7 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
                 prompt_cache,
                 timings,
                 prompter,
+                modules,
             )
             # sampling + scoring + batching (+ reference log-probs)
             timings["rollout_s"] = time.time() - t_rollout
@@ -351,12 +367,15 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
         last_eval = evaluate_sharded(model, tokenizer, eval_examples, args, dist, prompt_cache, prompter)
         log_eval(stage, last_eval)
 
+    module_totals = module_rewards.run_totals(modules)
+
     def final_metrics(runtime_s: float) -> dict[str, float]:
         last = stage.metrics.last("reward_mean")
         logged = {k: last[k] for k in ("reward_mean", "accuracy", "format_rate") if k in last}
-        return {**logged, **last_eval, "runtime_s": runtime_s}
+        return {**logged, **last_eval, **module_totals, "runtime_s": runtime_s}
 
-    return stage.finish(tokenizer, final_metrics)
+    inputs = {"reward_modules": module_rewards.inputs_record(modules)} if modules else None
+    return stage.finish(tokenizer, final_metrics, inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +409,16 @@ def make_rollout(
     cache: dict[str, list[int]],
     timings: dict[str, float],
     prompter: Prompter,
+    modules: dict[str, RewardModule] | None = None,
 ) -> Rollout:
     unwrapped = unwrap_model(model)
+    counts = module_rewards.RolloutCounts(modules or {})
+
+    def score_texts(texts: list[str], answers: list[str]) -> list[float]:
+        total, per_func = score(texts, answers, args.reward_funcs, args.reward_weights, modules)
+        counts.add(per_func)
+        return total
+
     eos = eos_token_ids(tokenizer, unwrapped)
     stops = StopStrings.for_tokenizer(tokenizer, STOP_STRINGS) if args.stop_at_answer_tag else None
 
@@ -416,7 +443,7 @@ def make_rollout(
             sample,
             # The rewards see the whole response: the prompt's <think> prefill, if any, then the completion.
             lambda ids: prompter.response(tokenizer.decode(ids, skip_special_tokens=True)),
-            lambda texts, answers: score(texts, answers, args.reward_funcs, args.reward_weights)[0],
+            score_texts,
             [encode_prompt(tokenizer, ex, args, cache, prompter) for ex in examples],
             [ex.answer for ex in examples],
             group_size=args.num_generations,
@@ -467,6 +494,7 @@ def make_rollout(
         generate_s=timings["generate_s"],
         score_s=timings["score_s"],
     )
+    rollout.stats.update(counts.stats())
     if ref_model is not None:
         # The policy's forward exactly (autocast, chunking), so the KL is 0 while the weights are equal.
         with torch.no_grad(), autocast(args, device):
@@ -648,6 +676,7 @@ def reduce_step_metrics(
         "entropy_sum",
         "generated_tokens",
         *GAP_SUM_KEYS,
+        *sorted(k for k in s if k.startswith("module:")),  # the same --reward_module names on every rank
     ]
     weighted = ["kl", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "ratio_mean"]
     vec = torch.tensor(
@@ -705,6 +734,7 @@ def reduce_step_metrics(
     for k in weighted:
         if train_stats.get(k) is not None and k in train_stats:
             out[k] = v[k] / max(v["tokens"], 1.0)
+    out.update(module_rewards.step_metrics(v))
     return out
 
 
@@ -756,8 +786,9 @@ def evaluate_sharded(
     prompts: dict[str, list[int]] | None = None,
     prompter: Prompter | None = None,
 ) -> dict[str, float]:
-    """Greedy accuracy on the eval split, each rank a shard, reduced to global means (``prompts``: the
-    token ids of the examples' prompts, from :func:`trainer.r1.lengths.prompt_ids`)."""
+    """Greedy accuracy and format rate on the eval split, each rank a shard, reduced to global means, and
+    per dataset (``eval_accuracy/<dataset>``) when the split comes from several (``prompts``: the token
+    ids of the examples' prompts, from :func:`trainer.r1.lengths.prompt_ids`)."""
     unwrapped = unwrap_model(model)
     mine = examples[dist.rank :: dist.world_size]
     result = evaluate_model(
@@ -772,14 +803,19 @@ def evaluate_sharded(
         prompt_ids=prompts,
         prompter=prompter,
     )
-    n = len(result.records)
-    vec = all_reduce_(
-        torch.tensor(
-            [result.metrics["accuracy"] * n, result.metrics["format_rate"] * n, float(n)], dtype=torch.float64
-        )
-    )
-    total = max(vec[2].item(), 1.0)
-    return {"eval_accuracy": vec[0].item() / total, "eval_format_rate": vec[1].item() / total}
+    names = list(dict.fromkeys(ex.dataset for ex in examples))  # every rank's list: all the examples
+    sums = torch.zeros(len(names), 3, dtype=torch.float64)  # accuracy, format rate, problems per dataset
+    for rec in result.records:
+        row = sums[names.index(rec["dataset"])]
+        row += torch.tensor([rec["pass@1"], sum(rec["format_ok"]) / len(rec["format_ok"]), 1.0])
+    sums = all_reduce_(sums)
+    out: dict[str, float] = {}
+    for suffix, (acc, fmt, n) in [("", sums.sum(0).tolist())] + [
+        (f"/{name}", row) for name, row in zip(names, sums.tolist(), strict=True) if len(names) > 1
+    ]:
+        out[f"eval_accuracy{suffix}"] = acc / max(n, 1.0)
+        out[f"eval_format_rate{suffix}"] = fmt / max(n, 1.0)
+    return out
 
 
 if __name__ == "__main__":

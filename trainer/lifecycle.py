@@ -217,9 +217,14 @@ class Stage:
             self.metrics.close()
         return preempted
 
-    def finish(self, tokenizer: Any, final_metrics: Callable[[float], dict[str, Any]]) -> int:
+    def finish(
+        self,
+        tokenizer: Any,
+        final_metrics: Callable[[float], dict[str, Any]],
+        inputs: Mapping[str, Any] | None = None,
+    ) -> int:
         """Export the final model at the folder root; rank 0 then writes `r1_stage.json` (last) with
-        ``final_metrics(runtime_s)``. Every rank must call it; returns the exit code 0."""
+        ``final_metrics(runtime_s)`` and ``inputs`` beside the flags. Every rank must call it; returns 0."""
         ckpt.save_final_model(
             self.booster,
             self.model,
@@ -240,6 +245,7 @@ class Stage:
                     "dataset_name": self.data_args.dataset_name,
                     "args": self.flags(),
                     **({"prompt": self.prompt.settings.to_record()} if self.prompt else {}),
+                    **(inputs or {}),
                 },
             )
             self.log_to.info(

@@ -33,8 +33,8 @@ def main() -> None:
 
         real_open = data.open_split
 
-        def open_missing(dataset_name: str, split: str, config: str | None):
-            return real_open(str(Path(dataset_name).with_name(MISSING)), split, config)
+        def open_missing(dataset_name: str, split: str, config: str | None, **options):
+            return real_open(str(Path(dataset_name).with_name(MISSING)), split, config, **options)
 
         data.open_split = open_missing
     real_exit = os._exit

@@ -78,8 +78,11 @@ the weights are the shares of the mixture: the largest mixture with those shares
 is drawn (a random subset of each source, then shuffled; the same for the same seed on every rank),
 capped at ``max_samples``; without weights the sources are concatenated and shuffled. For evaluation the
 weights are not used: the sources' examples follow each other in the order given (``max_samples`` is
-shared in proportion to their sizes, the first examples of each). Either every source has a weight or
-none has; ``--dataset_config`` applies to every hub source.
+shared in proportion to their sizes, the first examples of each) and the eval stage reports every metric
+per source as well as over all of them. Either every source has a weight or none has.
+``--dataset_config`` applies to every hub source; a source written ``<name>@<config>``
+(``openai/gsm8k@main:0.7,EleutherAI/hendrycks_math@algebra:0.3``) has its own config instead (hub
+datasets and dataset folders only; a local file or folder whose name holds ``@`` is still taken whole).
 """
 
 from __future__ import annotations
@@ -132,6 +135,8 @@ class Example:
     reasoning: str  # empty when the dataset has no worked solution
     answer: str
     source: str  # "<file or dataset>:<split>:row <i>", for messages
+    # The mixture entry it came from (its label, e.g. "openai/gsm8k@main"): eval metrics per dataset.
+    dataset: str = field(default="", compare=False)
 
 
 @dataclass
@@ -190,11 +195,13 @@ class DataArgs:
             "help": "Dataset: a hub id, a local .jsonl/.json/.parquet file ('{split}' in the path picks "
             "one file per split), a folder (save_to_disk output or <split>.jsonl files), or builtin:arith; "
             "several comma-separated, each with an optional ':<weight>', are mixed for training "
-            "(gsm8k.jsonl:0.7,math.jsonl:0.3)"
+            "(gsm8k.jsonl:0.7,math.jsonl:0.3); a hub source's own config follows its name after '@' "
+            "(openai/gsm8k@main:0.7)"
         }
     )
     dataset_config: str | None = field(
-        default=None, metadata={"help": "Dataset configuration name (hub datasets)"}
+        default=None,
+        metadata={"help": "Dataset configuration name (hub datasets; a source's own '@<config>' wins)"},
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split used for training"})
     dataset_test_split: str = field(default="test", metadata={"help": "Split used for evaluation"})
@@ -312,8 +319,8 @@ def load_examples(
     )
     sources = parse_sources(dataset_name)
     if len(sources) == 1:
-        return _load_one(sources[0].name, split, max_samples=max_samples, **options)
-    loaded = [_load_one(s.name, split, max_samples=None, **options) for s in sources]
+        return _load_one(sources[0], split, max_samples=max_samples, **options)
+    loaded = [_load_one(s, split, max_samples=None, **options) for s in sources]
     weights = [s.weight for s in sources] if weighted and sources[0].weight is not None else None
     return _mix(
         dataset_name.strip(), split, loaded, weights, max_samples, random.Random(seed) if weighted else None
@@ -321,7 +328,7 @@ def load_examples(
 
 
 def _load_one(
-    dataset_name: str,
+    source: Source,
     split: str,
     *,
     config: str | None,
@@ -331,7 +338,10 @@ def _load_one(
     overrides: Mapping[str, str],
     require_solutions: bool,
 ) -> tuple[list[Example], LoadReport]:
-    label, rows, columns = open_split(dataset_name, split, config)
+    own_config = source.config is not None
+    label, rows, columns = open_split(
+        source.name, split, source.config if own_config else config, own_config=own_config
+    )
     sample = [row for _, row in zip(range(SAMPLE_ROWS), rows, strict=False)]
     chosen, cols = choose_schema(columns, f"{label}:{split}", schema, overrides, sample)
     if require_solutions and cols.get("solution") is None:
@@ -369,7 +379,7 @@ def _load_one(
             report.skipped += 1
             report.skipped_reasons[e.reason] = report.skipped_reasons.get(e.reason, 0) + 1
             continue
-        examples.append(Example(problem=problem, reasoning=reasoning, answer=answer, source=where))
+        examples.append(Example(problem, reasoning, answer, source=where, dataset=label))
     report.kept = len(examples)
     if not examples:
         refused = (

@@ -25,13 +25,14 @@ matches an equation unless its left side is a lone variable. Other answers are d
 math-verify runs in a killable helper process (:mod:`trainer.r1.math_verify`).
 
 Composable reward functions for GRPO are registered by name in :data:`REWARD_FUNCS` (``r1``, ``format``,
-``accuracy``) and combined with weights by :func:`score`.
+``accuracy``) and combined with weights by :func:`score`, with any ``--reward_module`` functions
+(:mod:`trainer.r1.reward_module`, same signature) beside them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from trainer.r1.answers import answers_equal
 from trainer.r1.format import check_format, extract_answer
@@ -94,15 +95,17 @@ REWARD_FUNCS: dict[str, RewardFunc] = {
 DEFAULT_REWARD_FUNCS = ("r1",)
 
 
-def get_reward_funcs(names: Sequence[str]) -> list[RewardFunc]:
-    """The registered reward functions called ``names``; ``ValueError`` naming any unknown one."""
+def get_reward_funcs(names: Sequence[str], extra: Mapping[str, RewardFunc] | None = None) -> list[RewardFunc]:
+    """The reward functions called ``names``: the registered ones and ``extra`` (``--reward_module``
+    functions, by their names); ``ValueError`` naming any unknown one."""
     if isinstance(names, str):
         raise TypeError("names must be a list of reward function names, not a str")
+    known = {**REWARD_FUNCS, **(extra or {})}
     funcs = []
     for name in names:
-        if name not in REWARD_FUNCS:
-            raise ValueError(f"unknown reward function {name!r}; known: {', '.join(sorted(REWARD_FUNCS))}")
-        funcs.append(REWARD_FUNCS[name])
+        if name not in known:
+            raise ValueError(f"unknown reward function {name!r}; known: {', '.join(sorted(known))}")
+        funcs.append(known[name])
     return funcs
 
 
@@ -111,11 +114,13 @@ def score(
     ground_truths: Sequence[str],
     names: Sequence[str] = DEFAULT_REWARD_FUNCS,
     weights: Sequence[float] | None = None,
+    extra: Mapping[str, RewardFunc] | None = None,
 ) -> tuple[list[float], dict[str, list[float]]]:
     """Weighted sum of the named reward functions for each (response, ground truth) pair.
 
     Returns ``(total, per_func)`` where ``total[i] = sum_j weights[j] * per_func[names[j]][i]`` and
-    ``per_func`` holds the unweighted values. ``weights`` defaults to 1.0 for every function.
+    ``per_func`` holds the unweighted values. ``weights`` defaults to 1.0 for every function. ``extra``:
+    functions beside the registered ones, by name (:class:`trainer.r1.reward_module.RewardModule`).
     """
     if len(responses) != len(ground_truths):
         raise ValueError(f"got {len(responses)} responses but {len(ground_truths)} ground truths")
@@ -127,7 +132,7 @@ def score(
         weights = [1.0] * len(names)
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} reward weights for {len(names)} reward functions {list(names)}")
-    funcs = get_reward_funcs(names)
+    funcs = get_reward_funcs(names, extra)
     per_func = {
         name: [float(func(r, g)) for r, g in zip(responses, ground_truths, strict=True)]
         for name, func in zip(names, funcs, strict=True)

@@ -130,6 +130,7 @@ def _evaluate_model(
             records.append(
                 {
                     "source": ex.source,
+                    "dataset": ex.dataset,
                     "problem": ex.problem,
                     "answer": ex.answer,
                     "completions": texts,
@@ -147,6 +148,24 @@ def _evaluate_model(
     if bar is not None:
         bar.close()
     return EvalResult(summarize(records, k), records)
+
+
+def datasets_of(records: list[dict[str, Any]]) -> list[str]:
+    """The datasets (mixture entries) the records come from, in order of first appearance."""
+    return list(dict.fromkeys(rec.get("dataset", "") for rec in records))
+
+
+def summarize_by_dataset(records: list[dict[str, Any]], k: int) -> dict[str, float]:
+    """:func:`summarize` over all records (each problem counts once, whichever dataset it is from), and,
+    when they come from several datasets, every metric again per dataset as ``<metric>/<dataset>``
+    (``pass@1/math-ai/aime24``: the metric name holds no ``/``, so the first one splits the key)."""
+    metrics = summarize(records, k)
+    datasets = datasets_of(records)
+    if len(datasets) > 1:
+        for name in datasets:
+            part = summarize([rec for rec in records if rec.get("dataset", "") == name], k)
+            metrics.update({f"{key}/{name}": value for key, value in part.items()})
+    return metrics
 
 
 def summarize(records: list[dict[str, Any]], k: int) -> dict[str, float]:

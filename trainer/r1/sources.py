@@ -26,6 +26,12 @@ FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 class Source:
     name: str
     weight: Fraction | None = None
+    config: str | None = None  # `name@config`: this source's dataset config (else --dataset_config's)
+
+    @property
+    def label(self) -> str:
+        """The source as the list names it, without its weight (``openai/gsm8k@main``)."""
+        return f"{self.name}@{self.config}" if self.config else self.name
 
 
 _WEIGHTED_RE = re.compile(r"(?P<name>.+):(?P<weight>\d+(?:\.\d*)?|\.\d+)")
@@ -35,10 +41,23 @@ def _exists(name: str) -> bool:
     return Path(os.path.expanduser(name)).exists()
 
 
-def parse_sources(dataset_name: str) -> list[Source]:
-    """``--dataset_name`` as a list of sources: ``a.jsonl:0.7,b.jsonl:0.3`` or a single name.
+def _with_config(spec: str, name: str, weight: Fraction | None = None) -> Source:
+    """``name@config`` -> Source(name, weight, config); a name that exists as a file or folder is whole."""
+    if "@" not in name or _exists(name):
+        return Source(name, weight)
+    base, _, config = name.rpartition("@")
+    base, config = base.strip(), config.strip()
+    if not base or not config:
+        raise DataError(f"--dataset_name {spec!r}: {name!r} is not <dataset>@<config>")
+    return Source(base, weight, config)
 
-    A name that exists as a file or folder is taken whole (commas or a ``:<number>`` tail included).
+
+def parse_sources(dataset_name: str) -> list[Source]:
+    """``--dataset_name`` as a list of sources: ``a.jsonl:0.7,b.jsonl:0.3`` or a single name, each name
+    optionally with its own dataset config, ``openai/gsm8k@main:0.7`` (hub sources; it replaces
+    ``--dataset_config`` for that source).
+
+    A name that exists as a file or folder is taken whole (commas, ``@`` or a ``:<number>`` tail included).
     """
     spec = dataset_name.strip()
     if not spec:
@@ -55,12 +74,12 @@ def parse_sources(dataset_name: str) -> list[Source]:
             weight = Fraction(m["weight"])
             if weight <= 0:
                 raise DataError(f"--dataset_name {spec!r}: the weight of {m['name']!r} must be > 0")
-            sources.append(Source(m["name"].strip(), weight))
+            sources.append(_with_config(spec, m["name"].strip(), weight))
         else:
-            sources.append(Source(part))
+            sources.append(_with_config(spec, part))
     if len({s.weight is None for s in sources}) > 1:
         raise DataError(f"--dataset_name {spec!r}: give every dataset a ':<weight>' or none of them")
-    names = [s.name for s in sources]
+    names = [s.label for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DataError(f"--dataset_name {spec!r}: {duplicates[0]!r} is listed twice")
@@ -77,10 +96,20 @@ def _wrap_load_error(label: str, split: str, config: str | None, e: Exception) -
 
 
 def open_split(
-    dataset_name: str, split: str, config: str | None
+    dataset_name: str, split: str, config: str | None, *, own_config: bool = False
 ) -> tuple[str, Iterable[Mapping[str, Any]], list[str]]:
-    """(label for messages, rows, column names) of one split."""
+    """(label for messages, rows, column names) of one split. ``own_config``: ``config`` was given with
+    the source (``name@config``), which only a hub dataset (or a dataset folder) takes; the label then
+    ends in ``@config``."""
+
+    def no_config() -> None:
+        if own_config:
+            raise DataError(
+                f"{dataset_name}@{config}: a dataset config applies to hub datasets and dataset folders only"
+            )
+
     if dataset_name.startswith(BUILTIN_PREFIX):
+        no_config()
         from trainer.r1.builtin import builtin_rows
 
         task = dataset_name[len(BUILTIN_PREFIX) :]
@@ -96,6 +125,7 @@ def open_split(
     name = dataset_name.replace("{split}", split)
     path = Path(os.path.expanduser(name))
     if path.is_file():
+        no_config()
         builder = FILE_SUFFIXES.get(path.suffix.lower())
         if builder is None:
             raise DataError(
@@ -113,6 +143,7 @@ def open_split(
             raise _wrap_load_error(name, split, None, e) from e
         return name, ds, list(ds.column_names)
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        no_config()
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as e:
@@ -125,10 +156,11 @@ def open_split(
     if not path.exists() and _looks_like_path(name):
         raise DataError(f"{name}: no such file or folder")
     # A plain folder or a hub id: the hub path proper.
+    label = f"{name}@{config}" if own_config else name
     try:
         ds = datasets.load_dataset(str(path) if path.is_dir() else name, config, split=split)
     except Exception as e:
-        raise _wrap_load_error(name, split, config, e) from e
+        raise _wrap_load_error(label, split, config, e) from e
     if not isinstance(ds, datasets.Dataset):  # e.g. an IterableDataset from a custom builder
-        raise DataError(f"{name}: split {split!r} did not load as a datasets.Dataset ({type(ds).__name__})")
-    return name, ds, list(ds.column_names)
+        raise DataError(f"{label}: split {split!r} did not load as a datasets.Dataset ({type(ds).__name__})")
+    return label, ds, list(ds.column_names)

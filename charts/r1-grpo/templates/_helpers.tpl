@@ -15,6 +15,11 @@ r1-grpo
 {{- printf "%s-stages" .Release.Name -}}
 {{- end -}}
 
+{{/* The ConfigMap of rewards.files (GRPO's --reward_module files). */}}
+{{- define "r1-grpo.rewardsConfigMap" -}}
+{{- printf "%s-rewards" .Release.Name -}}
+{{- end -}}
+
 {{- define "r1-grpo.controllerName" -}}
 {{- printf "%s-controller" .Release.Name -}}
 {{- end -}}

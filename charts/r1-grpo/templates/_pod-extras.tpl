@@ -84,6 +84,10 @@ set: the pod would otherwise resolve names with the node's resolver and miss the
 {{- $volumeNames = append $volumeNames "hub-token" -}}
 {{- $_ := set $paths "/var/run/secrets/huggingface" "hub-token" -}}
 {{- end -}}
+{{- if $v.rewards.files -}}
+{{- $volumeNames = append $volumeNames "rewards" -}}
+{{- $_ := set $paths $v.rewards.mountPath "rewards" -}}
+{{- end -}}
 {{- $volumes := list -}}
 {{- $mounts := list -}}
 {{- if and $v.model.existingClaim (eq (include "r1-grpo.modelFrom" .) (include "r1-grpo.baseModel" .root)) -}}
@@ -97,7 +101,7 @@ set: the pod would otherwise resolve names with the node's resolver and miss the
 {{- range $source := list (dict "field" "extraVolumes" "items" $v.extraVolumes) (dict "field" (printf "%s.extraVolumes" $at) "items" $stage.extraVolumes) -}}
 {{- range $volume := $source.items | default list -}}
 {{- if has $volume.name $volumeNames -}}
-{{- fail (printf "%s: volume name %q is already used in the %s pods (the chart's volumes: checkpoints, dshm, tmp, hub-token, model; or an extraVolumes entry)" $source.field $volume.name $at) -}}
+{{- fail (printf "%s: volume name %q is already used in the %s pods (the chart's volumes: checkpoints, dshm, tmp, hub-token, rewards, model; or an extraVolumes entry)" $source.field $volume.name $at) -}}
 {{- end -}}
 {{- $volumeNames = append $volumeNames $volume.name -}}
 {{- $volumes = append $volumes $volume -}}

@@ -441,6 +441,11 @@ spec:
           mountPath: /var/run/secrets/huggingface
           readOnly: true
         {{- end }}
+        {{- if $v.rewards.files }}
+        - name: rewards
+          mountPath: {{ $v.rewards.mountPath }}
+          readOnly: true
+        {{- end }}
         {{- with $extras.volumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -464,6 +469,13 @@ spec:
             path: token
         # 0440: readable by the pod's group (fsGroup) only.
         defaultMode: 288
+    {{- end }}
+    {{- if $v.rewards.files }}
+    - name: rewards
+      configMap:
+        name: {{ include "r1-grpo.rewardsConfigMap" .root }}
+        # 0444: code, read by the trainer (UID 10001), never executed as a file.
+        defaultMode: 292
     {{- end }}
     {{- with $extras.volumes }}
     {{- toYaml . | nindent 4 }}

@@ -250,10 +250,7 @@ def format_status(status: RunStatus, now: datetime | None = None) -> str:
         for note in s.moved_aside:
             lines.append(f"moved aside {s.name}: {note}")
     for s in status.stages:
-        if s.metrics:
-            lines.append(
-                f"metrics {s.name}: " + ", ".join(f"{k}={_num(v)}" for k, v in sorted(s.metrics.items()))
-            )
+        lines.extend(_metrics_lines(s.name, s.metrics))
     for s in status.stages:
         folded = s.earlier_attempts
         if folded:
@@ -280,6 +277,26 @@ def format_status(status: RunStatus, now: datetime | None = None) -> str:
             )
             lines.extend("  | " + line for line in last.log_tail.rstrip("\n").splitlines())
     return "\n".join(lines)
+
+
+def _metrics_lines(stage: str, metrics: dict) -> list[str]:
+    """``metrics <stage>: k=v, ...``, then one line per dataset for the ``<metric>/<dataset>`` keys of an
+    evaluation over several datasets (the metric name holds no ``/``; the dataset's may)."""
+    overall: dict[str, Any] = {}
+    per_dataset: dict[str, dict[str, Any]] = {}
+    for key, value in metrics.items():
+        metric, sep, dataset = key.partition("/")
+        if sep:
+            per_dataset.setdefault(dataset, {})[metric] = value
+        else:
+            overall[key] = value
+    lines = []
+    for label, group in [("", overall), *((f" [{d}]", per_dataset[d]) for d in sorted(per_dataset))]:
+        if group:
+            lines.append(
+                f"metrics {stage}{label}: " + ", ".join(f"{k}={_num(v)}" for k, v in sorted(group.items()))
+            )
+    return lines
 
 
 def _why_missing(api: Any, namespace: str, name: str, release: str) -> str:
