@@ -357,6 +357,21 @@ BAD = [
         'stages.sft.extraVolumes: volume name "site-ca" is already used',
     ),
     (
+        {
+            "rewards": {"files": {"brevity.py": "def brevity(r, g):\n    return 0.0\n"}},
+            "extraVolumes": [{"name": "rewards", "emptyDir": {}}],
+        },
+        'extraVolumes: volume name "rewards" is already used',
+    ),
+    (
+        {
+            "rewards": {"files": {"brevity.py": "def brevity(r, g):\n    return 0.0\n"}},
+            "extraVolumes": [CA],
+            "extraVolumeMounts": [{"name": "site-ca", "mountPath": "/etc/r1-grpo/rewards"}],
+        },
+        'extraVolumeMounts: mountPath "/etc/r1-grpo/rewards" is already mounted',
+    ),
+    (
         {"extraVolumeMounts": [{"name": "nope", "mountPath": "/x"}]},
         'extraVolumeMounts: mount of "nope" names no volume',
     ),
