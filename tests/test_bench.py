@@ -30,6 +30,10 @@ TOY = [
     "--threads",
     "1",
     "--no-warm_up",
+    # Two rounds (the bench's default is 5): both orders run (ours first, then TRL first) and the medians and
+    # per-round ratios cover more than one round, in 4 worker processes instead of 10.
+    "--rounds",
+    "2",
 ]
 
 
@@ -62,6 +66,8 @@ def toy_comparison(
 def test_grpo_vs_trl_runs_both_trainers_with_equal_settings(toy_comparison) -> None:
     out, stdout = toy_comparison
     data = json.loads((out / "grpo_vs_trl.json").read_text())
+    assert data["rounds"] == 2 and len(data["speedup_per_round"]) == 2
+    assert [len(data["results"][name]) for name in ("ours", "trl")] == [2, 2]
     ours, trl = data["results"]["ours"][0], data["results"]["trl"][0]
     assert grpo_bench.compare_effective(ours["effective"], trl["effective"]) == []
     eff = ours["effective"]

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
 
-from tests.support.helmtool import CHART_DIR, REPO_ROOT, find_doc, run_helm, stage_jobs
+from tests.support.helmtool import CHART_DIR, REPO_ROOT, find_doc, parse_documents, run_helm, stage_jobs
 from tests.test_chart import (
     GPU,
     _as_pods,
@@ -42,7 +41,7 @@ def render_example(name: str, release: str = "example") -> list[dict]:
         text = run_helm(
             ["template", release, str(CHART_DIR), "--namespace", "ml", "-f", str(EXAMPLES_DIR / name)]
         )
-        _RENDERED[name] = [doc for doc in yaml.safe_load_all(text) if doc]
+        _RENDERED[name] = parse_documents(text)
     return _RENDERED[name]
 
 

@@ -183,6 +183,7 @@ class Scenario:
 
     def wait(self, what: str, ready: Callable[[], Any], timeout: float = 180.0) -> Any:
         deadline = time.monotonic() + timeout
+        pause = 0.02  # fast first polls, backing off to 0.2 s
         while time.monotonic() < deadline:
             for _, thread, out in self.threads:
                 if not thread.is_alive() and out and out[0].exit_code != EXIT_SIGTERM:
@@ -190,7 +191,8 @@ class Scenario:
             value = ready()
             if value:
                 return value
-            time.sleep(0.2)
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.2)
         raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
     # -- the kubelet and the trainer

@@ -8,9 +8,8 @@ import importlib
 import json
 
 import pytest
-import yaml
 
-from tests.support.helmtool import HelmError, find_doc, helm_binaries, render_chart, run_helm
+from tests.support.helmtool import HelmError, find_doc, helm_binaries, parse_documents, render_chart, run_helm
 from trainer import flag_table
 from trainer.contract.stage_args import FLAG_TABLE, StageArgsError, check_stage_argv
 from trainer.contract.stages import STAGE_MODULES, STAGES
@@ -116,15 +115,9 @@ def test_refusals_name_the_stage_and_the_flag() -> None:
 
 
 def _stages_configmap(values: dict, helm_args: tuple[str, ...] = ()) -> dict:
-    docs = [
-        d
-        for d in yaml.safe_load_all(
-            run_helm(
-                ["template", "r1", str(flag_table.ROOT / "charts" / "r1-grpo"), *helm_args], values=values
-            )
-        )
-        if d
-    ]
+    docs = parse_documents(
+        run_helm(["template", "r1", str(flag_table.ROOT / "charts" / "r1-grpo"), *helm_args], values=values)
+    )
     cm = find_doc(docs, "ConfigMap", "r1-stages")
     cm["metadata"]["namespace"] = "default"
     return cm

@@ -533,6 +533,7 @@ class ControlPlane:
     def _wait(self, what: str, ready: Callable[[], Any], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         last: Exception | None = None
+        pause = 0.02  # most conditions hold within a few tenths: poll fast first, back off to 0.2 s
         while time.monotonic() < deadline:
             for name, proc in self._procs:
                 if proc.poll() is not None:
@@ -545,7 +546,8 @@ class ControlPlane:
                     return
             except (OSError, ApiError, ValueError) as e:
                 last = e
-            time.sleep(0.2)
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.2)
         raise TimeoutError(
             f"{what} not ready after {timeout:.0f} s (last error: {last}); logs in {self.log_dir}"
         )

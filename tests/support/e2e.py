@@ -140,9 +140,14 @@ def now_rfc3339() -> str:
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.3) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` (and the last error) on timeout."""
+    """Poll `check` until it returns something truthy; fail naming `what` (and the last error) on timeout.
+
+    The first polls come fast (from 0.02 s, growing 1.5x up to `interval`): short waits end soon after the
+    condition holds, long ones (a stage training) poll no more often than before.
+    """
     deadline = time.monotonic() + timeout
     last: Exception | None = None
+    pause = min(0.02, interval)
     while time.monotonic() < deadline:
         try:
             value = check()
@@ -150,7 +155,8 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0, inter
                 return value
         except Exception as e:  # noqa: BLE001 - kept for the failure message
             last = e
-        time.sleep(interval)
+        time.sleep(pause)
+        pause = min(pause * 1.5, interval)
     raise AssertionError(
         f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last})" if last else "")
     )
