@@ -349,10 +349,12 @@ def eval_worker(model: str, data: str, batch: int) -> None:
 
 
 def imports_rss(env: dict[str, str]) -> int:
-    """RSS of a process that imported what a training rank imports (the floor's first term)."""
+    """Peak RSS of a process that imported what a training rank imports (the floor's first term). Its
+    own mm's VmHWM: ru_maxrss would carry this (model-building) process's size across the exec."""
     code = (
-        "import resource, colossalai, transformers, trainer.sft, trainer.grpo; "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "import colossalai, transformers, trainer.sft, trainer.grpo; "
+        "status = open('/proc/self/status').read().splitlines(); "
+        "print(int(next(ln for ln in status if ln.startswith('VmHWM')).split()[1]) * 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
