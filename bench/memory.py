@@ -14,8 +14,8 @@ default `--per_device_eval_batch_size` (16) in one process. Peak RSS is the larg
 The floor of a process: its RSS after imports (measured) + weights + gradients + AdamW states (float32 on
 ddp: 4 + 4 + 8 bytes per parameter; eval: weights only; GRPO: + the float32 reference) + the activations
 autograd keeps for one micro-batch (per token and layer: 6 hidden + 5 KV + 4 intermediate float32 values)
-+ two chunks of float32 logits (the chunk and its softmax; GRPO: the completion positions' logits, which
-its forward keeps alone, and their log-softmax). Ratio = measured / floor.
++ two chunks of float32 logits (the chunk and its softmax; GRPO's chunk holds just the completion
+positions). Ratio = measured / floor.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def floor_bytes(size: Size, stage: str, imports: int) -> dict[str, int]:
     else:  # grpo: 2 completions of one prompt, trained as one chunk; the reference beside the policy
         parts = {"weights": 4 * p, "reference": 4 * p, "grads": 4 * p, "adam": 8 * p}
         parts["activations"] = activation_bytes(size, 2 * SEQ)
-    if stage == "grpo":  # logits of the completion positions only (logits_to_keep) and their log-softmax
+    if stage == "grpo":  # the fused head's chunk: logits of the 2 x 65 predicting positions, and their exp
         parts["logits"] = 2 * 2 * (COMPLETION + 1) * size.vocab * 4
     else:
         parts["logits"] = logits_bytes(size)
@@ -455,8 +455,11 @@ def gpu_plan(
         "optimizer": 12 * p / gpus,  # float32 master + Adam m, v, sharded
         "reference": 2 * p if stage == "grpo" else 0,  # a bf16 replica per rank (not sharded)
         "activations": 2 * tokens * hidden * layers + 4 * tokens * (6 * hidden + 5 * kv + 4 * inter),
-        "logits": 2 * (CHUNK_BYTES // (4 * 151_936)) * 151_936 * 4,
+        "logits": 2 * (CHUNK_BYTES // (4 * 151_936)) * 151_936 * 4,  # the fused head's chunk (zero2)
     }
+    if plugin == "gemini":  # no fused head: the bf16 logits of every trained position (at most all tokens)
+        # kept for the backward, and their gradient; GRPO's shared-prompt forward gathers a copy of them too
+        parts["logits"] = (3 if stage == "grpo" else 2) * 2 * tokens * 151_936
     parts["total"] = sum(parts.values())
     return parts
 
