@@ -120,7 +120,8 @@ def floor_bytes(size: Size, stage: str, imports: int) -> dict[str, int]:
         parts["activations"] = activation_bytes(size, size.train_batch * SEQ)
     else:  # grpo: 2 completions of one prompt, trained as one chunk; the reference beside the policy
         parts = {"weights": 4 * p, "reference": 4 * p, "grads": 4 * p, "adam": 8 * p}
-        parts["activations"] = activation_bytes(size, 2 * SEQ)
+        # The shared-prompt forward packs the group: its prompt once, then both completions.
+        parts["activations"] = activation_bytes(size, SEQ - COMPLETION + 2 * COMPLETION)
     if stage == "grpo":  # the fused head's chunk: logits of the 2 x 65 predicting positions, and their exp
         parts["logits"] = 2 * 2 * (COMPLETION + 1) * size.vocab * 4
     else:
