@@ -14,8 +14,8 @@ default `--per_device_eval_batch_size` (16) in one process. Peak RSS is the larg
 The floor of a process: its RSS after imports (measured) + weights + gradients + AdamW states (float32 on
 ddp: 4 + 4 + 8 bytes per parameter; eval: weights only; GRPO: + the float32 reference) + the activations
 autograd keeps for one micro-batch (per token and layer: 6 hidden + 5 KV + 4 intermediate float32 values)
-+ two chunks of float32 logits (the chunk and its softmax; GRPO: the completion positions' logits, which
-its forward keeps alone, and their log-softmax). Ratio = measured / floor.
++ two chunks of float32 logits (the chunk and its softmax; GRPO's chunk holds just the completion
+positions). Ratio = measured / floor.
 """
 
 from __future__ import annotations
@@ -120,8 +120,9 @@ def floor_bytes(size: Size, stage: str, imports: int) -> dict[str, int]:
         parts["activations"] = activation_bytes(size, size.train_batch * SEQ)
     else:  # grpo: 2 completions of one prompt, trained as one chunk; the reference beside the policy
         parts = {"weights": 4 * p, "reference": 4 * p, "grads": 4 * p, "adam": 8 * p}
-        parts["activations"] = activation_bytes(size, 2 * SEQ)
-    if stage == "grpo":  # logits of the completion positions only (logits_to_keep) and their log-softmax
+        # The shared-prompt forward packs the group: its prompt once, then both completions.
+        parts["activations"] = activation_bytes(size, SEQ - COMPLETION + 2 * COMPLETION)
+    if stage == "grpo":  # the fused head's chunk: logits of the 2 x 65 predicting positions, and their exp
         parts["logits"] = 2 * 2 * (COMPLETION + 1) * size.vocab * 4
     else:
         parts["logits"] = logits_bytes(size)
@@ -349,10 +350,12 @@ def eval_worker(model: str, data: str, batch: int) -> None:
 
 
 def imports_rss(env: dict[str, str]) -> int:
-    """RSS of a process that imported what a training rank imports (the floor's first term)."""
+    """Peak RSS of a process that imported what a training rank imports (the floor's first term). Its
+    own mm's VmHWM: ru_maxrss would carry this (model-building) process's size across the exec."""
     code = (
-        "import resource, colossalai, transformers, trainer.sft, trainer.grpo; "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "import colossalai, transformers, trainer.sft, trainer.grpo; "
+        "status = open('/proc/self/status').read().splitlines(); "
+        "print(int(next(ln for ln in status if ln.startswith('VmHWM')).split()[1]) * 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -453,8 +456,11 @@ def gpu_plan(
         "optimizer": 12 * p / gpus,  # float32 master + Adam m, v, sharded
         "reference": 2 * p if stage == "grpo" else 0,  # a bf16 replica per rank (not sharded)
         "activations": 2 * tokens * hidden * layers + 4 * tokens * (6 * hidden + 5 * kv + 4 * inter),
-        "logits": 2 * (CHUNK_BYTES // (4 * 151_936)) * 151_936 * 4,
+        "logits": 2 * (CHUNK_BYTES // (4 * 151_936)) * 151_936 * 4,  # the fused head's chunk (zero2)
     }
+    if plugin == "gemini":  # no fused head: the bf16 logits of every trained position (at most all tokens)
+        # kept for the backward, and their gradient; GRPO's shared-prompt forward gathers a copy of them too
+        parts["logits"] = (3 if stage == "grpo" else 2) * 2 * tokens * 151_936
     parts["total"] = sum(parts.values())
     return parts
 

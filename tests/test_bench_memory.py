@@ -57,6 +57,15 @@ def test_run_measured_does_not_count_the_caller(tmp_path: Path) -> None:
     assert 0 < run["peak_rss"] < 200 * 2**20, run
 
 
+def test_imports_rss_does_not_count_the_caller() -> None:
+    """The floor's imports term, measured from the bench after it built a model, is the child's own."""
+    alone = memory.imports_rss(memory.child_env(1))
+    ballast = bytearray(2048 * 2**20)  # resident (zero-filled) in this process while the probe runs
+    loaded = memory.imports_rss(memory.child_env(1))
+    assert len(ballast) and 100 * 2**20 < loaded < 2048 * 2**20, (alone, loaded)
+    assert abs(loaded - alone) < 256 * 2**20, (alone, loaded)
+
+
 def test_run_measured_kills_the_tree_at_the_timeout(tmp_path: Path) -> None:
     child = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])"
     run = memory.run_measured([sys.executable, "-c", child], memory.child_env(1), tmp_path / "log", 2)

@@ -46,6 +46,7 @@ from trainer.r1.prompt import PromptArgs, Prompter, resolve_prompt
 from trainer.r1.reward_module import RewardModule
 from trainer.r1.rewards import DEFAULT_REWARD_FUNCS, REWARD_FUNCS, accuracy_reward, format_reward, score
 from trainer.r1.scoring import evaluate_model
+from trainer.rl.head_logprobs import FUSED_HEAD_PLUGINS, lm_head_of
 from trainer.rl.logprobs import completion_logprobs, unwrap_model
 from trainer.rl.metrics import GAP_SUM_KEYS, add_gap_sums, gap_metrics, logprob_gap_sums
 from trainer.rl.objective import (
@@ -275,6 +276,12 @@ def train(data_args: DataArgs, prompt_args: PromptArgs, args: GRPOArgs) -> int:
         initial = load_reference_weights(args.model_name_or_path, args, policy, device)
         ref_model = reference_model(initial, policy)
         del initial, policy
+    if args.plugin in FUSED_HEAD_PLUGINS and lm_head_of(model) is not None:
+        logger.info("log-probs: lm-head + log-softmax on completion positions only, in chunks (no logits)")
+    else:
+        logger.info(
+            "log-probs: the model's logits (no fused lm-head for --plugin %s or this model)", args.plugin
+        )
     generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + dist.rank)
     state = stage.resume({"sampling": generator})
     position = state["prompt_positions"][dist.rank] if state else 0
@@ -506,6 +513,7 @@ def make_rollout(
                 temperature,
                 train_chunk(args),
                 group_size=args.num_generations,
+                fused_head=args.plugin in FUSED_HEAD_PLUGINS,  # the policy's path: KL 0 at equal weights
             ).float()
     return rollout
 
@@ -590,6 +598,7 @@ def policy_update(stage: Stage, rollout: Rollout, args: GRPOArgs, reuse: bool) -
                     rollout.temperature,
                     chunk,
                     group_size=G,
+                    fused_head=args.plugin in FUSED_HEAD_PLUGINS,
                 ).float()
             old = None
             if reuse:

@@ -26,6 +26,7 @@ from trainer.r1.data import DataArgs, LoadReport
 from trainer.r1.lengths import sft_sequences
 from trainer.r1.prompt import PromptArgs, Prompter, resolve_prompt
 from trainer.rl.head_logprobs import (
+    FUSED_HEAD_PLUGINS,
     chunk_rows_for,
     final_hidden_states,
     linear_token_logprobs,
@@ -43,10 +44,6 @@ from trainer.runtime import (
 
 logger = logging.getLogger("r1_grpo.sft")
 IGNORE_INDEX = -100
-# Plugins whose lm-head weight is a plain tensor of the full vocabulary outside the wrapper's forward, so
-# the loss can run the head itself (fused). Gemini fetches parameters only inside its own forward's op
-# hooks and 3d's tensor parallelism splits the head over the vocabulary: they take the logits path.
-FUSED_HEAD_PLUGINS = ("ddp", "zero2", "zero2_cpu")
 
 
 @dataclass

@@ -20,6 +20,11 @@ from torch import Tensor, nn
 
 from trainer.rl.logprobs import _check_temperature, _compute_dtype, _forward_parameters, unwrap_model
 
+# Plugins whose lm-head weight is a plain tensor of the full vocabulary outside the wrapper's forward, so
+# a loss can run the head itself (fused). Gemini fetches parameters only inside its own forward's op
+# hooks and 3d's tensor parallelism splits the head over the vocabulary: they take the logits path.
+FUSED_HEAD_PLUGINS = ("ddp", "zero2", "zero2_cpu")
+
 # Bytes of float32 logits per chunk: 256 MiB is ~440 rows of a 152k vocabulary (enough rows to keep the
 # matmul efficient, small next to any model with such a vocabulary).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -178,3 +183,21 @@ def final_hidden_states(model: nn.Module, body: nn.Module, **inputs: Any) -> Ten
     if len(captured) != 1:
         raise RuntimeError(f"expected one forward of the model body, saw {len(captured)}")
     return captured[0]
+
+
+def hidden_token_logprobs(
+    model: nn.Module,
+    head: tuple[nn.Module, Tensor],
+    rows: Tensor,
+    targets: Tensor,
+    temperature: float,
+    **inputs: Any,
+) -> Tensor:
+    """Log-probs of ``targets`` [N] predicted at ``rows`` [N] (indices into the forward's flattened
+    [B * L] positions) from one forward of ``model`` on ``inputs`` that computes no logits; the lm-head
+    and log-softmax run on those N rows alone, in chunks (:func:`linear_token_logprobs`). ``head`` comes
+    from :func:`lm_head_of`."""
+    body, weight = head
+    hidden = final_hidden_states(model, body, **inputs)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
+    return linear_token_logprobs(picked, weight, targets, temperature)

@@ -237,6 +237,7 @@ def completion_logprobs(
     trim_padding: bool = True,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     group_size: int | None = None,
+    fused_head: bool = False,
 ) -> Tensor:
     """Log-probs [N, T] of ``completion_ids`` under ``model`` at ``temperature``.
 
@@ -251,6 +252,13 @@ def completion_logprobs(
     With ``group_size`` G (rows ``r`` with the same ``r // G`` share one prompt, as in a GRPO rollout)
     the shared-prompt forward (`grouped_completion_logprobs`) is used where it is valid and cheaper:
     each prompt runs once per group instead of G times. Same values up to float rounding.
+
+    With ``fused_head`` (and a model whose head :func:`trainer.rl.head_logprobs.lm_head_of` understands)
+    the model computes no logits: its body's last hidden states at the predicting positions go through
+    the lm-head and log-softmax a chunk of ~256 MiB of float32 logits at a time, forward and backward,
+    instead of [rows, T + 1, V] logits per forward kept alive for the backward (``chunk_rows`` then
+    does not apply). Only where the wrapper leaves the head's weight a plain tensor
+    (``FUSED_HEAD_PLUGINS``); the reference must take the policy's path for a KL of exactly 0.
 
     Differentiable when grad is enabled (policy), cheap under ``torch.no_grad()`` (reference/old).
     Returns float32 (float64 for a float64 model); values at completion padding are meaningless and
@@ -279,6 +287,11 @@ def completion_logprobs(
         )
     if not torch.equal(input_ids[:, length - t :], completion_ids.to(input_ids.device)):
         raise ValueError("completion_ids must equal the last T columns of input_ids (prompt + completion)")
+    head = None
+    if fused_head:
+        from trainer.rl.head_logprobs import hidden_token_logprobs, lm_head_of  # imports this module
+
+        head = lm_head_of(model)
     if group_size is not None and position_ids is None:
         from trainer.rl.packed_forward import (  # imports this module
             grouped_completion_logprobs,
@@ -297,6 +310,7 @@ def completion_logprobs(
                 temperature,
                 chunk_rows=chunk_rows,
                 split_attention=plan.split_attention,
+                head=head,
             )
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
@@ -325,6 +339,16 @@ def completion_logprobs(
             first = int(attended.long().argmax()) if bool(attended.any()) else 0
             first = min(first, length - t - 1)
             ids, mask, pos = ids[:, first:], mask[:, first:], pos[:, first:]
+        if head is not None:
+            # Position j predicts token j + 1: the T positions before each row's last one.
+            width = ids.shape[1]
+            cols = torch.arange(width - t - 1, width - 1, device=ids.device)
+            rows = (torch.arange(stop - start, device=ids.device)[:, None] * width + cols).flatten()
+            targets = completion_ids[start:stop].to(ids.device).reshape(-1)
+            inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+            values = hidden_token_logprobs(model, head, rows, targets, temperature, **inputs)
+            results.append(values.view(stop - start, t))
+            continue
         logits = _logits_of(model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra))
         if logits.shape[1] < t + 1:
             raise ValueError(

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainer.rl.head_logprobs import hidden_token_logprobs
 from trainer.rl.logprobs import (
     DEFAULT_CHUNK_ROWS,
     _forward_parameters,
@@ -336,6 +337,7 @@ def grouped_completion_logprobs(
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     split_attention: bool = False,
+    head: tuple[nn.Module, Tensor] | None = None,
 ) -> Tensor:
     """`completion_logprobs` with each group's prompt run once (see `shared_prompt_plan` for when).
 
@@ -346,6 +348,9 @@ def grouped_completion_logprobs(
     the completion's position ``j - 1``. Only the real completion tokens' logits are gathered.
     With ``split_attention`` (see `split_attention_supported`) the attention layers compute only those
     blocks (`_split_attention`) instead of the masked full block; same values.
+    With ``head`` (:func:`trainer.rl.head_logprobs.lm_head_of` of ``model``) the forward computes no logits:
+    the hidden states at the predicting positions go through the lm-head in chunks (`completion_logprobs`'
+    ``fused_head``).
     """
     n_rows, length = input_ids.shape
     G = group_size
@@ -363,6 +368,22 @@ def grouped_completion_logprobs(
     sdpa = inner.config._attn_implementation == "sdpa"
     flat_ids = input_ids.reshape(-1)
     out: Tensor | None = None
+
+    def forward(pred: list[int], targets: Tensor, width: int, keep: int, **inputs: Any) -> Tensor:
+        """Log-probs of ``targets`` predicted at the flattened positions ``pred`` ([B * width])."""
+        if head is not None:
+            rows = torch.tensor(pred, device=device)
+            return hidden_token_logprobs(model, head, rows, targets, temperature, **inputs)
+        logits = _logits_of(model(**inputs, logits_to_keep=keep, use_cache=False))
+        if logits.shape[1] != keep:
+            raise ValueError(
+                f"model returned logits for {logits.shape[1]} positions, asked for logits_to_keep={keep}"
+            )
+        # Rows of the kept logits: position q of row r is r * keep + q - (width - keep).
+        flat = torch.tensor([p // width * keep + p % width - (width - keep) for p in pred], device=device)
+        picked = logits.reshape(-1, logits.shape[-1]).index_select(0, flat)  # backward: one index_add
+        return token_logprobs(picked, targets, temperature, chunk_rows=chunk_rows)  # [tokens]
+
     for g0 in range(0, n_rows // G, groups_per_forward):
         g1 = min(n_rows // G, g0 + groups_per_forward)
         # Index lists in plain Python (a few thousand ints), then one tensor op each.
@@ -397,21 +418,19 @@ def grouped_completion_logprobs(
         pos = torch.tensor([x + [0] * k for x, k in zip(positions, pad, strict=True)], device=device)
         first_kept = min(len(prompt_cols[g]) for g in range(g0, g1)) - 1  # earliest last-prompt position
         keep = width - first_kept
+        rows_t = torch.tensor(out_row, device=device)
+        cols_t = torch.tensor(out_col, device=device)
+        targets = input_ids[rows_t, prompt_region + cols_t]
+        pred = [r * width + q for r, q in zip(pred_row, pred_pos, strict=True)]
+        inputs = {"input_ids": ids, "position_ids": pos}
         if split_attention:
             layout = _SplitLayout(
                 [len(prompt_cols[g]) for g in range(g0, g1)], comp_lens[g0 * G : g1 * G], G, width, device
             )
-            placeholder = torch.ones(
-                1, 1, 1, 1, dtype=torch.bool, device=device
-            )  # a 4-D mask is passed through as is
+            # A 4-D mask is passed through as is; the attention layers compute only the needed blocks.
+            placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
             with _split_attention_forward(inner, layout):
-                output = model(
-                    input_ids=ids,
-                    attention_mask=placeholder,
-                    position_ids=pos,
-                    logits_to_keep=keep,
-                    use_cache=False,
-                )
+                values = forward(pred, targets, width, keep, attention_mask=placeholder, **inputs)
             if layout.calls != inner.config.num_hidden_layers:
                 raise RuntimeError(
                     f"split attention ran in {layout.calls} of {inner.config.num_hidden_layers} layers"
@@ -431,23 +450,7 @@ def grouped_completion_logprobs(
                 mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
                     ~allowed, min_value
                 )[:, None]
-            output = model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False
-            )
-        logits = _logits_of(output)
-        if logits.shape[1] != keep:
-            raise ValueError(
-                f"model returned logits for {logits.shape[1]} positions, asked for logits_to_keep={keep}"
-            )
-        rows_t = torch.tensor(out_row, device=device)
-        cols_t = torch.tensor(out_col, device=device)
-        flat = torch.tensor(
-            [r * keep + q - first_kept for r, q in zip(pred_row, pred_pos, strict=True)], device=device
-        )
-        picked = logits.reshape(-1, logits.shape[-1]).index_select(0, flat)  # backward: one index_add
-        targets = input_ids[rows_t, prompt_region + cols_t]
-        values = token_logprobs(picked, targets, temperature, chunk_rows=chunk_rows)  # [tokens]
-        del logits, picked
+            values = forward(pred, targets, width, keep, attention_mask=mask, **inputs)
         if out is None:
             out = values.new_zeros(n_rows, t)
         out = out.index_put((rows_t, cols_t), values)  # out of place: autograd keeps every chunk's values
