@@ -97,9 +97,12 @@ def test_trainjob_stages_run_the_pytorchjob_pods(name: str) -> None:
             "name": runtime["metadata"]["name"],
         }
         nodes = 1 + pytorch[stage]["spec"]["pytorchReplicaSpecs"].get("Worker", {}).get("replicas", 0)
+        container = master["template"]["spec"]["containers"][0]
         assert job["spec"]["trainer"] == {
             "numNodes": nodes,
             "numProcPerNode": int(pytorch[stage]["spec"]["nprocPerNode"]),
+            "command": container["command"],
+            "args": runtime_pod(runtime)["spec"]["containers"][0]["args"],
         }
         assert runtime["spec"]["mlPolicy"] == {"numNodes": nodes, "torch": {}}
         pod = runtime_pod(runtime)

@@ -493,9 +493,9 @@ spec:
 
 {{/*
 The complete trainer.kubeflow.org/v1alpha1 TrainJob of a stage, attempt 1 (the controller renames later
-attempts). Against the chart's TrainingRuntime <release>-<stage> it only sets the layout; against a
-ClusterTrainingRuntime the user names (trainJob.clusterTrainingRuntime) it carries the stage pod template's
-container (image, command, args, env, resources) in spec.trainer and the rest of the pod (labels, service
+attempts). Against the chart's TrainingRuntime <release>-<stage> it sets the layout and repeats the pods'
+command line; against a ClusterTrainingRuntime the user names (trainJob.clusterTrainingRuntime) it carries
+the stage pod template's container (image, command, args, env, resources) in spec.trainer and the rest of the pod (labels, service
 account, security contexts, volumes, placement, grace period) as a runtime patch: the same pod, taken from
 the same partial. Fields a runtime patch cannot set (priorityClassName, schedulerName, enableServiceLinks,
 automountServiceAccountToken, ports) are then the ClusterTrainingRuntime's.
@@ -528,17 +528,18 @@ spec:
     kind: TrainingRuntime
     name: {{ printf "%s-%s" .root.Release.Name .stage }}
     {{- end }}
+  {{- $pod := include "r1-grpo.trainingPodTemplate" . | fromYaml }}
+  {{- $c := index $pod.spec.containers 0 }}
   trainer:
     numNodes: {{ int ($stage.nodes | default 1) }}
     numProcPerNode: {{ include "r1-grpo.nprocPerNode" . }}
-    {{- if $cluster }}
-    {{- $pod := include "r1-grpo.trainingPodTemplate" . | fromYaml -}}
-    {{- $c := index $pod.spec.containers 0 }}
-    image: {{ $c.image }}
+    # The stage's command line, as in its pods (the job says what it runs; the controller checks the flags).
     command:
       {{- toYaml $c.command | nindent 6 }}
     args:
       {{- toYaml $c.args | nindent 6 }}
+    {{- if $cluster }}
+    image: {{ $c.image }}
     env:
       {{- toYaml $c.env | nindent 6 }}
     resourcesPerNode:
