@@ -45,6 +45,7 @@ from trainer.contract.stages import TRAINING_STAGES
 VENV_BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # a TrainJob's pods: its JobSet has the TrainJob's name
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
 
 # The values that point the chart at the test cluster: fake GPU nodes (1 GPU per stage, tolerated taint),
@@ -245,9 +246,12 @@ class Release:
             self.cp.request("GET", f"{api}/namespaces/{self.namespace}/{resource}{query}").get("items") or []
         )
 
-    def jobs(self) -> dict[str, dict]:
-        items = self.list("/apis/kubeflow.org/v1", "pytorchjobs", f"app.kubernetes.io/instance={self.name}")
+    def jobs(self, api: str = "/apis/kubeflow.org/v1", resource: str = "pytorchjobs") -> dict[str, dict]:
+        items = self.list(api, resource, f"app.kubernetes.io/instance={self.name}")
         return {j["metadata"]["name"]: j for j in items}
+
+    def trainjobs(self) -> dict[str, dict]:
+        return self.jobs("/apis/trainer.kubeflow.org/v1alpha1", "trainjobs")
 
     def controller_jobs(self) -> list[dict]:
         return self.list(
@@ -633,7 +637,8 @@ def write_checkpoint(folder: Path, step: int) -> Path:
 
 def pod_stage_attempt(pod: dict) -> tuple[str, int]:
     """(stage, attempt) of a training pod: its stage label and the number ending its job's name."""
-    job = pod["metadata"]["labels"][JOB_NAME_LABEL]
+    labels = pod["metadata"]["labels"]
+    job = labels.get(JOB_NAME_LABEL) or labels[JOBSET_NAME_LABEL]
     return pod["metadata"]["labels"]["r1-grpo.io/stage"], int(job.rsplit("-", 1)[1])
 
 

@@ -437,7 +437,7 @@ class Controller(PodReports, KueueAdmission, Stops, JobCreation):
             if e.status == 404:
                 raise ConfigError(
                     f"cannot list {pipeline.kind.kind}s ({api_error_summary(e)}): is "
-                    f"{pipeline.kind.operator} installed?"
+                    f"{pipeline.kind.installed} installed?"
                 ) from e
             raise
         jobs: dict[str, dict[int, JobState]] = {}

@@ -70,7 +70,7 @@ class JobCreation:
                     ) from e
                 if e.status == 404:
                     raise ConfigError(
-                        f"{where} the API server: {api_error_summary(e)} - is {spec.kind.operator} installed?"
+                        f"{where} the API server: {api_error_summary(e)} - is {spec.kind.installed} installed?"
                     ) from e
                 if denied == DENIED_QUOTA:  # quota is checked after the schema and the webhooks
                     log("info", "dry run stopped at a ResourceQuota; the job itself is valid", job=name)

@@ -45,7 +45,7 @@ class JobKind:
     plural: str
     container: str  # the training container in every pod of the job
     pod_label: str  # on every pod of a job, its value the job's name
-    operator: str  # what must run in the cluster for the kind to work, for error messages
+    operator: str  # what serves the kind in the cluster, for error messages
     kueue_integration: str  # the name of Kueue's integration for the kind (its configuration's frameworks)
     first_pod_marker: str  # in the names of the first node's pods only
     _phase: Callable[[dict], tuple[str, str, datetime | None]]
@@ -56,6 +56,11 @@ class JobKind:
     @property
     def api_version(self) -> str:
         return f"{self.group}/{self.version}"
+
+    @property
+    def installed(self) -> str:
+        """What must be installed, as error messages name it."""
+        return f"{self.operator} ({self.api_version} {self.kind} CRD)"
 
     def pod_selector(self, job_name: str) -> str:
         return f"{self.pod_label}={job_name}"
@@ -124,7 +129,7 @@ PYTORCHJOB = JobKind(
     plural="pytorchjobs",
     container="pytorch",
     pod_label="training.kubeflow.org/job-name",
-    operator="the Kubeflow training operator (kubeflow.org/v1 PyTorchJob CRD)",
+    operator="the Kubeflow training operator",
     kueue_integration="kubeflow.org/pytorchjob",
     first_pod_marker="-master-",
     _phase=_pytorch_phase,
@@ -167,7 +172,7 @@ TRAINJOB = JobKind(
     plural="trainjobs",
     container="node",
     pod_label="jobset.sigs.k8s.io/jobset-name",
-    operator="Kubeflow Trainer v2 and the JobSet controller (trainer.kubeflow.org/v1alpha1 TrainJob CRD)",
+    operator="Kubeflow Trainer v2 (with the JobSet controller)",
     kueue_integration="trainer.kubeflow.org/trainjob",
     first_pod_marker="-node-0-0-",
     _phase=_trainjob_phase,
