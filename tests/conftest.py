@@ -264,7 +264,7 @@ def controlplane_build() -> Path:
 
 @pytest.fixture(scope="session")
 def jobapi_build() -> Path:
-    """The job-API controllers of the test control plane (tests/controlplane/build-jobs.sh): the JobSet
+    """The job-API controllers of the test control plane (tests/controlplane-jobs/build.sh): the JobSet
     controller, the Kubeflow Trainer v2 controller manager and Kueue, with their CRDs, webhook
     configurations and the Trainer's runtimes, from the pinned Go modules; built on first use and cached
     apart from controlplane_build. R1_GRPO_SKIP_CLUSTER=1 skips the tests that need it."""
@@ -277,7 +277,7 @@ def jobapi_build() -> Path:
     except subprocess.CalledProcessError as e:
         build_error = e.returncode
     pytest.fail(
-        f"the job-API controllers could not be built (tests/controlplane/build-jobs.sh exited {build_error}; "
+        f"the job-API controllers could not be built (tests/controlplane-jobs/build.sh exited {build_error}; "
         "its message is above): it needs Go >= 1.26 and the Go module proxy the first time. Set "
         "R1_GRPO_SKIP_CLUSTER=1 to skip the tests that need it.",
         pytrace=False,

@@ -1,6 +1,6 @@
 """charts/r1-grpo with `jobApi: trainjob`: every stage as a Kubeflow Trainer v2 TrainJob running the same pods
 as its PyTorchJob, checked with the real helm and strictly against the CRDs of the pinned Trainer v2 module
-(tests/controlplane/build-jobs.sh copies them)."""
+(tests/controlplane-jobs/build.sh copies them)."""
 
 from __future__ import annotations
 

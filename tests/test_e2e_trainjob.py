@@ -1,6 +1,6 @@
 """The chart with `jobApi: trainjob`, and Kueue admission, on a real control plane with the real JobSet
 controller, Kubeflow Trainer v2 controller manager and Kueue (tests/controlplane/jobcontrollers.py, built by
-build-jobs.sh), as a user runs them: `helm install`, the controller as a host process with the chart's
+tests/controlplane-jobs/build.sh), as a user runs them: `helm install`, the controller as a host process with the chart's
 ServiceAccount token, the Trainer making each TrainJob a JobSet, JobSet its batch Job, the Job controller
 the pods, and tests/support/e2e.py's HostKubelet running the pods' real container commands on this machine.
 

@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 BUILD_SH = HERE / "build.sh"
 # The job-API controllers (JobSet, Kubeflow Trainer v2, Kueue): their own script and cache, so that only
 # the tests that use them build or start them.
-BUILD_JOBS_SH = HERE / "build-jobs.sh"
+BUILD_JOBS_SH = HERE.parent / "controlplane-jobs" / "build.sh"
 
 GPU_RESOURCE = "nvidia.com/gpu"
 # The chart tolerates key nvidia.com/gpu (operator Exists, effect NoSchedule): charts/r1-grpo/values.yaml.
@@ -89,7 +89,7 @@ def ensure_binaries() -> Path:
 
 
 def ensure_job_binaries() -> Path:
-    """Builds the JobSet, Trainer v2 and Kueue binaries and manifests when missing (build-jobs.sh) and
+    """Builds the JobSet, Trainer v2 and Kueue binaries and manifests when missing (tests/controlplane-jobs/build.sh) and
     returns their cache dir."""
     out = subprocess.run(["bash", str(BUILD_JOBS_SH)], check=True, stdout=subprocess.PIPE, text=True).stdout
     return Path(out.strip().splitlines()[-1])

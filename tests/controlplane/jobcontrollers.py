@@ -1,7 +1,7 @@
 """The job-API controllers on the test control plane: the JobSet controller, the Kubeflow Trainer v2
-controller manager and Kueue, built by build-jobs.sh, run out of cluster like the training operator.
+controller manager and Kueue, built by tests/controlplane-jobs/build.sh, run out of cluster like the training operator.
 
-Each gets its CRDs and webhook configurations from its own module (build-jobs.sh copies them), with every
+Each gets its CRDs and webhook configurations from its own module (that script copies them), with every
 webhook's Service reference rewritten to a URL on 127.0.0.1 and a caBundle of one CA made per cache dir;
 each serves TLS from its own certificate folder with that CA's certificate for 127.0.0.1, and its own
 internal certificate management is off (it would want a Service and a Secret in its namespace). Kueue reads

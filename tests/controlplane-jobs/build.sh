@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Builds the job-API controllers of the test control plane (the JobSet controller, the Kubeflow Trainer v2
-# controller manager, Kueue), pinned by the Go modules in jobset/, trainer-v2/ and kueue/, into their own
-# cache directory, and prints that directory on its last stdout line. They are kept apart from build.sh's
-# cache (own key: this recipe and those three go.mod + go.sum only) so adding or bumping them never
-# rebuilds the Kubernetes binaries, and tests that do not use them never wait for them.
+# controller manager, Kueue), pinned by the Go modules in jobset/, trainer-v2/ and kueue/ next to this
+# script, into their own cache directory, and prints that directory on its last stdout line. They are kept
+# apart from tests/controlplane/build.sh and its cache (own folder outside tests/controlplane, so neither
+# build.sh's key nor CI's cache key of tests/controlplane/** changes; own key: this recipe and these three
+# go.mod + go.sum only), so adding or bumping them never rebuilds the Kubernetes binaries, and tests that do
+# not use them never wait for them. tests/controlplane/jobcontrollers.py starts them.
 #
-#   tests/controlplane/build-jobs.sh            # build what is missing, print the dir
-#   R1_GRPO_CONTROLPLANE_CACHE=/x build-jobs.sh  # cache root (default ~/.cache/r1-grpo/controlplane)
+#   tests/controlplane-jobs/build.sh            # build what is missing, print the dir
+#   R1_GRPO_CONTROLPLANE_CACHE=/x build.sh      # cache root (default ~/.cache/r1-grpo/controlplane)
 #
 # Layout of the printed dir: bin/{jobset-controller,trainer-controller-manager,kueue}, manifests/<component>/
 # (CRDs, webhook configurations and, for the Trainer, its runtimes, copied from the same module versions as
@@ -59,7 +61,7 @@ if complete; then
 fi
 
 if ! command -v go >/dev/null; then
-  echo "tests/controlplane/build-jobs.sh: the job controllers of the test control plane are not built yet" \
+  echo "tests/controlplane-jobs/build.sh: the job controllers of the test control plane are not built yet" \
     "($dir) and 'go' is not on PATH: install Go >= 1.26 (https://go.dev/dl/), or set R1_GRPO_SKIP_CLUSTER=1" \
     "to skip the tests that need the cluster" >&2
   exit 3

@@ -1,6 +1,6 @@
-// Pins Kueue (job queueing and quota admission) that tests/controlplane/build-jobs.sh builds; it also copies
+// Pins Kueue (job queueing and quota admission) that ../build.sh builds; it also copies
 // Kueue's CRDs and webhook manifests from this module.
-module r1-grpo/tests/controlplane/kueue
+module r1-grpo/tests/controlplane-jobs/kueue
 
 go 1.26.0
 
