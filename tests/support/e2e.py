@@ -421,20 +421,26 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _VAR_REF.sub(sub, text)
 
 
-def resolve_env(entries: list[dict], pod_meta: dict[str, str]) -> dict[str, str]:
-    """A container's env as the kubelet builds it (values, $(VAR) of earlier entries, downward API fields)."""
+def resolve_env(entries: list[dict], pod_meta: dict[str, Any]) -> dict[str, str]:
+    """A container's env as the kubelet builds it (values, $(VAR) of earlier entries, downward API fields:
+    metadata.name, metadata.namespace and, when pod_meta has them, metadata.annotations['k'] / labels['k'],
+    e.g. the node rank Kubeflow Trainer takes from a Job pod's completion-index annotation)."""
     env: dict[str, str] = {}
     for entry in entries:
         name = entry["name"]
         if "value" in entry:
             env[name] = expand(entry["value"], env)
         elif "valueFrom" in entry:
-            ref = entry["valueFrom"].get("fieldRef")
-            if ref and ref.get("fieldPath") in ("metadata.namespace", "metadata.name"):
-                env[name] = pod_meta[ref["fieldPath"].split(".")[1]]
+            path = (entry["valueFrom"].get("fieldRef") or {}).get("fieldPath") or ""
+            keyed = re.fullmatch(r"metadata\.(annotations|labels)\['([^']+)'\]", path)
+            if path in ("metadata.namespace", "metadata.name"):
+                env[name] = pod_meta[path.split(".")[1]]
+            elif keyed and keyed.group(2) in (pod_meta.get(keyed.group(1)) or {}):
+                env[name] = pod_meta[keyed.group(1)][keyed.group(2)]
             else:
                 raise NotImplementedError(
-                    f"env {name}: only metadata.name/namespace fieldRefs are supported here"
+                    f"env {name}: fieldRef {path!r} is not supported here (metadata.name/namespace, and "
+                    f"annotations/labels the pod has)"
                 )
         else:
             env[name] = ""
@@ -510,7 +516,15 @@ class HostKubelet:
                 raise NotImplementedError(
                     f"pod {meta['name']}: volume {m['name']} ({sorted(v)}) has no host stand-in"
                 )
-        env = resolve_env(c.get("env") or [], {"namespace": meta["namespace"], "name": meta["name"]})
+        env = resolve_env(
+            c.get("env") or [],
+            {
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "annotations": meta.get("annotations") or {},
+                "labels": meta.get("labels") or {},
+            },
+        )
         env = {k: translate(v, mounts) for k, v in env.items()}
         # Stand-ins for what only a real node has: the Master's Service name does not resolve here (loopback
         # and a free port instead), and the shared 2-core test machine runs one thread per process.
