@@ -70,14 +70,8 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from trainer.contract.output import (
-    StageManifest,
-    StageOutputError,
-    complete_checkpoints,
     move_aside,
     prune_checkpoints,
-    read_owner,
-    verify_stage_output,
-    write_owner,
 )
 from trainer.executors.kubernetes.admission import KueueAdmission
 from trainer.executors.kubernetes.cluster import (
@@ -110,7 +104,7 @@ from trainer.executors.kubernetes.decide import (
     recorded_phase,
 )
 from trainer.executors.kubernetes.jsonlog import log
-from trainer.executors.kubernetes.ownership import check_folder, owner_record
+from trainer.executors.kubernetes.outputs import OutputVerifier, StageOutputs
 from trainer.executors.kubernetes.reports import PodReports
 from trainer.executors.kubernetes.spec import (
     COMPONENT,
@@ -127,7 +121,6 @@ from trainer.executors.kubernetes.spec import (
     ControllerConfig,
     Pipeline,
     StageRejected,
-    StageSpec,
     parse_pipeline,
 )
 from trainer.executors.kubernetes.status import (
@@ -140,7 +133,6 @@ from trainer.executors.kubernetes.status import (
 from trainer.executors.kubernetes.stops import RunResult, Stops
 from trainer.executors.kubernetes.world import (
     JobState,
-    OutputState,
     PendingItem,
     TrainerExit,
     World,
@@ -163,39 +155,7 @@ class _StopRequested(BaseException):
 # --------------------------------------------------------------------------------------------- the controller
 
 
-class _OutputVerifier:
-    """verify_stage_output with a cache keyed by file metadata: hashing large weights once, not every pass."""
-
-    def __init__(self) -> None:
-        self._cache: dict[str, tuple[tuple, StageManifest | None, str | None]] = {}
-
-    @staticmethod
-    def _fingerprint(folder: Path) -> tuple:
-        try:
-            entries = sorted(
-                (e.name, e.stat().st_size, e.stat().st_mtime_ns, e.inode())
-                for e in os.scandir(folder)
-                if e.is_file()
-            )
-        except OSError:
-            return ()
-        return tuple(entries)
-
-    def verify(self, folder: Path, stage: str) -> tuple[StageManifest | None, str | None]:
-        key = str(folder)
-        fp = self._fingerprint(folder)
-        cached = self._cache.get(key)
-        if cached and cached[0] == fp and fp:
-            return cached[1], cached[2]
-        try:
-            manifest, error = verify_stage_output(folder, stage), None
-        except StageOutputError as e:
-            manifest, error = None, str(e)
-        self._cache[key] = (fp, manifest, error)
-        return manifest, error
-
-
-class Controller(PodReports, KueueAdmission, Stops, JobCreation):
+class Controller(StageOutputs, PodReports, KueueAdmission, Stops, JobCreation):
     """Read the world, decide, act once, publish the status, wait on the watch; repeat until the run ends."""
 
     def __init__(
@@ -216,7 +176,7 @@ class Controller(PodReports, KueueAdmission, Stops, JobCreation):
         self._status_cm: dict | None = None
         self._stop = threading.Event()
         self.in_wait = False  # the SIGTERM handler may interrupt only waits
-        self._verifier = _OutputVerifier()
+        self._verifier = OutputVerifier()
         self._pipeline: tuple[tuple, Pipeline] | None = None
         self._validated: tuple | None = None  # the stages ConfigMap version whose jobs passed the dry run
         self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
@@ -500,47 +460,6 @@ class Controller(PodReports, KueueAdmission, Stops, JobCreation):
             if outcome == MISSING or retried:
                 lingering = self._lingering_pods(pipeline, spec, attempt, job)
         return replace(world, lingering=tuple(lingering)), listed.resource_version
-
-    def local_path(self, pipeline: Pipeline, job_path: str) -> Path:
-        """Where this pod sees a path the jobs use (the volume may be mounted elsewhere here)."""
-        rel = PurePosixPath(job_path).relative_to(pipeline.mount_path)
-        return Path(self.config.mount_path or pipeline.mount_path) / rel
-
-    def _output_state(self, pipeline: Pipeline, spec: StageSpec, phase: str | None) -> OutputState:
-        local = self.local_path(pipeline, spec.output_dir)
-        steps = tuple(step for step, _ in complete_checkpoints(local))
-        latest = str(PurePosixPath(spec.output_dir) / f"checkpoint-{steps[-1]}") if steps else None
-        manifest, error = None, None
-        if phase == SUCCEEDED:  # hashing is only worth it once the job says it is done
-            manifest, error = self._verifier.verify(local, spec.name)
-            if error:
-                error = error.replace(str(local), spec.output_dir)  # name the path as the user knows it
-        return OutputState(steps, latest, manifest, error)
-
-    def _ownership(self, pipeline: Pipeline, spec: StageSpec, out: OutputState | None) -> OutputState:
-        """The output state, marked stale when the folder holds another install's or input's work."""
-        out = out or OutputState()
-        if not pipeline.configmap_uid:  # no install identity to compare (not a real API server)
-            return out
-        expected = owner_record(pipeline, spec, lambda p: self.local_path(pipeline, p))
-        reason, target = check_folder(self.local_path(pipeline, spec.output_dir), expected)
-        if reason is None or target is None:
-            return out
-        return replace(
-            out, stale=reason, stale_target=str(PurePosixPath(spec.output_dir).with_name(target.name))
-        )
-
-    def _claim_folder(self, pipeline: Pipeline, spec: StageSpec) -> None:
-        """Record in the stage folder which install and input it is for, before its job starts."""
-        if not pipeline.configmap_uid:
-            return
-        local = self.local_path(pipeline, spec.output_dir)
-        expected = owner_record(pipeline, spec, lambda p: self.local_path(pipeline, p))
-        if read_owner(local) == expected:
-            return
-        self._write(f"claim {spec.output_dir}")
-        local.mkdir(parents=True, exist_ok=True)
-        write_owner(local, expected)
 
     # -- acting
     def execute(self, action: Action, world: World) -> tuple[list[str], CreateBlocked | None]:
