@@ -332,3 +332,48 @@ def test_a_stage_preempted_by_kueue_saves_a_checkpoint_and_resumes_when_readmitt
     assert f"resumed from {saved} (step {step})" in resumed, resumed[-6000:]
     sft = stage(release, "sft")
     assert sft["attempt"] == 1 and sft["phase"] == "Succeeded", sft  # a preemption is no failed attempt
+
+
+def test_with_kueues_pytorchjob_integration_on_the_pytorchjob_is_admitted_through_its_workload(
+    jobapi_build: Path, controlplane_build: Path, tmp_path: Path
+) -> None:
+    """The other side of the warning: a Kueue that manages kubeflow.org/pytorchjob (its own control plane)
+    makes a Workload for the stage's PyTorchJob, admits it against the quota, and the controller says
+    nothing about a missing Workload."""
+    from tests.controlplane.cluster import ControlPlane
+
+    frameworks = ("trainer.kubeflow.org/trainjob", "kubeflow.org/pytorchjob")
+    with ControlPlane(tmp_path / "plane", jobs=True, kueue_frameworks=frameworks) as cp:
+        cp.create_gpu_node(GPU_NODE, gpus=64)
+        cp.create_namespace("tj-pytorch")
+        rel = Release(cp, "tj-pytorch", "r1", tmp_path / "release")
+        rel.create_volume()
+        _queues(cp, rel.namespace, 8)
+        values = merge(
+            rel.values,
+            {
+                "jobApi": "pytorchjob",
+                "kueue": {"enabled": True, "queueName": "q"},
+                "stages": {"grpo": {"enabled": False}, "eval": {"enabled": False}},
+            },
+        )
+        rel.install(values)
+        controller = rel.start_controller("--kueue-workload-timeout-seconds", "3")
+        try:
+            with PodDriver(rel, lambda pod: "output"):
+                code = controller.wait(600)
+            assert code == 0, controller.log()[-6000:]
+            job = rel.jobs()["r1-sft-1"]
+            workloads = rel.list(
+                "/apis/kueue.x-k8s.io/v1beta2",
+                "workloads",
+                f"kueue.x-k8s.io/job-uid={job['metadata']['uid']}",
+            )
+            assert workloads and any(
+                c["type"] == "Admitted" and c["status"] == "True"
+                for c in workloads[0]["status"]["conditions"]
+            ), workloads
+            assert "Kueue has made no Workload" not in controller.log()
+        finally:
+            rel.stop_controllers()
+            print(rel.report())
