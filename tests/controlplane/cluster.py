@@ -231,7 +231,7 @@ class ControlPlane:
         self.with_operator = operator
         self.with_kwok = kwok
         # the JobSet controller, Kubeflow Trainer v2 and Kueue (jobcontrollers.py); Kueue manages the kinds
-        # of kueue_frameworks (default: TrainJobs only)
+        # of kueue_frameworks (default: TrainJobs only; empty: no Kueue)
         self.with_jobs = jobs
         self.kueue_frameworks = kueue_frameworks
         self.stop_timeout = stop_timeout

@@ -73,11 +73,14 @@ def _webhook_configurations(manifest: Path, prefix: str, port: int, ca: bytes) -
 def start_job_controllers(
     cp: ControlPlane, jobs_dir: Path, kueue_frameworks: tuple[str, ...], timeout: float
 ) -> None:
+    """CRDs, webhooks and processes of the three; no Kueue at all when `kueue_frameworks` is empty."""
     from tests.controlplane.cluster import _http_get, free_port
 
+    components = tuple(c for c in COMPONENTS if c != "kueue" or kueue_frameworks)
+    crd_folders = tuple(f for f in CRD_FOLDERS if not f.startswith("kueue/") or kueue_frameworks)
     manifests = jobs_dir / "manifests"
     crd_names = []
-    for folder in CRD_FOLDERS:
+    for folder in crd_folders:
         for path in sorted((manifests / folder).glob("*.yaml")):
             if path.name == "kustomization.yaml":
                 continue
@@ -94,8 +97,8 @@ def start_job_controllers(
         )
     pki = _pki(jobs_dir)
     ca = (pki / "ca.crt").read_bytes()
-    ports = {c: (free_port(), free_port()) for c in COMPONENTS}  # webhook, health probe
-    for component in COMPONENTS:
+    ports = {c: (free_port(), free_port()) for c in components}  # webhook, health probe
+    for component in components:
         cert_dir = cp.workdir / f"{component}-certs"
         cert_dir.mkdir(exist_ok=True)
         for n in ("tls.crt", "tls.key"):
@@ -130,7 +133,7 @@ def start_job_controllers(
             env={"KUBECONFIG": str(cp.kubeconfig_path), "TMPDIR": str(tmp), "POD_NAMESPACE": "kube-system"},
             bin_dir=jobs_dir / "bin",
         )
-    for component in COMPONENTS:
+    for component in components:
         probe = ports[component][1]
         cp._wait(
             component, lambda probe=probe: _http_get(f"http://127.0.0.1:{probe}/readyz") == b"ok", timeout
