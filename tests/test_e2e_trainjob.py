@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ from tests.support.e2e import JOBSET_NAME_LABEL, HostKubelet, PodDriver, Release
 from tests.support.helmtool import launches_torchrun
 from tests.test_e2e_cluster import _trained_steps
 from trainer.contract.output import complete_checkpoints, latest_checkpoint, verify_stage_output
+from trainer.executors.kubernetes.admission import workload_admitted
 
 GPU_NODE = "tj-gpu-0"
 TRAINJOB = {"jobApi": "trainjob"}
@@ -194,13 +196,15 @@ def test_kueue_holds_a_stage_over_quota_as_pending_and_admits_it_when_the_quota_
         cp.request(
             "PATCH",
             f"/apis/kueue.x-k8s.io/v1beta2/clusterqueues/cq-{release.namespace}",
-            [
-                {
-                    "op": "replace",
-                    "path": "/spec/resourceGroups/0/flavors/0/resources/2/nominalQuota",
-                    "value": 8,
-                }
-            ],
+            json.dumps(
+                [
+                    {
+                        "op": "replace",
+                        "path": "/spec/resourceGroups/0/flavors/0/resources/2/nominalQuota",
+                        "value": 8,
+                    }
+                ]
+            ).encode(),
             content_type="application/json-patch+json",
         )
         code = controller.wait(600)
@@ -359,20 +363,21 @@ def test_with_kueues_pytorchjob_integration_on_the_pytorchjob_is_admitted_throug
         )
         rel.install(values)
         controller = rel.start_controller("--kueue-workload-timeout-seconds", "3")
+        admitted: list[bool] = []
+
+        def policy(pod: dict) -> str:
+            # the pod exists, so Kueue admitted the job: its Workload says so while it runs
+            job = rel.jobs()["r1-sft-1"]
+            selector = f"kueue.x-k8s.io/job-uid={job['metadata']['uid']}"
+            workloads = rel.list("/apis/kueue.x-k8s.io/v1beta2", "workloads", selector)
+            admitted.extend(workload_admitted(w) for w in workloads)
+            return "output"
+
         try:
-            with PodDriver(rel, lambda pod: "output"):
+            with PodDriver(rel, policy):
                 code = controller.wait(600)
             assert code == 0, controller.log()[-6000:]
-            job = rel.jobs()["r1-sft-1"]
-            workloads = rel.list(
-                "/apis/kueue.x-k8s.io/v1beta2",
-                "workloads",
-                f"kueue.x-k8s.io/job-uid={job['metadata']['uid']}",
-            )
-            assert workloads and any(
-                c["type"] == "Admitted" and c["status"] == "True"
-                for c in workloads[0]["status"]["conditions"]
-            ), workloads
+            assert admitted == [True], admitted
             assert "Kueue has made no Workload" not in controller.log()
         finally:
             rel.stop_controllers()
