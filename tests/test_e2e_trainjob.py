@@ -70,7 +70,7 @@ def release(jobs_plane, request: pytest.FixtureRequest, tmp_path: Path):
 
 
 def stage(rel: Release, name: str) -> dict:
-    return next(s for s in (rel.status() or {}).get("stages") or [] if s["name"] == name)
+    return next((s for s in (rel.status() or {}).get("stages") or [] if s["name"] == name), {})
 
 
 def test_helm_install_with_trainjob_runs_sft_grpo_eval_through_trainjobs_and_jobsets(
