@@ -33,6 +33,10 @@ WEBHOOK_MANIFESTS = {
 }
 CRD_FOLDERS = ("jobset/crd/bases", "trainer-v2/crds", "kueue/crd/bases")
 DEFAULT_KUEUE_FRAMEWORKS = ("trainer.kubeflow.org/trainjob",)
+# Fixed by Kueue v0.17 (cmd/kueue/main.go): with its internal certificate management off it serves metrics
+# with the certificate it finds here, and exits when there is none. Like the training operator's /tmp folder
+# (cluster.py), one path per machine: every control plane writes the same test certificate there.
+KUEUE_METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")
 
 
 def _pki(jobs_dir: Path) -> Path:
@@ -124,6 +128,8 @@ def start_job_controllers(
         default_certs.mkdir(parents=True, exist_ok=True)
         for n in ("tls.crt", "tls.key"):
             (default_certs / n).write_bytes((pki / n).read_bytes())
+        if component == "kueue":
+            _install_kueue_metrics_cert(pki)
         args = [f"--config={config_path}"]
         if component == "jobset-controller":
             args += ["--metrics-bind-address=0", f"--health-probe-bind-address=127.0.0.1:{probe_port}"]
@@ -138,6 +144,21 @@ def start_job_controllers(
         cp._wait(
             component, lambda probe=probe: _http_get(f"http://127.0.0.1:{probe}/readyz") == b"ok", timeout
         )
+
+
+def _install_kueue_metrics_cert(pki: Path) -> None:
+    from tests.controlplane.cluster import _write_if_changed
+
+    try:
+        KUEUE_METRICS_CERT_DIR.mkdir(parents=True, exist_ok=True)
+        for n in ("tls.crt", "tls.key"):
+            _write_if_changed(KUEUE_METRICS_CERT_DIR / n, (pki / n).read_bytes())
+    except OSError as e:
+        raise RuntimeError(
+            f"Kueue v0.17 reads its metrics certificate only from {KUEUE_METRICS_CERT_DIR} when its internal "
+            f"certificate management is off, and this user cannot write there ({e}); create the folder "
+            f"writable for this user (or run the tests as root), or set R1_GRPO_SKIP_CLUSTER=1"
+        ) from e
 
 
 def _established(crd: dict) -> bool:
