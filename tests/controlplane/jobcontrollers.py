@@ -201,4 +201,6 @@ def _config(
         "health": {"healthProbeBindAddress": f"127.0.0.1:{probe_port}"},
         "metrics": {"bindAddress": "0"},
         "integrations": {"frameworks": list(frameworks)},
+        # its extension API server (pending-workload listings) reads its certificate from /visibility only
+        "featureGates": {"VisibilityOnDemand": False},
     }
