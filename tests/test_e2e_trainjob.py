@@ -4,8 +4,8 @@ tests/controlplane-jobs/build.sh), as a user runs them: `helm install`, the cont
 ServiceAccount token, the Trainer making each TrainJob a JobSet, JobSet its batch Job, the Job controller
 the pods, and tests/support/e2e.py's HostKubelet running the pods' real container commands on this machine.
 
-Kueue here manages TrainJobs only (trainer.kubeflow.org/trainjob): its kubeflow.org/pytorchjob integration
-is off, as in recent Kueue defaults.
+Kueue here manages batch Jobs and TrainJobs (batch/job, trainer.kubeflow.org/trainjob): its
+kubeflow.org/pytorchjob integration is off, as in recent Kueue defaults.
 """
 
 from __future__ import annotations
@@ -346,7 +346,7 @@ def test_with_kueues_pytorchjob_integration_on_the_pytorchjob_is_admitted_throug
     nothing about a missing Workload."""
     from tests.controlplane.cluster import ControlPlane
 
-    frameworks = ("trainer.kubeflow.org/trainjob", "kubeflow.org/pytorchjob")
+    frameworks = ("batch/job", "trainer.kubeflow.org/trainjob", "kubeflow.org/pytorchjob")
     with ControlPlane(tmp_path / "plane", jobs=True, kueue_frameworks=frameworks) as cp:
         cp.create_gpu_node(GPU_NODE, gpus=64)
         cp.create_namespace("tj-pytorch")

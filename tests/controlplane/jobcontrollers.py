@@ -32,7 +32,9 @@ WEBHOOK_MANIFESTS = {
     "kueue": "kueue/webhook/manifests.yaml",
 }
 CRD_FOLDERS = ("jobset/crd/bases", "trainer-v2/crds", "kueue/crd/bases")
-DEFAULT_KUEUE_FRAMEWORKS = ("trainer.kubeflow.org/trainjob",)
+# batch/job as in every Kueue install: its Job webhook (which the chart's controller Job passes) panics in
+# Kueue v0.17 when the integration is off (a nil pointer in the no-op path).
+DEFAULT_KUEUE_FRAMEWORKS = ("batch/job", "trainer.kubeflow.org/trainjob")
 # Fixed by Kueue v0.17 (cmd/kueue/main.go): with its internal certificate management off it serves metrics
 # with the certificate it finds here, and exits when there is none. Like the training operator's /tmp folder
 # (cluster.py), one path per machine: every control plane writes the same test certificate there.
