@@ -15,19 +15,16 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.controlplane.cluster import ApiError
-from tests.support.e2e import JOBSET_NAME_LABEL, HostKubelet, PodDriver, Release, merge, wait_until
+from tests.support.e2e import JOBSET_NAME_LABEL, PodDriver, Release, merge, wait_until
 from tests.support.helmtool import launches_torchrun
-from tests.test_e2e_cluster import _trained_steps
-from trainer.contract.output import complete_checkpoints, latest_checkpoint, verify_stage_output
+from trainer.contract.output import complete_checkpoints, verify_stage_output
 from trainer.executors.kubernetes.admission import workload_admitted
 
 GPU_NODE = "tj-gpu-0"
@@ -107,7 +104,7 @@ def test_helm_install_with_trainjob_runs_sft_grpo_eval_through_trainjobs_and_job
     assert shown.returncode == 0 and "Succeeded" in shown.stdout, shown.stdout + shown.stderr
 
 
-def _queues(cp, namespace: str, gpus: int, *, preempt: bool = False) -> None:
+def _queues(cp, namespace: str, gpus: int) -> None:
     for path, body in (
         ("/apis/kueue.x-k8s.io/v1beta2/resourceflavors", {"metadata": {"name": "default-flavor"}}),
         (
@@ -116,7 +113,6 @@ def _queues(cp, namespace: str, gpus: int, *, preempt: bool = False) -> None:
                 "metadata": {"name": f"cq-{namespace}"},
                 "spec": {
                     "namespaceSelector": {},
-                    **({"preemption": {"withinClusterQueue": "LowerPriority"}} if preempt else {}),
                     "resourceGroups": [
                         {
                             "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
@@ -242,100 +238,6 @@ def test_pytorchjob_with_a_queue_label_that_kueue_ignores_is_reported_with_the_f
     events = release.list("/api/v1", "events")
     assert any("no-kueue-workload" in e.get("message", "") and e["type"] == "Warning" for e in events), events
     controller.stop()
-
-
-HOLD_FINALIZER = "r1-grpo.test/hold"
-
-
-def test_a_stage_preempted_by_kueue_saves_a_checkpoint_and_resumes_when_readmitted(release: Release) -> None:
-    """A higher-priority TrainJob takes the ClusterQueue's 8 GPUs from the running sft stage: Kueue evicts
-    its Workload and suspends the TrainJob, JobSet deletes its pod, the stand-in kubelet sends the trainer
-    SIGTERM (a finalizer keeps the pod Terminating until it has exited, as a kubelet does), it saves a
-    checkpoint; the stage is Pending with Kueue's reason, never failed; once the other job is done Kueue
-    re-admits it and its new pod resumes from the checkpoint, in the same attempt."""
-    cp, ns = release.cp, release.namespace
-    _queues(cp, ns, 8, preempt=True)
-    for name, value in (("low", 10), ("high", 1000)):
-        with contextlib.suppress(ApiError):
-            cp.request(
-                "POST",
-                "/apis/kueue.x-k8s.io/v1beta2/workloadpriorityclasses",
-                {
-                    "apiVersion": KUEUE,
-                    "kind": "WorkloadPriorityClass",
-                    "metadata": {"name": name},
-                    "value": value,
-                },
-            )
-    steps = 1500  # still training when the preemption lands
-    values = merge(
-        release.values,
-        {
-            "kueue": {"enabled": True, "queueName": "q", "priorityClass": "low"},
-            "stages": {
-                "sft": {
-                    "resources": {"gpu": 8, "cpu": "1", "memory": "2Gi"},
-                    "args": {"max_steps": steps, "save_steps": 0, "logging_steps": 1},
-                },
-                "grpo": {"enabled": False},
-                "eval": {"enabled": False},
-            },
-        },
-    )
-    sft_dir = release.stage_dir("sft")
-    kubelet = HostKubelet(cp, ns, release.workdir)
-    first: dict = {}
-
-    def policy(pod: dict) -> str | None:
-        if pod["metadata"]["labels"][JOBSET_NAME_LABEL] == "intruder":
-            return "fail:0"  # the higher-priority job: done at once
-        if not first:
-            pod_path = f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}"
-            cp.request("PATCH", pod_path, {"metadata": {"finalizers": [HOLD_FINALIZER]}})
-            run = kubelet.prepare(pod)
-            first.update(pod=pod, path=pod_path, log=release.workdir / "preempted-pod.log")
-            first["proc"] = kubelet.start(run, first["log"])
-            return None
-        if first["proc"].poll() is None:
-            return "hold"  # one trainer per folder
-        return "run"
-
-    release.install(values)
-    controller = release.start_controller()
-    with PodDriver(release, policy, selector=JOBSET_NAME_LABEL) as driver:
-        wait_until("sft training", lambda: first and _trained_steps(sft_dir), 300)
-        intruder = yaml.safe_load(release.get("configmaps/r1-stages")["data"]["sft.yaml"])
-        intruder["metadata"] = {
-            "name": "intruder",
-            "labels": {"kueue.x-k8s.io/queue-name": "q", "kueue.x-k8s.io/priority-class": "high"},
-        }
-        cp.request("POST", f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs", intruder)
-        wait_until(
-            "the preemption",
-            lambda: release.get(f"pods/{first['pod']['metadata']['name']}")["metadata"].get(
-                "deletionTimestamp"
-            ),
-            120,
-        )
-        first["proc"].send_signal(signal.SIGTERM)
-        rc = first["proc"].wait(300)
-        saved = latest_checkpoint(sft_dir)
-        kubelet.finish(first["pod"], rc)
-        cp.request("PATCH", first["path"], {"metadata": {"finalizers": None}})
-        wait_until(
-            "Pending while preempted",
-            lambda: stage(release, "sft")["phase"] == "Pending" or driver.runs,
-            120,
-        )
-        code = controller.wait(900)
-    log = first["log"].read_text(errors="replace")
-    assert rc == 143 and saved is not None, log[-6000:]
-    assert code == 0, controller.log()[-6000:]
-    step = int(saved.name.split("-")[1])
-    (resumed,) = [text for name, c, text in driver.runs if name.startswith("r1-sft-1-")]
-    assert f"resumed from {saved} (step {step})" in resumed, resumed[-6000:]
-    sft = stage(release, "sft")
-    assert sft["attempt"] == 1 and sft["phase"] == "Succeeded", sft  # a preemption is no failed attempt
 
 
 def test_with_kueues_pytorchjob_integration_on_the_pytorchjob_is_admitted_through_its_workload(
