@@ -32,6 +32,7 @@ ifeq ($(R1_GRPO_SKIP_CLUSTER),1)
 	@echo "R1_GRPO_SKIP_CLUSTER=1: the test control plane is not built and the tests that need it are skipped"
 else
 	@bash tests/controlplane/build.sh >/dev/null
+	@bash tests/controlplane-jobs/build.sh >/dev/null
 endif
 
 test: setup lint controlplane

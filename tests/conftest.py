@@ -263,6 +263,28 @@ def controlplane_build() -> Path:
 
 
 @pytest.fixture(scope="session")
+def jobapi_build() -> Path:
+    """The job-API controllers of the test control plane (tests/controlplane-jobs/build.sh): the JobSet
+    controller, the Kubeflow Trainer v2 controller manager and Kueue, with their CRDs, webhook
+    configurations and the Trainer's runtimes, from the pinned Go modules; built on first use and cached
+    apart from controlplane_build. R1_GRPO_SKIP_CLUSTER=1 skips the tests that need it."""
+    if os.environ.get("R1_GRPO_SKIP_CLUSTER") == "1":
+        pytest.skip("R1_GRPO_SKIP_CLUSTER=1: the job-API controllers (and their CRDs) are not built")
+    from tests.controlplane.cluster import ensure_job_binaries
+
+    try:
+        return ensure_job_binaries()
+    except subprocess.CalledProcessError as e:
+        build_error = e.returncode
+    pytest.fail(
+        f"the job-API controllers could not be built (tests/controlplane-jobs/build.sh exited {build_error}; "
+        "its message is above): it needs Go >= 1.26 and the Go module proxy the first time. Set "
+        "R1_GRPO_SKIP_CLUSTER=1 to skip the tests that need it.",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="session")
 def control_plane(controlplane_build: Path, request: pytest.FixtureRequest):
     """A real Kubernetes control plane on loopback (tests/controlplane), started once per session from
     `controlplane_build`. The processes' logs are kept (path printed) when any test of the session failed.

@@ -42,6 +42,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BUILD_SH = HERE / "build.sh"
+# The job-API controllers (JobSet, Kubeflow Trainer v2, Kueue): their own script and cache, so that only
+# the tests that use them build or start them.
+BUILD_JOBS_SH = HERE.parent / "controlplane-jobs" / "build.sh"
 
 GPU_RESOURCE = "nvidia.com/gpu"
 # The chart tolerates key nvidia.com/gpu (operator Exists, effect NoSchedule): charts/r1-grpo/values.yaml.
@@ -82,6 +85,13 @@ rules:
 def ensure_binaries() -> Path:
     """Builds what is missing (build.sh is a no-op once cached) and returns the cache dir."""
     out = subprocess.run(["bash", str(BUILD_SH)], check=True, stdout=subprocess.PIPE, text=True).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def ensure_job_binaries() -> Path:
+    """Builds the JobSet, Trainer v2 and Kueue binaries and manifests when missing (tests/controlplane-jobs/build.sh) and
+    returns their cache dir."""
+    out = subprocess.run(["bash", str(BUILD_JOBS_SH)], check=True, stdout=subprocess.PIPE, text=True).stdout
     return Path(out.strip().splitlines()[-1])
 
 
@@ -203,6 +213,8 @@ class ControlPlane:
         *,
         operator: bool = True,
         kwok: bool = True,
+        jobs: bool = False,
+        kueue_frameworks: tuple[str, ...] | None = None,
         stop_timeout: float = 15.0,
     ):
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="r1-grpo-controlplane-"))
@@ -218,6 +230,10 @@ class ControlPlane:
         self._audit_lock = threading.Lock()
         self.with_operator = operator
         self.with_kwok = kwok
+        # the JobSet controller, Kubeflow Trainer v2 and Kueue (jobcontrollers.py); Kueue manages the kinds
+        # of kueue_frameworks (default: TrainJobs only; empty: no Kueue)
+        self.with_jobs = jobs
+        self.kueue_frameworks = kueue_frameworks
         self.stop_timeout = stop_timeout
         self.cache_dir: Path | None = None
         self.server = ""
@@ -325,12 +341,30 @@ class ControlPlane:
             self._start_kwok(timeout)
         if self.with_operator:
             self._start_operator(timeout)
+        if self.with_jobs:
+            from tests.controlplane.jobcontrollers import DEFAULT_KUEUE_FRAMEWORKS, start_job_controllers
+
+            frameworks = (
+                self.kueue_frameworks if self.kueue_frameworks is not None else DEFAULT_KUEUE_FRAMEWORKS
+            )
+            start_job_controllers(self, ensure_job_binaries(), tuple(frameworks), timeout)
 
     def _start_kwok(self, timeout: float) -> None:
         assert self.cache_dir
         # kwok has no built-in stages; build.sh copies kwokctl's default ("fast") set from the kwok module.
         config = self.workdir / "kwok.yaml"
-        shutil.copyfile(self.cache_dir / "manifests" / "kwok-stages.yaml", config)
+        stages = (self.cache_dir / "manifests" / "kwok-stages.yaml").read_text()
+        if self.with_jobs:
+            # A TrainJob's pods belong to (JobSet's) batch Jobs, which that set completes at once: leave the
+            # chart's training pods (label r1-grpo.io/stage) to the test's kubelet stand-in instead.
+            owner = "    - key: '.metadata.ownerReferences.[].kind'\n"
+            assert stages.count(owner) == 1, "kwok's pod-complete stage changed; update this edit"
+            stages = stages.replace(
+                owner,
+                "    - key: '.metadata.labels.\"r1-grpo.io/stage\"'\n      operator: 'DoesNotExist'\n"
+                + owner,
+            )
+        config.write_text(stages)
         home = self.workdir / "kwok-home"  # so a ~/.kwok/kwok.yaml of the user is not merged in
         home.mkdir(exist_ok=True)
         # Pod logs: kwok serves a pod's log from the file its Logs object names (set_pod_log), through the
@@ -510,7 +544,13 @@ class ControlPlane:
 
     # -- processes and certificates -------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str | None] | None = None) -> None:
+    def _spawn(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str | None] | None = None,
+        bin_dir: Path | None = None,
+    ) -> None:
         assert self.cache_dir
         full_env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
         for k, v in (env or {}).items():
@@ -520,7 +560,7 @@ class ControlPlane:
                 full_env[k] = v
         with open(self.log_dir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                [str(self.cache_dir / "bin" / name), *args],
+                [str((bin_dir or self.cache_dir / "bin") / name), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

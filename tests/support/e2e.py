@@ -46,6 +46,7 @@ from trainer.contract.stages import MODEL_STAGES
 VENV_BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # a TrainJob's pods: its JobSet has the TrainJob's name
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
 
 # The values that point the chart at the test cluster: fake GPU nodes (1 GPU per stage, tolerated taint),
@@ -252,9 +253,12 @@ class Release:
             self.cp.request("GET", f"{api}/namespaces/{self.namespace}/{resource}{query}").get("items") or []
         )
 
-    def jobs(self) -> dict[str, dict]:
-        items = self.list("/apis/kubeflow.org/v1", "pytorchjobs", f"app.kubernetes.io/instance={self.name}")
+    def jobs(self, api: str = "/apis/kubeflow.org/v1", resource: str = "pytorchjobs") -> dict[str, dict]:
+        items = self.list(api, resource, f"app.kubernetes.io/instance={self.name}")
         return {j["metadata"]["name"]: j for j in items}
+
+    def trainjobs(self) -> dict[str, dict]:
+        return self.jobs("/apis/trainer.kubeflow.org/v1alpha1", "trainjobs")
 
     def controller_jobs(self) -> list[dict]:
         return self.list(
@@ -424,20 +428,26 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _VAR_REF.sub(sub, text)
 
 
-def resolve_env(entries: list[dict], pod_meta: dict[str, str]) -> dict[str, str]:
-    """A container's env as the kubelet builds it (values, $(VAR) of earlier entries, downward API fields)."""
+def resolve_env(entries: list[dict], pod_meta: dict[str, Any]) -> dict[str, str]:
+    """A container's env as the kubelet builds it (values, $(VAR) of earlier entries, downward API fields:
+    metadata.name, metadata.namespace and, when pod_meta has them, metadata.annotations['k'] / labels['k'],
+    e.g. the node rank Kubeflow Trainer takes from a Job pod's completion-index annotation)."""
     env: dict[str, str] = {}
     for entry in entries:
         name = entry["name"]
         if "value" in entry:
             env[name] = expand(entry["value"], env)
         elif "valueFrom" in entry:
-            ref = entry["valueFrom"].get("fieldRef")
-            if ref and ref.get("fieldPath") in ("metadata.namespace", "metadata.name"):
-                env[name] = pod_meta[ref["fieldPath"].split(".")[1]]
+            path = (entry["valueFrom"].get("fieldRef") or {}).get("fieldPath") or ""
+            keyed = re.fullmatch(r"metadata\.(annotations|labels)\['([^']+)'\]", path)
+            if path in ("metadata.namespace", "metadata.name"):
+                env[name] = pod_meta[path.split(".")[1]]
+            elif keyed and keyed.group(2) in (pod_meta.get(keyed.group(1)) or {}):
+                env[name] = pod_meta[keyed.group(1)][keyed.group(2)]
             else:
                 raise NotImplementedError(
-                    f"env {name}: only metadata.name/namespace fieldRefs are supported here"
+                    f"env {name}: fieldRef {path!r} is not supported here (metadata.name/namespace, and "
+                    f"annotations/labels the pod has)"
                 )
         else:
             env[name] = ""
@@ -526,7 +536,15 @@ class HostKubelet:
                 raise NotImplementedError(
                     f"pod {meta['name']}: volume {m['name']} ({sorted(v)}) has no host stand-in"
                 )
-        env = resolve_env(c.get("env") or [], {"namespace": meta["namespace"], "name": meta["name"]})
+        env = resolve_env(
+            c.get("env") or [],
+            {
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "annotations": meta.get("annotations") or {},
+                "labels": meta.get("labels") or {},
+            },
+        )
         env = {k: translate(v, mounts) for k, v in env.items()}
         # Stand-ins for what only a real node has: the Master's Service name does not resolve here (loopback
         # and a free port instead), and the shared 2-core test machine runs one thread per process.
@@ -653,7 +671,8 @@ def write_checkpoint(folder: Path, step: int) -> Path:
 
 def pod_stage_attempt(pod: dict) -> tuple[str, int]:
     """(stage, attempt) of a training pod: its stage label and the number ending its job's name."""
-    job = pod["metadata"]["labels"][JOB_NAME_LABEL]
+    labels = pod["metadata"]["labels"]
+    job = labels.get(JOB_NAME_LABEL) or labels[JOBSET_NAME_LABEL]
     return pod["metadata"]["labels"]["r1-grpo.io/stage"], int(job.rsplit("-", 1)[1])
 
 

@@ -95,6 +95,9 @@ Checks the schema cannot express (it cannot compare two values). Called by every
 {{- $stage := index $v.stages $name -}}
 {{- if $stage.enabled -}}
 {{- $gpu := int (($stage.resources | default dict).gpu | default 0) -}}
+{{- if and (eq $v.jobApi "trainjob") (not (has ($stage.restartPolicy | default "Never") (list "Never" "OnFailure"))) -}}
+{{- fail (printf "stages.%s.restartPolicy %s works only with jobApi pytorchjob: a TrainJob's pods are Job pods (Never or OnFailure)" $name $stage.restartPolicy) -}}
+{{- end -}}
 {{- if and (gt $gpu 0) (not (kindIs "invalid" $stage.nprocPerNode)) (ne (int $stage.nprocPerNode) $gpu) -}}
 {{- fail (printf "stages.%s.nprocPerNode (%d) must equal stages.%s.resources.gpu (%d): torchrun starts one process per GPU; leave nprocPerNode null to follow the GPU count" $name (int $stage.nprocPerNode) $name $gpu) -}}
 {{- end -}}

@@ -295,9 +295,25 @@ ipcLock is set (drop ALL stays).
 {{- end }}
 {{- end -}}
 
-{{/* Pod template of one replica type of a stage's PyTorchJob. */}}
+{{/*
+What differs between the job APIs inside the stage pod (jobApi): the training container's name (the
+training operator finds container `pytorch`, the Trainer's torch plugin container `node` of replicated job
+`node`), the variables torchrun's rendezvous address comes from (the operator sets MASTER_ADDR/MASTER_PORT,
+the Trainer PET_MASTER_ADDR/PET_MASTER_PORT; both set PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK) and that
+port (23456 and 29500, their defaults). As a JSON map.
+*/}}
+{{- define "r1-grpo.jobApiPod" -}}
+{{- if eq .Values.jobApi "trainjob" -}}
+{{- toJson (dict "container" "node" "addr" "PET_MASTER_ADDR" "port" "PET_MASTER_PORT" "portName" "torchrun" "portNumber" 29500) -}}
+{{- else -}}
+{{- toJson (dict "container" "pytorch" "addr" "MASTER_ADDR" "port" "MASTER_PORT" "portName" "pytorchjob-port" "portNumber" 23456) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod template of a stage: every pod of its PyTorchJob or TrainJob (one partial for both job APIs). */}}
 {{- define "r1-grpo.trainingPodTemplate" -}}
 {{- $v := .root.Values -}}
+{{- $api := include "r1-grpo.jobApiPod" .root | fromJson -}}
 {{- $stage := index $v.stages .stage -}}
 {{- $res := $stage.resources | default dict -}}
 {{- $gpu := int ($res.gpu | default 0) -}}
@@ -369,16 +385,15 @@ spec:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   containers:
-    - name: pytorch
+    - name: {{ $api.container }}
       image: {{ include "r1-grpo.image" .root }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
       # The root filesystem is read-only: anything written relative to the working directory goes to /tmp.
       workingDir: /tmp
       # `r1-grpo launch` runs torchrun and, on SIGTERM, gives the trainers the pod's grace period to save
       # (torchrun alone kills them 30 s after SIGTERM; trainer/launch.py). torchrun takes the layout from
-      # the variables the training operator sets in every pod: PET_NNODES (replicas), PET_NPROC_PER_NODE
-      # (spec.nprocPerNode), PET_NODE_RANK (0 = Master), MASTER_ADDR / MASTER_PORT (the Master's Service
-      # and the pytorchjob-port below).
+      # the variables the job's operator sets in every pod: PET_NNODES (nodes), PET_NPROC_PER_NODE,
+      # PET_NODE_RANK (0 = the first node), the first node's address and the port below (r1-grpo.jobApiPod).
       command:
         - r1-grpo
         - launch
@@ -389,16 +404,16 @@ spec:
         - --nnodes=$(PET_NNODES)
         - --nproc-per-node=$(PET_NPROC_PER_NODE)
         - --node-rank=$(PET_NODE_RANK)
-        - --master-addr=$(MASTER_ADDR)
-        - --master-port=$(MASTER_PORT)
+        - --master-addr=$({{ $api.addr }})
+        - --master-port=$({{ $api.port }})
         - --module
         - {{ $module }}
         {{- range $flag := include "r1-grpo.stageFlags" . | fromJsonArray }}
         - {{ $flag | toJson }}
         {{- end }}
       ports:
-        - name: pytorchjob-port
-          containerPort: 23456
+        - name: {{ $api.portName }}
+          containerPort: {{ $api.portNumber }}
           protocol: TCP
       env:
         {{- include "r1-grpo.trainingEnv" . | nindent 8 }}
@@ -548,4 +563,116 @@ spec:
 {{- $stages = append $stages (dict "name" $name "outputDir" (include "r1-grpo.outputDir" $ctx) "modelFrom" (include "r1-grpo.modelFrom" $ctx) "job" (printf "%s.yaml" $name)) -}}
 {{- end -}}
 {{- toYaml (dict "release" .Release.Name "mountPath" .Values.storage.mountPath "stages" $stages) -}}
+{{- end -}}
+
+{{/*
+The TrainingRuntime the chart ships for a stage (jobApi trainjob, no trainJob.clusterTrainingRuntime): the
+Trainer's torch policy around one replicated job `node` whose pods are the stage pod template above, so a
+TrainJob runs exactly the pods a PyTorchJob would. Job-level restarts follow stages.<s>.restartPolicy (Never
+or OnFailure with backoffLimit); JobSet never restarts the job as a whole (the controller retries stages).
+*/}}
+{{- define "r1-grpo.trainingRuntime" -}}
+{{- $v := .root.Values -}}
+{{- $stage := index $v.stages .stage -}}
+{{- $restart := $stage.restartPolicy | default "Never" -}}
+{{- $pod := include "r1-grpo.trainingPodTemplate" . | fromYaml -}}
+{{- $_ := set $pod.spec "restartPolicy" $restart -}}
+apiVersion: trainer.kubeflow.org/v1alpha1
+kind: TrainingRuntime
+metadata:
+  name: {{ printf "%s-%s" .root.Release.Name .stage }}
+  labels:
+    {{- include "r1-grpo.labels" (dict "root" .root "component" "training") | nindent 4 }}
+    r1-grpo.io/stage: {{ .stage }}
+    trainer.kubeflow.org/framework: torch
+spec:
+  mlPolicy:
+    numNodes: {{ int ($stage.nodes | default 1) }}
+    torch: {}
+  template:
+    spec:
+      failurePolicy:
+        maxRestarts: 0
+      replicatedJobs:
+        - name: node
+          template:
+            metadata:
+              labels:
+                trainer.kubeflow.org/trainjob-ancestor-step: trainer
+            spec:
+              backoffLimit: {{ ternary 0 ($stage.backoffLimit | default 0 | int) (eq $restart "Never") }}
+              template:
+                {{- toYaml $pod | nindent 16 }}
+{{- end -}}
+
+{{/*
+The complete trainer.kubeflow.org/v1alpha1 TrainJob of a stage, attempt 1 (the controller renames later
+attempts). Against the chart's TrainingRuntime <release>-<stage> it sets the layout and repeats the pods'
+command line; against a ClusterTrainingRuntime the user names (trainJob.clusterTrainingRuntime) it carries
+the stage pod template's container (image, command, args, env, resources) in spec.trainer and the rest of the pod (labels, service
+account, security contexts, volumes, placement, grace period) as a runtime patch: the same pod, taken from
+the same partial. Fields a runtime patch cannot set (priorityClassName, schedulerName, enableServiceLinks,
+automountServiceAccountToken, ports) are then the ClusterTrainingRuntime's.
+*/}}
+{{- define "r1-grpo.trainJob" -}}
+{{- $v := .root.Values -}}
+{{- $stage := index $v.stages .stage -}}
+{{- $cluster := $v.trainJob.clusterTrainingRuntime -}}
+apiVersion: trainer.kubeflow.org/v1alpha1
+kind: TrainJob
+metadata:
+  name: {{ printf "%s-%s-1" .root.Release.Name .stage }}
+  labels:
+    {{- include "r1-grpo.labels" (dict "root" .root "component" "training" "managedBy" "r1-grpo-controller") | nindent 4 }}
+    r1-grpo.io/stage: {{ .stage }}
+    r1-grpo.io/attempt: "1"
+    {{- if $v.kueue.enabled }}
+    kueue.x-k8s.io/queue-name: {{ $v.kueue.queueName }}
+    {{- with $v.kueue.priorityClass }}
+    kueue.x-k8s.io/priority-class: {{ . }}
+    {{- end }}
+    {{- end }}
+spec:
+  runtimeRef:
+    apiGroup: trainer.kubeflow.org
+    {{- if $cluster }}
+    kind: ClusterTrainingRuntime
+    name: {{ $cluster }}
+    {{- else }}
+    kind: TrainingRuntime
+    name: {{ printf "%s-%s" .root.Release.Name .stage }}
+    {{- end }}
+  {{- $pod := include "r1-grpo.trainingPodTemplate" . | fromYaml }}
+  {{- $c := index $pod.spec.containers 0 }}
+  trainer:
+    numNodes: {{ int ($stage.nodes | default 1) }}
+    numProcPerNode: {{ include "r1-grpo.nprocPerNode" . }}
+    # The stage's command line, as in its pods (the job says what it runs; the controller checks the flags).
+    command:
+      {{- toYaml $c.command | nindent 6 }}
+    args:
+      {{- toYaml $c.args | nindent 6 }}
+    {{- if $cluster }}
+    image: {{ $c.image }}
+    env:
+      {{- toYaml $c.env | nindent 6 }}
+    resourcesPerNode:
+      {{- toYaml $c.resources | nindent 6 }}
+  runtimePatches:
+    - manager: r1-grpo.io/chart
+      trainingRuntimeSpec:
+        template:
+          spec:
+            replicatedJobs:
+              - name: node
+                template:
+                  spec:
+                    template:
+                      metadata:
+                        {{- toYaml (pick $pod.metadata "labels" "annotations") | nindent 24 }}
+                      spec:
+                        {{- $patch := pick $pod.spec "serviceAccountName" "volumes" "imagePullSecrets" "securityContext" "nodeSelector" "affinity" "tolerations" "terminationGracePeriodSeconds" -}}
+                        {{- $_ := set $patch "containers" (list (pick $c "name" "volumeMounts" "securityContext")) }}
+                        {{- toYaml $patch | nindent 24 }}
+    {{- end }}
 {{- end -}}

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="r1-grpo controller",
         allow_abbrev=False,
-        description="Run a release's stage PyTorchJobs in order, in the cluster.",
+        description="Run a release's stage jobs (PyTorchJobs or TrainJobs) in order, in the cluster.",
     )
     p.add_argument(
         "--release", required=True, help="Helm release name (jobs are <release>-<stage>-<attempt>)"
@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(float, 1),
         default=1800.0,
         help="report pods (or a job with no status) pending longer than this",
+    )
+    p.add_argument(
+        "--kueue-workload-timeout-seconds",
+        type=_positive(float, 1),
+        default=120.0,
+        help="report a stage job with a Kueue queue label that has no Kueue Workload after this long "
+        "(Kueue does not manage its kind, so it runs outside the quota)",
     )
     p.add_argument(
         "--mount-path",
@@ -141,6 +148,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         retries=args.retries,
         keep_checkpoints=args.keep_checkpoints,
         pending_timeout_seconds=args.pending_timeout_seconds,
+        kueue_workload_timeout_seconds=args.kueue_workload_timeout_seconds,
         mount_path=args.mount_path,
         resync_seconds=args.resync_seconds,
         log_tail_lines=args.log_tail_lines,

@@ -3,7 +3,9 @@
 `Cluster` is the controller's only door to the API server: one method per (verb, resource) pair of the
 controller's Role in docs/contract.md, nothing more, so the RBAC surface is visible in one place:
 
-    kubeflow.org pytorchjobs: get, list, watch, create (dry runs are creates too)
+    kubeflow.org pytorchjobs or trainer.kubeflow.org trainjobs (`job_kind`, jobkinds.py): get, list,
+        watch, create (dry runs are creates too)
+    kueue.x-k8s.io workloads: list; localqueues: get (only when a stage job carries a Kueue queue label)
     "" configmaps: get, create, patch
     "" events: create, list
     "" pods: get, list; pods/log: get
@@ -27,15 +29,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from kubeflow.training.constants import constants as kf
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-PYTORCHJOB_GROUP = kf.GROUP
-PYTORCHJOB_VERSION = kf.VERSION
-PYTORCHJOB_PLURAL = kf.PYTORCHJOB_PLURAL
-PYTORCHJOB_KIND = kf.PYTORCHJOB_KIND
-JOB_NAME_LABEL = kf.JOB_NAME_LABEL  # set by the training operator on every pod of a job
+from trainer.executors.kubernetes.jobkinds import PYTORCHJOB, JobKind
+
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
+JOBS = "<jobs>"  # _rule's stand-in for the plural of the Cluster's job kind
 USER_AGENT = "r1-grpo-controller/1"
 T = TypeVar("T")
 IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -170,7 +170,7 @@ def _rule(verb: str, resource: str) -> Callable[[Callable[..., T]], Callable[...
         @functools.wraps(method)
         def call(self: Cluster, *args: Any, **kwargs: Any) -> T:
             out = method(self, *args, **kwargs)
-            self.allowed.add((verb, resource))
+            self.allowed.add((verb, self.job_kind.plural if resource == JOBS else resource))
             return out
 
         return call
@@ -194,8 +194,15 @@ class JobList:
 class Cluster:
     """Namespaced API calls used by the controller; every method maps to exactly one Role rule."""
 
-    def __init__(self, api_client: client.ApiClient, namespace: str, request_timeout: float = 30.0):
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        namespace: str,
+        request_timeout: float = 30.0,
+        job_kind: JobKind = PYTORCHJOB,
+    ):
         self.api_client = api_client
+        self.job_kind = job_kind  # the stages' job API; the controller sets it from the stages ConfigMap
         self.namespace = namespace
         self.request_timeout = request_timeout
         self.core = client.CoreV1Api(api_client)
@@ -209,14 +216,15 @@ class Cluster:
         # typed models -> the API's JSON shape (camelCase keys), the same shape custom objects come in
         return self.api_client.sanitize_for_serialization(obj)
 
-    # -- pytorchjobs: get, list, watch, create
-    @_rule("list", "pytorchjobs")
+    def _job_api(self) -> tuple[str, str, str, str]:
+        k = self.job_kind
+        return k.group, k.version, self.namespace, k.plural
+
+    # -- pytorchjobs or trainjobs: get, list, watch, create
+    @_rule("list", JOBS)
     def list_jobs(self, label_selector: str) -> JobList:
         out = self.custom.list_namespaced_custom_object(
-            PYTORCHJOB_GROUP,
-            PYTORCHJOB_VERSION,
-            self.namespace,
-            PYTORCHJOB_PLURAL,
+            *self._job_api(),
             label_selector=label_selector,
             _request_timeout=self.request_timeout,
         )
@@ -225,14 +233,11 @@ class Cluster:
             resource_version=str((out.get("metadata") or {}).get("resourceVersion") or ""),
         )
 
-    @_rule("get", "pytorchjobs")
+    @_rule("get", JOBS)
     def get_job(self, name: str) -> dict | None:
         try:
             return self.custom.get_namespaced_custom_object(
-                PYTORCHJOB_GROUP,
-                PYTORCHJOB_VERSION,
-                self.namespace,
-                PYTORCHJOB_PLURAL,
+                *self._job_api(),
                 name,
                 _request_timeout=self.request_timeout,
             )
@@ -241,7 +246,7 @@ class Cluster:
                 return None
             raise
 
-    @_rule("create", "pytorchjobs")
+    @_rule("create", JOBS)
     def create_job(self, body: dict, dry_run: bool = False) -> tuple[bool, dict | None]:
         """Create-if-absent: (True, created) or (False, existing) when the name is taken (409).
 
@@ -253,10 +258,7 @@ class Cluster:
         """
         try:
             created = self.custom.create_namespaced_custom_object(
-                PYTORCHJOB_GROUP,
-                PYTORCHJOB_VERSION,
-                self.namespace,
-                PYTORCHJOB_PLURAL,
+                *self._job_api(),
                 body,
                 field_validation="Strict",
                 _request_timeout=self.request_timeout,
@@ -278,10 +280,7 @@ class Cluster:
         w = watch.Watch()
         stream = w.stream(
             self.custom.list_namespaced_custom_object,
-            PYTORCHJOB_GROUP,
-            PYTORCHJOB_VERSION,
-            self.namespace,
-            PYTORCHJOB_PLURAL,
+            *self._job_api(),
             label_selector=label_selector,
             resource_version=resource_version,
             timeout_seconds=max(1, int(timeout_seconds)),
@@ -290,9 +289,9 @@ class Cluster:
         )
         try:
             for event in stream:
-                self.allowed.add(("watch", PYTORCHJOB_PLURAL))
+                self.allowed.add(("watch", self.job_kind.plural))
                 yield {"type": event["type"], "object": event["raw_object"]}
-            self.allowed.add(("watch", PYTORCHJOB_PLURAL))
+            self.allowed.add(("watch", self.job_kind.plural))
         except ApiException as err:
             if err.status == 410:
                 raise WatchExpired(api_error_summary(err)) from err
@@ -300,6 +299,35 @@ class Cluster:
         finally:
             w.stop()
             stream.close()
+
+    # -- kueue.x-k8s.io workloads: list; localqueues: get
+    @_rule("list", "workloads")
+    def list_workloads(self, label_selector: str) -> list[dict]:
+        out = self.custom.list_namespaced_custom_object(
+            KUEUE_GROUP,
+            KUEUE_VERSION,
+            self.namespace,
+            "workloads",
+            label_selector=label_selector,
+            _request_timeout=self.request_timeout,
+        )
+        return list(out.get("items") or [])
+
+    @_rule("get", "localqueues")
+    def get_localqueue(self, name: str) -> dict | None:
+        try:
+            return self.custom.get_namespaced_custom_object(
+                KUEUE_GROUP,
+                KUEUE_VERSION,
+                self.namespace,
+                "localqueues",
+                name,
+                _request_timeout=self.request_timeout,
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
 
     # -- configmaps: get, create, patch
     @_rule("get", "configmaps")

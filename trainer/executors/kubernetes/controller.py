@@ -1,12 +1,16 @@
-"""The stage controller: runs a release's stage PyTorchJobs (sft -> grpo -> eval) to a finished run.
+"""The stage controller: runs a release's stage jobs (sft -> grpo -> eval) to a finished run.
+
+The jobs are PyTorchJobs or Kubeflow Trainer v2 TrainJobs, whichever the stages ConfigMap holds (chart value
+jobApi); jobkinds.py is all that differs between them. Creating jobs is creating.py, what pods and events
+say is reports.py, what Kueue says is admission.py.
 
 It runs in the cluster (`r1-grpo controller`, a Kubernetes Job from the training image, with the checkpoint
 volume mounted) and is built to be boring and restart-safe:
 
-* Level-triggered. Every pass reads the world -- the stages ConfigMap, the release's PyTorchJobs (by labels),
+* Level-triggered. Every pass reads the world -- the stages ConfigMap, the release's jobs (by labels),
   the stage outputs on the volume, pod state, and the controller's own previous status as memory -- then a pure
   function `decide(world, config)` picks at most one action (create a job, prune checkpoints, report a stuck
-  pod, finish), the controller performs it, writes the status, and waits on a PyTorchJob watch (relisting on
+  pod, finish), the controller performs it, writes the status, and waits on a watch of the jobs (relisting on
   timeout and on 410 Gone). Nothing is remembered only in process memory, so killing the controller at any
   moment and starting it again gives the same outcome.
 * No duplicates. Job names are deterministic (`<release>-<stage>-<attempt>`), creation is create-if-absent,
@@ -66,26 +70,21 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from trainer.contract.output import (
-    StageManifest,
-    StageOutputError,
-    complete_checkpoints,
     move_aside,
     prune_checkpoints,
-    read_owner,
-    verify_stage_output,
-    write_owner,
 )
+from trainer.executors.kubernetes.admission import KueueAdmission
 from trainer.executors.kubernetes.cluster import (
     DENIED_ADMISSION,
     DENIED_QUOTA,
     DENIED_TERMINATING,
-    JOB_NAME_LABEL,
     Cluster,
     WatchExpired,
     api_error_summary,
     classify_api_error,
     role_lacks_rule,
 )
+from trainer.executors.kubernetes.creating import JobCreation
 from trainer.executors.kubernetes.decide import (
     BROKEN,
     MISSING,
@@ -105,10 +104,9 @@ from trainer.executors.kubernetes.decide import (
     recorded_phase,
 )
 from trainer.executors.kubernetes.jsonlog import log
-from trainer.executors.kubernetes.ownership import check_folder, owner_record
+from trainer.executors.kubernetes.outputs import OutputVerifier, StageOutputs
 from trainer.executors.kubernetes.reports import PodReports
 from trainer.executors.kubernetes.spec import (
-    ATTEMPT_LABEL,
     COMPONENT,
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -117,17 +115,12 @@ from trainer.executors.kubernetes.spec import (
     FAILED,
     INSTANCE_LABEL,
     NAME_LABEL,
-    STAGE_LABEL,
     STATUS_KEY,
     SUCCEEDED,
     ConfigError,
     ControllerConfig,
     Pipeline,
     StageRejected,
-    StageSpec,
-    check_stage_flags,
-    job_manifest,
-    job_name,
     parse_pipeline,
 )
 from trainer.executors.kubernetes.status import (
@@ -140,12 +133,10 @@ from trainer.executors.kubernetes.status import (
 from trainer.executors.kubernetes.stops import RunResult, Stops
 from trainer.executors.kubernetes.world import (
     JobState,
-    OutputState,
     PendingItem,
     TrainerExit,
     World,
     _ts,
-    owner_uids,
     parse_job,
     trainer_exit,
 )
@@ -164,39 +155,7 @@ class _StopRequested(BaseException):
 # --------------------------------------------------------------------------------------------- the controller
 
 
-class _OutputVerifier:
-    """verify_stage_output with a cache keyed by file metadata: hashing large weights once, not every pass."""
-
-    def __init__(self) -> None:
-        self._cache: dict[str, tuple[tuple, StageManifest | None, str | None]] = {}
-
-    @staticmethod
-    def _fingerprint(folder: Path) -> tuple:
-        try:
-            entries = sorted(
-                (e.name, e.stat().st_size, e.stat().st_mtime_ns, e.inode())
-                for e in os.scandir(folder)
-                if e.is_file()
-            )
-        except OSError:
-            return ()
-        return tuple(entries)
-
-    def verify(self, folder: Path, stage: str) -> tuple[StageManifest | None, str | None]:
-        key = str(folder)
-        fp = self._fingerprint(folder)
-        cached = self._cache.get(key)
-        if cached and cached[0] == fp and fp:
-            return cached[1], cached[2]
-        try:
-            manifest, error = verify_stage_output(folder, stage), None
-        except StageOutputError as e:
-            manifest, error = None, str(e)
-        self._cache[key] = (fp, manifest, error)
-        return manifest, error
-
-
-class Controller(PodReports, Stops):
+class Controller(StageOutputs, PodReports, KueueAdmission, Stops, JobCreation):
     """Read the world, decide, act once, publish the status, wait on the watch; repeat until the run ends."""
 
     def __init__(
@@ -217,7 +176,7 @@ class Controller(PodReports, Stops):
         self._status_cm: dict | None = None
         self._stop = threading.Event()
         self.in_wait = False  # the SIGTERM handler may interrupt only waits
-        self._verifier = _OutputVerifier()
+        self._verifier = OutputVerifier()
         self._pipeline: tuple[tuple, Pipeline] | None = None
         self._validated: tuple | None = None  # the stages ConfigMap version whose jobs passed the dry run
         self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
@@ -415,6 +374,7 @@ class Controller(PodReports, Stops):
                 parse_pipeline(cm, cfg.release),
             )  # re-parse only when the ConfigMap changed
         pipeline = self._pipeline[1]
+        self.cluster.job_kind = pipeline.kind
         volume = Path(cfg.mount_path or pipeline.mount_path)
         if not volume.is_dir():
             # without the volume every finished stage would look unverifiable and be retried: refuse instead
@@ -436,15 +396,17 @@ class Controller(PodReports, Stops):
         except ApiException as e:
             if e.status == 404:
                 raise ConfigError(
-                    f"cannot list PyTorchJobs ({api_error_summary(e)}): is the Kubeflow training "
-                    f"operator (kubeflow.org/v1 PyTorchJob CRD) installed?"
+                    f"cannot list {pipeline.kind.kind}s ({api_error_summary(e)}): is "
+                    f"{pipeline.kind.installed} installed?"
                 ) from e
             raise
         jobs: dict[str, dict[int, JobState]] = {}
+        objects: dict[str, dict] = {}
         for obj in listed.items:
             job = parse_job(obj, pipeline)
             if job is not None:
                 jobs.setdefault(job.stage, {})[job.attempt] = job
+                objects[job.name] = obj
         world = World(now, pipeline, jobs, {}, (), {}, previous)
 
         # Only the current stage needs the volume and pods; earlier stages are settled (read once more only
@@ -462,8 +424,11 @@ class Controller(PodReports, Stops):
             outputs[candidate.name] = self._ownership(pipeline, candidate, outputs.get(candidate.name))
         pending: list[PendingItem] = []
         log_tails: dict[str, str] = {}
+        admission = None
         if job is not None and job.phase not in (SUCCEEDED, FAILED) and not job.deleting:
             pending = self._pending_items(job, now)
+            admission, warnings = self._kueue_state(objects[job.name], job, now)
+            pending += warnings
         exits: dict[str, TrainerExit] = {}
         if job is not None and job.phase == FAILED:
             rec = previous.stage_record(spec.name)
@@ -472,12 +437,20 @@ class Controller(PodReports, Stops):
                 log_tails[job.name] = self.master_log_tail(job.name)
             if arec is None or arec.exit_code is None:  # read once: the pods may go, the status stays
                 ended = trainer_exit(
-                    self.cluster.list_pods(f"{JOB_NAME_LABEL}={job.name}"),
+                    self.cluster.list_pods(pipeline.kind.pod_selector(job.name)),
                     log_tails.get(job.name) or (arec.log_tail if arec else None),
+                    pipeline.kind,
                 )
                 if ended.code is not None:
                     exits[job.name] = ended
-        world = replace(world, outputs=outputs, pending=tuple(pending), log_tails=log_tails, exits=exits)
+        world = replace(
+            world,
+            outputs=outputs,
+            pending=tuple(pending),
+            log_tails=log_tails,
+            exits=exits,
+            admission=admission,
+        )
         lingering: list[PendingItem] = []
         if attempt > 0:
             outcome, _ = attempt_outcome(world, spec.name, attempt)
@@ -488,169 +461,11 @@ class Controller(PodReports, Stops):
                 lingering = self._lingering_pods(pipeline, spec, attempt, job)
         return replace(world, lingering=tuple(lingering)), listed.resource_version
 
-    def local_path(self, pipeline: Pipeline, job_path: str) -> Path:
-        """Where this pod sees a path the jobs use (the volume may be mounted elsewhere here)."""
-        rel = PurePosixPath(job_path).relative_to(pipeline.mount_path)
-        return Path(self.config.mount_path or pipeline.mount_path) / rel
-
-    def _output_state(self, pipeline: Pipeline, spec: StageSpec, phase: str | None) -> OutputState:
-        local = self.local_path(pipeline, spec.output_dir)
-        steps = tuple(step for step, _ in complete_checkpoints(local))
-        latest = str(PurePosixPath(spec.output_dir) / f"checkpoint-{steps[-1]}") if steps else None
-        manifest, error = None, None
-        if phase == SUCCEEDED:  # hashing is only worth it once the job says it is done
-            manifest, error = self._verifier.verify(local, spec.name)
-            if error:
-                error = error.replace(str(local), spec.output_dir)  # name the path as the user knows it
-        return OutputState(steps, latest, manifest, error)
-
-    def _ownership(self, pipeline: Pipeline, spec: StageSpec, out: OutputState | None) -> OutputState:
-        """The output state, marked stale when the folder holds another install's or input's work."""
-        out = out or OutputState()
-        if not pipeline.configmap_uid:  # no install identity to compare (not a real API server)
-            return out
-        expected = owner_record(pipeline, spec, lambda p: self.local_path(pipeline, p))
-        reason, target = check_folder(self.local_path(pipeline, spec.output_dir), expected)
-        if reason is None or target is None:
-            return out
-        return replace(
-            out, stale=reason, stale_target=str(PurePosixPath(spec.output_dir).with_name(target.name))
-        )
-
-    def _claim_folder(self, pipeline: Pipeline, spec: StageSpec) -> None:
-        """Record in the stage folder which install and input it is for, before its job starts."""
-        if not pipeline.configmap_uid:
-            return
-        local = self.local_path(pipeline, spec.output_dir)
-        expected = owner_record(pipeline, spec, lambda p: self.local_path(pipeline, p))
-        if read_owner(local) == expected:
-            return
-        self._write(f"claim {spec.output_dir}")
-        local.mkdir(parents=True, exist_ok=True)
-        write_owner(local, expected)
-
-    def validate_jobs(self, pipeline: Pipeline) -> None:
-        """Create every stage's attempt-1 job as a server-side dry run (strict field validation), once per
-        version of the stages ConfigMap: what the API server or an admission webhook would reject fails the
-        run now, not when that stage's turn comes."""
-        key = self._pipeline[0] if self._pipeline else None
-        if key is not None and all(key) and self._validated == key:
-            return
-        cfg = self.config
-        for spec in pipeline.stages:  # the flags first: no API call needed
-            check_stage_flags(
-                spec,
-                f"PyTorchJob {job_name(cfg.release, spec.name, 1)} in ConfigMap "
-                f"{cfg.stages_configmap} key {spec.job_key},",
-            )
-        for spec in pipeline.stages:
-            body = job_manifest(pipeline, spec, 1, cfg.namespace, cfg.stages_configmap)
-            name = body["metadata"]["name"]
-            try:
-                self.cluster.create_job(body, dry_run=True)  # 409: the name exists, so it once passed
-            except ApiException as e:
-                denied = classify_api_error(e)
-                where = (
-                    f"stage {spec.name}: PyTorchJob {name} (ConfigMap {cfg.stages_configmap} key "
-                    f"{spec.job_key}) is rejected by"
-                )
-                if e.status in (400, 422):
-                    raise StageRejected(f"{where} the API server: {api_error_summary(e)}", spec.name) from e
-                if denied == DENIED_ADMISSION:
-                    raise StageRejected(
-                        f"{where} an admission webhook: {api_error_summary(e)}", spec.name
-                    ) from e
-                if e.status == 404:
-                    raise ConfigError(
-                        f"{where} the API server: {api_error_summary(e)} - is the Kubeflow training operator "
-                        f"(kubeflow.org/v1 PyTorchJob CRD) installed?"
-                    ) from e
-                if denied == DENIED_QUOTA:  # quota is checked after the schema and the webhooks
-                    log("info", "dry run stopped at a ResourceQuota; the job itself is valid", job=name)
-                    continue
-                raise
-        self._validated = key
-        log("info", "stage jobs pass a server-side dry run", stages=[s.name for s in pipeline.stages])
-
     # -- acting
     def execute(self, action: Action, world: World) -> tuple[list[str], CreateBlocked | None]:
         """Carry out the action: (checkpoint folders pruned, what became of a refused CreateJob)."""
-        cfg = self.config
         if isinstance(action, CreateJob):
-            spec = world.pipeline.stage(action.stage)
-            body = job_manifest(world.pipeline, spec, action.attempt, cfg.namespace, cfg.stages_configmap)
-            name = body["metadata"]["name"]
-            self._claim_folder(world.pipeline, spec)
-            self._write(f"create job {name}")
-            try:
-                created, existing = self.cluster.create_job(body)
-            except ApiException as e:
-                denied = classify_api_error(e)
-                if e.status in (400, 404, 422) or denied == DENIED_ADMISSION:
-                    # retrying cannot help: the job or the CRD is wrong, or a webhook refuses it
-                    raise ConfigError(
-                        f"stage {action.stage}: the API server rejected PyTorchJob {name} (from ConfigMap key "
-                        f"{spec.job_key}): {api_error_summary(e)}"
-                        + (" - is the Kubeflow training operator installed?" if e.status == 404 else "")
-                    ) from e
-                if denied == DENIED_QUOTA:
-                    return [], CreateBlocked(
-                        action.stage, action.attempt, action.reason, api_error_summary(e)
-                    )
-                raise
-            if created:
-                log(
-                    "info",
-                    "created job",
-                    job=name,
-                    stage=action.stage,
-                    attempt=action.attempt,
-                    reason=action.reason,
-                )
-            elif existing is None:
-                raise ApiException(status=409, reason=f"job {name} exists but could not be read back")
-            else:
-                labels = (existing.get("metadata") or {}).get("labels") or {}
-                want = {
-                    INSTANCE_LABEL: cfg.release,
-                    STAGE_LABEL: action.stage,
-                    ATTEMPT_LABEL: str(action.attempt),
-                }
-                if any(labels.get(k) != v for k, v in want.items()):
-                    raise ConfigError(
-                        f"PyTorchJob {cfg.namespace}/{name} already exists but is not this "
-                        f"release's job (labels {labels}); delete or rename it"
-                    )
-                uid = world.pipeline.configmap_uid
-                if uid and uid not in owner_uids(existing):
-                    refs = (existing.get("metadata") or {}).get("ownerReferences") or []
-                    earlier = [
-                        r
-                        for r in refs
-                        if r.get("kind") == "ConfigMap" and r.get("name") == cfg.stages_configmap
-                    ]
-                    if earlier:  # its owner is gone, so the garbage collector will delete it
-                        return [], CreateBlocked(
-                            action.stage,
-                            action.attempt,
-                            action.reason,
-                            f"PyTorchJob {name} of an earlier install of this release (owner ConfigMap "
-                            f"{cfg.stages_configmap} uid {earlier[0].get('uid')}, this install's is {uid}) "
-                            f"still exists; waiting for the garbage collector to delete it",
-                        )
-                    raise ConfigError(
-                        f"PyTorchJob {cfg.namespace}/{name} already exists but is not owned by this "
-                        f"install's ConfigMap {cfg.stages_configmap} (uid {uid}; its owners: "
-                        f"{[(r.get('kind'), r.get('name'), r.get('uid')) for r in refs]}); delete or rename it"
-                    )
-                log(
-                    "info",
-                    "job already exists (409); adopting it",
-                    job=name,
-                    stage=action.stage,
-                    attempt=action.attempt,
-                )
-            return [], None
+            return [], self.create_job(action, world)
         if isinstance(action, MoveAside):
             spec = world.pipeline.stage(action.stage)
             self._write(f"move aside {spec.output_dir}")

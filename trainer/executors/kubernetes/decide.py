@@ -215,10 +215,9 @@ def _report_or_wait(
     """Report the items overdue and not yet reported, else wait until the next one falls due."""
     rec = world.previous.stage_record(stage)
     reported = set(rec.reported) if rec else set()
-    timeout = timedelta(seconds=config.pending_timeout_seconds)
     fresh = [p for p in items if p.key not in reported]
-    overdue = tuple(p for p in fresh if world.now - p.since >= timeout)
+    overdue = tuple(p for p in fresh if world.now >= p.due(config.pending_timeout_seconds))
     if overdue:
         return ReportPending(stage, overdue)
-    deadlines = [p.since + timeout for p in fresh]
+    deadlines = [p.due(config.pending_timeout_seconds) for p in fresh]
     return Wait(min(deadlines) if deadlines else None)

@@ -9,7 +9,8 @@ from datetime import datetime, timedelta
 
 from kubernetes.client.rest import ApiException
 
-from trainer.executors.kubernetes.cluster import JOB_NAME_LABEL, Cluster, api_error_summary, role_lacks_rule
+from trainer.executors.kubernetes.cluster import Cluster, api_error_summary, role_lacks_rule
+from trainer.executors.kubernetes.jobkinds import PYTORCHJOB
 from trainer.executors.kubernetes.spec import (
     LOG_READ_MAX_BYTES,
     LOG_TAIL_MAX_BYTES,
@@ -41,7 +42,7 @@ class PodReports:
         """Pods of an attempt that is over but may still run a trainer in the stage's folder."""
         name = job.name if job is not None else f"{pipeline.release}-{spec.name}-{attempt}"
         items = []
-        for pod in self.cluster.list_pods(f"{JOB_NAME_LABEL}={name}"):
+        for pod in self.cluster.list_pods(self.cluster.job_kind.pod_selector(name)):
             if not pod_is_live(pod):
                 continue  # a failed pod stays for its log; nothing runs in it
             meta, phase = pod.get("metadata") or {}, (pod.get("status") or {}).get("phase")
@@ -61,7 +62,7 @@ class PodReports:
     def _pending_items(self, job: JobState, now: datetime) -> list[PendingItem]:
         timeout = timedelta(seconds=self.config.pending_timeout_seconds)
         items: list[PendingItem] = []
-        pods = self.cluster.list_pods(f"{JOB_NAME_LABEL}={job.name}")
+        pods = self.cluster.list_pods(self.cluster.job_kind.pod_selector(job.name))
         if job.phase != "Suspended" and len(pods) < job.replicas:
             item = self._missing_pods_item(job, len(pods), now)
             if item is not None:
@@ -108,10 +109,10 @@ class PodReports:
                 return PendingItem(
                     key,
                     job.created,
-                    f"job {job.name} has no status yet: is the Kubeflow training operator running and "
+                    f"job {job.name} has no status yet: is {self.cluster.job_kind.operator} running and "
                     f"watching this namespace?" + self._events_report(job),
                 )
-            return PendingItem(key, job.created, f"{what}: the training operator has not created them")
+            return PendingItem(key, job.created, f"{what}: its operator has not created them")
         refused_events = self._refused_pod_create_events(job)
         if not refused_events:
             return None
@@ -156,18 +157,29 @@ class PodReports:
         return ("; " + "; ".join(notes)) if notes else ""
 
     def master_log_tail(self, job: str) -> str:
-        """The last lines of the master pod's log (or why there are none)."""
-        name = f"{job}-master-0"
-        pod = self.cluster.get_pod(name)
-        if pod is None:
-            return (
+        """The last lines of the first node's pod's log (or why there are none)."""
+        kind = self.cluster.job_kind
+        if kind is PYTORCHJOB:
+            name = f"{job}-master-0"
+            pod = self.cluster.get_pod(name)
+            gone = (
                 f"(no log: pod {name} not found. With runPolicy.cleanPodPolicy: Running the training "
                 f"operator deletes the pods still running when a job fails; a crash-looping pod of "
                 f"restartPolicy OnFailure counts as running. With restartPolicy Never, the chart's default, "
                 f"the failed pod and its log are kept)"
             )
+        else:  # Job pods have generated names: the newest pod of the first node
+            pods = self.cluster.list_pods(kind.first_pod_selector(job))
+            pods.sort(key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""))
+            pod = pods[-1] if pods else None
+            name = str(((pod or {}).get("metadata") or {}).get("name") or "")
+            gone = f"(no log: no pod of {kind.first_pod_selector(job)} found)"
+        if pod is None:
+            return gone
         containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
-        container = "pytorch" if "pytorch" in containers else (containers[0] if containers else None)
+        container = (
+            kind.container if kind.container in containers else (containers[0] if containers else None)
+        )
         try:
             text = self.cluster.read_pod_log(name, container, self.config.log_tail_lines, LOG_READ_MAX_BYTES)
         except ApiException as e:

@@ -11,11 +11,7 @@ import yaml
 
 from trainer.contract.stage_args import StageArgsError, check_stage_argv
 from trainer.contract.stages import STAGE_MODULES, STAGES, model_sources
-from trainer.executors.kubernetes.cluster import (
-    PYTORCHJOB_GROUP,
-    PYTORCHJOB_KIND,
-    PYTORCHJOB_VERSION,
-)
+from trainer.executors.kubernetes.jobkinds import KINDS, PYTORCHJOB, JobKind, kind_of
 
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 NAME_LABEL = "app.kubernetes.io/name"
@@ -42,7 +38,6 @@ MAX_NAME_LEN = 63  # the operator names services `<job>-master-0`; services need
 
 # Run and stage phases shown in the status.
 PENDING, SUBMITTED, RUNNING, SUCCEEDED, FAILED = "Pending", "Submitted", "Running", "Succeeded", "Failed"
-JOB_PHASE_PRIORITY = ("Failed", "Succeeded", "Suspended", "Restarting", "Running", "Created")
 
 
 class ConfigError(Exception):
@@ -82,6 +77,9 @@ class ControllerConfig:
     # the status is written at least this often while the controller runs (updatedAt); `r1-grpo status`
     # calls a running status silent after STALE_HEARTBEATS of them
     heartbeat_seconds: float = 60.0
+    # a stage job with a Kueue queue label and no Kueue Workload after this long is reported (the job runs
+    # outside the quota: Kueue does not manage its kind)
+    kueue_workload_timeout_seconds: float = 120.0
 
     @property
     def selector(self) -> str:
@@ -101,7 +99,11 @@ class StageSpec:
     output_dir: str  # as the jobs see it (under the pipeline's mountPath)
     model_from: str  # lineage: the folder or hub id its --model_name_or_path names
     job_key: str
-    job: dict  # the ConfigMap's PyTorchJob for attempt 1
+    job: dict  # the ConfigMap's job (PyTorchJob or TrainJob) for attempt 1
+
+    @property
+    def kind(self) -> JobKind:
+        return kind_of(self.job) or PYTORCHJOB
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,11 @@ class Pipeline:
     mount_path: str
     stages: tuple[StageSpec, ...]
     configmap_uid: str
+
+    @property
+    def kind(self) -> JobKind:
+        """The job API of the release's stages (parse_pipeline checks they all use one)."""
+        return self.stages[0].kind if self.stages else PYTORCHJOB
 
     def stage(self, name: str) -> StageSpec:
         return next(s for s in self.stages if s.name == name)
@@ -171,7 +178,13 @@ def parse_pipeline(cm: dict, release: str) -> Pipeline:
         if key not in data:
             raise ConfigError(f"{at}.job: the ConfigMap has no key {key!r}")
         job = _parse_job_manifest(data[key], f"{where}: {key}", release, name)
-        specs.append(StageSpec(name, str(out), item["modelFrom"], key, job))
+        spec = StageSpec(name, str(out), item["modelFrom"], key, job)
+        if specs and spec.kind != specs[0].kind:
+            raise ConfigError(
+                f"{where}: {key}: a {spec.kind.kind}, but {specs[0].job_key} is a {specs[0].kind.kind}; "
+                f"all stages of a release use one job API"
+            )
+        specs.append(spec)
     # The hand-off contract: a stage after a training stage starts from that stage's folder.
     by_name = {spec.name: spec for spec in specs}
     sources = model_sources([spec.name for spec in specs])
@@ -196,12 +209,12 @@ def _parse_job_manifest(text: str, where: str, release: str, stage: str) -> dict
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: invalid YAML: {e}") from e
     if not isinstance(job, dict):
-        raise ConfigError(f"{where}: must be a PyTorchJob object")
-    api_version = f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}"
-    if job.get("apiVersion") != api_version or job.get("kind") != PYTORCHJOB_KIND:
+        raise ConfigError(f"{where}: must be a job object (PyTorchJob or TrainJob)")
+    kind = kind_of(job)
+    if kind is None:
+        expected = " or ".join(f"{k.api_version}/{k.kind}" for k in KINDS)
         raise ConfigError(
-            f"{where}: apiVersion/kind are {job.get('apiVersion')!r}/{job.get('kind')!r}, "
-            f"expected {api_version}/{PYTORCHJOB_KIND}"
+            f"{where}: apiVersion/kind are {job.get('apiVersion')!r}/{job.get('kind')!r}, expected {expected}"
         )
     meta = job.get("metadata") or {}
     expected = job_name(release, stage, 1)
@@ -212,8 +225,9 @@ def _parse_job_manifest(text: str, where: str, release: str, stage: str) -> dict
     wrong = {k: labels.get(k) for k, v in want.items() if labels.get(k) != v}
     if wrong:
         raise ConfigError(f"{where}: metadata.labels {wrong} must be {want}")
-    if not isinstance((job.get("spec") or {}).get("pytorchReplicaSpecs"), dict):
-        raise ConfigError(f"{where}: spec.pytorchReplicaSpecs is missing")
+    problem = kind.structure_error(job)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
     return job
 
 
@@ -245,11 +259,7 @@ def stage_argvs(job: dict) -> list[tuple[str, list[str]]]:
     """(replica type, the stage's flags) for each replica whose trainer container runs a stage module:
     the words after `--module <module>` (or `-m <module>`) of its command and args."""
     out = []
-    for kind, replica in sorted(((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items()):
-        containers = ((((replica or {}).get("template") or {}).get("spec") or {}).get("containers")) or []
-        container = next((c for c in containers if c.get("name") == "pytorch"), None)
-        if container is None:
-            continue
+    for kind, container in (kind_of(job) or PYTORCHJOB).argv_sources(job):
         words = [str(w) for w in (container.get("command") or []) + (container.get("args") or [])]
         for i, word in enumerate(words[:-1]):
             if word in ("--module", "-m"):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from datetime import timedelta
 from typing import Any
 
 from trainer.executors.kubernetes.decide import (
@@ -344,12 +343,17 @@ def _render_current_stage(rec: StageRecord, world: World, action: Action, config
         job = world.jobs[rec.name][attempt]
         rec.phase, rec.end_time = job.phase, None
         rec.message = job.message if job.phase in ("Restarting", "Suspended") else ""
-        timeout = timedelta(seconds=config.pending_timeout_seconds)
-        overdue = [p for p in world.pending if world.now - p.since >= timeout]
+        if world.admission:  # queued, not failing: Kueue admits it when its quota allows
+            rec.phase, rec.message = PENDING, world.admission
+        due = [p for p in world.pending if world.now >= p.due(config.pending_timeout_seconds)]
+        overdue = [p for p in due if p.timeout is None]
+        warnings = [p.message for p in due if p.timeout is not None]
         if overdue:
             rec.message = f"pending for more than {_duration(config.pending_timeout_seconds)}: " + "; ".join(
                 p.message for p in overdue
             )
+        if warnings:
+            rec.message = "; ".join([*warnings, *([rec.message] if rec.message else [])])
 
 
 def _duration(seconds: float) -> str:

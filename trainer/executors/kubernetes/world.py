@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from trainer.executors.kubernetes.jobkinds import PYTORCHJOB, JobKind
 from trainer.executors.kubernetes.jsonlog import logger
 from trainer.executors.kubernetes.spec import (
     ATTEMPT_LABEL,
     FAILED,
-    JOB_PHASE_PRIORITY,
     STAGE_LABEL,
-    SUBMITTED,
     SUCCEEDED,
     Pipeline,
     job_name,
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
     from trainer.executors.kubernetes.status import RunStatus
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from trainer.contract.exits import BAD_INPUT_EXIT_CODE
@@ -52,6 +51,14 @@ class PendingItem:
     key: str  # "pod/<name>/<uid>" or "job/<name>": reported at most once
     since: datetime
     message: str
+    # seconds after `since` it is reported; None: the controller's pending timeout. An item with its own
+    # is a warning about something that is not waiting (its message is shown as it is)
+    timeout: float | None = None
+
+    def due(self, pending_timeout_seconds: float) -> datetime:
+        return self.since + timedelta(
+            seconds=pending_timeout_seconds if self.timeout is None else self.timeout
+        )
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ class World:
     lingering: tuple[PendingItem, ...] = ()
     # job name -> how its trainer ended, for failed jobs whose exit the status has not recorded yet
     exits: dict[str, TrainerExit] = field(default_factory=dict)
+    # why the current job waits for Kueue ("waiting for Kueue admission in LocalQueue q ..."), else None
+    admission: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,23 +113,8 @@ def _fmt(value: datetime | None) -> str | None:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
 
 
-def job_phase(conditions: list[dict]) -> tuple[str, str, datetime | None]:
-    """(phase, message, since) from a job's conditions; the most decisive True condition wins."""
-    true = {c.get("type"): c for c in conditions or [] if str(c.get("status")) == "True"}
-    for kind in JOB_PHASE_PRIORITY:
-        if kind in true:
-            c = true[kind]
-            return kind, str(c.get("message") or c.get("reason") or ""), _ts(c.get("lastTransitionTime"))
-    return SUBMITTED, "", None
-
-
 def owner_uids(obj: dict) -> list[str]:
     return [str(ref.get("uid")) for ref in (obj.get("metadata") or {}).get("ownerReferences") or []]
-
-
-def replica_count(obj: dict) -> int:
-    specs = ((obj.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values()
-    return sum(int((s or {}).get("replicas", 1) or 0) for s in specs) or 1
 
 
 def parse_job(obj: dict, pipeline: Pipeline) -> JobState | None:
@@ -152,7 +146,7 @@ def parse_job(obj: dict, pipeline: Pipeline) -> JobState | None:
         )
         return None
     status = obj.get("status") or {}
-    phase, message, since = job_phase(status.get("conditions") or [])
+    phase, message, since = pipeline.kind.phase(obj)
     end = _ts(status.get("completionTime")) or (since if phase in (SUCCEEDED, FAILED) else None)
     return JobState(
         name,
@@ -166,7 +160,7 @@ def parse_job(obj: dict, pipeline: Pipeline) -> JobState | None:
         bool(meta.get("deletionTimestamp")),
         meta.get("uid", ""),
         since,
-        replica_count(obj),
+        pipeline.kind.replicas(obj),
     )
 
 
@@ -205,7 +199,7 @@ def describe_pending_pod(pod: dict) -> str:
     return "; ".join(parts) or "no scheduling information yet"
 
 
-def trainer_exit(pods: list[dict], log_tail: str | None) -> TrainerExit:
+def trainer_exit(pods: list[dict], log_tail: str | None, kind: JobKind = PYTORCHJOB) -> TrainerExit:
     """The exit of a failed attempt from its pods' trainer containers: bad input (exit 2) on any pod wins,
     since every rank of a stage that refuses its input exits 2 with the same line; else the Master's
     code. `code` is None when no pod shows a terminated trainer (they were deleted)."""
@@ -213,7 +207,9 @@ def trainer_exit(pods: list[dict], log_tail: str | None) -> TrainerExit:
     for pod in pods:
         name = str((pod.get("metadata") or {}).get("name") or "")
         statuses = (pod.get("status") or {}).get("containerStatuses") or []
-        trainer = next((c for c in statuses if c.get("name") == "pytorch"), statuses[0] if statuses else None)
+        trainer = next(
+            (c for c in statuses if c.get("name") == kind.container), statuses[0] if statuses else None
+        )
         ended = ((trainer or {}).get("state") or {}).get("terminated") or (
             ((trainer or {}).get("lastState") or {}).get("terminated")
         )
@@ -222,7 +218,7 @@ def trainer_exit(pods: list[dict], log_tail: str | None) -> TrainerExit:
     if not exits:
         return TrainerExit(None)
     bad = [e for e in exits if e[1] == BAD_INPUT_EXIT_CODE]
-    name, code, message = (bad or sorted(exits, key=lambda e: ("-master-" not in e[0], e[0])))[0]
+    name, code, message = (bad or sorted(exits, key=lambda e: (kind.first_pod_marker not in e[0], e[0])))[0]
     if not message and log_tail:
         message = next((line.strip() for line in reversed(log_tail.splitlines()) if ": error: " in line), "")
     return TrainerExit(code, message.splitlines()[-1] if message else "")

@@ -1,0 +1,286 @@
+"""The chart with `jobApi: trainjob`, and Kueue admission, on a real control plane with the real JobSet
+controller, Kubeflow Trainer v2 controller manager and Kueue (tests/controlplane/jobcontrollers.py, built by
+tests/controlplane-jobs/build.sh), as a user runs them: `helm install`, the controller as a host process with the chart's
+ServiceAccount token, the Trainer making each TrainJob a JobSet, JobSet its batch Job, the Job controller
+the pods, and tests/support/e2e.py's HostKubelet running the pods' real container commands on this machine.
+
+Kueue here manages batch Jobs and TrainJobs (batch/job, trainer.kubeflow.org/trainjob): its
+kubeflow.org/pytorchjob integration is off, as in recent Kueue defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.controlplane.cluster import ApiError
+from tests.support.e2e import JOBSET_NAME_LABEL, PodDriver, Release, merge, wait_until
+from tests.support.helmtool import launches_torchrun
+from trainer.contract.output import complete_checkpoints, verify_stage_output
+from trainer.executors.kubernetes.admission import workload_admitted
+
+GPU_NODE = "tj-gpu-0"
+TRAINJOB = {"jobApi": "trainjob"}
+KUEUE = "kueue.x-k8s.io/v1beta2"
+
+
+@pytest.fixture(scope="module")
+def jobs_plane(jobapi_build: Path, controlplane_build: Path, request: pytest.FixtureRequest):
+    """A control plane of its own with the job-API controllers (the shared one stays without them)."""
+    from tests.controlplane.cluster import ControlPlane
+
+    workdir = Path(tempfile.mkdtemp(prefix="r1-grpo-controlplane-jobs-"))
+    cp = ControlPlane(workdir, jobs=True).start(timeout=240)
+    try:
+        cp.create_gpu_node(GPU_NODE, gpus=64)
+        yield cp
+    finally:
+        cp.stop()
+        if request.session.testsfailed:
+            print(f"\ncontrol plane logs kept in {cp.log_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def release(jobs_plane, request: pytest.FixtureRequest, tmp_path: Path):
+    digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
+    namespace = f"tj-{digest}-{os.getpid() % 10000}"
+    jobs_plane.create_namespace(namespace)
+    rel = Release(jobs_plane, namespace, "r1", tmp_path)
+    rel.values = merge(rel.values, TRAINJOB)
+    rel.create_volume()
+    yield rel
+    rel.stop_controllers()
+    print(rel.report())
+    with contextlib.suppress(Exception):
+        jobs_plane.request("DELETE", f"/api/v1/namespaces/{namespace}")
+    rel.delete_volume()
+
+
+def stage(rel: Release, name: str) -> dict:
+    return next((s for s in (rel.status() or {}).get("stages") or [] if s["name"] == name), {})
+
+
+def test_helm_install_with_trainjob_runs_sft_grpo_eval_through_trainjobs_and_jobsets(
+    release: Release,
+) -> None:
+    release.install()
+    controller = release.start_controller()
+    with PodDriver(release, lambda pod: "run", selector=JOBSET_NAME_LABEL) as driver:
+        code = controller.wait(1500)
+    assert code == 0, controller.log()[-6000:]
+    ran = [(name.rsplit("-", 1)[0], code) for name, code, _ in driver.runs]  # Job pods: a random suffix
+    assert ran == [("r1-sft-1-node-0-0", 0), ("r1-grpo-1-node-0-0", 0), ("r1-eval-1-node-0-0", 0)], [
+        log[-3000:] for _, _, log in driver.runs
+    ]
+    trainjobs = release.trainjobs()
+    assert sorted(trainjobs) == ["r1-eval-1", "r1-grpo-1", "r1-sft-1"]
+    assert not release.jobs(), "no PyTorchJob may be made with jobApi trainjob"
+    for name, job in trainjobs.items():
+        assert any(c["type"] == "Complete" and c["status"] == "True" for c in job["status"]["conditions"]), (
+            job
+        )
+        jobset = release.cp.request(
+            "GET", f"/apis/jobset.x-k8s.io/v1alpha2/namespaces/{release.namespace}/jobsets/{name}"
+        )
+        assert jobset["metadata"]["ownerReferences"][0]["kind"] == "TrainJob"
+    for name, module in (("sft", "trainer.sft"), ("grpo", "trainer.grpo"), ("eval", "trainer.evaluate")):
+        trainer = trainjobs[f"r1-{name}-1"]["spec"]["trainer"]
+        assert launches_torchrun(trainer) and module in trainer["args"]
+        assert verify_stage_output(release.stage_dir(name), name).status == "completed"
+    assert complete_checkpoints(release.stage_dir("sft"))
+    status = release.status()
+    assert status["phase"] == "Succeeded", status
+    shown = release.status_command()
+    assert shown.returncode == 0 and "Succeeded" in shown.stdout, shown.stdout + shown.stderr
+
+
+def _queues(cp, namespace: str, gpus: int) -> None:
+    for path, body in (
+        ("/apis/kueue.x-k8s.io/v1beta2/resourceflavors", {"metadata": {"name": "default-flavor"}}),
+        (
+            "/apis/kueue.x-k8s.io/v1beta2/clusterqueues",
+            {
+                "metadata": {"name": f"cq-{namespace}"},
+                "spec": {
+                    "namespaceSelector": {},
+                    "resourceGroups": [
+                        {
+                            "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                            "flavors": [
+                                {
+                                    "name": "default-flavor",
+                                    "resources": [
+                                        {"name": "cpu", "nominalQuota": "64"},
+                                        {"name": "memory", "nominalQuota": "256Gi"},
+                                        {"name": "nvidia.com/gpu", "nominalQuota": gpus},
+                                    ],
+                                }
+                            ],
+                        }
+                    ],
+                },
+            },
+        ),
+        (
+            f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{namespace}/localqueues",
+            {"metadata": {"name": "q"}, "spec": {"clusterQueue": f"cq-{namespace}"}},
+        ),
+    ):
+        kind = path.rsplit("/", 1)[1]
+        body = {
+            "apiVersion": KUEUE,
+            "kind": {
+                "resourceflavors": "ResourceFlavor",
+                "clusterqueues": "ClusterQueue",
+                "localqueues": "LocalQueue",
+            }[kind],
+            **body,
+        }
+        try:
+            cp.request("POST", path, body)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+
+
+def test_kueue_holds_a_stage_over_quota_as_pending_and_admits_it_when_the_quota_is_raised(
+    release: Release,
+) -> None:
+    """ClusterQueue with nvidia.com/gpu quota 4, a stage asking 8: suspended, Pending with Kueue's reason in
+    `r1-grpo status`; raising the quota to 8 admits it and the run finishes."""
+    cp = release.cp
+    _queues(cp, release.namespace, 4)
+    gpus8 = {"resources": {"gpu": 8, "cpu": "1", "memory": "2Gi"}}
+    values = merge(
+        release.values,
+        {
+            "kueue": {"enabled": True, "queueName": "q"},
+            "stages": {"sft": gpus8, "grpo": {"enabled": False}, "eval": {"enabled": False}},
+        },
+    )
+    release.install(values)
+    controller = release.start_controller()
+    with PodDriver(release, lambda pod: "output", selector=JOBSET_NAME_LABEL) as driver:
+        wait_until(
+            "the Pending reason",
+            lambda: (
+                "waiting for Kueue admission in LocalQueue q" in (stage(release, "sft").get("message") or "")
+            ),
+            180,
+        )
+        sft = stage(release, "sft")
+        assert sft["phase"] == "Pending", sft
+        assert (
+            f"ClusterQueue cq-{release.namespace}" in sft["message"] and "nvidia.com/gpu" in sft["message"]
+        ), sft
+        assert release.trainjobs()["r1-sft-1"]["spec"].get("suspend") is True
+        assert not driver.handled, "no pod may run before admission"
+        shown = release.status_command()
+        print("r1-grpo status while pending:\n" + shown.stdout)
+        assert "waiting for Kueue admission" in shown.stdout, shown.stdout
+        assert (release.status() or {})["phase"] != "Failed"
+        cp.request(
+            "PATCH",
+            f"/apis/kueue.x-k8s.io/v1beta2/clusterqueues/cq-{release.namespace}",
+            json.dumps(
+                [
+                    {
+                        "op": "replace",
+                        "path": "/spec/resourceGroups/0/flavors/0/resources/2/nominalQuota",
+                        "value": 8,
+                    }
+                ]
+            ).encode(),
+            content_type="application/json-patch+json",
+        )
+        code = controller.wait(600)
+    assert code == 0, controller.log()[-6000:]
+    assert stage(release, "sft")["attempt"] == 1  # waiting was no failure and no retry
+
+
+def test_pytorchjob_with_a_queue_label_that_kueue_ignores_is_reported_with_the_fix(release: Release) -> None:
+    """Kueue's pytorchjob integration is off here: the PyTorchJob gets no Workload and runs outside the
+    quota; after --kueue-workload-timeout-seconds the status and a Warning event say so and how to fix it."""
+    cp = release.cp
+    _queues(cp, release.namespace, 64)
+    values = merge(
+        release.values,
+        {
+            "jobApi": "pytorchjob",
+            "kueue": {"enabled": True, "queueName": "q"},
+            "stages": {"grpo": {"enabled": False}, "eval": {"enabled": False}},
+        },
+    )
+    release.install(values)
+    controller = release.start_controller("--kueue-workload-timeout-seconds", "3")
+    wait_until(
+        "the warning",
+        lambda: "Kueue has made no Workload" in (stage(release, "sft").get("message") or ""),
+        180,
+    )
+    message = stage(release, "sft")["message"]
+    assert "enable the kubeflow.org/pytorchjob integration" in message and "jobApi: trainjob" in message, (
+        message
+    )
+    shown = release.status_command()
+    print("r1-grpo status with the warning:\n" + shown.stdout)
+    assert "Kueue has made no Workload" in shown.stdout
+    events = release.list("/api/v1", "events")
+    assert any("no-kueue-workload" in e.get("message", "") and e["type"] == "Warning" for e in events), events
+    controller.stop()
+
+
+def test_with_kueues_pytorchjob_integration_on_the_pytorchjob_is_admitted_through_its_workload(
+    jobapi_build: Path, controlplane_build: Path, tmp_path: Path
+) -> None:
+    """The other side of the warning: a Kueue that manages kubeflow.org/pytorchjob (its own control plane)
+    makes a Workload for the stage's PyTorchJob, admits it against the quota, and the controller says
+    nothing about a missing Workload."""
+    from tests.controlplane.cluster import ControlPlane
+
+    frameworks = ("batch/job", "trainer.kubeflow.org/trainjob", "kubeflow.org/pytorchjob")
+    with ControlPlane(tmp_path / "plane", jobs=True, kueue_frameworks=frameworks) as cp:
+        cp.create_gpu_node(GPU_NODE, gpus=64)
+        cp.create_namespace("tj-pytorch")
+        rel = Release(cp, "tj-pytorch", "r1", tmp_path / "release")
+        rel.create_volume()
+        _queues(cp, rel.namespace, 8)
+        values = merge(
+            rel.values,
+            {
+                "jobApi": "pytorchjob",
+                "kueue": {"enabled": True, "queueName": "q"},
+                "stages": {"grpo": {"enabled": False}, "eval": {"enabled": False}},
+            },
+        )
+        rel.install(values)
+        controller = rel.start_controller("--kueue-workload-timeout-seconds", "3")
+        admitted: list[bool] = []
+
+        def policy(pod: dict) -> str:
+            # the pod exists, so Kueue admitted the job: its Workload says so while it runs
+            job = rel.jobs()["r1-sft-1"]
+            selector = f"kueue.x-k8s.io/job-uid={job['metadata']['uid']}"
+            workloads = rel.list("/apis/kueue.x-k8s.io/v1beta2", "workloads", selector)
+            admitted.extend(workload_admitted(w) for w in workloads)
+            return "output"
+
+        try:
+            with PodDriver(rel, policy):
+                code = controller.wait(600)
+            assert code == 0, controller.log()[-6000:]
+            assert admitted == [True], admitted
+            assert "Kueue has made no Workload" not in controller.log()
+        finally:
+            rel.stop_controllers()
+            print(rel.report())
