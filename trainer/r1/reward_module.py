@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import select
 import subprocess
 import sys
 import threading
@@ -212,33 +211,17 @@ class RewardModule:
 
     def _stop(self) -> None:
         proc, self._proc, self._buf = self._proc, None, b""
-        if proc is None:
-            return
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait(timeout=10)
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        # Imported here, not at the top: this file is also the helper's stdlib-only entry point.
+        from trainer.r1 import helper_io
+
+        helper_io.stop(proc)
 
     def _read_line(self, deadline: float) -> bytes | None:
         """One line from the helper, or None at the deadline; EOFError when it exited."""
-        assert self._proc is not None and self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
-        poller = select.poll()  # not select.select: trainer processes can have fds above FD_SETSIZE
-        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            if not poller.poll(math.ceil(remaining * 1000)):
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise EOFError("reward module helper exited")
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
+        assert self._proc is not None
+        from trainer.r1 import helper_io  # not at the top: see _stop
+
+        line, self._buf = helper_io.read_line(self._proc, self._buf, deadline, "reward module helper")
         return line
 
 
