@@ -246,19 +246,10 @@ def controlplane_build() -> Path:
     it before pytest starts). R1_GRPO_SKIP_CLUSTER=1 skips the tests that need it; without that, a machine
     that cannot build it fails them, saying why.
     """
-    if os.environ.get("R1_GRPO_SKIP_CLUSTER") == "1":
-        pytest.skip("R1_GRPO_SKIP_CLUSTER=1: the test control plane (and the operator's CRD) is not built")
     from tests.controlplane.cluster import ensure_binaries
 
-    try:
-        return ensure_binaries()
-    except subprocess.CalledProcessError as e:
-        build_error = e.returncode
-    pytest.fail(
-        f"the test control plane could not be built (tests/controlplane/build.sh exited {build_error}; "
-        "its message is above): it needs Go >= 1.26 and the Go module proxy the first time. Set "
-        "R1_GRPO_SKIP_CLUSTER=1 to skip the tests that need it.",
-        pytrace=False,
+    return _cached_build(
+        ensure_binaries, "the test control plane (and the operator's CRD)", "tests/controlplane"
     )
 
 
@@ -268,18 +259,26 @@ def jobapi_build() -> Path:
     controller, the Kubeflow Trainer v2 controller manager and Kueue, with their CRDs, webhook
     configurations and the Trainer's runtimes, from the pinned Go modules; built on first use and cached
     apart from controlplane_build. R1_GRPO_SKIP_CLUSTER=1 skips the tests that need it."""
-    if os.environ.get("R1_GRPO_SKIP_CLUSTER") == "1":
-        pytest.skip("R1_GRPO_SKIP_CLUSTER=1: the job-API controllers (and their CRDs) are not built")
     from tests.controlplane.cluster import ensure_job_binaries
 
+    return _cached_build(
+        ensure_job_binaries, "the job-API controllers (and their CRDs)", "tests/controlplane-jobs"
+    )
+
+
+def _cached_build(ensure, what: str, folder: str) -> Path:
+    """``ensure()``'s build folder; skipped with R1_GRPO_SKIP_CLUSTER=1, else a failed build fails the test
+    saying what it needs."""
+    if os.environ.get("R1_GRPO_SKIP_CLUSTER") == "1":
+        pytest.skip(f"R1_GRPO_SKIP_CLUSTER=1: {what}: not built")
     try:
-        return ensure_job_binaries()
+        return ensure()
     except subprocess.CalledProcessError as e:
         build_error = e.returncode
     pytest.fail(
-        f"the job-API controllers could not be built (tests/controlplane-jobs/build.sh exited {build_error}; "
-        "its message is above): it needs Go >= 1.26 and the Go module proxy the first time. Set "
-        "R1_GRPO_SKIP_CLUSTER=1 to skip the tests that need it.",
+        f"{what} could not be built ({folder}/build.sh exited {build_error}; its message is above): it needs "
+        "Go >= 1.26 and the Go module proxy the first time. Set R1_GRPO_SKIP_CLUSTER=1 to skip the tests "
+        "that need it.",
         pytrace=False,
     )
 
@@ -289,11 +288,26 @@ def control_plane(controlplane_build: Path, request: pytest.FixtureRequest):
     """A real Kubernetes control plane on loopback (tests/controlplane), started once per session from
     `controlplane_build`. The processes' logs are kept (path printed) when any test of the session failed.
     """
+    yield from _running_control_plane(request, "r1-grpo-controlplane-")
+
+
+@pytest.fixture(scope="module")  # stopped after its module: idle controllers cost CPU
+def jobs_plane(jobapi_build: Path, controlplane_build: Path, request: pytest.FixtureRequest):
+    """A control plane of its own with the job-API controllers (JobSet, Trainer v2, Kueue) and a 64-GPU
+    node `tj-gpu-0`; the shared `control_plane` stays without them, so its tests do not pay for them."""
+    yield from _running_control_plane(request, "r1-grpo-controlplane-jobs-", jobs=True, timeout=240, gpus=64)
+
+
+def _running_control_plane(
+    request: pytest.FixtureRequest, prefix: str, jobs: bool = False, timeout=120.0, gpus=0
+):
     from tests.controlplane.cluster import ControlPlane
 
-    workdir = Path(tempfile.mkdtemp(prefix="r1-grpo-controlplane-"))
-    cp = ControlPlane(workdir).start()
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    cp = ControlPlane(workdir, jobs=jobs).start(timeout=timeout)
     try:
+        if gpus:
+            cp.create_gpu_node("tj-gpu-0", gpus=gpus)
         yield cp
     finally:
         cp.stop()

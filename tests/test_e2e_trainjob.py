@@ -14,9 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,27 +24,9 @@ from tests.support.helmtool import launches_torchrun
 from trainer.contract.output import complete_checkpoints, verify_stage_output
 from trainer.executors.kubernetes.admission import workload_admitted
 
-GPU_NODE = "tj-gpu-0"
+GPU_NODE = "tj-gpu-0"  # the jobs_plane fixture's GPU node (tests/conftest.py)
 TRAINJOB = {"jobApi": "trainjob"}
 KUEUE = "kueue.x-k8s.io/v1beta2"
-
-
-@pytest.fixture(scope="module")
-def jobs_plane(jobapi_build: Path, controlplane_build: Path, request: pytest.FixtureRequest):
-    """A control plane of its own with the job-API controllers (the shared one stays without them)."""
-    from tests.controlplane.cluster import ControlPlane
-
-    workdir = Path(tempfile.mkdtemp(prefix="r1-grpo-controlplane-jobs-"))
-    cp = ControlPlane(workdir, jobs=True).start(timeout=240)
-    try:
-        cp.create_gpu_node(GPU_NODE, gpus=64)
-        yield cp
-    finally:
-        cp.stop()
-        if request.session.testsfailed:
-            print(f"\ncontrol plane logs kept in {cp.log_dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
