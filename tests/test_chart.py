@@ -553,9 +553,10 @@ def test_chart_copies_of_the_contract_equal_the_python_ones(enabled: tuple[str, 
     controller's parse_pipeline must accept the result."""
     base = "org/base-7b"
     # Datasets as the prepare stage's hand-off sees them (trainer/contract/prepared.py): a hub id, a
-    # weighted mixture of hub ids and a file, one the prepare stage adds itself, a built-in one.
+    # weighted mixture of hub ids (one with its own @config) and a file, one the prepare stage adds itself, a
+    # built-in one.
     datasets = {
-        "grpo": "openai/gsm8k:0.7, /checkpoints/data/x.jsonl:0.3,org/math:.5",
+        "grpo": "openai/gsm8k@main:0.7, /checkpoints/data/x.jsonl:0.3,org/math:.5",
         "eval": "builtin:arith",
     }
     args = {s: {"dataset_name": datasets[s]} if s in datasets else {} for s in STAGES}

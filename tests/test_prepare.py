@@ -61,6 +61,15 @@ def test_later_stages_dataset_names_are_rewritten_to_the_prepared_folders() -> N
         "/vol/r/prepare/datasets/openai/gsm8k:0.7,/vol/x.jsonl:0.3,/vol/r/prepare/datasets/org/math:.5"
     )
     assert rewrite_dataset_name("builtin:arith", "/p") == "builtin:arith"
+    # A source's own config (trainer.r1.sources' `name@config`) stays on the prepared folder; the repository
+    # is downloaded once, whichever configs name it.
+    assert rewrite_dataset_name("openai/gsm8k@main:0.7,org/math@algebra", "/p") == (
+        "/p/datasets/openai/gsm8k@main:0.7,/p/datasets/org/math@algebra"
+    )
+    assert hub_datasets(["openai/gsm8k@main:0.7,org/math@algebra:0.3", "openai/gsm8k@socratic,org/math"]) == [
+        "openai/gsm8k",
+        "org/math",
+    ]
     assert hub_datasets(["openai/gsm8k:0.7,builtin:arith:0.3", "", "org/math,openai/gsm8k"]) == [
         "openai/gsm8k",
         "org/math",

@@ -5,7 +5,8 @@ them, and how the later stages' flags are rewritten to read them with the hub of
 `r1_stage.json` like any stage's weights) and `<prepare>/datasets/<hub id>/` a snapshot of each hub
 dataset's repository files. A later stage's `--model_name_or_path` is the prepare folder (the lineage rule,
 trainer.contract.stages.model_sources) and each hub entry of its `--dataset_name` becomes that folder,
-weights kept (`openai/gsm8k:0.7,x.jsonl:0.3` -> `<prepare>/datasets/openai/gsm8k:0.7,x.jsonl:0.3`);
+weights and a source's own config kept (`openai/gsm8k@main:0.7,x.jsonl:0.3` ->
+`<prepare>/datasets/openai/gsm8k@main:0.7,x.jsonl:0.3`; the snapshot holds every config of the repo);
 `datasets.load_dataset(<folder>, <config>)` reads the snapshot as it would the hub repo.
 
 The chart cannot call Python: `r1-grpo.preparedDatasets` in charts/r1-grpo/templates/_stage-job.tpl is a
@@ -48,13 +49,22 @@ def _entries(spec: str) -> list[tuple[str, str]]:
     return out
 
 
+def _split_config(name: str) -> tuple[str, str]:
+    """(the dataset, its own `@config` or ""): `openai/gsm8k@main` -> (`openai/gsm8k`, `@main`), split at the
+    last `@` as trainer.r1.sources does."""
+    base, at, config = name.rpartition("@")
+    return (base, at + config) if at and base and config else (name, "")
+
+
 def hub_datasets(specs: Iterable[str]) -> list[str]:
-    """The hub datasets the `--dataset_name` values name, each once, in order of first mention."""
+    """The hub datasets (repository ids, without a source's `@config`) the `--dataset_name` values name, each
+    once, in order of first mention."""
     seen: list[str] = []
     for spec in specs:
         for name, _ in _entries(spec):
-            if is_hub_id(name) and name not in seen:
-                seen.append(name)
+            base, _config = _split_config(name)
+            if is_hub_id(base) and base not in seen:
+                seen.append(base)
     return seen
 
 
@@ -65,7 +75,8 @@ def dataset_folder(prepare_dir: str, hub_id: str) -> str:
 
 def rewrite_dataset_name(spec: str, prepare_dir: str) -> str:
     """A later stage's `--dataset_name` with every hub entry replaced by its prepared folder."""
-    return ",".join(
-        (dataset_folder(prepare_dir, name) if is_hub_id(name) else name) + weight
-        for name, weight in _entries(spec)
-    )
+    out = []
+    for name, weight in _entries(spec):
+        base, config = _split_config(name)
+        out.append((dataset_folder(prepare_dir, base) + config if is_hub_id(base) else name) + weight)
+    return ",".join(out)

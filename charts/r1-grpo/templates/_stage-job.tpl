@@ -74,15 +74,16 @@ true
 
 {{/*
 A later stage's --dataset_name with every hub entry replaced by its prepared folder
-(<prepare>/datasets/<hub id>; a copy of trainer.contract.prepared.rewrite_dataset_name).
+(<prepare>/datasets/<hub id>, a source's own @config kept; a copy of trainer.contract.prepared.rewrite_dataset_name).
 */}}
 {{- define "r1-grpo.preparedDatasetName" -}}
 {{- $prepare := include "r1-grpo.outputDir" (dict "root" .root "stage" "prepare") -}}
 {{- $out := list -}}
 {{- range $entry := include "r1-grpo.datasetEntries" .spec | fromJsonArray -}}
 {{- $name := index $entry 0 -}}
-{{- if include "r1-grpo.isHubId" $name -}}
-{{- $name = printf "%s/datasets/%s" $prepare $name -}}
+{{- $base := regexReplaceAll "@[^@]+$" $name "" -}}
+{{- if and $base (include "r1-grpo.isHubId" $base) -}}
+{{- $name = printf "%s/datasets/%s%s" $prepare $base (trimPrefix $base $name) -}}
 {{- end -}}
 {{- $out = append $out (printf "%s%s" $name (index $entry 1)) -}}
 {{- end -}}
@@ -91,7 +92,8 @@ A later stage's --dataset_name with every hub entry replaced by its prepared fol
 
 {{/*
 The prepare stage's --dataset_name: the hub datasets of its own args.dataset_name and of every later enabled
-stage's dataset (its args.dataset_name, else dataset.name), each once (prepared.hub_datasets).
+stage's dataset (its args.dataset_name, else dataset.name), each repository once, without @config
+(prepared.hub_datasets).
 */}}
 {{- define "r1-grpo.prepareDatasets" -}}
 {{- $v := .root.Values -}}
@@ -105,8 +107,8 @@ stage's dataset (its args.dataset_name, else dataset.name), each once (prepared.
 {{- $seen := list -}}
 {{- range $spec := $specs -}}
 {{- range $entry := include "r1-grpo.datasetEntries" $spec | fromJsonArray -}}
-{{- $name := index $entry 0 -}}
-{{- if and (include "r1-grpo.isHubId" $name) (not (has $name $seen)) -}}
+{{- $name := regexReplaceAll "@[^@]+$" (index $entry 0) "" -}}
+{{- if and $name (include "r1-grpo.isHubId" $name) (not (has $name $seen)) -}}
 {{- $seen = append $seen $name -}}
 {{- end -}}
 {{- end -}}
