@@ -9,7 +9,7 @@ weights and a source's own config kept (`openai/gsm8k@main:0.7,x.jsonl:0.3` ->
 `<prepare>/datasets/openai/gsm8k@main:0.7,x.jsonl:0.3`; the snapshot holds every config of the repo);
 `datasets.load_dataset(<folder>, <config>)` reads the snapshot as it would the hub repo.
 
-The chart cannot call Python: `r1-grpo.preparedDatasets` in charts/r1-grpo/templates/_stage-job.tpl is a
+The chart cannot call Python: `r1-grpo.preparedDatasetName` and `r1-grpo.prepareDatasets` in charts/r1-grpo/templates/_prepare.tpl are a
 copy of `rewrite_dataset_name` and `hub_datasets`, held equal by tests/test_chart.py.
 """
 

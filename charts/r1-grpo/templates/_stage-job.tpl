@@ -1,11 +1,13 @@
 {{/*
-The stage PyTorchJob and what it is made of: output folders, the lineage rule (modelFrom), the CLI flag
-renderer, torchrun layout, placement, environment, the pod template, the job, and pipeline.yaml of the
-stages ConfigMap (docs/contract.md). Names, labels, the image and `validate` are in _helpers.tpl.
+What every stage job is made of: output folders, the lineage rule (modelFrom), the CLI flag renderer,
+torchrun layout, placement, environment, the pod template shared by both job APIs, and pipeline.yaml of the
+stages ConfigMap (docs/contract.md). The jobs around the pod: _pytorchjob.tpl and _trainjob.tpl; the prepare
+stage's hand-off: _prepare.tpl; names, labels, the image and `validate`: _helpers.tpl.
 
 Three facts here are copies of trainer/contract/, because Helm cannot call Python: the stage->module map
 (stages.STAGE_MODULES), the lineage rule (stages.model_sources) and the prepare stage's hand-off
-(prepared.py: which dataset entries are hub ids, where they are prepared, the offline environment).
+(prepared.py: which dataset entries are hub ids, where they are prepared, the offline environment; its
+helpers are in _prepare.tpl).
 tests/test_chart.py renders every subset of enabled stages and holds the copies equal to the Python ones.
 */}}
 
@@ -46,74 +48,6 @@ last enabled model stage before it (prepare: the downloaded base model, sft, grp
 {{- end -}}
 {{- end -}}
 {{- $from -}}
-{{- end -}}
-
-{{/* "true" when a dataset entry or model names a hub repository (a copy of trainer.contract.prepared.is_hub_id). */}}
-{{- define "r1-grpo.isHubId" -}}
-{{- if and (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$" .) (not (regexMatch "(?i)\\.(jsonl|json|parquet)$" .)) -}}
-true
-{{- end -}}
-{{- end -}}
-
-{{/* The entries of a --dataset_name value as a JSON list of [name, ":<weight>" or ""] (prepared._entries). */}}
-{{- define "r1-grpo.datasetEntries" -}}
-{{- $out := list -}}
-{{- range $part := splitList "," (toString .) -}}
-{{- $part = trim $part -}}
-{{- if $part -}}
-{{- $re := "^(.+?)(:(?:[0-9]+(?:\\.[0-9]*)?|\\.[0-9]+))$" -}}
-{{- if regexMatch $re $part -}}
-{{- $out = append $out (list (regexReplaceAll $re $part "${1}" | trim) (regexReplaceAll $re $part "${2}")) -}}
-{{- else -}}
-{{- $out = append $out (list $part "") -}}
-{{- end -}}
-{{- end -}}
-{{- end -}}
-{{- toJson $out -}}
-{{- end -}}
-
-{{/*
-A later stage's --dataset_name with every hub entry replaced by its prepared folder
-(<prepare>/datasets/<hub id>, a source's own @config kept; a copy of trainer.contract.prepared.rewrite_dataset_name).
-*/}}
-{{- define "r1-grpo.preparedDatasetName" -}}
-{{- $prepare := include "r1-grpo.outputDir" (dict "root" .root "stage" "prepare") -}}
-{{- $out := list -}}
-{{- range $entry := include "r1-grpo.datasetEntries" .spec | fromJsonArray -}}
-{{- $name := index $entry 0 -}}
-{{- $base := regexReplaceAll "@[^@]+$" $name "" -}}
-{{- if and $base (include "r1-grpo.isHubId" $base) -}}
-{{- $name = printf "%s/datasets/%s%s" $prepare $base (trimPrefix $base $name) -}}
-{{- end -}}
-{{- $out = append $out (printf "%s%s" $name (index $entry 1)) -}}
-{{- end -}}
-{{- join "," $out -}}
-{{- end -}}
-
-{{/*
-The prepare stage's --dataset_name: the hub datasets of its own args.dataset_name and of every later enabled
-stage's dataset (its args.dataset_name, else dataset.name), each repository once, without @config
-(prepared.hub_datasets).
-*/}}
-{{- define "r1-grpo.prepareDatasets" -}}
-{{- $v := .root.Values -}}
-{{- $specs := list (($v.stages.prepare.args | default dict).dataset_name | default "") -}}
-{{- range $name := include "r1-grpo.enabledStages" .root | fromJsonArray -}}
-{{- if ne $name "prepare" -}}
-{{- $args := (index $v.stages $name).args | default dict -}}
-{{- $specs = append $specs (ternary $args.dataset_name $v.dataset.name (hasKey $args "dataset_name") | default "") -}}
-{{- end -}}
-{{- end -}}
-{{- $seen := list -}}
-{{- range $spec := $specs -}}
-{{- range $entry := include "r1-grpo.datasetEntries" $spec | fromJsonArray -}}
-{{- $name := regexReplaceAll "@[^@]+$" (index $entry 0) "" -}}
-{{- if and $name (include "r1-grpo.isHubId" $name) (not (has $name $seen)) -}}
-{{- $seen = append $seen $name -}}
-{{- end -}}
-{{- end -}}
-{{- end -}}
-{{- join "," $seen -}}
 {{- end -}}
 
 {{/*
@@ -499,64 +433,6 @@ spec:
     {{- end }}
 {{- end -}}
 
-{{/* The complete kubeflow.org/v1 PyTorchJob of a stage, attempt 1 (the controller renames later attempts). */}}
-{{- define "r1-grpo.pytorchJob" -}}
-{{- $v := .root.Values -}}
-{{- $stage := index $v.stages .stage -}}
-{{- $nodes := int ($stage.nodes | default 1) -}}
-{{- $restart := $stage.restartPolicy | default "Never" -}}
-apiVersion: kubeflow.org/v1
-kind: PyTorchJob
-metadata:
-  name: {{ printf "%s-%s-1" .root.Release.Name .stage }}
-  labels:
-    {{- include "r1-grpo.labels" (dict "root" .root "component" "training" "managedBy" "r1-grpo-controller") | nindent 4 }}
-    r1-grpo.io/stage: {{ .stage }}
-    r1-grpo.io/attempt: "1"
-    {{- if $v.kueue.enabled }}
-    kueue.x-k8s.io/queue-name: {{ $v.kueue.queueName }}
-    {{- with $v.kueue.priorityClass }}
-    kueue.x-k8s.io/priority-class: {{ . }}
-    {{- end }}
-    {{- end }}
-spec:
-  nprocPerNode: {{ include "r1-grpo.nprocPerNode" . | quote }}
-  runPolicy:
-    {{- if ne $restart "Never" }}
-    # In-place restarts before the job fails (restartPolicy Never has none; the controller retries stages).
-    backoffLimit: {{ $stage.backoffLimit | default 0 | int }}
-    {{- end }}
-    # When the job has finished: delete the pods still running (a Worker, a crash-looping OnFailure pod),
-    # so no old trainer writes on into the stage's folder once the controller starts the next attempt,
-    # and keep the failed ones, whose logs the controller reads (values.yaml: stages).
-    cleanPodPolicy: Running
-    {{- if $v.volcano.enabled }}
-    schedulingPolicy:
-      # Gang scheduling: start the stage only when all its pods can run.
-      minAvailable: {{ $nodes }}
-      {{- with $v.volcano.queue }}
-      queue: {{ . }}
-      {{- end }}
-      {{- with (include "r1-grpo.placement" . | fromJson).priorityClassName }}
-      # The PodGroup's priority (Volcano orders and preempts gangs by it, not by the pods' priority).
-      priorityClass: {{ . }}
-      {{- end }}
-    {{- end }}
-  pytorchReplicaSpecs:
-    Master:
-      replicas: 1
-      restartPolicy: {{ $restart }}
-      template:
-        {{- include "r1-grpo.trainingPodTemplate" . | nindent 8 }}
-    {{- if gt $nodes 1 }}
-    Worker:
-      replicas: {{ sub $nodes 1 }}
-      restartPolicy: {{ $restart }}
-      template:
-        {{- include "r1-grpo.trainingPodTemplate" . | nindent 8 }}
-    {{- end }}
-{{- end -}}
-
 {{/* pipeline.yaml of the stages ConfigMap (docs/contract.md). */}}
 {{- define "r1-grpo.pipeline" -}}
 {{- $stages := list -}}
@@ -565,116 +441,4 @@ spec:
 {{- $stages = append $stages (dict "name" $name "outputDir" (include "r1-grpo.outputDir" $ctx) "modelFrom" (include "r1-grpo.modelFrom" $ctx) "job" (printf "%s.yaml" $name)) -}}
 {{- end -}}
 {{- toYaml (dict "release" .Release.Name "mountPath" .Values.storage.mountPath "stages" $stages) -}}
-{{- end -}}
-
-{{/*
-The TrainingRuntime the chart ships for a stage (jobApi trainjob, no trainJob.clusterTrainingRuntime): the
-Trainer's torch policy around one replicated job `node` whose pods are the stage pod template above, so a
-TrainJob runs exactly the pods a PyTorchJob would. Job-level restarts follow stages.<s>.restartPolicy (Never
-or OnFailure with backoffLimit); JobSet never restarts the job as a whole (the controller retries stages).
-*/}}
-{{- define "r1-grpo.trainingRuntime" -}}
-{{- $v := .root.Values -}}
-{{- $stage := index $v.stages .stage -}}
-{{- $restart := $stage.restartPolicy | default "Never" -}}
-{{- $pod := include "r1-grpo.trainingPodTemplate" . | fromYaml -}}
-{{- $_ := set $pod.spec "restartPolicy" $restart -}}
-apiVersion: trainer.kubeflow.org/v1alpha1
-kind: TrainingRuntime
-metadata:
-  name: {{ printf "%s-%s" .root.Release.Name .stage }}
-  labels:
-    {{- include "r1-grpo.labels" (dict "root" .root "component" "training") | nindent 4 }}
-    r1-grpo.io/stage: {{ .stage }}
-    trainer.kubeflow.org/framework: torch
-spec:
-  mlPolicy:
-    numNodes: {{ int ($stage.nodes | default 1) }}
-    torch: {}
-  template:
-    spec:
-      failurePolicy:
-        maxRestarts: 0
-      replicatedJobs:
-        - name: node
-          template:
-            metadata:
-              labels:
-                trainer.kubeflow.org/trainjob-ancestor-step: trainer
-            spec:
-              backoffLimit: {{ ternary 0 ($stage.backoffLimit | default 0 | int) (eq $restart "Never") }}
-              template:
-                {{- toYaml $pod | nindent 16 }}
-{{- end -}}
-
-{{/*
-The complete trainer.kubeflow.org/v1alpha1 TrainJob of a stage, attempt 1 (the controller renames later
-attempts). Against the chart's TrainingRuntime <release>-<stage> it sets the layout and repeats the pods'
-command line; against a ClusterTrainingRuntime the user names (trainJob.clusterTrainingRuntime) it carries
-the stage pod template's container (image, command, args, env, resources) in spec.trainer and the rest of the pod (labels, service
-account, security contexts, volumes, placement, grace period) as a runtime patch: the same pod, taken from
-the same partial. Fields a runtime patch cannot set (priorityClassName, schedulerName, enableServiceLinks,
-automountServiceAccountToken, ports) are then the ClusterTrainingRuntime's.
-*/}}
-{{- define "r1-grpo.trainJob" -}}
-{{- $v := .root.Values -}}
-{{- $stage := index $v.stages .stage -}}
-{{- $cluster := $v.trainJob.clusterTrainingRuntime -}}
-apiVersion: trainer.kubeflow.org/v1alpha1
-kind: TrainJob
-metadata:
-  name: {{ printf "%s-%s-1" .root.Release.Name .stage }}
-  labels:
-    {{- include "r1-grpo.labels" (dict "root" .root "component" "training" "managedBy" "r1-grpo-controller") | nindent 4 }}
-    r1-grpo.io/stage: {{ .stage }}
-    r1-grpo.io/attempt: "1"
-    {{- if $v.kueue.enabled }}
-    kueue.x-k8s.io/queue-name: {{ $v.kueue.queueName }}
-    {{- with $v.kueue.priorityClass }}
-    kueue.x-k8s.io/priority-class: {{ . }}
-    {{- end }}
-    {{- end }}
-spec:
-  runtimeRef:
-    apiGroup: trainer.kubeflow.org
-    {{- if $cluster }}
-    kind: ClusterTrainingRuntime
-    name: {{ $cluster }}
-    {{- else }}
-    kind: TrainingRuntime
-    name: {{ printf "%s-%s" .root.Release.Name .stage }}
-    {{- end }}
-  {{- $pod := include "r1-grpo.trainingPodTemplate" . | fromYaml }}
-  {{- $c := index $pod.spec.containers 0 }}
-  trainer:
-    numNodes: {{ int ($stage.nodes | default 1) }}
-    numProcPerNode: {{ include "r1-grpo.nprocPerNode" . }}
-    # The stage's command line, as in its pods (the job says what it runs; the controller checks the flags).
-    command:
-      {{- toYaml $c.command | nindent 6 }}
-    args:
-      {{- toYaml $c.args | nindent 6 }}
-    {{- if $cluster }}
-    image: {{ $c.image }}
-    env:
-      {{- toYaml $c.env | nindent 6 }}
-    resourcesPerNode:
-      {{- toYaml $c.resources | nindent 6 }}
-  runtimePatches:
-    - manager: r1-grpo.io/chart
-      trainingRuntimeSpec:
-        template:
-          spec:
-            replicatedJobs:
-              - name: node
-                template:
-                  spec:
-                    template:
-                      metadata:
-                        {{- toYaml (pick $pod.metadata "labels" "annotations") | nindent 24 }}
-                      spec:
-                        {{- $patch := pick $pod.spec "serviceAccountName" "volumes" "imagePullSecrets" "securityContext" "nodeSelector" "affinity" "tolerations" "terminationGracePeriodSeconds" -}}
-                        {{- $_ := set $patch "containers" (list (pick $c "name" "volumeMounts" "securityContext")) }}
-                        {{- toYaml $patch | nindent 24 }}
-    {{- end }}
 {{- end -}}
