@@ -113,6 +113,16 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "controller": {"nodeSelector": {"pool": "system"}},
     },
+    # The day-one options together (issue 25): staging on a CPU pod, reward files, pod escape hatches.
+    "prepare-rewards-pod-options": {
+        "stages": {"prepare": {"enabled": True}},
+        "hub": {"existingSecret": "hf-token"},
+        "rewards": {"files": {"brevity.py": "def brevity(response, ground_truth):\n    return 0.0\n"}},
+        "podLabels": {"team": "ml"},
+        "podAnnotations": {"example.com/owner": "ml-platform"},
+        "extraVolumes": [{"name": "site-ca", "configMap": {"name": "site-ca"}}],
+        "extraVolumeMounts": [{"name": "site-ca", "mountPath": "/etc/site-ca", "readOnly": True}],
+    },
 }
 
 

@@ -24,6 +24,7 @@ CASES = (
     "wandb",
     "placement-and-cpu-only-eval",
     "grpo-only-from-volume",
+    "prepare-rewards-pod-options",
 )
 CRD_KINDS = ("TrainJob", "TrainingRuntime", "ClusterTrainingRuntime")
 CLUSTER_RUNTIME = {"trainJob": {"clusterTrainingRuntime": "torch-distributed"}}
