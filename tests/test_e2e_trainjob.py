@@ -14,14 +14,18 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.controlplane.cluster import ApiError
-from tests.support.e2e import JOBSET_NAME_LABEL, PodDriver, Release, merge, wait_until
+from tests.support.e2e import JOBSET_NAME_LABEL, HostKubelet, PodDriver, Release, merge, wait_until
 from tests.support.helmtool import launches_torchrun
-from trainer.contract.output import complete_checkpoints, verify_stage_output
+from tests.test_e2e_cluster import HOLD_FINALIZER, _trained_steps
+from trainer.contract.output import complete_checkpoints, latest_checkpoint, verify_stage_output
 from trainer.executors.kubernetes.admission import workload_admitted
 
 GPU_NODE = "tj-gpu-0"  # the jobs_plane fixture's GPU node (tests/conftest.py)
@@ -83,7 +87,7 @@ def test_helm_install_with_trainjob_runs_sft_grpo_eval_through_trainjobs_and_job
     assert shown.returncode == 0 and "Succeeded" in shown.stdout, shown.stdout + shown.stderr
 
 
-def _queues(cp, namespace: str, gpus: int) -> None:
+def _queues(cp, namespace: str, gpus: int, *, preempt: bool = False) -> None:
     for path, body in (
         ("/apis/kueue.x-k8s.io/v1beta2/resourceflavors", {"metadata": {"name": "default-flavor"}}),
         (
@@ -92,6 +96,7 @@ def _queues(cp, namespace: str, gpus: int) -> None:
                 "metadata": {"name": f"cq-{namespace}"},
                 "spec": {
                     "namespaceSelector": {},
+                    **({"preemption": {"withinClusterQueue": "LowerPriority"}} if preempt else {}),
                     "resourceGroups": [
                         {
                             "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
@@ -263,3 +268,121 @@ def test_with_kueues_pytorchjob_integration_on_the_pytorchjob_is_admitted_throug
         finally:
             rel.stop_controllers()
             print(rel.report())
+
+
+def test_a_stage_preempted_by_kueue_saves_a_checkpoint_and_resumes_when_readmitted(release: Release) -> None:
+    """A higher-priority TrainJob takes the ClusterQueue's one GPU from the running sft stage (one GPU, one
+    rank): Kueue evicts its Workload and suspends the TrainJob, JobSet's Job deletes its pod, the stand-in
+    kubelet sends the trainer SIGTERM (a finalizer keeps the pod Terminating until it has exited, as a
+    kubelet does) and it saves a checkpoint; while the other job holds the quota the stage is Pending with
+    Kueue's reason, never failed; once that job is done Kueue re-admits the TrainJob and its new pod resumes
+    from the checkpoint and finishes, all in attempt 1 (a preemption is no failed attempt)."""
+    cp, ns = release.cp, release.namespace
+    _queues(cp, ns, 1, preempt=True)
+    for name, value in (("low", 10), ("high", 1000)):
+        body = {
+            "apiVersion": KUEUE,
+            "kind": "WorkloadPriorityClass",
+            "metadata": {"name": name},
+            "value": value,
+        }
+        try:
+            cp.request("POST", "/apis/kueue.x-k8s.io/v1beta2/workloadpriorityclasses", body)
+        except ApiError as e:
+            if e.status != 409:  # cluster-scoped: made once per control plane
+                raise
+    # ~8 steps/s here: still training when the preemption lands seconds after checkpoint-25, and the
+    # resumed pod finishes the rest in about a minute; save_steps: checkpoints as it goes, SIGTERM's last
+    steps = 600
+    values = merge(
+        release.values,
+        {
+            "kueue": {"enabled": True, "queueName": "q", "priorityClass": "low"},
+            "stages": {
+                "sft": {"args": {"max_steps": steps, "save_steps": 25, "logging_steps": 1}},
+                "grpo": {"enabled": False},
+                "eval": {"enabled": False},
+            },
+        },
+    )
+    assert release.values["stages"]["sft"]["resources"]["gpu"] == 1
+    sft_dir = release.stage_dir("sft")
+    kubelet = HostKubelet(cp, ns, release.workdir)
+    first: dict = {}
+    intruder_may_finish = threading.Event()
+
+    def policy(pod: dict) -> str | None:
+        if pod["metadata"]["labels"][JOBSET_NAME_LABEL] == "intruder":
+            # the higher-priority job holds the quota until the test has seen the stage Pending
+            return "fail:0" if intruder_may_finish.is_set() else "hold"
+        if not first:
+            pod_path = f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}"
+            cp.request("PATCH", pod_path, {"metadata": {"finalizers": [HOLD_FINALIZER]}})
+            first.update(pod=pod, path=pod_path, log=release.workdir / "preempted-pod.log")
+            first["proc"] = kubelet.start(kubelet.prepare(pod), first["log"])
+            return None  # left running: stopped below when the API shows the pod's deletion
+        if first["proc"].poll() is None:
+            first["next_started_while_running"] = True
+            return "hold"  # one trainer per folder
+        return "run"
+
+    def deleting() -> bool:
+        try:
+            pod = release.get(f"pods/{first['pod']['metadata']['name']}")
+        except ApiError as e:
+            return e.status == 404
+        return bool(pod["metadata"].get("deletionTimestamp"))
+
+    release.install(values)
+    controller = release.start_controller()
+    with PodDriver(release, policy, selector=JOBSET_NAME_LABEL) as driver:
+        # preempted after a periodic checkpoint: the resume must take SIGTERM's newer one
+        periodic = wait_until("sft's first checkpoint", lambda: first and latest_checkpoint(sft_dir), 300)
+        intruder = yaml.safe_load(release.get("configmaps/r1-stages")["data"]["sft.yaml"])
+        assert intruder["kind"] == "TrainJob"
+        intruder["metadata"] = {
+            "name": "intruder",
+            "labels": {"kueue.x-k8s.io/queue-name": "q", "kueue.x-k8s.io/priority-class": "high"},
+        }
+        cp.request("POST", f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs", intruder)
+        wait_until("the preemption", deleting, 180)
+        assert first["proc"].poll() is None, "sft finished before the preemption: more --max_steps"
+        first["proc"].send_signal(signal.SIGTERM)  # to the container's first process, as the kubelet does
+        rc = first["proc"].wait(300)
+        saved = latest_checkpoint(sft_dir)
+        kubelet.finish(first["pod"], rc)  # the container's exit code, then the object may go
+        cp.request("PATCH", first["path"], {"metadata": {"finalizers": None}})
+        wait_until(
+            "Pending with Kueue's reason",
+            lambda: "waiting for Kueue admission" in (stage(release, "sft").get("message") or ""),
+            180,
+        )
+        preempted = stage(release, "sft")
+        shown = release.status_command()
+        print("r1-grpo status while preempted:\n" + shown.stdout)
+        assert release.trainjobs()["r1-sft-1"]["spec"].get("suspend") is True
+        assert not driver.runs, "no new sft pod may run while the other job holds the quota"
+        intruder_may_finish.set()
+        code = controller.wait(900)
+    log = first["log"].read_text(errors="replace")
+    assert rc == 143 and "r1-grpo launch: SIGTERM: passed on to workers" in log, log[-6000:]
+    assert saved is not None, log[-6000:]
+    step = int(saved.name.split("-")[1])
+    assert periodic.name == "checkpoint-25", periodic
+    assert 25 <= step < steps and f"preempted at step {step}; checkpoint saved" in log, log[-6000:]
+    assert preempted["phase"] == "Pending" and preempted["attempt"] == 1, preempted
+    assert f"LocalQueue q (ClusterQueue cq-{ns})" in preempted["message"], preempted
+    assert shown.returncode == 0 and "waiting for Kueue admission in LocalQueue q" in shown.stdout, (
+        shown.stdout + shown.stderr
+    )
+    assert code == 0, controller.log()[-6000:]
+    sft_runs = [(name, c, text) for name, c, text in driver.runs if name.startswith("r1-sft-1-")]
+    assert [c for _, c, _ in sft_runs] == [0], [(n, c, t[-3000:]) for n, c, t in sft_runs]
+    assert f"resumed from {saved} (step {step})" in sft_runs[0][2], sft_runs[0][2][-6000:]
+    assert "next_started_while_running" not in first
+    resumed_steps = _trained_steps(sft_dir)
+    assert step + 1 in resumed_steps and resumed_steps[-1] == steps, resumed_steps[-5:]
+    assert verify_stage_output(sft_dir, "sft").steps == steps
+    sft = stage(release, "sft")
+    assert [(a["attempt"], a["phase"]) for a in sft["attempts"]] == [(1, "Succeeded")], sft
+    print(f"sft: preempted by Kueue at step {step}; resumed by {sft_runs[0][0]} in attempt {sft['attempt']}")
