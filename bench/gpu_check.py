@@ -249,7 +249,7 @@ def memory_flags(stage: str, plugin: str, size: str, model: Path, data: Path, ou
 
 
 def memory_check(args: argparse.Namespace, tokenizer_dir: Path, work: Path) -> list[dict[str, Any]]:
-    """Peak GPU memory (metrics.jsonl) and host RSS (wait4) of one SFT and one GRPO step per size and
+    """Peak GPU memory (metrics.jsonl) and host RSS (bench/memory.py's launcher) of one SFT and one GRPO step per size and
     plugin on this one GPU, beside bench/memory.py's plan for one rank, and measured / plan."""
     import memory
 

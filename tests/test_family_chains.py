@@ -6,36 +6,29 @@ RSS of its largest process (a rank) are printed (``pytest -s``)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.families import FAMILIES
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import memory  # noqa: E402  (bench/memory.py: the peak-RSS probe)
+
 COMMON = ["--report_to", "none", "--seed", "3", "--logging_steps", "1", "--save_steps", "0"]
 
 
-def _run(stage_runner, module: str, argv: list[str]) -> tuple[float, float]:
-    """Run one stage under torchrun; (wall seconds, peak RSS in MiB of its largest process: a rank)."""
+def _run(stage_runner, module: str, argv: list[str], log: Path) -> tuple[float, float]:
+    """Run one stage under torchrun; (wall seconds, peak RSS in MiB of its largest process: a rank), measured
+    by bench/memory.py's launcher (a child of pytest itself would report at least pytest's own size)."""
     command = stage_runner.command(module, argv, nproc=2)
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        command,
-        cwd=stage_runner.workdir,
-        env=stage_runner.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    run = memory.run_measured(command, stage_runner.env(), log, timeout=900)
+    output = log.read_text(errors="replace")
+    assert run["exit_code"] == 0, (
+        f"$ {' '.join(command)}\nexit code {run['exit_code']}\n--- output (tail) ---\n{output[-6000:]}"
     )
-    output = proc.stdout.read()
-    # wait4's usage covers torchrun and the ranks it waited for: ru_maxrss is the largest one's peak.
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    assert code == 0, f"$ {' '.join(command)}\nexit code {code}\n--- output (tail) ---\n{output[-6000:]}"
-    return time.perf_counter() - started, usage.ru_maxrss / 1024
+    return run["wall_s"], run["peak_rss"] / 2**20
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -59,6 +52,7 @@ def test_sft_grpo_eval_chain(
             "1e-3",
             *COMMON,
         ],
+        tmp_path / "sft.log",
     )
     times["grpo"] = _run(
         stage_runner,
@@ -66,12 +60,14 @@ def test_sft_grpo_eval_chain(
         ["--model_name_or_path", str(sft), *data, "--output_dir", str(grpo), "--max_steps", "1"]
         + ["--per_device_train_batch_size", "2", "--num_generations", "2", "--max_completion_length", "8"]
         + ["--inference_batch_size", "2", "--max_prompt_length", "320", "--plugin", "ddp", *COMMON],
+        tmp_path / "grpo.log",
     )
     times["eval"] = _run(
         stage_runner,
         "trainer.evaluate",
         ["--model_name_or_path", str(grpo), *data, "--output_dir", str(evaluation), "--max_eval_samples", "4"]
         + ["--max_completion_length", "8", "--inference_batch_size", "2", "--seed", "3"],
+        tmp_path / "eval.log",
     )
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert metrics["num_problems"] == 4, metrics
