@@ -283,12 +283,33 @@ def _cached_build(ensure, what: str, folder: str) -> Path:
     )
 
 
+# The session's control plane is stopped right after the last test that uses it: its idle apiserver, etcd
+# and controllers take ~20% of a core, which the training tests after it (half the suite) would pay for.
+_session_planes: list = []
+_LAST_PLANE_USER = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: the last test that really runs
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    users = [item.nodeid for item in items if "control_plane" in getattr(item, "fixturenames", ())]
+    config.stash[_LAST_PLANE_USER] = users[-1] if users else ""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    yield
+    if item.nodeid == item.config.stash.get(_LAST_PLANE_USER, "") and _session_planes:
+        _session_planes.pop().stop()  # the fixture's own stop at the session's end is then a no-op
+
+
 @pytest.fixture(scope="session")
 def control_plane(controlplane_build: Path, request: pytest.FixtureRequest):
     """A real Kubernetes control plane on loopback (tests/controlplane), started once per session from
     `controlplane_build`. The processes' logs are kept (path printed) when any test of the session failed.
     """
-    yield from _running_control_plane(request, "r1-grpo-controlplane-")
+    for cp in _running_control_plane(request, "r1-grpo-controlplane-"):
+        _session_planes.append(cp)
+        yield cp
 
 
 @pytest.fixture(scope="module")  # stopped after its module: idle controllers cost CPU
