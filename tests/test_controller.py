@@ -889,8 +889,9 @@ def create_conflicts(make) -> None:
     assert c.created() == ["r1-sft-1", "r1-eval-1"] and c.created(409) == ["r1-grpo-1"]
     assert c.stage("grpo")["phase"] == "Succeeded"
 
-    # a job with our name that is not ours (other labels) is not adopted
-    c = make(stages=("sft",))
+    # a job with our name that is not ours (other labels) is not adopted. Nobody plays its trainer: its
+    # writes would race the controller's preparing the stage folder (moved aside), which is not under test.
+    c = make(stages=("sft",), scripts={("sft", 1): "pending"})
     foreign = yaml.safe_load(c.stages_cm["data"]["sft.yaml"])
     foreign["metadata"]["labels"]["app.kubernetes.io/instance"] = "someone-else"
     c.post(JOBS, foreign)

@@ -157,8 +157,11 @@ def test_kueue_holds_a_stage_over_quota_as_pending_and_admits_it_when_the_quota_
     with PodDriver(release, lambda pod: "output", selector=JOBSET_NAME_LABEL) as driver:
         wait_until(
             "the Pending reason",
+            # Until Kueue has tried to admit the Workload the message has no reason yet: wait for both.
             lambda: (
-                "waiting for Kueue admission in LocalQueue q" in (stage(release, "sft").get("message") or "")
+                "waiting for Kueue admission in LocalQueue q"
+                in (message := stage(release, "sft").get("message") or "")
+                and "nvidia.com/gpu" in message
             ),
             180,
         )
