@@ -351,23 +351,25 @@ def test_soft_deadline_aborts_slow_comparison_without_restart() -> None:
 
 
 def test_hard_deadline_kills_and_replaces_the_helper() -> None:
-    # The soft deadline is set far away so only the caller's hard deadline can stop this parse, which
-    # takes well over a minute (the ANTLR parser is exponential-ish in nesting depth).
-    verifier = MathVerifier(
-        timeout_s=10.0, soft_timeout_s=120.0, startup_timeout_s=STARTUP_S, max_nesting=100
-    )
+    # A helper that does not answer, made so with SIGSTOP: a slow input cannot do it on every CPU (a 40-deep
+    # parenthesis parse took minutes on one machine and 6.6 s on CI's). The soft deadline is far away and a
+    # stopped process runs none of its own timers, so only the caller's hard deadline can end the wait.
+    verifier = MathVerifier(timeout_s=5.0, soft_timeout_s=120.0, startup_timeout_s=STARTUP_S)
     try:
         assert verifier.equal("1", "1") is True  # start the helper so its import time is not measured
-        slow = "(" * 40 + "1" + ")" * 40
+        proc = verifier._proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGSTOP)
         start = time.monotonic()
-        assert verifier.equal(slow, "2") is False
+        assert verifier.equal("\\frac{1}{3}", "2") is False
         elapsed = time.monotonic() - start
-        assert 9.9 < elapsed < HANG_GUARD_S  # waited for the 10 s deadline, not for the parse's minutes
+        assert 4.9 < elapsed < HANG_GUARD_S  # waited for the 5 s deadline, then gave up on the helper
         assert verifier.stats.hard_timeouts == 1
+        assert proc.wait(timeout=10) == -signal.SIGKILL  # the stopped helper was killed, not left behind
         assert verifier.equal("\\frac{1}{2}", "0.5") is True  # a fresh helper answers
         assert verifier.stats.starts == 2
         sent, hits = verifier.stats.requests, verifier.stats.cache_hits
-        assert verifier.equal(slow, "2") is False  # the verdict is cached: no second kill
+        assert verifier.equal("\\frac{1}{3}", "2") is False  # the verdict is cached: no second wait
         assert (verifier.stats.requests, verifier.stats.cache_hits) == (sent, hits + 1)
         assert verifier.stats.hard_timeouts == 1 and verifier.stats.starts == 2
     finally:
