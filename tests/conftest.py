@@ -289,8 +289,23 @@ _session_planes: list = []
 _LAST_PLANE_USER = pytest.StashKey[str]()
 
 
+def _build_tier(module_fixtures: set[str]) -> int:
+    """0: a module that needs no control-plane build, 1: the Kubernetes binaries, 2: also the job-API ones."""
+    if "jobapi_build" in module_fixtures:
+        return 2
+    return 1 if "controlplane_build" in module_fixtures else 0
+
+
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: the last test that really runs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Whole modules in build order (stable otherwise): on a cold machine tests/run_suite.sh builds the control
+    # plane in the background while the modules that need no cluster run; module-scoped fixtures stay whole.
+    module_fixtures: dict[str, set[str]] = {}
+    for item in items:
+        module_fixtures.setdefault(item.nodeid.split("::")[0], set()).update(
+            getattr(item, "fixturenames", ())
+        )
+    items.sort(key=lambda item: _build_tier(module_fixtures[item.nodeid.split("::")[0]]))
     users = [item.nodeid for item in items if "control_plane" in getattr(item, "fixturenames", ())]
     config.stash[_LAST_PLANE_USER] = users[-1] if users else ""
 

@@ -315,6 +315,10 @@ def _require_cuda_for_plugin(args: Any) -> None:
     plugin = getattr(args, "plugin", "ddp")  # evaluation has no Booster
     if plugin != "ddp" and not torch.cuda.is_available():
         raise ArgsError(f"--plugin {plugin} needs CUDA GPUs; on CPU use --plugin ddp")
+    from trainer.kernels import check_offload_kernels
+
+    if problem := check_offload_kernels(plugin):
+        raise ArgsError(problem)
 
 
 def best_attention() -> str:

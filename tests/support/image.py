@@ -324,6 +324,18 @@ assert module.twice(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
 print("compiled and imported", module.__file__)
 """
 
+# What a GPU pod of this image gets for the offloading plugins: their fused CUDA Adam cannot be compiled (the
+# image's CUDA_HOME has no nvcc), so the stage refuses them at its start (trainer/kernels.py), naming the fix.
+KERNELS_CHECK = """
+import os
+from torch.utils.cpp_extension import CUDA_HOME
+from trainer.kernels import fused_adam_problem
+problem = fused_adam_problem("zero2_cpu", cuda=True, cuda_home=CUDA_HOME)
+print("CUDA_HOME", CUDA_HOME, sorted(os.listdir(os.path.join(CUDA_HOME, "bin"))))
+print(problem)
+assert problem and os.path.join(CUDA_HOME, "bin", "nvcc") in problem
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.support.image", description=__doc__.split("\n")[0])
@@ -407,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             failures.append("help: no `pipeline` command in r1-grpo --help")
     if "jit" in parts:
         plain("jit", ["python", "-c", JIT_CHECK], 1800)
+        plain("kernels", ["python", "-c", KERNELS_CHECK], 300)
     if "pipeline" in parts:
         cmd = [*entrypoint, "pipeline", "run"] + (["--seed", str(args.seed)] if args.seed is not None else [])
         if args.skip_summary:
