@@ -127,6 +127,24 @@ list trainer.contract.stages.args_to_cli makes.
 {{- end -}}
 {{- end -}}
 
+{{/* OpenMP threads per training process: the pod's CPUs (stages.<s>.resources.cpu, a quantity such as "32"
+or "1500m") over its processes, at least 1; empty without a CPU count. A fixed count oversubscribes small pods
+(2 processes x 4 threads on 2 CPUs trained 8x slower) and idles large ones. */}}
+{{- define "r1-grpo.ompThreads" -}}
+{{- $stage := index .root.Values.stages .stage -}}
+{{- $cpu := "" -}}
+{{- with ($stage.resources | default dict).cpu -}}{{- $cpu = toString . -}}{{- end -}}
+{{- if $cpu -}}
+{{- $millis := 0 -}}
+{{- if hasSuffix "m" $cpu -}}
+{{- $millis = int (trimSuffix "m" $cpu) -}}
+{{- else -}}
+{{- $millis = int (mulf (float64 $cpu) 1000) -}}
+{{- end -}}
+{{- max 1 (div $millis (mul 1000 (int (include "r1-grpo.nprocPerNode" .)))) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* A placement key of a stage: the stage's own value when it sets the key, else the global one. */}}
 {{- define "r1-grpo.placement" -}}
 {{- $stage := index .root.Values.stages .stage -}}
@@ -225,6 +243,14 @@ ipcLock is set (drop ALL stays).
 {{- range $name, $value := $v.env }}
 - name: {{ $name }}
   value: {{ $value | quote }}
+{{- end }}
+{{- $userThreads := hasKey ($v.env | default dict) "OMP_NUM_THREADS" -}}
+{{- range $stage.env }}{{ if eq (toString .name) "OMP_NUM_THREADS" }}{{ $userThreads = true }}{{ end }}{{ end -}}
+{{- $threads := include "r1-grpo.ompThreads" . -}}
+{{- if and $threads (not $userThreads) }}
+# The pod's CPUs over its processes (torchrun alone sets 1); env or the stage's env may set it instead.
+- name: OMP_NUM_THREADS
+  value: {{ $threads | quote }}
 {{- end }}
 {{- with $stage.env }}
 {{ toYaml . }}
