@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup controlplane demo test lint bench bench-demo bench-trl bench-learning bench-memory manifests schema clean image image-tools image-test
+.PHONY: setup controlplane demo test lint bench bench-demo bench-trl bench-learning bench-memory manifests schema clean image image-tools image-test image-e2e
 
 setup: $(STAMP)
 
@@ -36,7 +36,7 @@ else
 endif
 
 # The control plane is built by tests/run_suite.sh: at once when cached, else in the background while the
-# tests that need no cluster run (a cold machine saves most of the build's ~1 h on 2 cores).
+# tests that need no cluster run (2-core Intel VM, empty Go caches: the builds' 26 min ended inside pytest's 29).
 test: setup lint
 	bash tests/run_suite.sh $(BIN)/pytest -q --durations=30
 
@@ -84,6 +84,12 @@ image: image-tools
 # (r1-grpo pipeline run) on CPU, then the sft, grpo and eval pods' commands as `helm template` renders them.
 image-test: setup image-tools
 	$(IMAGE_PREFIX) $(BIN)/python -m tests.support.image --image $(IMAGE) $(IMAGE_TEST_ARGS)
+
+# The end-to-end tests on the test control plane with every pod's container run inside the built image
+# (tests/support/image_kubelet.py) instead of on this machine: run `make image` first. IMAGE_E2E_TESTS picks.
+IMAGE_E2E_TESTS ?= tests/test_e2e_cluster.py tests/test_e2e_trainjob.py tests/test_e2e_prepare.py tests/test_e2e_pod_options.py
+image-e2e: setup image-tools
+	R1_GRPO_E2E_IMAGE=$(IMAGE) $(IMAGE_PREFIX) bash tests/run_suite.sh $(BIN)/pytest -q --durations=15 $(IMAGE_E2E_TESTS)
 
 manifests: setup
 	$(BIN)/python tests/support/helmtool.py manifests

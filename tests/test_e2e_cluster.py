@@ -135,7 +135,9 @@ def test_helm_install_runs_sft_grpo_eval_with_the_pods_real_commands(release: Re
         manifest = verify_stage_output(release.stage_dir(stage), stage)
         assert manifest.status == "completed"
     grpo = verify_stage_output(release.stage_dir("grpo"), "grpo")
-    assert grpo.steps == 2 and grpo.inputs["model_name_or_path"] == str(release.stage_dir("sft"))
+    assert grpo.steps == 2 and driver.host_path(
+        "r1-grpo-1-master-0", grpo.inputs["model_name_or_path"]
+    ) == release.stage_dir("sft")
     assert complete_checkpoints(release.stage_dir("sft")), "sft saved no checkpoint (save_steps 2 of 4 steps)"
     assert (release.stage_dir("eval") / "metrics.json").is_file()
 
@@ -444,7 +446,7 @@ def test_a_deleted_training_pod_saves_on_sigterm_and_the_next_pod_resumes(releas
     assert code == 0, controller.log()[-6000:]
     sft_runs = [(name, c, text) for name, c, text in driver.runs if "-sft-" in name]
     assert [c for _, c, _ in sft_runs] == [0], [(n, c, t[-3000:]) for n, c, t in sft_runs]
-    assert f"resumed from {saved} (step {step})" in sft_runs[0][2], sft_runs[0][2][-6000:]
+    assert driver.resumed_from(sft_runs[0][0], sft_runs[0][2]) == (saved, step), sft_runs[0][2][-6000:]
     assert first["next_started_while_running"] is False
     assert verify_stage_output(sft_dir, "sft").steps == steps
     sft_status = next(s for s in release.status()["stages"] if s["name"] == "sft")

@@ -69,8 +69,11 @@ def test_prepare_downloads_on_a_cpu_pod_and_sft_trains_from_it_offline(
     assert manifest.inputs["datasets"]["org/arith"]["configs"] == {"main": {"train": 64, "test": 16}}
     sft = verify_stage_output(release.stage_dir("sft"), "sft")
     assert sft.steps == 1
-    assert sft.inputs["model_name_or_path"] == str(prepared)
-    assert sft.inputs["dataset_name"] == str(prepared / "datasets" / "org" / "arith")
+    assert driver.host_path("r1-sft-1-master-0", sft.inputs["model_name_or_path"]) == prepared
+    assert (
+        driver.host_path("r1-sft-1-master-0", sft.inputs["dataset_name"])
+        == prepared / "datasets" / "org" / "arith"
+    )
     # The hub was asked only while prepare ran (the private model with the Secret's token); sft, pointed at
     # the same hub, asked nothing.
     finished = (prepared / MANIFEST_NAME).stat().st_mtime

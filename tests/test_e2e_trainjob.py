@@ -381,7 +381,7 @@ def test_a_stage_preempted_by_kueue_saves_a_checkpoint_and_resumes_when_readmitt
     assert code == 0, controller.log()[-6000:]
     sft_runs = [(name, c, text) for name, c, text in driver.runs if name.startswith("r1-sft-1-")]
     assert [c for _, c, _ in sft_runs] == [0], [(n, c, t[-3000:]) for n, c, t in sft_runs]
-    assert f"resumed from {saved} (step {step})" in sft_runs[0][2], sft_runs[0][2][-6000:]
+    assert driver.resumed_from(sft_runs[0][0], sft_runs[0][2]) == (saved, step), sft_runs[0][2][-6000:]
     assert "next_started_while_running" not in first
     resumed_steps = _trained_steps(sft_dir)
     assert step + 1 in resumed_steps and resumed_steps[-1] == steps, resumed_steps[-5:]

@@ -399,6 +399,28 @@ def test_kubernetes_variable_expansion_of_command_and_args() -> None:
     assert expand_k8s("$$(PET_NNODES)", env) == "$(PET_NNODES)"
 
 
+def test_mount_targets_resolve_symlinks_inside_the_container_root(tmp_path: Path) -> None:
+    """A pod mounts its hub token at /var/run/secrets/huggingface, and Debian's /var/run is a link to /run:
+    the mount target must be the container's /run/..., never the host's (which an absolute link reaches
+    when followed from outside the root)."""
+    from tests.support.image import in_root
+
+    root = tmp_path / "root"
+    (root / "var").mkdir(parents=True)
+    (root / "run").mkdir()
+    (root / "var" / "run").symlink_to("/run")  # absolute, as in the image
+    (root / "opt" / "venv").mkdir(parents=True)
+    (root / "opt" / "current").symlink_to("venv")  # relative
+    (root / "etc").mkdir()
+    (root / "etc" / "loop").symlink_to("/etc/loop")
+    assert in_root(root, "/var/run/secrets/huggingface") == root / "run" / "secrets" / "huggingface"
+    assert in_root(root, "/opt/current/bin") == root / "opt" / "venv" / "bin"
+    assert in_root(root, "/checkpoints") == root / "checkpoints"
+    assert in_root(root, "/../../etc/../tmp") == root / "tmp"  # .. stops at the root
+    with pytest.raises(ValueError, match="too many symlinks"):
+        in_root(root, "/etc/loop/x")
+
+
 def test_image_test_pods_run_the_main_jobs_stages() -> None:
     """The chart values make image-test renders give each stage pod the main job's flags (same model, data,
     arguments, lineage on the volume), torchrun under `r1-grpo launch`, and the pod's mounts and user."""

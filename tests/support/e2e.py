@@ -11,6 +11,8 @@
   args and working directory, paths under the pod's volume mounts translated to host directories, and
   then writes the container's exit code into the pod status (pods/status), which the training operator and
   the Job controller act on. What it cannot honour is said where it is done (rendezvous address, threads).
+  With `R1_GRPO_E2E_IMAGE` naming a built image (`make image`), it runs them inside that image instead, as
+  the node would (tests/support/image_kubelet.py; root, buildah and util-linux's unshare needed).
 * `PodDriver`: a thread that gives every new Running pod of a namespace to a policy (run it, write its
   stage output directly, fail it, or leave it running).
 """
@@ -48,6 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # a TrainJob's pods: its JobSet has the TrainJob's name
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
+IMAGE_ENV = "R1_GRPO_E2E_IMAGE"  # names a built image: HostKubelet runs the pods' containers inside it
 
 # The values that point the chart at the test cluster: fake GPU nodes (1 GPU per stage, tolerated taint),
 # the pre-bound hostPath volume ("-": no StorageClass), the built-in tiny model and task, and stage args
@@ -463,6 +466,9 @@ class PodRun:
     env: dict[str, str]
     cwd: Path
     mounts: dict[str, Path]  # mountPath in the pod -> directory here
+    container: dict  # the pod's container this runs
+    pod_argv: list[str]  # command + args as the container sees them (pod paths)
+    pod_env: dict[str, str]  # the container's env as it sees it (pod paths), stand-ins applied
 
     @property
     def name(self) -> str:
@@ -509,6 +515,7 @@ class HostKubelet:
         path.mkdir(parents=True, exist_ok=True)
         for item in source.get("items") or [{"key": k, "path": k} for k in data]:
             (path / item["path"]).write_bytes(data[item["key"]])
+            (path / item["path"]).chmod(item.get("mode", source.get("defaultMode", 0o644)))
         return path
 
     def prepare(self, pod: dict, container: str | None = None) -> PodRun:
@@ -545,7 +552,6 @@ class HostKubelet:
                 "labels": meta.get("labels") or {},
             },
         )
-        env = {k: translate(v, mounts) for k, v in env.items()}
         # Stand-ins for what only a real node has: the Master's Service name does not resolve here (loopback
         # and a free port instead), and the shared 2-core test machine runs one thread per process.
         port = str(free_port())
@@ -553,9 +559,10 @@ class HostKubelet:
                             ("MASTER_PORT", port), ("PET_MASTER_PORT", port), ("OMP_NUM_THREADS", "1")):  # fmt: skip
             if name in env or name == "OMP_NUM_THREADS":
                 env[name] = value
-        argv = [
-            translate(expand(a, env), mounts) for a in [*(c.get("command") or []), *(c.get("args") or [])]
-        ]
+        pod_env = dict(env)
+        pod_argv = [expand(a, pod_env) for a in [*(c.get("command") or []), *(c.get("args") or [])]]
+        env = {k: translate(v, mounts) for k, v in env.items()}
+        argv = [translate(a, mounts) for a in pod_argv]
         base = host_env()
         full_env = {
             **{
@@ -576,9 +583,14 @@ class HostKubelet:
         argv[0] = executable
         cwd = Path(translate(c.get("workingDir") or str(scratch), mounts))
         cwd.mkdir(parents=True, exist_ok=True)
-        return PodRun(pod, argv, full_env, cwd, mounts)
+        return PodRun(pod, argv, full_env, cwd, mounts, c, pod_argv, pod_env)
 
     def start(self, run: PodRun, log_path: Path) -> subprocess.Popen:
+        image = os.environ.get(IMAGE_ENV)
+        if image:
+            from tests.support.image_kubelet import start_in_image  # buildah: only when asked for
+
+            return start_in_image(image, run, log_path)
         log = open(log_path, "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             run.argv, env=run.env, cwd=run.cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -694,6 +706,7 @@ class PodDriver:
         self.selector = selector
         self.handled: dict[str, str] = {}  # pod uid -> what was done
         self.runs: list[tuple[str, int, str]] = []  # (pod name, exit code, log) of "run" pods
+        self.mounts: dict[str, dict[str, Path]] = {}  # pod name -> its mountPath -> folder here
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pod-driver", daemon=True)
@@ -707,6 +720,16 @@ class PodDriver:
         self._thread.join(60)
         if self.errors and exc[0] is None:
             raise self.errors[0]
+
+    def host_path(self, pod: str, recorded: str) -> Path:
+        """A path the pod's stage recorded (in its manifest) as the folder here: run on this machine, the pod
+        saw host paths; run inside the image, its own mount paths."""
+        return Path(translate(recorded, self.mounts[pod]) if os.environ.get(IMAGE_ENV) else recorded)
+
+    def resumed_from(self, pod: str, log: str) -> tuple[Path, int] | None:
+        """(checkpoint folder here, step) the pod's trainer says it resumed from in its log."""
+        match = re.search(r"resumed from (\S+) \(step (\d+)\)", log)
+        return (self.host_path(pod, match.group(1)), int(match.group(2))) if match else None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -734,6 +757,7 @@ class PodDriver:
             return
         if what == "run":
             run = self.kubelet.prepare(pod)
+            self.mounts[run.name] = run.mounts
             code, log = self.kubelet.run(run)
             self.runs.append((run.name, code, log))
             self.kubelet.finish(pod, code)

@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def expand_k8s(text: str, env: Mapping[str, str]) -> str:
     )
 
 
-def _image_env(config: Mapping[str, Any]) -> dict[str, str]:
+def image_env(config: Mapping[str, Any]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in config.get("Env") or [])
 
 
@@ -93,6 +94,115 @@ def _container_env(container: Mapping[str, Any]) -> dict[str, str]:
             raise ValueError(f"env {item['name']}: only literal values can run here, not {item}")
         env[item["name"]] = expand_k8s(str(item["value"]), env)
     return env
+
+
+def in_root(root: Path, path: str) -> Path:
+    """`path` inside the container's root folder as the container resolves it: its symlinks (Debian's
+    /var/run -> /run) lead within the root, never to the host's folders."""
+    resolved, rest, hops = root, [p for p in path.split("/") if p], 0
+    while rest:
+        part = rest.pop(0)
+        candidate = resolved / part
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise ValueError(f"{path}: too many symlinks under {root}")
+            target = os.readlink(candidate)
+            resolved = root if target.startswith("/") else resolved
+            rest = [p for p in target.split("/") if p] + rest
+        elif part == "..":
+            resolved = resolved.parent if resolved != root else root
+        elif part != ".":
+            resolved = candidate
+    return resolved
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mount of a pod container: a host folder bound at `path`, or a tmpfs of `size` when host is None."""
+
+    path: str
+    host: Path | None
+    read_only: bool = False
+    size: str | None = None
+
+
+def pod_argv(
+    root: Path,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    workdir: str,
+    mounts: Sequence[Mount],
+    uid: int,
+    gid: int,
+    fs_group: int | None,
+    read_only_root: bool,
+    hostname: str,
+    hosts: Path,
+    own_network: bool = True,
+) -> list[str]:
+    """The host command that runs argv in the mounted container `root` as one pod container would run.
+
+    own_network: a network namespace with loopback only; else the host's network stands for the pod network.
+    """
+    # Mount points the runtime would create in the container layer (the image stays unchanged).
+    for sub in ["/tmp", "/dev", "/proc", "/dev/shm", *(m.path for m in mounts)]:
+        in_root(root, sub).mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "hosts").touch()  # a mount point (images usually have none: runtimes provide it)
+    hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.0.1\t{hostname}\n")
+    q = shlex.quote
+    setup = [
+        "set -eu",
+        "mount --make-rprivate /",
+        f"mount --bind {q(str(root))} {q(str(root))}",
+        f"mount -t proc proc {q(str(root / 'proc'))}",
+        f"mount --rbind /dev {q(str(root / 'dev'))}",
+        f"mount --bind {q(str(hosts))} {q(str(root / 'etc/hosts'))}",
+        f"hostname {q(hostname)}",
+        *(["ip link set lo up"] if own_network else []),
+    ]
+    for m in sorted(mounts, key=lambda m: m.path.count("/")):  # parents before what is mounted inside them
+        target = q(str(in_root(root, m.path)))
+        if m.host is None:
+            setup.append(f"mount -t tmpfs -o size={q(m.size or '64m')},mode=1777,nosuid,nodev tmpfs {target}")
+        else:
+            setup.append(f"mount --bind {q(str(m.host))} {target}")
+        if m.read_only:
+            setup.append(f"mount -o remount,bind,ro {target}")
+    if read_only_root:
+        setup.append(f"mount -o remount,bind,ro {q(str(root))}")
+    groups = ",".join(str(g) for g in sorted({gid, *([fs_group] if fs_group is not None else [])}))
+    inner = [
+        "chroot",
+        str(root),
+        "/usr/bin/setpriv",
+        f"--reuid={uid}",
+        f"--regid={gid}",
+        f"--groups={groups}",
+        "--no-new-privs",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--",
+        "/usr/bin/env",
+        "-i",
+        f"--chdir={workdir}",
+        *(f"{k}={v}" for k, v in env.items()),
+        *argv,
+    ]
+    setup.append("exec " + shlex.join(inner))
+    # unshare --fork ignores SIGTERM while it waits, so a pod's SIGTERM reaches only the container's PID 1
+    # (as on a node); --kill-child ends the container when unshare itself is killed.
+    namespaces = [
+        "--mount",
+        "--pid",
+        *(["--net"] if own_network else []),
+        "--ipc",
+        "--uts",
+        "--fork",
+        "--kill-child",
+    ]
+    return ["unshare", *namespaces, "--", "bash", "-c", "\n".join(setup)]
 
 
 def run_in_image(
@@ -114,73 +224,25 @@ def run_in_image(
     timeout: float,
 ) -> int:
     """Run argv in a fresh container of the image as one pod container; stdout+stderr to log_path."""
+    mounts = [Mount("/tmp", tmp_dir), Mount("/dev/shm", None, size=shm_size)]
+    if volume_dir is not None and volume_path:
+        mounts.append(Mount(volume_path, volume_dir))
     with container_root(image) as root:
-        # Mount points the runtime would create in the container layer (the image stays unchanged).
-        mkdirs = ["tmp", "dev", "proc", "dev/shm"]
-        if volume_path:
-            mkdirs.append(volume_path.lstrip("/"))
-        for sub in mkdirs:
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        (root / "etc" / "hosts").touch()  # a mount point (images usually have none: runtimes provide it)
-        hosts = tmp_dir.parent / f"{hostname}.hosts"
-        hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.0.1\t{hostname}\n")
-        q = shlex.quote
-        setup = [
-            "set -eu",
-            "mount --make-rprivate /",
-            f"mount --bind {q(str(root))} {q(str(root))}",
-            f"mount -t proc proc {q(str(root / 'proc'))}",
-            f"mount --rbind /dev {q(str(root / 'dev'))}",
-            f"mount -t tmpfs -o size={q(shm_size)},mode=1777,nosuid,nodev tmpfs {q(str(root / 'dev/shm'))}",
-            f"mount --bind {q(str(tmp_dir))} {q(str(root / 'tmp'))}",
-            f"mount --bind {q(str(hosts))} {q(str(root / 'etc/hosts'))}",
-            f"hostname {q(hostname)}",
-            "ip link set lo up",
-        ]
-        if volume_dir is not None and volume_path:
-            setup.append(f"mount --bind {q(str(volume_dir))} {q(str(root / volume_path.lstrip('/')))}")
-        if read_only_root:
-            setup.append(f"mount -o remount,bind,ro {q(str(root))}")
-        groups = ",".join(str(g) for g in sorted({gid, *([fs_group] if fs_group is not None else [])}))
-        env_args = [f"{k}={v}" for k, v in env.items()]
-        inner = [
-            "chroot",
-            str(root),
-            "/usr/bin/setpriv",
-            f"--reuid={uid}",
-            f"--regid={gid}",
-            f"--groups={groups}",
-            "--no-new-privs",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--",
-            "/usr/bin/env",
-            "-i",
-            f"--chdir={workdir}",
-            *env_args,
-            *argv,
-        ]
-        setup.append("exec " + shlex.join(inner))
+        command = pod_argv(
+            root,
+            argv,
+            env=env,
+            workdir=workdir,
+            mounts=mounts,
+            uid=uid,
+            gid=gid,
+            fs_group=fs_group,
+            read_only_root=read_only_root,
+            hostname=hostname,
+            hosts=tmp_dir.parent / f"{hostname}.hosts",
+        )
         with open(log_path, "w") as log:
-            proc = subprocess.run(
-                [
-                    "unshare",
-                    "--mount",
-                    "--pid",
-                    "--net",
-                    "--ipc",
-                    "--uts",
-                    "--fork",
-                    "--kill-child",
-                    "--",
-                    "bash",
-                    "-c",
-                    "\n".join(setup),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-            )
+            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
         return proc.returncode
 
 
@@ -263,11 +325,11 @@ def operator_env(job: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def _quantity(value: str) -> str:
+def tmpfs_size(value: str) -> str:
     """A Kubernetes memory quantity (1Gi) as tmpfs size (1g)."""
     match = re.fullmatch(r"(\d+)([KMGT])i?", str(value))
     if not match:
-        raise ValueError(f"shmSize {value!r}: expected a quantity like 16Gi")
+        raise ValueError(f"memory quantity {value!r}: expected one like 16Gi")
     return f"{match.group(1)}{match.group(2).lower()}"
 
 
@@ -280,7 +342,7 @@ def run_stage_pod(image: str, job: Mapping[str, Any], work: Path, volume: Path, 
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["tmp"] == "/tmp" and mounts["dshm"] == "/dev/shm", mounts
     config = image_config(image)
-    env = {**_image_env(config), **operator_env(job), **_container_env(container)}
+    env = {**image_env(config), **operator_env(job), **_container_env(container)}
     argv = [expand_k8s(a, env) for a in [*container["command"], *container.get("args", [])]]
     stage = job["metadata"]["labels"]["r1-grpo.io/stage"]
     tmp = work / f"{stage}-tmp"  # a new emptyDir per pod
@@ -390,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = run_in_image(
             args.image,
             cmd,
-            env={**_image_env(config), "HOME": "/tmp"},
+            env={**image_env(config), "HOME": "/tmp"},
             workdir="/tmp",
             tmp_dir=tmp,
             volume_dir=None,
@@ -445,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = stage_jobs(render_chart(values, release=RELEASE), release=RELEASE)
         report["stages"] = []
         for name, job in jobs.items():
-            result = run_stage_pod(args.image, job, work, volume, _quantity(values["shmSize"]))
+            result = run_stage_pod(args.image, job, work, volume, tmpfs_size(values["shmSize"]))
             report["stages"].append(result)
             print(
                 f"[{name} pod] {shlex.join(result['argv'])}: exit {result['rc']} in {result['seconds']}s",
