@@ -825,6 +825,78 @@ def test_shared_prompt_forward_equals_one_unpadded_forward_per_row(arch: str, at
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
+def tiny_deepseek_v3(attn: str) -> nn.Module:
+    """DeepSeek-V3's real classes at toy size: multi-head latent attention and a routed MoE layer."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,  # layer 1 is the MoE layer
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        n_shared_experts=1,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        rope_scaling=None,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        attn_implementation=attn,
+    )
+    return DeepseekV3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_deepseek_v3_block_mask_forward_equals_one_unpadded_forward_per_row(attn: str) -> None:
+    """DeepSeek-V3 takes no split attention, so the shared-prompt forward runs it with the block mask: each
+    group's prompt once, its completions packed behind it, positions restarting per completion. Values and
+    gradients (latent attention, the routed experts) equal one unpadded forward per row."""
+    model = tiny_deepseek_v3(attn)
+    assert not split_attention_supported(model)
+    input_ids, attention_mask, prompts, completions = grouped_batch()
+    t = 6
+    wrapped = KwargsWrapper(model)
+    got = completion_logprobs(
+        wrapped, input_ids, attention_mask, input_ids[:, -t:], 0.9, batch_size=6, group_size=3
+    )
+    assert len(wrapped.seen_kwargs) == 1
+    seen = wrapped.seen_kwargs[0]
+    assert tuple(seen["input_ids"].shape) == (2, 15) and tuple(seen["attention_mask"].shape) == (2, 1, 15, 15)
+    assert seen["position_ids"].tolist()[1] == [0, 1, 2, 3, 4, 5, 6, 3, 3, 4, 5, 0, 0, 0, 0]
+    layer = model.model.layers[1]
+    params = [
+        model.model.embed_tokens.weight,
+        layer.self_attn.kv_a_proj_with_mqa.weight,
+        layer.mlp.gate.weight,
+        *(expert.down_proj.weight for expert in layer.mlp.experts),
+        model.lm_head.weight,
+    ]
+    valid = torch.zeros_like(got)
+    for r, comp in enumerate(completions):
+        valid[r, : len(comp)] = 1
+    grads = torch.autograd.grad((got * valid).sum(), params, allow_unused=True)
+    expected = [unpadded_logprobs(model, prompts[r], comp, 0.9) for r, comp in enumerate(completions)]
+    for r, exp in enumerate(expected):
+        torch.testing.assert_close(got[r, : len(exp)], exp, rtol=1e-5, atol=1e-5)
+    expected_grads = torch.autograd.grad(sum(e.sum() for e in expected), params, allow_unused=True)
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert (g is None) == (e is None)  # an expert no token chose has no gradient either way
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    assert sum(g is not None for g in grads[3:-1]) >= 2  # the routed experts were reached
+
+
 class OwnKernelAttention(nn.Module):
     """An attention layer whose forward is replaced (as a shardformer policy does) and always runs sdpa."""
 
