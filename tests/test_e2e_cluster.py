@@ -3,7 +3,7 @@
 `helm install` of charts/r1-grpo into a namespace that enforces PodSecurity `restricted`; the controller as a
 host process with the flags of the controller Job Helm created and a token of the chart's ServiceAccount,
 so the chart's Role decides every call; the training operator v1.9.4 creating the stage pods; kwok's fake
-GPU nodes running them, and tests/support/e2e.py's HostKubelet playing their kubelet: it runs a pod's real
+GPU nodes running them, and tests/support/host_kubelet.py's HostKubelet playing their kubelet: it runs a pod's real
 container command on this machine (env, args and paths of the pod, the volume's mount path translated to
 the hostPath PV's directory) and writes the exit code into the pod status. Scenarios that are about the
 controller and the chart, not the trainer, write stage outputs directly instead of training.
@@ -24,18 +24,9 @@ import pytest
 import yaml
 
 from tests.controlplane.cluster import ApiError
-from tests.support.e2e import (
-    PSA_ENFORCE,
-    HelmFailed,
-    HostKubelet,
-    PodDriver,
-    Release,
-    merge,
-    pod_stage_attempt,
-    wait_until,
-    write_checkpoint,
-)
+from tests.support.e2e import PSA_ENFORCE, HelmFailed, Release, merge, wait_until
 from tests.support.helmtool import launches_torchrun
+from tests.support.host_kubelet import HostKubelet, PodDriver, pod_stage_attempt, write_checkpoint
 from trainer.contract.output import (
     MANIFEST_NAME,
     complete_checkpoints,

@@ -1,7 +1,7 @@
 """model.existingClaim and the pod escape hatches on the real control plane (issue 25, items 1 and 4).
 
 `helm install` into a namespace enforcing PodSecurity `restricted`, the controller as a host process, the
-training operator creating the SFT pod from the chart's job, and tests/support/e2e.py's HostKubelet running
+training operator creating the SFT pod from the chart's job, and tests/support/host_kubelet.py's HostKubelet running
 its real container command with the weights claim's folder (subPath) where the pod sees `/model`
 (test_e2e_cluster.py describes the set-up). The API server, PodSecurity admission and the operator are
 real; the weights are the built-in tiny model copied onto a hostPath PersistentVolume bound read-only-many.
@@ -13,7 +13,8 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from tests.support.e2e import TINY_VALUES, PodDriver, Release, merge
+from tests.support.e2e import TINY_VALUES, Release, merge
+from tests.support.host_kubelet import PodDriver
 from tests.test_e2e_cluster import (
     gpu_nodes,  # noqa: F401 (a fixture)
     refused_pods,

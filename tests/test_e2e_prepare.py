@@ -1,6 +1,6 @@
 """The optional prepare stage on the real control plane with the chart installed (issue 25), as
 tests/test_e2e_cluster.py runs the chart: the controller as a host process, the training operator creating
-the pods and tests/support/e2e.py's HostKubelet running their real commands.
+the pods and tests/support/host_kubelet.py's HostKubelet running their real commands.
 
 The model hub cannot be reached from here: the prepare pod downloads from tests/support/standin_hub.py, a
 STAND-IN for the hub served on loopback (HF_ENDPOINT).
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.support.e2e import PodDriver, Release, merge
+from tests.support.e2e import Release, merge
+from tests.support.host_kubelet import PodDriver
 from tests.support.standin_hub import TOKEN, StandinHub, serve_tiny
 from tests.test_e2e_cluster import CPU_NODE, gpu_nodes, refused_pods, release  # noqa: F401 - fixtures
 from trainer.contract.output import MANIFEST_NAME, verify_stage_output

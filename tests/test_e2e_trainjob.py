@@ -2,7 +2,7 @@
 controller, Kubeflow Trainer v2 controller manager and Kueue (tests/controlplane/jobcontrollers.py, built by
 tests/controlplane-jobs/build.sh), as a user runs them: `helm install`, the controller as a host process with the chart's
 ServiceAccount token, the Trainer making each TrainJob a JobSet, JobSet its batch Job, the Job controller
-the pods, and tests/support/e2e.py's HostKubelet running the pods' real container commands on this machine.
+the pods, and tests/support/host_kubelet.py's HostKubelet running the pods' real container commands on this machine.
 
 Kueue here manages batch Jobs and TrainJobs (batch/job, trainer.kubeflow.org/trainjob): its
 kubeflow.org/pytorchjob integration is off, as in recent Kueue defaults.
@@ -22,8 +22,9 @@ import pytest
 import yaml
 
 from tests.controlplane.cluster import ApiError
-from tests.support.e2e import JOBSET_NAME_LABEL, HostKubelet, PodDriver, Release, merge, wait_until
+from tests.support.e2e import JOBSET_NAME_LABEL, Release, merge, wait_until
 from tests.support.helmtool import launches_torchrun
+from tests.support.host_kubelet import HostKubelet, PodDriver
 from tests.test_e2e_cluster import HOLD_FINALIZER, _trained_steps
 from trainer.contract.output import complete_checkpoints, latest_checkpoint, verify_stage_output
 from trainer.executors.kubernetes.admission import workload_admitted

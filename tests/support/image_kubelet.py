@@ -1,6 +1,6 @@
 """HostKubelet's pods inside the built image, as a node would run them (`make image-e2e`).
 
-With `R1_GRPO_E2E_IMAGE` naming an image that `make image` built, tests/support/e2e.py's HostKubelet hands
+With `R1_GRPO_E2E_IMAGE` naming an image that `make image` built, tests/support/host_kubelet.py's HostKubelet hands
 each pod container here instead of running its command on this machine. The container runs in a fresh
 container of that image (whatever image the pod names: the test chart's is not pullable), entered the way
 `make image-test` enters it (tests/support/image.py `pod_argv`: the read-only root, user, groups, no
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from tests.support.image import Mount, buildah, image_config, image_env, pod_argv, tmpfs_size
 
 if TYPE_CHECKING:
-    from tests.support.e2e import PodRun
+    from tests.support.host_kubelet import PodRun
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
