@@ -829,30 +829,19 @@ def tiny_deepseek_v3(attn: str) -> nn.Module:
     """DeepSeek-V3's real classes at toy size: multi-head latent attention and a routed MoE layer."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+    from tests.support.families import TINY_DEEPSEEK_V3
+
     torch.manual_seed(0)
     config = DeepseekV3Config(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=2,  # layer 1 is the MoE layer
         num_attention_heads=4,
-        num_key_value_heads=4,
-        moe_intermediate_size=32,
-        first_k_dense_replace=1,  # layer 1 is the MoE layer
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
-        n_shared_experts=1,
-        q_lora_rank=32,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        rope_scaling=None,
         max_position_embeddings=64,
         pad_token_id=PAD,
         attn_implementation=attn,
+        **TINY_DEEPSEEK_V3,
     )
     return DeepseekV3ForCausalLM(config).eval()
 

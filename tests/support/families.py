@@ -51,6 +51,26 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# DeepSeek-V3's own parts at toy size: multi-head latent attention (q/kv low-rank projections, a rotary part
+# of each head) and, after one dense layer, a routed MoE layer with a shared expert.
+TINY_DEEPSEEK_V3 = dict(
+    num_key_value_heads=4,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    n_shared_experts=1,
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    rope_scaling=None,
+)
+
+
 def model_config(family: Family) -> Any:
     """The tiny config of ``family``'s architecture (random init; sizes chosen for CPU tests)."""
     import transformers
@@ -81,24 +101,7 @@ def model_config(family: Family) -> Any:
             **ids, **small, num_key_value_heads=2, rope_theta=5e5, rope_scaling=rope, rms_norm_eps=1e-5
         )
     if family.name == "deepseek_v3":
-        return transformers.DeepseekV3Config(
-            **ids,
-            **small,
-            num_key_value_heads=4,
-            moe_intermediate_size=32,
-            first_k_dense_replace=1,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            n_group=1,
-            topk_group=1,
-            n_shared_experts=1,
-            q_lora_rank=32,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=16,
-            rope_scaling=None,
-        )
+        return transformers.DeepseekV3Config(**ids, **small, **TINY_DEEPSEEK_V3)
     if family.name == "gemma3":
         return transformers.Gemma3TextConfig(
             **ids,
