@@ -67,7 +67,7 @@ bench-memory: setup
 		--out runs/bench/memory/results.json $(BENCH_MEMORY_ARGS)
 
 # The trainer image, built here without Docker or a registry (docs/image.md): buildah builds the Dockerfile
-# FROM a debian:bookworm-slim made locally from Debian's packages (image/base.sh). Tens of minutes cold;
+# FROM a debian:bookworm-slim made locally from Debian's packages (image/base.sh). 4-22 min and ~32 GB of disk cold;
 # not part of `make test`. IMAGE_PREFIX runs the heavy steps under e.g. `nice -n 15 ionice -c3`.
 IMAGE ?= localhost/r1-grpo:dev
 IMAGE_PREFIX ?=
